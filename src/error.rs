@@ -1,0 +1,69 @@
+//! One error type for the whole library. Each variant is a *kind* that maps to a documented
+//! exit code, so `main` never has to guess from message text what went wrong.
+
+use std::path::Path;
+
+/// Documented process exit codes (README, `--help`).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const RUNTIME: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const INPUT: i32 = 3;
+    pub const OUTPUT_EXISTS: i32 = 4;
+    pub const QUALITY: i32 = 5;
+    pub const INTERRUPTED: i32 = 130;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid combination of options; the user must change the command line.
+    #[error("{0}")]
+    Usage(String),
+    /// An input (model, tokenizer, calibration or evaluation text) is missing, unreadable or invalid.
+    #[error("{0}")]
+    Input(String),
+    /// The output path already exists and `--force` was not given.
+    #[error("{0}")]
+    OutputExists(String),
+    /// A verification or quality gate failed.
+    #[error("{0}")]
+    Quality(String),
+    /// The run was interrupted by a signal.
+    #[error("interrupted")]
+    Interrupted,
+    /// Anything else that went wrong while working (I/O on the output, numerical failure, ...).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => exit::USAGE,
+            Error::Input(_) => exit::INPUT,
+            Error::OutputExists(_) => exit::OUTPUT_EXISTS,
+            Error::Quality(_) => exit::QUALITY,
+            Error::Interrupted => exit::INTERRUPTED,
+            Error::Runtime(_) => exit::RUNTIME,
+        }
+    }
+
+    /// An input file that could not be read, with the path in the message.
+    pub fn input_io(path: &Path, err: std::io::Error) -> Self {
+        Error::Input(format!("cannot read {}: {err}", path.display()))
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Runtime(format!("tensor operation failed: {e}"))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `Error::Input` built with `format!` syntax.
+#[macro_export]
+macro_rules! input_err {
+    ($($arg:tt)*) => { $crate::error::Error::Input(format!($($arg)*)) };
+}

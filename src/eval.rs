@@ -1,0 +1,131 @@
+//! Perplexity with the goldens' protocol (AWQ-SPEC §11.2, golden/smollm2/README.md): tokenize the
+//! text once without special tokens, keep the first `max_tokens`, cut non-overlapping windows of
+//! `seqlen` (tail dropped), evaluate each window from position 0, and average the next-token NLL
+//! over all `windows × (seqlen − 1)` predictions (summed in f64).
+//!
+//! The model runs layer by layer across *all* windows, so memory holds one layer plus the hidden
+//! states of the evaluated tokens, whatever the depth.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::events::{Event, Sink};
+use crate::input_err;
+use crate::model::layer::rms_norm;
+use crate::model::rope::Rope;
+use crate::model::Model;
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub seqlen: usize,
+    pub max_tokens: Option<usize>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalResult {
+    pub perplexity: f64,
+    /// Mean NLL per window.
+    pub window_nll: Vec<f64>,
+    /// Tokens inside the evaluated windows.
+    pub tokens: usize,
+    /// Next-token predictions scored.
+    pub predicted: usize,
+    pub seqlen: usize,
+    pub seconds: f64,
+}
+
+/// Tokens per forward chunk: bounds the MLP intermediates whatever the number of windows.
+const CHUNK_TOKENS: usize = 8192;
+/// Rows of logits materialised at once (`rows × vocab` f32).
+const HEAD_ROWS: usize = 512;
+
+pub fn windows(ids: &[u32], opts: &EvalOptions) -> Result<Vec<u32>> {
+    let ids = match opts.max_tokens {
+        Some(n) => &ids[..ids.len().min(n)],
+        None => ids,
+    };
+    if opts.seqlen < 2 {
+        return Err(crate::error::Error::Usage("--seqlen must be at least 2".into()));
+    }
+    let n = ids.len() / opts.seqlen;
+    if n == 0 {
+        return Err(input_err!(
+            "the evaluation text has {} tokens, fewer than one window of {}; use a longer text or a smaller --seqlen",
+            ids.len(),
+            opts.seqlen
+        ));
+    }
+    Ok(ids[..n * opts.seqlen].to_vec())
+}
+
+/// Perplexity of `model` over `ids` (already cut into windows by [`windows`]).
+pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Result<EvalResult> {
+    let start = Instant::now();
+    let spec = &model.spec;
+    let rope = Rope::new(spec, seqlen)?;
+    events(&Event::Phase { name: "embed" });
+    let mut hidden = model.embed(ids)?;
+    let per_chunk = (CHUNK_TOKENS / seqlen).max(1) * seqlen;
+    for i in 0..spec.layers {
+        let t = Instant::now();
+        let layer = model.layer(i)?;
+        let mut outs = Vec::new();
+        let mut off = 0;
+        while off < ids.len() {
+            let len = per_chunk.min(ids.len() - off);
+            let (out, _) = layer.forward(spec, &rope, &hidden.narrow(0, off, len)?, seqlen, false)?;
+            outs.push(out);
+            off += len;
+        }
+        hidden = Tensor::cat(&outs, 0)?;
+        events(&Event::Layer {
+            index: i,
+            total: spec.layers,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+    }
+    events(&Event::Phase { name: "head" });
+    let norm = model.final_norm()?;
+    let head_t = model.lm_head()?.t()?;
+    let n_windows = ids.len() / seqlen;
+    let mut window_nll = Vec::with_capacity(n_windows);
+    for w in 0..n_windows {
+        let mut sum = 0f64;
+        // Positions 0..seqlen-1 predict tokens 1..seqlen.
+        let mut row = 0;
+        while row < seqlen - 1 {
+            let rows = HEAD_ROWS.min(seqlen - 1 - row);
+            let h = hidden.narrow(0, w * seqlen + row, rows)?;
+            let logits = rms_norm(&h, &norm, spec.rms_eps)?.matmul(&head_t)?;
+            let targets = &ids[w * seqlen + row + 1..w * seqlen + row + 1 + rows];
+            sum += nll_sum(&logits, targets)?;
+            row += rows;
+        }
+        window_nll.push(sum / (seqlen - 1) as f64);
+    }
+    let mean = window_nll.iter().sum::<f64>() / n_windows as f64;
+    Ok(EvalResult {
+        perplexity: mean.exp(),
+        window_nll,
+        tokens: ids.len(),
+        predicted: n_windows * (seqlen - 1),
+        seqlen,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Σ −log_softmax(logits[r])[targets[r]] in f64.
+pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
+    let rows = logits.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .zip(targets)
+        .map(|(row, &t)| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            lse - row[t as usize] as f64
+        })
+        .sum())
+}

@@ -1,0 +1,4 @@
+//! Everything that touches bytes on disk: checkpoint reading and model source resolution.
+
+pub mod reader;
+pub mod source;

@@ -1,0 +1,274 @@
+//! Memory-mapped, lazily converted access to a safetensors checkpoint (single file or sharded).
+//!
+//! Why mmap: a decoder layer is converted to f32 only when it is needed, so memory holds one
+//! layer whatever the depth of the model, and the weights stay f16/bf16 in the page cache.
+//! Every header is validated up front (offsets inside the file, known dtypes), so a truncated or
+//! corrupt shard is reported by name before any work starts.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::input_err;
+
+/// Element types we read as floating point weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatType {
+    F16,
+    BF16,
+    F32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub shard: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range of the data inside the shard file.
+    pub start: usize,
+    pub end: usize,
+}
+
+pub struct Checkpoint {
+    files: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    index: HashMap<String, TensorMeta>,
+}
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let files = if index_path.is_file() {
+            shard_files(dir, &index_path)?
+        } else if dir.join(SINGLE_FILE).is_file() {
+            vec![dir.join(SINGLE_FILE)]
+        } else {
+            return Err(input_err!(
+                "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards",
+                dir.display()
+            ));
+        };
+        Self::open_files(files)
+    }
+
+    pub fn open_files(files: Vec<PathBuf>) -> Result<Self> {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (shard, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::input_io(path, e))?;
+            // SAFETY: the file is opened read-only; a checkpoint modified while we run is a user
+            // error that at worst yields wrong numbers, which the header validation cannot prevent.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::input_io(path, e))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                input_err!(
+                    "{} is not a valid safetensors file ({e}); re-download or re-convert it",
+                    path.display()
+                )
+            })?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let meta = TensorMeta {
+                    shard,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + info.data_offsets.0,
+                    end: base + info.data_offsets.1,
+                };
+                if index.insert(name.clone(), meta).is_some() {
+                    return Err(input_err!(
+                        "tensor {name} appears in more than one shard (again in {})",
+                        path.display()
+                    ));
+                }
+            }
+            maps.push(map);
+        }
+        Ok(Self { files, maps, index })
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Tensor names in a stable (sorted) order.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn meta(&self, name: &str) -> Result<&TensorMeta> {
+        self.index.get(name).ok_or_else(|| {
+            input_err!(
+                "tensor {name} is missing from the checkpoint ({}); the weights do not match config.json",
+                self.describe_files()
+            )
+        })
+    }
+
+    /// Raw little-endian bytes of a tensor, straight from the mmap.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let m = self.meta(name)?;
+        Ok(&self.maps[m.shard][m.start..m.end])
+    }
+
+    fn float_type(&self, name: &str) -> Result<FloatType> {
+        let m = self.meta(name)?;
+        match m.dtype {
+            Dtype::F16 => Ok(FloatType::F16),
+            Dtype::BF16 => Ok(FloatType::BF16),
+            Dtype::F32 => Ok(FloatType::F32),
+            other => Err(input_err!(
+                "tensor {name} in {} has dtype {other:?}; only F16, BF16 and F32 weights are supported",
+                self.files[m.shard].display()
+            )),
+        }
+    }
+
+    /// Checks that `name` has exactly `shape`.
+    pub fn expect_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let m = self.meta(name)?;
+        if m.shape != shape {
+            return Err(input_err!(
+                "tensor {name} in {} has shape {:?}, but config.json implies {:?}",
+                self.files[m.shard].display(),
+                m.shape,
+                shape
+            ));
+        }
+        Ok(())
+    }
+
+    /// The tensor converted to f32, checked against `shape`.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.expect_shape(name, shape)?;
+        let data = to_f32(self.bytes(name)?, self.float_type(name)?);
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// Selected rows of a 2-D tensor (an embedding lookup) without converting the whole matrix.
+    pub fn rows_f32(&self, name: &str, shape: &[usize; 2], ids: &[u32]) -> Result<Tensor> {
+        self.expect_shape(name, shape)?;
+        let ft = self.float_type(name)?;
+        let bytes = self.bytes(name)?;
+        let [rows, cols] = *shape;
+        let width = cols * elem_size(ft);
+        let mut out = vec![0f32; ids.len() * cols];
+        for (dst, &id) in out.chunks_mut(cols).zip(ids) {
+            let id = id as usize;
+            if id >= rows {
+                return Err(input_err!(
+                    "token id {id} is outside the embedding table {name} ({rows} rows); tokenizer and model do not match"
+                ));
+            }
+            convert_into(&bytes[id * width..(id + 1) * width], ft, dst);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
+    }
+
+    fn describe_files(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!(
+                "{} shards in {}",
+                many.len(),
+                many[0].parent().unwrap_or(Path::new(".")).display()
+            ),
+        }
+    }
+}
+
+fn elem_size(ft: FloatType) -> usize {
+    match ft {
+        FloatType::F16 | FloatType::BF16 => 2,
+        FloatType::F32 => 4,
+    }
+}
+
+fn convert_into(bytes: &[u8], ft: FloatType, dst: &mut [f32]) {
+    match ft {
+        FloatType::F16 => {
+            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        FloatType::BF16 => {
+            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        FloatType::F32 => {
+            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// Converts a whole tensor in parallel chunks (the mmap is not necessarily aligned, so we decode
+/// byte pairs rather than reinterpret the slice).
+fn to_f32(bytes: &[u8], ft: FloatType) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let es = elem_size(ft);
+    let mut out = vec![0f32; bytes.len() / es];
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * es))
+        .for_each(|(dst, src)| convert_into(src, ft, dst));
+    out
+}
+
+/// Shard file names from `model.safetensors.index.json`, in first-appearance order.
+fn shard_files(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::input_io(index_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| input_err!("{} is not valid JSON: {e}", index_path.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| input_err!("{} has no \"weight_map\" object", index_path.display()))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            input_err!(
+                "{}: weight_map entry for {tensor} is not a file name",
+                index_path.display()
+            )
+        })?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(input_err!(
+                "{}: shard name {file:?} must be a plain file name",
+                index_path.display()
+            ));
+        }
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                return Err(input_err!(
+                    "shard {} listed in {} is missing",
+                    path.display(),
+                    index_path.display()
+                ));
+            }
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(input_err!("{} lists no shards", index_path.display()));
+    }
+    Ok(files)
+}

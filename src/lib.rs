@@ -1,0 +1,11 @@
+//! `awq`: activation-aware weight quantization of Hugging Face checkpoints, streamed one decoder
+//! layer at a time. The library never prints; progress goes through [`events`].
+
+pub mod error;
+pub mod eval;
+pub mod events;
+pub mod io;
+pub mod model;
+pub mod tokenize;
+
+pub use error::{Error, Result};

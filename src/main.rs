@@ -1,0 +1,85 @@
+//! Thin binary: parse arguments, call the library, render its events, map errors to exit codes.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use awq::error::{exit, Error, Result};
+use awq::events::Event;
+use clap::Parser;
+
+mod cli;
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Eval(args) => run_eval(args),
+    };
+    match result {
+        Ok(()) => ExitCode::from(exit::OK as u8),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// Plain progress lines on stderr (one per layer); silent with `--quiet`.
+fn progress(quiet: bool) -> impl Fn(&Event) + Sync {
+    let tty = std::io::stderr().is_terminal();
+    move |ev: &Event| {
+        if quiet {
+            return;
+        }
+        match ev {
+            Event::Phase { name } => eprintln!("[awq] {name}"),
+            Event::Layer { index, total, seconds } => {
+                if tty || index + 1 == *total || index % 5 == 0 {
+                    eprintln!("[awq] layer {}/{} {:.2}s", index + 1, total, seconds)
+                }
+            }
+        }
+    }
+}
+
+fn run_eval(args: cli::EvalArgs) -> Result<()> {
+    let dir = awq::io::source::resolve(&args.source.model, args.source.revision.as_deref())?;
+    let model = awq::model::Model::open(&dir)?;
+    let tok = awq::tokenize::load(&dir)?;
+    let bytes = std::fs::read(&args.text).map_err(|e| Error::input_io(&args.text, e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| awq::input_err!("{} is not UTF-8: {e}", args.text.display()))?;
+    let sink = progress(args.quiet);
+    sink(&Event::Phase { name: "tokenize" });
+    let ids = awq::tokenize::encode(&tok, &text, false)?;
+    let opts = awq::eval::EvalOptions {
+        seqlen: args.seqlen,
+        max_tokens: args.max_tokens,
+    };
+    let ids = awq::eval::windows(&ids, &opts)?;
+    let res = awq::eval::perplexity(&model, &ids, args.seqlen, &sink)?;
+    if args.json {
+        let json = serde_json::json!({
+            "model": args.source.model,
+            "text": args.text,
+            "perplexity": res.perplexity,
+            "tokens": res.tokens,
+            "predicted": res.predicted,
+            "windows": res.window_nll.len(),
+            "seqlen": res.seqlen,
+            "window_nll": res.window_nll,
+            "seconds": res.seconds,
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "perplexity {:.6} over {} predicted tokens ({} windows of {}) in {:.1}s",
+            res.perplexity,
+            res.predicted,
+            res.window_nll.len(),
+            res.seqlen,
+            res.seconds
+        );
+    }
+    Ok(())
+}

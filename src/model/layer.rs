@@ -1,0 +1,243 @@
+//! The Llama-family decoder layer on candle ops, written so that AWQ can see inside it: the input
+//! of every linear can be captured, and the attention block and the MLP can be run on their own
+//! (they are AWQ's "modules to inspect").
+//!
+//! Activations are 2-D `[tokens, features]` (all sequences of a batch stacked, each `seq_len`
+//! long); only attention reshapes per sequence. Everything is f32.
+
+use candle_core::{Device, Tensor};
+
+use super::config::ModelSpec;
+use super::rope::Rope;
+use crate::error::Result;
+use crate::io::reader::Checkpoint;
+
+/// Tensor names of decoder layer `i`, built from prefixes in one place.
+pub fn layer_prefix(i: usize) -> String {
+    format!("model.layers.{i}")
+}
+
+/// The seven projections of a Llama-family layer, in AWQ/checkpoint order.
+pub const LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`, f32.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// `x · Wᵀ + b` for `x: [tokens, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+/// Inputs of every linear of one layer forward, `[tokens, in]` each.
+#[derive(Debug)]
+pub struct LinearInputs {
+    /// `input_layernorm` output: the input of q/k/v (and of the attention block).
+    pub attn: Tensor,
+    /// Attention context: the input of `o_proj`.
+    pub o: Tensor,
+    /// `post_attention_layernorm` output: the input of gate/up (and of the MLP).
+    pub mlp: Tensor,
+    /// `silu(gate) * up`: the input of `down_proj`.
+    pub down: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+impl LayerWeights {
+    pub fn load(ckpt: &Checkpoint, spec: &ModelSpec, i: usize) -> Result<Self> {
+        let p = layer_prefix(i);
+        let (d, hd) = (spec.hidden, spec.head_dim);
+        let (qd, kvd) = (spec.heads * hd, spec.kv_heads * hd);
+        let lin = |name: &str, out, inp, bias| Linear::load(ckpt, &format!("{p}.{name}"), out, inp, bias);
+        let norm = |name: &str, n| ckpt.f32(&format!("{p}.{name}.weight"), &[n]);
+        Ok(Self {
+            input_norm: norm("input_layernorm", d)?,
+            post_norm: norm("post_attention_layernorm", d)?,
+            q: lin("self_attn.q_proj", qd, d, spec.qkv_bias)?,
+            k: lin("self_attn.k_proj", kvd, d, spec.qkv_bias)?,
+            v: lin("self_attn.v_proj", kvd, d, spec.qkv_bias)?,
+            o: lin("self_attn.o_proj", d, qd, spec.o_bias)?,
+            gate: lin("mlp.gate_proj", spec.intermediate, d, spec.mlp_bias)?,
+            up: lin("mlp.up_proj", spec.intermediate, d, spec.mlp_bias)?,
+            down: lin("mlp.down_proj", d, spec.intermediate, spec.mlp_bias)?,
+            q_norm: if spec.qk_norm { Some(norm("self_attn.q_norm", hd)?) } else { None },
+            k_norm: if spec.qk_norm { Some(norm("self_attn.k_norm", hd)?) } else { None },
+        })
+    }
+
+    /// The linears with their names relative to the layer, in [`LINEARS`] order.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            (LINEARS[0], &self.q),
+            (LINEARS[1], &self.k),
+            (LINEARS[2], &self.v),
+            (LINEARS[3], &self.o),
+            (LINEARS[4], &self.gate),
+            (LINEARS[5], &self.up),
+            (LINEARS[6], &self.down),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            (LINEARS[0], &mut self.q),
+            (LINEARS[1], &mut self.k),
+            (LINEARS[2], &mut self.v),
+            (LINEARS[3], &mut self.o),
+            (LINEARS[4], &mut self.gate),
+            (LINEARS[5], &mut self.up),
+            (LINEARS[6], &mut self.down),
+        ]
+    }
+
+    /// Attention context (the input of `o_proj`) for `x = input_layernorm(h)`.
+    pub fn attention_context(&self, spec: &ModelSpec, rope: &Rope, x: &Tensor, seq_len: usize) -> Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let n = tokens / seq_len;
+        let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let heads = |t: Tensor, nh: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let t = t.reshape((n, seq_len, nh, hd))?;
+            let t = match norm {
+                Some(w) => candle_nn::ops::rms_norm(&t.contiguous()?, w, spec.rms_eps as f32)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q.forward(x)?, h, &self.q_norm)?;
+        let k = heads(self.k.forward(x)?, kvh, &self.k_norm)?;
+        let v = heads(self.v.forward(x)?, kvh, &None)?;
+        let (cos, sin) = rope.prefix(seq_len)?;
+        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let mask = causal_mask(seq_len, spec.sliding_window)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let rep = h / kvh;
+        let mut out = Vec::with_capacity(n);
+        // One sequence at a time keeps the score matrix at [heads, t, t].
+        for s in 0..n {
+            let qs = q.get(s)?;
+            let ks = repeat_kv(&k.get(s)?, rep)?;
+            let vs = repeat_kv(&v.get(s)?, rep)?;
+            let scores = (qs.matmul(&ks.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs.matmul(&vs)?; // [h, t, hd]
+            out.push(ctx.transpose(0, 1)?.reshape((seq_len, h * hd))?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// `o_proj(attention(x))` for `x = input_layernorm(h)`: AWQ's inspected attention module.
+    pub fn self_attn(&self, spec: &ModelSpec, rope: &Rope, x: &Tensor, seq_len: usize) -> Result<Tensor> {
+        self.o.forward(&self.attention_context(spec, rope, x, seq_len)?)
+    }
+
+    /// Input of `down_proj` for `x = post_attention_layernorm(h)`.
+    pub fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+    }
+
+    /// `down(silu(gate(x)) * up(x))`: AWQ's inspected MLP module.
+    pub fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.down.forward(&self.mlp_hidden(x)?)
+    }
+
+    /// The full layer: `h + attn(norm(h))`, then `+ mlp(norm(·))`. With `capture`, also the input
+    /// of every linear.
+    pub fn forward(
+        &self,
+        spec: &ModelSpec,
+        rope: &Rope,
+        h: &Tensor,
+        seq_len: usize,
+        capture: bool,
+    ) -> Result<(Tensor, Option<LinearInputs>)> {
+        let eps = spec.rms_eps as f32;
+        let attn_in = candle_nn::ops::rms_norm(h, &self.input_norm, eps)?;
+        let ctx = self.attention_context(spec, rope, &attn_in, seq_len)?;
+        let h = (h + self.o.forward(&ctx)?)?;
+        let mlp_in = candle_nn::ops::rms_norm(&h, &self.post_norm, eps)?;
+        let down_in = self.mlp_hidden(&mlp_in)?;
+        let out = (h + self.down.forward(&down_in)?)?;
+        let inputs = capture.then_some(LinearInputs {
+            attn: attn_in,
+            o: ctx,
+            mlp: mlp_in,
+            down: down_in,
+        });
+        Ok((out, inputs))
+    }
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (kvh, t, hd) = x.dims3()?;
+    Ok(x.unsqueeze(1)?
+        .expand((kvh, rep, t, hd))?
+        .reshape((kvh * rep, t, hd))?)
+}
+
+/// `[t, t]` additive mask: 0 where key j is visible from query i, -inf elsewhere.
+fn causal_mask(t: usize, window: Option<usize>) -> Result<Tensor> {
+    let mut m = vec![0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let hidden = j > i || window.is_some_and(|w| i - j >= w);
+            if hidden {
+                m[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
+}
+
+/// Final RMSNorm helper shared by the model head.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
+}
