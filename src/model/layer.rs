@@ -9,6 +9,9 @@ use candle_core::{Device, Tensor};
 
 use super::config::ModelSpec;
 use super::rope::Rope;
+
+/// Queries per attention block.
+const QUERY_BLOCK: usize = 128;
 use crate::error::Result;
 use crate::io::reader::Checkpoint;
 
@@ -154,18 +157,31 @@ impl LayerWeights {
         let (cos, sin) = rope.prefix(seq_len)?;
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-        let mask = causal_mask(seq_len, spec.sliding_window)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let rep = h / kvh;
         let mut out = Vec::with_capacity(n);
-        // One sequence at a time keeps the score matrix at [heads, t, t].
         for s in 0..n {
-            let qs = q.get(s)?;
             let ks = repeat_kv(&k.get(s)?, rep)?;
             let vs = repeat_kv(&v.get(s)?, rep)?;
-            let scores = (qs.matmul(&ks.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&vs)?; // [h, t, hd]
+            let qs = q.get(s)?;
+            // Query blocks keep the score matrix small ([heads, block, keys]) and let each block
+            // look only at the keys it can see, which halves the work of a causal mask.
+            let mut blocks = Vec::with_capacity(seq_len.div_ceil(QUERY_BLOCK));
+            let mut r0 = 0;
+            while r0 < seq_len {
+                let r1 = (r0 + QUERY_BLOCK).min(seq_len);
+                let k0 = spec.sliding_window.map_or(0, |w| (r0 + 1).saturating_sub(w));
+                let keys = r1 - k0;
+                let qb = qs.narrow(1, r0, r1 - r0)?;
+                let kb = ks.narrow(1, k0, keys)?;
+                let vb = vs.narrow(1, k0, keys)?;
+                let mask = block_mask(r0, r1, k0, spec.sliding_window)?;
+                let scores = qb.matmul(&kb.t()?)?.broadcast_add(&mask)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                blocks.push(probs.matmul(&vb.contiguous()?)?); // [h, block, hd]
+                r0 = r1;
+            }
+            let ctx = Tensor::cat(&blocks, 1)?; // [h, t, hd]
             out.push(ctx.transpose(0, 1)?.reshape((seq_len, h * hd))?);
         }
         Ok(Tensor::cat(&out, 0)?)
@@ -223,18 +239,19 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         .reshape((kvh * rep, t, hd))?)
 }
 
-/// `[t, t]` additive mask: 0 where key j is visible from query i, -inf elsewhere.
-fn causal_mask(t: usize, window: Option<usize>) -> Result<Tensor> {
-    let mut m = vec![0f32; t * t];
-    for i in 0..t {
-        for j in 0..t {
-            let hidden = j > i || window.is_some_and(|w| i - j >= w);
-            if hidden {
-                m[i * t + j] = f32::NEG_INFINITY;
+/// Additive mask for queries `r0..r1` against keys `k0..r1`: 0 where visible, -inf elsewhere
+/// (causal, and outside the sliding window when there is one).
+fn block_mask(r0: usize, r1: usize, k0: usize, window: Option<usize>) -> Result<Tensor> {
+    let keys = r1 - k0;
+    let mut m = vec![0f32; (r1 - r0) * keys];
+    for (row, i) in (r0..r1).enumerate() {
+        for (col, j) in (k0..r1).enumerate() {
+            if j > i || window.is_some_and(|w| i - j >= w) {
+                m[row * keys + col] = f32::NEG_INFINITY;
             }
         }
     }
-    Ok(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
+    Ok(Tensor::from_vec(m, (r1 - r0, keys), &Device::Cpu)?)
 }
 
 /// Final RMSNorm helper shared by the model head.
