@@ -20,7 +20,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Perplexity of a model (fp16/bf16/f32 checkpoint) on a text file.
-    #[command(after_help = "Example:\n  awq eval --model ./SmolLM2-135M --text wiki.valid.raw --max-tokens 8192")]
+    #[command(
+        after_help = "Example:\n  awq eval --model ./SmolLM2-135M --text wiki.valid.raw --max-tokens 8192"
+    )]
     Eval(EvalArgs),
 }
 

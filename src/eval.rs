@@ -47,7 +47,9 @@ pub fn windows(ids: &[u32], opts: &EvalOptions) -> Result<Vec<u32>> {
         None => ids,
     };
     if opts.seqlen < 2 {
-        return Err(crate::error::Error::Usage("--seqlen must be at least 2".into()));
+        return Err(crate::error::Error::Usage(
+            "--seqlen must be at least 2".into(),
+        ));
     }
     let n = ids.len() / opts.seqlen;
     if n == 0 {
@@ -75,7 +77,8 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         let mut off = 0;
         while off < ids.len() {
             let len = per_chunk.min(ids.len() - off);
-            let (out, _) = layer.forward(spec, &rope, &hidden.narrow(0, off, len)?, seqlen, false)?;
+            let (out, _) =
+                layer.forward(spec, &rope, &hidden.narrow(0, off, len)?, seqlen, false)?;
             outs.push(out);
             off += len;
         }
@@ -124,7 +127,12 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
         .zip(targets)
         .map(|(row, &t)| {
             let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             lse - row[t as usize] as f64
         })
         .sum())

@@ -33,7 +33,11 @@ fn progress(quiet: bool) -> impl Fn(&Event) + Sync {
         }
         match ev {
             Event::Phase { name } => eprintln!("[awq] {name}"),
-            Event::Layer { index, total, seconds } => {
+            Event::Layer {
+                index,
+                total,
+                seconds,
+            } => {
                 if tty || index + 1 == *total || index % 5 == 0 {
                     eprintln!("[awq] layer {}/{} {:.2}s", index + 1, total, seconds)
                 }

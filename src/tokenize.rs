@@ -15,7 +15,8 @@ pub fn load(dir: &Path) -> Result<Tokenizer> {
             path.display()
         ));
     }
-    Tokenizer::from_file(&path).map_err(|e| input_err!("{} is not a valid tokenizer: {e}", path.display()))
+    Tokenizer::from_file(&path)
+        .map_err(|e| input_err!("{} is not a valid tokenizer: {e}", path.display()))
 }
 
 /// Token ids of `text`; `special` adds the tokenizer's special tokens (BOS etc.) as

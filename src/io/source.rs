@@ -52,12 +52,14 @@ fn looks_like_hub_id(s: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
 fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -68,7 +70,9 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("HF_HOME") {
         return PathBuf::from(home).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -82,7 +86,10 @@ fn snapshot_dir(cache: &Path, model: &str, revision: &str) -> Option<PathBuf> {
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()
     } else {
-        std::fs::read_to_string(repo.join("refs").join(revision)).ok()?.trim().to_string()
+        std::fs::read_to_string(repo.join("refs").join(revision))
+            .ok()?
+            .trim()
+            .to_string()
     };
     let dir = repo.join("snapshots").join(commit);
     dir.is_dir().then_some(dir)
@@ -120,7 +127,11 @@ fn missing_description(cache: &Path, model: &str, revision: &str) -> String {
             "no snapshot for revision {revision} under {}",
             repo_dir(cache, model).display()
         ),
-        Some(dir) => format!("missing in {}: {}", dir.display(), missing_files(&dir).join(", ")),
+        Some(dir) => format!(
+            "missing in {}: {}",
+            dir.display(),
+            missing_files(&dir).join(", ")
+        ),
     }
 }
 
@@ -131,7 +142,11 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
     let mut shards: Vec<String> = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     shards.sort();
     shards.dedup();
@@ -151,7 +166,11 @@ fn download(cache: &Path, model: &str, revision: &str) -> Result<PathBuf> {
     let api = builder
         .build()
         .map_err(|e| Error::Runtime(format!("cannot set up the Hub client: {e}")))?;
-    let repo = api.repo(Repo::with_revision(model.to_string(), RepoType::Model, revision.to_string()));
+    let repo = api.repo(Repo::with_revision(
+        model.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
     let fetch = |file: &str| {
         repo.get(file)
             .map_err(|e| input_err!("cannot download {file} of {model}@{revision}: {e}"))

@@ -96,7 +96,8 @@ impl LayerWeights {
         let p = layer_prefix(i);
         let (d, hd) = (spec.hidden, spec.head_dim);
         let (qd, kvd) = (spec.heads * hd, spec.kv_heads * hd);
-        let lin = |name: &str, out, inp, bias| Linear::load(ckpt, &format!("{p}.{name}"), out, inp, bias);
+        let lin =
+            |name: &str, out, inp, bias| Linear::load(ckpt, &format!("{p}.{name}"), out, inp, bias);
         let norm = |name: &str, n| ckpt.f32(&format!("{p}.{name}.weight"), &[n]);
         Ok(Self {
             input_norm: norm("input_layernorm", d)?,
@@ -108,8 +109,16 @@ impl LayerWeights {
             gate: lin("mlp.gate_proj", spec.intermediate, d, spec.mlp_bias)?,
             up: lin("mlp.up_proj", spec.intermediate, d, spec.mlp_bias)?,
             down: lin("mlp.down_proj", d, spec.intermediate, spec.mlp_bias)?,
-            q_norm: if spec.qk_norm { Some(norm("self_attn.q_norm", hd)?) } else { None },
-            k_norm: if spec.qk_norm { Some(norm("self_attn.k_norm", hd)?) } else { None },
+            q_norm: if spec.qk_norm {
+                Some(norm("self_attn.q_norm", hd)?)
+            } else {
+                None
+            },
+            k_norm: if spec.qk_norm {
+                Some(norm("self_attn.k_norm", hd)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -139,7 +148,13 @@ impl LayerWeights {
     }
 
     /// Attention context (the input of `o_proj`) for `x = input_layernorm(h)`.
-    pub fn attention_context(&self, spec: &ModelSpec, rope: &Rope, x: &Tensor, seq_len: usize) -> Result<Tensor> {
+    pub fn attention_context(
+        &self,
+        spec: &ModelSpec,
+        rope: &Rope,
+        x: &Tensor,
+        seq_len: usize,
+    ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
         let n = tokens / seq_len;
         let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
@@ -170,7 +185,9 @@ impl LayerWeights {
             let mut r0 = 0;
             while r0 < seq_len {
                 let r1 = (r0 + QUERY_BLOCK).min(seq_len);
-                let k0 = spec.sliding_window.map_or(0, |w| (r0 + 1).saturating_sub(w));
+                let k0 = spec
+                    .sliding_window
+                    .map_or(0, |w| (r0 + 1).saturating_sub(w));
                 let keys = r1 - k0;
                 let qb = qs.narrow(1, r0, r1 - r0)?;
                 let kb = ks.narrow(1, k0, keys)?;
@@ -188,8 +205,15 @@ impl LayerWeights {
     }
 
     /// `o_proj(attention(x))` for `x = input_layernorm(h)`: AWQ's inspected attention module.
-    pub fn self_attn(&self, spec: &ModelSpec, rope: &Rope, x: &Tensor, seq_len: usize) -> Result<Tensor> {
-        self.o.forward(&self.attention_context(spec, rope, x, seq_len)?)
+    pub fn self_attn(
+        &self,
+        spec: &ModelSpec,
+        rope: &Rope,
+        x: &Tensor,
+        seq_len: usize,
+    ) -> Result<Tensor> {
+        self.o
+            .forward(&self.attention_context(spec, rope, x, seq_len)?)
     }
 
     /// Input of `down_proj` for `x = post_attention_layernorm(h)`.

@@ -41,17 +41,20 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::input_io(config_path, e))?;
     let raw: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| input_err!("{} is not valid JSON: {e}", config_path.display()))?;
-    let cfg: HfConfig = serde_json::from_value(raw)
-        .map_err(|e| input_err!("{}: {e}", config_path.display()))?;
+    let cfg: HfConfig =
+        serde_json::from_value(raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;
     let arch = cfg.architectures.first().cloned().unwrap_or_default();
-    let (_, spec_fn) = FAMILIES.iter().find(|(name, _)| *name == arch).ok_or_else(|| {
-        input_err!(
-            "{}: architecture {:?} is not supported; supported: {}",
-            config_path.display(),
-            arch,
-            supported_architectures().join(", ")
-        )
-    })?;
+    let (_, spec_fn) = FAMILIES
+        .iter()
+        .find(|(name, _)| *name == arch)
+        .ok_or_else(|| {
+            input_err!(
+                "{}: architecture {:?} is not supported; supported: {}",
+                config_path.display(),
+                arch,
+                supported_architectures().join(", ")
+            )
+        })?;
     spec_fn(&cfg).map_err(|e| match e {
         Error::Input(msg) => Error::Input(format!("{}: {msg}", config_path.display())),
         other => other,
@@ -69,7 +72,10 @@ impl Model {
     /// forward pass will need (name and shape) before any work starts.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(input_err!("model directory {} does not exist", dir.display()));
+            return Err(input_err!(
+                "model directory {} does not exist",
+                dir.display()
+            ));
         }
         let spec = load_spec(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open_dir(dir)?;
@@ -92,7 +98,8 @@ impl Model {
         let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
         for i in 0..s.layers {
             let p = layer_prefix(i);
-            let expect = |name: &str, shape: &[usize]| self.ckpt.expect_shape(&format!("{p}.{name}"), shape);
+            let expect =
+                |name: &str, shape: &[usize]| self.ckpt.expect_shape(&format!("{p}.{name}"), shape);
             expect("input_layernorm.weight", &[s.hidden])?;
             expect("post_attention_layernorm.weight", &[s.hidden])?;
             for (name, out, inp, bias) in [
@@ -134,7 +141,11 @@ impl Model {
 
     /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
     pub fn lm_head(&self) -> Result<Tensor> {
-        let name = if self.spec.tied_embeddings { EMBED } else { LM_HEAD };
+        let name = if self.spec.tied_embeddings {
+            EMBED
+        } else {
+            LM_HEAD
+        };
         self.ckpt.f32(name, &[self.spec.vocab, self.spec.hidden])
     }
 }

@@ -37,7 +37,8 @@ pub fn inv_freq(spec: &ModelSpec) -> Vec<f32> {
                 } else if wavelen > low_wavelen {
                     f / factor
                 } else {
-                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     (1.0 - smooth) * f / factor + smooth * f
                 };
                 adjusted as f32
@@ -72,5 +73,50 @@ impl Rope {
             self.cos.narrow(0, 0, len)?.contiguous()?,
             self.sin.narrow(0, 0, len)?.contiguous()?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::HfConfig;
+
+    fn spec(rope_scaling: serde_json::Value) -> ModelSpec {
+        let cfg: HfConfig = serde_json::from_value(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8,
+            "rope_theta": 500000.0, "rope_scaling": rope_scaling
+        }))
+        .unwrap();
+        cfg.base_spec(false).unwrap()
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = inv_freq(&spec(serde_json::Value::Null));
+        let scaled = inv_freq(&spec(serde_json::json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        })));
+        // Wavelength below 8192/4 = 2048: unchanged.
+        assert_eq!(plain[0], scaled[0]);
+        // Wavelength above 8192: divided by the factor.
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() <= 1e-6 * plain[last]);
+        // In between: strictly between the two.
+        for (p, s) in plain.iter().zip(&scaled) {
+            assert!(*s <= *p && *s >= p / 8.0 * (1.0 - 1e-6));
+        }
+    }
+
+    #[test]
+    fn unknown_rope_type_is_an_input_error() {
+        let cfg: HfConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "vocab_size": 8, "rope_scaling": {"type": "yarn", "factor": 2.0}
+        }))
+        .unwrap();
+        let err = cfg.base_spec(false).unwrap_err().to_string();
+        assert!(err.contains("yarn"), "{err}");
     }
 }

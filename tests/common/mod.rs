@@ -2,7 +2,7 @@
 //! random-weight model directories written by the tests themselves.
 #![allow(dead_code)]
 
-
+pub mod tiny;
 
 use std::path::{Path, PathBuf};
 
@@ -18,21 +18,30 @@ pub fn test_model(test: &str) -> Option<PathBuf> {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The shared kit (`../shared`) beside the checkout, for data files too large to copy.
 pub fn shared(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel)
 }
 
 /// A tensor of a safetensors file as f32 (F32/F16) or as i64 values (I64/I32), with its shape.
 pub fn read_f32(bytes: &[u8], name: &str) -> (Vec<f32>, Vec<usize>) {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture tensor {name}"));
     let data = t.data();
     let v = match t.dtype() {
-        safetensors::Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
         safetensors::Dtype::F16 => data
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -46,7 +55,11 @@ pub fn read_i64(bytes: &[u8], name: &str) -> Vec<i64> {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
     let t = st.tensor(name).unwrap();
     match t.dtype() {
-        safetensors::Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
         safetensors::Dtype::I32 => t
             .data()
             .chunks_exact(4)
@@ -58,7 +71,10 @@ pub fn read_i64(bytes: &[u8], name: &str) -> Vec<i64> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn max_abs(a: &[f32]) -> f32 {
