@@ -6,6 +6,7 @@ pub mod eval;
 pub mod events;
 pub mod io;
 pub mod model;
+pub mod quant;
 pub mod tokenize;
 
 pub use error::{Error, Result};

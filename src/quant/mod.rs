@@ -1,0 +1,5 @@
+//! Pure quantization functions: round-to-nearest (AutoAWQ-exact), the AWQ scale search, the
+//! clipping search and the packed layouts. No I/O, no model knowledge.
+
+pub mod pack;
+pub mod rtn;
