@@ -24,6 +24,128 @@ pub enum Command {
         after_help = "Example:\n  awq eval --model ./SmolLM2-135M --text wiki.valid.raw --max-tokens 8192"
     )]
     Eval(EvalArgs),
+    /// Quantize a checkpoint to 4-bit AWQ (GEMM or GEMV layout).
+    #[command(
+        after_help = "Examples:\n  awq quantize --model ./SmolLM2-135M --group 64 --calib wiki.valid.calib.txt -o ./SmolLM2-135M-awq\n  awq quantize --model org/name --calib data.jsonl --text-column content -o out --version gemv\n\n\
+vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 inference."
+    )]
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum VersionArg {
+    Gemm,
+    Gemv,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum GridArg {
+    /// Identity (s = 1) first, then AutoAWQ's 20 candidates: never worse than round-to-nearest.
+    Robust,
+    /// Exactly AutoAWQ's candidates (ratios k/20, duo scaling), for comparison.
+    Autoawq,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Calibration file (.txt: documents separated by blank lines; .jsonl: one object per line). Repeatable.
+    #[arg(long, help_heading = "Calibration")]
+    pub calib: Vec<PathBuf>,
+    /// Field holding the text in .jsonl calibration files.
+    #[arg(long, default_value = "text", help_heading = "Calibration")]
+    pub text_column: String,
+    /// Documents to accept (AutoAWQ's max_calib_samples); longer than --seqlen are skipped.
+    #[arg(long, default_value_t = 128, help_heading = "Calibration")]
+    pub n_samples: usize,
+    /// Block length in tokens (AutoAWQ's max_calib_seq_len).
+    #[arg(long, default_value_t = 512, help_heading = "Calibration")]
+    pub seqlen: usize,
+    /// Shuffle seed for document selection (portable: same documents on every machine).
+    #[arg(long, default_value_t = 42, help_heading = "Calibration")]
+    pub seed: u64,
+    /// Use at most this many blocks.
+    #[arg(long, help_heading = "Calibration")]
+    pub max_blocks: Option<usize>,
+    /// Bits per weight (only 4 can be packed).
+    #[arg(
+        long,
+        alias = "w_bit",
+        default_value_t = 4,
+        help_heading = "Quantization"
+    )]
+    pub w_bit: u8,
+    /// Group size along the input dimension (must divide every in_features).
+    #[arg(
+        long,
+        alias = "q-group-size",
+        default_value_t = 128,
+        help_heading = "Quantization"
+    )]
+    pub group: usize,
+    /// Packed layout. vLLM loads GEMM only.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "gemm",
+        help_heading = "Quantization"
+    )]
+    pub version: VersionArg,
+    /// Scale-search candidates.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "robust",
+        help_heading = "Quantization"
+    )]
+    pub grid: GridArg,
+    /// Number of ratios in the scale grid.
+    #[arg(long, default_value_t = 20, help_heading = "Quantization")]
+    pub n_grid: usize,
+    /// Skip the clipping search.
+    #[arg(long, help_heading = "Quantization")]
+    pub no_clip: bool,
+    /// Skip the scale search (round-to-nearest; with --no-clip, plain RTN).
+    #[arg(long, help_heading = "Quantization")]
+    pub no_search: bool,
+    /// Output directory (written to a staging directory beside it, then renamed).
+    #[arg(long, short, help_heading = "Output")]
+    pub output: PathBuf,
+    /// Maximum shard size (e.g. 5GB, 500MB, 2GiB, bytes).
+    #[arg(long, default_value = "5GB", help_heading = "Output")]
+    pub shard_size: String,
+    /// Replace an existing output directory.
+    #[arg(long, help_heading = "Output")]
+    pub force: bool,
+    /// Print the final report summary as one JSON object on stdout.
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+    /// No progress on stderr.
+    #[arg(long, short, help_heading = "Runtime")]
+    pub quiet: bool,
+}
+
+/// "5GB" → 5_000_000_000; KB/MB/GB are decimal, KiB/MiB/GiB binary.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let v = num * mult;
+    (v >= 1.0).then_some(v as u64)
 }
 
 #[derive(Debug, Args)]

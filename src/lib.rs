@@ -1,12 +1,14 @@
 //! `awq`: activation-aware weight quantization of Hugging Face checkpoints, streamed one decoder
 //! layer at a time. The library never prints; progress goes through [`events`].
 
+pub mod calib;
 pub mod error;
 pub mod eval;
 pub mod events;
 pub mod io;
 pub mod model;
 pub mod quant;
+pub mod quantize;
 pub mod tokenize;
 
 pub use error::{Error, Result};

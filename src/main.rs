@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
+        Command::Quantize(args) => run_quantize(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK as u8),
@@ -83,6 +84,71 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
             res.window_nll.len(),
             res.seqlen,
             res.seconds
+        );
+    }
+    Ok(())
+}
+
+fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
+    use awq::quant::pack::Layout;
+    use awq::quant::search::Grid;
+    if args.calib.is_empty() {
+        return Err(Error::Usage(
+            "--calib FILE is required (an embedded default corpus is not built in yet)".into(),
+        ));
+    }
+    let shard_size = cli::parse_size(&args.shard_size).ok_or_else(|| {
+        Error::Usage(format!(
+            "--shard-size {:?} is not a size like 5GB or 500MB",
+            args.shard_size
+        ))
+    })?;
+    let opts = awq::quantize::QuantizeOptions {
+        model: args.source.model,
+        revision: args.source.revision,
+        output: args.output,
+        w_bit: args.w_bit,
+        group: args.group,
+        layout: match args.version {
+            cli::VersionArg::Gemm => Layout::Gemm,
+            cli::VersionArg::Gemv => Layout::Gemv,
+        },
+        calib: awq::calib::CalibOptions {
+            files: args.calib,
+            text_column: args.text_column,
+            n_samples: args.n_samples,
+            seqlen: args.seqlen,
+            seed: args.seed,
+            max_blocks: args.max_blocks,
+        },
+        grid: match args.grid {
+            cli::GridArg::Robust => Grid::Robust,
+            cli::GridArg::Autoawq => Grid::Autoawq,
+        },
+        n_grid: args.n_grid,
+        clip: !args.no_clip,
+        no_search: args.no_search,
+        shard_size,
+        force: args.force,
+    };
+    let sink = progress(args.quiet);
+    let report = awq::quantize::run(&opts, &sink)?;
+    if args.json {
+        let json = serde_json::json!({
+            "output": opts.output,
+            "files": report.files,
+            "calibration": report.calibration,
+            "seconds": report.seconds_total,
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s",
+            opts.output.display(),
+            report.layers.len(),
+            report.calibration.blocks,
+            report.calibration.seqlen,
+            report.seconds_total
         );
     }
     Ok(())

@@ -18,12 +18,32 @@ fn check_quantization(golden: &[u8], prefix: &str, q: &Quantized) {
 }
 
 fn check_packed(golden: &[u8], prefix: &str, p: &Packed) {
-    assert_eq!(p.qweight, read_i32(golden, &format!("{prefix}qweight")), "{prefix}qweight");
-    assert_eq!(p.qzeros, read_i32(golden, &format!("{prefix}qzeros")), "{prefix}qzeros");
+    assert_eq!(
+        p.qweight,
+        read_i32(golden, &format!("{prefix}qweight")),
+        "{prefix}qweight"
+    );
+    assert_eq!(
+        p.qzeros,
+        read_i32(golden, &format!("{prefix}qzeros")),
+        "{prefix}qzeros"
+    );
     let scales: Vec<u16> = p.scales.iter().map(|s| s.to_bits()).collect();
-    assert_eq!(scales, read_f16_bits(golden, &format!("{prefix}scales")), "{prefix}scales");
-    for (t, shape) in [("qweight", p.qweight_shape), ("qzeros", p.qzeros_shape), ("scales", p.scales_shape)] {
-        assert_eq!(raw(golden, &format!("{prefix}{t}")).1, shape.to_vec(), "{prefix}{t} shape");
+    assert_eq!(
+        scales,
+        read_f16_bits(golden, &format!("{prefix}scales")),
+        "{prefix}scales"
+    );
+    for (t, shape) in [
+        ("qweight", p.qweight_shape),
+        ("qzeros", p.qzeros_shape),
+        ("scales", p.scales_shape),
+    ] {
+        assert_eq!(
+            raw(golden, &format!("{prefix}{t}")).1,
+            shape.to_vec(),
+            "{prefix}{t} shape"
+        );
     }
 }
 
@@ -35,7 +55,11 @@ fn case(file: &str, group: usize) {
     check_quantization(&golden, "", &q);
     assert_eq!(q.codes, raw(&golden, "q").0, "codes");
     // (q − z)·s rounded to f16 is AutoAWQ's fake-quantized weight, bit for bit.
-    let fake: Vec<u16> = q.dequantize().iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+    let fake: Vec<u16> = q
+        .dequantize()
+        .iter()
+        .map(|&x| f16::from_f32(x).to_bits())
+        .collect();
     assert_eq!(fake, read_f16_bits(&golden, "fake_weight"), "fake_weight");
 
     for (layout, prefix) in [(Layout::Gemm, "gemm."), (Layout::Gemv, "gemv.")] {
@@ -57,7 +81,10 @@ fn case(file: &str, group: usize) {
 }
 
 fn raw_exists(golden: &[u8], name: &str) -> bool {
-    safetensors::SafeTensors::deserialize(golden).unwrap().tensor(name).is_ok()
+    safetensors::SafeTensors::deserialize(golden)
+        .unwrap()
+        .tensor(name)
+        .is_ok()
 }
 
 #[test]
@@ -82,15 +109,28 @@ fn fakequant_edge_cases() {
 
 #[test]
 fn real_weights_rtn_g64_layer0() {
-    let Some(dir) = test_model("real_weights_rtn_g64_layer0") else { return };
+    let Some(dir) = test_model("real_weights_rtn_g64_layer0") else {
+        return;
+    };
     let golden = std::fs::read(fixture("rtn-g64-layer0.safetensors")).unwrap();
     let ckpt = awq::io::reader::Checkpoint::open_dir(&dir).unwrap();
-    for (name, out, inp) in [("model.layers.0.self_attn.q_proj", 576, 576), ("model.layers.0.mlp.down_proj", 576, 1536)] {
+    for (name, out, inp) in [
+        ("model.layers.0.self_attn.q_proj", 576, 576),
+        ("model.layers.0.mlp.down_proj", 576, 1536),
+    ] {
         let w = ckpt.f32(&format!("{name}.weight"), &[out, inp]).unwrap();
         let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let q = quantize_f16(&w, out, inp, 64);
         check_quantization(&golden, &format!("{name}."), &q);
-        check_packed(&golden, &format!("{name}.gemm."), &pack(&q, Layout::Gemm).unwrap());
-        check_packed(&golden, &format!("{name}.gemv."), &pack(&q, Layout::Gemv).unwrap());
+        check_packed(
+            &golden,
+            &format!("{name}.gemm."),
+            &pack(&q, Layout::Gemm).unwrap(),
+        );
+        check_packed(
+            &golden,
+            &format!("{name}.gemv."),
+            &pack(&q, Layout::Gemv).unwrap(),
+        );
     }
 }

@@ -161,6 +161,40 @@ impl Checkpoint {
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }
 
+    /// An I32 tensor's values (AWQ `qweight` / `qzeros`), checked against `shape`.
+    pub fn i32s(&self, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
+        self.expect_dtype(name, Dtype::I32)?;
+        self.expect_shape(name, shape)?;
+        Ok(self
+            .bytes(name)?
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// An F16 tensor's values (AWQ `scales`), checked against `shape`.
+    pub fn f16s(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        self.expect_dtype(name, Dtype::F16)?;
+        self.expect_shape(name, shape)?;
+        Ok(self
+            .bytes(name)?
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+            .collect())
+    }
+
+    fn expect_dtype(&self, name: &str, dtype: Dtype) -> Result<()> {
+        let m = self.meta(name)?;
+        if m.dtype != dtype {
+            return Err(input_err!(
+                "tensor {name} in {} has dtype {:?}, expected {dtype:?}",
+                self.files[m.shard].display(),
+                m.dtype
+            ));
+        }
+        Ok(())
+    }
+
     /// Selected rows of a 2-D tensor (an embedding lookup) without converting the whole matrix.
     pub fn rows_f32(&self, name: &str, shape: &[usize; 2], ids: &[u32]) -> Result<Tensor> {
         self.expect_shape(name, shape)?;

@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use crate::error::Result;
 use crate::input_err;
+use crate::quant::pack::Layout;
 
 /// Serde mirror of the keys we read from `config.json`. Defaults follow transformers.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +38,8 @@ pub struct HfConfig {
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
     pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 fn default_eps() -> f64 {
@@ -96,6 +99,15 @@ pub struct ModelSpec {
     pub qk_norm: bool,
     /// Tokens further back than this are not attended to (Mistral); `None` = full causal.
     pub sliding_window: Option<usize>,
+    /// Set when the checkpoint is already AWQ-packed: linears are read by dequantizing.
+    pub awq: Option<AwqFormat>,
+}
+
+/// The packed format of an AWQ checkpoint (`quantization_config`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AwqFormat {
+    pub group: usize,
+    pub layout: Layout,
 }
 
 impl HfConfig {
@@ -144,7 +156,52 @@ impl HfConfig {
             mlp_bias: self.mlp_bias,
             qk_norm: false,
             sliding_window: None,
+            awq: self.awq_format()?,
         })
+    }
+
+    fn awq_format(&self) -> Result<Option<AwqFormat>> {
+        let Some(q) = &self.quantization_config else {
+            return Ok(None);
+        };
+        let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+        if method != "awq" {
+            return Err(input_err!(
+                "config.json: quantization_config.quant_method {method:?} is not supported (only unquantized or \"awq\" checkpoints)"
+            ));
+        }
+        let bits = q
+            .get("bits")
+            .or_else(|| q.get("w_bit"))
+            .and_then(|b| b.as_u64())
+            .unwrap_or(4);
+        let group = q
+            .get("group_size")
+            .or_else(|| q.get("q_group_size"))
+            .and_then(|g| g.as_u64());
+        let version = q
+            .get("version")
+            .and_then(|v| v.as_str())
+            .unwrap_or("gemm")
+            .to_ascii_lowercase();
+        let layout = match version.as_str() {
+            "gemm" => Layout::Gemm,
+            "gemv" => Layout::Gemv,
+            other => {
+                return Err(input_err!(
+                    "config.json: AWQ version {other:?} is not supported (gemm, gemv)"
+                ))
+            }
+        };
+        match (bits, group) {
+            (4, Some(g)) if g > 0 => Ok(Some(AwqFormat {
+                group: g as usize,
+                layout,
+            })),
+            _ => Err(input_err!(
+                "config.json: AWQ checkpoints need bits 4 and a positive group_size"
+            )),
+        }
     }
 
     fn rope_kind(&self) -> Result<RopeKind> {

@@ -7,8 +7,10 @@
 
 use candle_core::{Device, Tensor};
 
-use super::config::ModelSpec;
+use super::config::{AwqFormat, ModelSpec};
 use super::rope::Rope;
+use crate::quant::pack::{gemv_zeros_width, unpack, Layout, Packed};
+use crate::quant::rtn::Quantized;
 
 /// Queries per attention block.
 const QUERY_BLOCK: usize = 128;
@@ -39,8 +41,21 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let weight = ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
+    fn load(
+        ckpt: &Checkpoint,
+        spec: &ModelSpec,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = match spec.awq {
+            None => ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?,
+            Some(fmt) => {
+                let q = read_packed(ckpt, prefix, out, inp, fmt)?;
+                Tensor::from_vec(q.dequantize(), (out, inp), &Device::Cpu)?
+            }
+        };
         let bias = if bias {
             Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?)
         } else {
@@ -61,6 +76,44 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
+}
+
+/// Shapes of the packed tensors of an `[out, in]` linear: (qweight, qzeros, scales).
+pub fn packed_shapes(out: usize, inp: usize, fmt: AwqFormat) -> Result<[[usize; 2]; 3]> {
+    let g = inp / fmt.group;
+    Ok(match fmt.layout {
+        Layout::Gemm => [[inp, out / 8], [g, out / 8], [g, out]],
+        Layout::Gemv => {
+            let zw = gemv_zeros_width(inp, fmt.group)?;
+            [[out, inp / 8], [out, zw], [out, 8 * zw]]
+        }
+    })
+}
+
+/// Reads and unpacks the AWQ tensors of one linear.
+fn read_packed(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    fmt: AwqFormat,
+) -> Result<Quantized> {
+    if inp % fmt.group != 0 || out % 8 != 0 {
+        return Err(crate::input_err!(
+            "{prefix}: shape [{out}, {inp}] does not fit AWQ group {}",
+            fmt.group
+        ));
+    }
+    let [qw, qz, sc] = packed_shapes(out, inp, fmt)?;
+    let packed = Packed {
+        qweight: ckpt.i32s(&format!("{prefix}.qweight"), &qw)?,
+        qweight_shape: qw,
+        qzeros: ckpt.i32s(&format!("{prefix}.qzeros"), &qz)?,
+        qzeros_shape: qz,
+        scales: ckpt.f16s(&format!("{prefix}.scales"), &sc)?,
+        scales_shape: sc,
+    };
+    unpack(&packed, fmt.layout, fmt.group)
 }
 
 /// Inputs of every linear of one layer forward, `[tokens, in]` each.
@@ -96,8 +149,9 @@ impl LayerWeights {
         let p = layer_prefix(i);
         let (d, hd) = (spec.hidden, spec.head_dim);
         let (qd, kvd) = (spec.heads * hd, spec.kv_heads * hd);
-        let lin =
-            |name: &str, out, inp, bias| Linear::load(ckpt, &format!("{p}.{name}"), out, inp, bias);
+        let lin = |name: &str, out, inp, bias| {
+            Linear::load(ckpt, spec, &format!("{p}.{name}"), out, inp, bias)
+        };
         let norm = |name: &str, n| ckpt.f32(&format!("{p}.{name}.weight"), &[n]);
         Ok(Self {
             input_norm: norm("input_layernorm", d)?,

@@ -5,6 +5,7 @@
 //! and dropped by the caller), and for the head. That is what keeps memory at one layer.
 
 pub mod config;
+pub mod groups;
 pub mod layer;
 pub mod llama;
 pub mod mistral;
@@ -111,7 +112,15 @@ impl Model {
                 ("mlp.up_proj", s.intermediate, s.hidden, s.mlp_bias),
                 ("mlp.down_proj", s.hidden, s.intermediate, s.mlp_bias),
             ] {
-                expect(&format!("{name}.weight"), &[out, inp])?;
+                match s.awq {
+                    None => expect(&format!("{name}.weight"), &[out, inp])?,
+                    Some(fmt) => {
+                        let shapes = layer::packed_shapes(out, inp, fmt)?;
+                        for (t, shape) in ["qweight", "qzeros", "scales"].iter().zip(shapes) {
+                            expect(&format!("{name}.{t}"), &shape)?;
+                        }
+                    }
+                }
                 if bias {
                     expect(&format!("{name}.bias"), &[out])?;
                 }

@@ -1,5 +1,7 @@
 //! Pure quantization functions: round-to-nearest (AutoAWQ-exact), the AWQ scale search, the
 //! clipping search and the packed layouts. No I/O, no model knowledge.
 
+pub mod clip;
 pub mod pack;
 pub mod rtn;
+pub mod search;

@@ -66,7 +66,11 @@ pub fn check_shape(name: &str, out: usize, inp: usize, group: usize) -> Result<(
             .collect();
         return Err(Error::Usage(format!(
             "{name}: in_features {inp} is not divisible by the group size {group}; use --group {}",
-            if divisors.is_empty() { "that divides it".to_string() } else { divisors.join(" or ") }
+            if divisors.is_empty() {
+                "that divides it".to_string()
+            } else {
+                divisors.join(" or ")
+            }
         )));
     }
     if out % 8 != 0 {
@@ -158,7 +162,8 @@ fn nibble(word: i32, slot: usize) -> u8 {
 
 /// Inverse of [`pack`]: codes, zeros and scales in the `[out, in]` / `[out, G]` layout.
 pub fn unpack(p: &Packed, layout: Layout, group: usize) -> Result<Quantized> {
-    let bad = |what: &str| Error::Input(format!("packed tensors have inconsistent shapes ({what})"));
+    let bad =
+        |what: &str| Error::Input(format!("packed tensors have inconsistent shapes ({what})"));
     let (out, inp) = match layout {
         Layout::Gemm => (p.scales_shape[1], p.qweight_shape[0]),
         Layout::Gemv => (p.qweight_shape[0], p.qweight_shape[1] * 8),
@@ -178,7 +183,10 @@ pub fn unpack(p: &Packed, layout: Layout, group: usize) -> Result<Quantized> {
     match layout {
         Layout::Gemm => {
             let words = out / 8;
-            if p.qweight_shape != [inp, words] || p.qzeros_shape != [gs, words] || p.scales_shape != [gs, out] {
+            if p.qweight_shape != [inp, words]
+                || p.qzeros_shape != [gs, words]
+                || p.scales_shape != [gs, out]
+            {
                 return Err(bad("gemm"));
             }
             for i in 0..inp {
@@ -262,8 +270,13 @@ mod tests {
     }
 
     fn quantized() -> impl Strategy<Value = (Quantized, Layout)> {
-        (1usize..4, 1usize..5, prop_oneof![Just(32usize), Just(64), Just(128)], any::<bool>()).prop_flat_map(
-            |(o8, gs, group, gemv)| {
+        (
+            1usize..4,
+            1usize..5,
+            prop_oneof![Just(32usize), Just(64), Just(128)],
+            any::<bool>(),
+        )
+            .prop_flat_map(|(o8, gs, group, gemv)| {
                 let (rows, cols) = (o8 * 8, gs * group);
                 (
                     proptest::collection::vec(0u8..16, rows * cols),
@@ -281,8 +294,7 @@ mod tests {
                         };
                         (q, if gemv { Layout::Gemv } else { Layout::Gemm })
                     })
-            },
-        )
+            })
     }
 
     proptest! {

@@ -34,16 +34,18 @@ impl Quantized {
         let g = self.group;
         let gs = self.groups();
         let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols).enumerate().for_each(|(r, row)| {
-            for (k, chunk) in row.chunks_mut(g).enumerate() {
-                let s = self.scales[r * gs + k].to_f32();
-                let z = self.zeros[r * gs + k] as f32;
-                let codes = &self.codes[r * self.cols + k * g..][..g];
-                for (o, &q) in chunk.iter_mut().zip(codes) {
-                    *o = (q as f32 - z) * s;
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (k, chunk) in row.chunks_mut(g).enumerate() {
+                    let s = self.scales[r * gs + k].to_f32();
+                    let z = self.zeros[r * gs + k] as f32;
+                    let codes = &self.codes[r * self.cols + k * g..][..g];
+                    for (o, &q) in chunk.iter_mut().zip(codes) {
+                        *o = (q as f32 - z) * s;
+                    }
                 }
-            }
-        });
+            });
         out
     }
 }
@@ -72,10 +74,12 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
             let row = &w[r * cols..(r + 1) * cols];
             for k in 0..gs {
                 let grp = &row[k * group..(k + 1) * group];
-                let (mn, mx) = grp.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-                    let x = h(x);
-                    (a.min(x), b.max(x))
-                });
+                let (mn, mx) = grp
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                        let x = h(x);
+                        (a.min(x), b.max(x))
+                    });
                 let range = h(mx - mn).max(min_range);
                 let s = h(range / QMAX);
                 let z = (-h(mn / s).round_ties_even()).clamp(0.0, QMAX);
@@ -103,7 +107,9 @@ pub fn fake_quantize(w: &mut [f32], group: usize) {
     for grp in w.chunks_mut(group) {
         let (mn, mx) = grp
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
         let s = h((mx - mn).max(1e-5) / QMAX);
         let z = (-(mn / s).round_ties_even()).clamp(0.0, QMAX);
         for x in grp.iter_mut() {

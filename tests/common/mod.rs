@@ -84,14 +84,24 @@ pub fn max_abs(a: &[f32]) -> f32 {
 /// Raw bytes, shape and dtype of a fixture tensor.
 pub fn raw(bytes: &[u8], name: &str) -> (Vec<u8>, Vec<usize>, safetensors::Dtype) {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture tensor {name}"));
     (t.data().to_vec(), t.shape().to_vec(), t.dtype())
 }
 
 pub fn read_i32(bytes: &[u8], name: &str) -> Vec<i32> {
-    raw(bytes, name).0.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect()
+    raw(bytes, name)
+        .0
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 pub fn read_f16_bits(bytes: &[u8], name: &str) -> Vec<u16> {
-    raw(bytes, name).0.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+    raw(bytes, name)
+        .0
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }

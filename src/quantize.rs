@@ -1,0 +1,531 @@
+//! `awq quantize`: the per-layer AWQ pipeline (AWQ-SPEC §2, §14.2).
+//!
+//! For each decoder layer: run it on the cached activations while capturing every linear's input
+//! (the output, computed with the original weights, feeds the next layer: AutoAWQ semantics);
+//! search the scales of every group on the original weights; apply them; search and apply
+//! clipping; quantize (AutoAWQ's f16 recipe) and pack; write the layer's tensors to a part file
+//! in the staging directory; drop the layer. At the end the parts become shards and the staging
+//! directory is renamed into place.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::calib::{self, CalibOptions, CalibSummary};
+use crate::error::{Error, Result};
+use crate::events::{Event, Sink};
+use crate::io::reader::Checkpoint;
+use crate::io::writer::{self, OutTensor, Staging};
+use crate::model::groups::{clipped, Input, Inspect, PrevOp, ScaleGroup, LLAMA_GROUPS};
+use crate::model::layer::{layer_prefix, LayerWeights, Linear, LinearInputs, LINEARS};
+use crate::model::rope::Rope;
+use crate::model::{Model, EMBED, FINAL_NORM, LM_HEAD};
+use crate::quant::pack::{check_shape, pack, Layout};
+use crate::quant::search::{self, Grid, ScaleChoice};
+use crate::quant::{clip, rtn};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeOptions {
+    pub model: String,
+    pub revision: Option<String>,
+    pub output: PathBuf,
+    pub w_bit: u8,
+    pub group: usize,
+    pub layout: Layout,
+    pub calib: CalibOptions,
+    pub grid: Grid,
+    pub n_grid: usize,
+    pub clip: bool,
+    /// Skip the scale search (plain round-to-nearest, still clipped unless `clip` is false).
+    pub no_search: bool,
+    pub shard_size: u64,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupReport {
+    pub group: &'static str,
+    pub ratio: Option<f32>,
+    pub loss: f64,
+    pub identity_loss: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    pub groups: Vec<GroupReport>,
+    /// Mean clip shrink (clip value / abs-max) per clipped linear.
+    pub clip_mean_shrink: Vec<(String, f32)>,
+    pub seconds: Timings,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub forward: f64,
+    pub search: f64,
+    pub clip: f64,
+    pub quantize: f64,
+    pub write: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub tool: String,
+    pub options: QuantizeOptions,
+    pub source_dir: PathBuf,
+    pub architecture: String,
+    pub calibration: CalibSummary,
+    pub layers: Vec<LayerReport>,
+    pub files: Vec<String>,
+    pub seconds_total: f64,
+}
+
+pub const TOOL: &str = concat!("awq ", env!("CARGO_PKG_VERSION"));
+
+/// Refuses unsupported settings and shapes before any work (AWQ-SPEC §8, §10).
+fn check(opts: &QuantizeOptions, model: &Model) -> Result<()> {
+    if opts.w_bit != 4 {
+        return Err(Error::Usage(format!(
+            "--w-bit {} is not supported: the packed AWQ layouts (GEMM, GEMV) hold 4-bit codes only",
+            opts.w_bit
+        )));
+    }
+    if opts.group == 0 {
+        return Err(Error::Usage("--group must be positive".into()));
+    }
+    let s = &model.spec;
+    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let shapes = [
+        (qd, s.hidden),
+        (kvd, s.hidden),
+        (kvd, s.hidden),
+        (s.hidden, qd),
+        (s.intermediate, s.hidden),
+        (s.intermediate, s.hidden),
+        (s.hidden, s.intermediate),
+    ];
+    for (name, (out, inp)) in LINEARS.iter().zip(shapes) {
+        check_shape(
+            &format!("{}.{name}.weight", layer_prefix(0)),
+            out,
+            inp,
+            opts.group,
+        )?;
+    }
+    if opts.layout == Layout::Gemv {
+        crate::quant::pack::gemv_zeros_width(s.hidden, opts.group)?;
+    }
+    if opts.output.exists() && !opts.force {
+        return Err(Error::OutputExists(format!(
+            "{} already exists; pass --force to replace it",
+            opts.output.display()
+        )));
+    }
+    Ok(())
+}
+
+pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
+    let start = Instant::now();
+    let dir = crate::io::source::resolve(&opts.model, opts.revision.as_deref())?;
+    let model = Model::open(&dir)?;
+    if model.spec.awq.is_some() {
+        return Err(Error::Input(format!(
+            "{} is already AWQ-quantized",
+            dir.display()
+        )));
+    }
+    check(opts, &model)?;
+    let tok = crate::tokenize::load(&dir)?;
+    events(&Event::Phase {
+        name: "calibration",
+    });
+    let cal = calib::build(&tok, &opts.calib)?;
+    let staging = Staging::new(&opts.output)?;
+    let parts_dir = staging.dir.join(".parts");
+    std::fs::create_dir(&parts_dir)
+        .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parts_dir.display())))?;
+
+    let spec = &model.spec;
+    let seqlen = opts.calib.seqlen;
+    let rope = Rope::new(spec, seqlen)?;
+    let mut hidden = model.embed(&cal.ids)?;
+    let mut parts = Vec::new();
+    let mut names = vec![EMBED.to_string()];
+    let mut layers = Vec::new();
+    for i in 0..spec.layers {
+        let mut t = Timings::default();
+        let clock = Instant::now();
+        let mut layer = model.layer(i)?;
+        let (out, inputs) = layer.forward(spec, &rope, &hidden, seqlen, true)?;
+        let mut inputs = inputs.expect("captured");
+        t.forward = clock.elapsed().as_secs_f64();
+
+        let clock = Instant::now();
+        let mut groups = Vec::new();
+        let mut choices = Vec::new();
+        for g in LLAMA_GROUPS
+            .iter()
+            .filter(|g| !g.needs_v_o_match || layer.v.weight.dims() == layer.o.weight.dims())
+        {
+            let choice = search_group(&layer, g, &inputs, spec, &rope, seqlen, opts)?;
+            groups.push(GroupReport {
+                group: g.name,
+                ratio: choice.ratio,
+                loss: choice.loss,
+                identity_loss: choice.identity_loss,
+            });
+            choices.push((g, choice));
+        }
+        for (g, choice) in &choices {
+            apply_scales(&mut layer, &mut inputs, g, &choice.scales)?;
+        }
+        t.search = clock.elapsed().as_secs_f64();
+
+        let clock = Instant::now();
+        let mut clip_mean_shrink = Vec::new();
+        if opts.clip {
+            for (name, lin) in layer.linears_mut() {
+                if !clipped(name) {
+                    continue;
+                }
+                let x = clip::subsample(linear_input(&inputs, name))?;
+                let max_val = clip::search(&lin.weight, &x, opts.group)?;
+                let absmax = group_absmax(&lin.weight, opts.group)?;
+                let shrink = max_val
+                    .iter()
+                    .zip(&absmax)
+                    .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
+                    .sum::<f32>()
+                    / max_val.len() as f32;
+                clip_mean_shrink.push((name.to_string(), shrink));
+                lin.weight = clip::apply(&lin.weight, &max_val, opts.group)?;
+            }
+        }
+        t.clip = clock.elapsed().as_secs_f64();
+
+        let clock = Instant::now();
+        let tensors = layer_tensors(&layer, i, opts)?;
+        t.quantize = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        let part = parts_dir.join(format!("layer-{i:05}.safetensors"));
+        writer::write_file(&part, &tensors)?;
+        names.extend(tensors.iter().map(|t| t.name.clone()));
+        parts.push(part);
+        t.write = clock.elapsed().as_secs_f64();
+
+        hidden = out;
+        events(&Event::Layer {
+            index: i,
+            total: spec.layers,
+            seconds: t.forward + t.search + t.clip + t.quantize + t.write,
+        });
+        layers.push(LayerReport {
+            layer: i,
+            groups,
+            clip_mean_shrink,
+            seconds: t,
+        });
+    }
+    drop(hidden);
+
+    events(&Event::Phase { name: "write" });
+    let mut head = vec![
+        OutTensor::f16(
+            EMBED.into(),
+            vec![spec.vocab, spec.hidden],
+            &model
+                .ckpt
+                .f32(EMBED, &[spec.vocab, spec.hidden])?
+                .flatten_all()?
+                .to_vec1()?,
+        ),
+        OutTensor::f16(
+            FINAL_NORM.into(),
+            vec![spec.hidden],
+            &model.final_norm()?.to_vec1()?,
+        ),
+    ];
+    names.push(FINAL_NORM.into());
+    if !spec.tied_embeddings {
+        head.push(OutTensor::f16(
+            LM_HEAD.into(),
+            vec![spec.vocab, spec.hidden],
+            &model.lm_head()?.flatten_all()?.to_vec1()?,
+        ));
+        names.push(LM_HEAD.into());
+    }
+    let head_part = parts_dir.join("head.safetensors");
+    writer::write_file(&head_part, &head)?;
+    drop(head);
+    parts.push(head_part);
+    let part_ckpt = Checkpoint::open_files(parts)?;
+    let files = writer::write_shards(&staging.dir, &part_ckpt, &names, opts.shard_size)?;
+    drop(part_ckpt);
+    std::fs::remove_dir_all(&parts_dir)
+        .map_err(|e| Error::Runtime(format!("cannot remove {}: {e}", parts_dir.display())))?;
+
+    let version = opts.layout.name();
+    let qcfg = serde_json::json!({
+        "quant_method": "awq",
+        "zero_point": true,
+        "group_size": opts.group,
+        "bits": opts.w_bit,
+        "version": version,
+        "modules_to_not_convert": null,
+    });
+    writer::write_json(
+        &staging.dir.join("config.json"),
+        &writer::patch_config(&dir.join("config.json"), qcfg)?,
+    )?;
+    writer::write_json(
+        &staging.dir.join("quant_config.json"),
+        &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
+    )?;
+    writer::copy_companions(&dir, &staging.dir)?;
+    let report = Report {
+        tool: TOOL.into(),
+        options: opts.clone(),
+        source_dir: dir.clone(),
+        architecture: spec.architecture.clone(),
+        calibration: cal.summary,
+        layers,
+        files,
+        seconds_total: start.elapsed().as_secs_f64(),
+    };
+    std::fs::write(staging.dir.join("README.md"), model_card(&report))
+        .map_err(|e| Error::Runtime(format!("cannot write the model card: {e}")))?;
+    let json = serde_json::to_value(&report).map_err(|e| Error::Runtime(e.to_string()))?;
+    writer::write_json(&staging.dir.join("quantization_report.json"), &json)?;
+    staging.publish(opts.force)?;
+    Ok(report)
+}
+
+fn linear_input<'a>(inputs: &'a LinearInputs, linear: &str) -> &'a Tensor {
+    match linear {
+        "self_attn.o_proj" => &inputs.o,
+        "mlp.gate_proj" | "mlp.up_proj" => &inputs.mlp,
+        "mlp.down_proj" => &inputs.down,
+        _ => &inputs.attn,
+    }
+}
+
+fn group_input<'a>(inputs: &'a LinearInputs, input: Input) -> &'a Tensor {
+    match input {
+        Input::Attn => &inputs.attn,
+        Input::O => &inputs.o,
+        Input::Mlp => &inputs.mlp,
+        Input::Down => &inputs.down,
+    }
+}
+
+fn linear<'a>(layer: &'a LayerWeights, name: &str) -> &'a Linear {
+    layer
+        .linears()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, l)| l)
+        .expect("linear from the group table")
+}
+
+fn linear_mut<'a>(layer: &'a mut LayerWeights, name: &str) -> &'a mut Linear {
+    layer
+        .linears_mut()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, l)| l)
+        .expect("linear from the group table")
+}
+
+fn inspect(
+    layer: &LayerWeights,
+    g: &ScaleGroup,
+    x: &Tensor,
+    spec: &crate::model::config::ModelSpec,
+    rope: &Rope,
+    seqlen: usize,
+) -> Result<Tensor> {
+    match g.inspect {
+        Inspect::SelfAttn => layer.self_attn(spec, rope, x, seqlen),
+        Inspect::Mlp => layer.mlp(x),
+        Inspect::Linear => linear(layer, g.linears[0]).forward(x),
+    }
+}
+
+fn search_group(
+    layer: &LayerWeights,
+    g: &ScaleGroup,
+    inputs: &LinearInputs,
+    spec: &crate::model::config::ModelSpec,
+    rope: &Rope,
+    seqlen: usize,
+    opts: &QuantizeOptions,
+) -> Result<ScaleChoice> {
+    let x = group_input(inputs, g.input);
+    let weights: Vec<&Tensor> = g.linears.iter().map(|n| &linear(layer, n).weight).collect();
+    let x_mean = search::x_mean(x)?;
+    let w_mean = search::w_mean(&weights, opts.group)?;
+    let reference = inspect(layer, g, x, spec, rope, seqlen)?;
+    let mut scratch = layer.clone();
+    let loss = |s: &[f32]| -> Result<f64> {
+        for n in g.linears {
+            linear_mut(&mut scratch, n).weight =
+                search::scaled_fake_quant(&linear(layer, n).weight, s, opts.group)?;
+        }
+        search::mse(&reference, &inspect(&scratch, g, x, spec, rope, seqlen)?)
+    };
+    let n_grid = if opts.no_search { 0 } else { opts.n_grid };
+    let grid = if opts.no_search {
+        Grid::Robust
+    } else {
+        opts.grid
+    };
+    search::search(&x_mean, &w_mean, grid, n_grid, loss)
+}
+
+/// AWQ-SPEC §5: prev op ÷ s, scaled linears' input columns × s, cached inputs ÷ s.
+fn apply_scales(
+    layer: &mut LayerWeights,
+    inputs: &mut LinearInputs,
+    g: &ScaleGroup,
+    s: &[f32],
+) -> Result<()> {
+    if s.iter().all(|v| *v == 1.0) {
+        return Ok(());
+    }
+    let n = s.len();
+    let st = Tensor::from_slice(s, n, &candle_core::Device::Cpu)?;
+    match g.prev {
+        PrevOp::InputNorm => layer.input_norm = layer.input_norm.broadcast_div(&st)?,
+        PrevOp::PostNorm => layer.post_norm = layer.post_norm.broadcast_div(&st)?,
+        PrevOp::Linear(name) => {
+            let prev = linear_mut(layer, name);
+            // The last `n` output rows (all of them for v_proj / up_proj).
+            let rows = prev.out_features();
+            let col = st.reshape((n, 1))?;
+            let head = prev.weight.narrow(0, 0, rows - n)?;
+            let tail = prev.weight.narrow(0, rows - n, n)?.broadcast_div(&col)?;
+            prev.weight = Tensor::cat(&[head, tail], 0)?;
+            if let Some(b) = &prev.bias {
+                let head = b.narrow(0, 0, rows - n)?;
+                prev.bias = Some(Tensor::cat(
+                    &[head, b.narrow(0, rows - n, n)?.broadcast_div(&st)?],
+                    0,
+                )?);
+            }
+        }
+    }
+    for name in g.linears {
+        let lin = linear_mut(layer, name);
+        lin.weight = lin.weight.broadcast_mul(&st)?;
+    }
+    let x = match g.input {
+        Input::Attn => &mut inputs.attn,
+        Input::O => &mut inputs.o,
+        Input::Mlp => &mut inputs.mlp,
+        Input::Down => &mut inputs.down,
+    };
+    *x = x.broadcast_div(&st)?;
+    Ok(())
+}
+
+fn group_absmax(w: &Tensor, group: usize) -> Result<Vec<f32>> {
+    Ok(w.flatten_all()?
+        .to_vec1::<f32>()?
+        .chunks(group)
+        .map(|g| g.iter().fold(0f32, |a, x| a.max(x.abs())))
+        .collect())
+}
+
+/// The layer's output tensors in checkpoint order: packed linears (+bias), q/k norms, norms.
+fn layer_tensors(layer: &LayerWeights, i: usize, opts: &QuantizeOptions) -> Result<Vec<OutTensor>> {
+    let p = layer_prefix(i);
+    let mut out = Vec::new();
+    for (name, lin) in layer.linears() {
+        let (rows, cols) = lin.weight.dims2()?;
+        let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = w.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!(
+                "{p}.{name}.weight has a non-finite value at index {bad} (after scaling); the checkpoint may be corrupt"
+            )));
+        }
+        let q = rtn::quantize_f16(&w, rows, cols, opts.group);
+        let packed = pack(&q, opts.layout)?;
+        let prefix = format!("{p}.{name}");
+        out.push(OutTensor::i32(
+            format!("{prefix}.qweight"),
+            packed.qweight_shape.to_vec(),
+            &packed.qweight,
+        ));
+        out.push(OutTensor::i32(
+            format!("{prefix}.qzeros"),
+            packed.qzeros_shape.to_vec(),
+            &packed.qzeros,
+        ));
+        out.push(OutTensor::f16_bits(
+            format!("{prefix}.scales"),
+            packed.scales_shape.to_vec(),
+            &packed.scales,
+        ));
+        if let Some(b) = &lin.bias {
+            out.push(OutTensor::f16(
+                format!("{prefix}.bias"),
+                vec![rows],
+                &b.to_vec1()?,
+            ));
+        }
+    }
+    for (name, t) in [
+        ("self_attn.q_norm", &layer.q_norm),
+        ("self_attn.k_norm", &layer.k_norm),
+    ] {
+        if let Some(t) = t {
+            out.push(OutTensor::f16(
+                format!("{p}.{name}.weight"),
+                t.dims().to_vec(),
+                &t.to_vec1()?,
+            ));
+        }
+    }
+    out.push(OutTensor::f16(
+        format!("{p}.input_layernorm.weight"),
+        layer.input_norm.dims().to_vec(),
+        &layer.input_norm.to_vec1()?,
+    ));
+    out.push(OutTensor::f16(
+        format!("{p}.post_attention_layernorm.weight"),
+        layer.post_norm.dims().to_vec(),
+        &layer.post_norm.to_vec1()?,
+    ));
+    Ok(out)
+}
+
+fn model_card(r: &Report) -> String {
+    let o = &r.options;
+    let files: Vec<String> = o
+        .calib
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    format!(
+        "---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- awq\n- 4-bit\n---\n\n# {base} — AWQ INT4\n\n\
+         Quantized with `{tool}` (activation-aware weight quantization).\n\n\
+         | setting | value |\n|---|---|\n| method | AWQ (scale search {grid:?}, clipping {clip}) |\n\
+         | bits | {bits} |\n| group size | {group} |\n| zero point | true |\n| version | {version} |\n\
+         | calibration | {files} |\n| samples / blocks / seqlen | {ns} / {blocks} / {seqlen} |\n| seed | {seed} |\n\n\
+         Loads in vLLM (`quantization=\"awq\"`, GEMM only), transformers and TGI. See `quantization_report.json`.\n",
+        base = o.model,
+        tool = r.tool,
+        grid = o.grid,
+        clip = o.clip,
+        bits = o.w_bit,
+        group = o.group,
+        version = o.layout.name(),
+        files = files.join(", "),
+        ns = o.calib.n_samples,
+        blocks = r.calibration.blocks,
+        seqlen = o.calib.seqlen,
+        seed = o.calib.seed,
+    )
+}
