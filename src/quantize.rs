@@ -310,7 +310,7 @@ fn linear_input<'a>(inputs: &'a LinearInputs, linear: &str) -> &'a Tensor {
     }
 }
 
-fn group_input<'a>(inputs: &'a LinearInputs, input: Input) -> &'a Tensor {
+fn group_input(inputs: &LinearInputs, input: Input) -> &Tensor {
     match input {
         Input::Attn => &inputs.attn,
         Input::O => &inputs.o,

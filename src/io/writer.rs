@@ -119,6 +119,7 @@ pub fn write_shards(
             .collect::<Result<Vec<_>>>()?;
         safetensors::serialize_to_file(views, pt_metadata(), &path)
             .map_err(|e| write_err(&path, e))?;
+        readable(&path)?;
         for name in shard {
             weight_map.insert((*name).clone(), file_name(k).into());
         }
@@ -131,6 +132,17 @@ pub fn write_shards(
         write_json(&path, &index)?;
     }
     Ok((0..n).map(file_name).collect())
+}
+
+/// safetensors creates files 0600; checkpoints are meant to be shared like the other files.
+fn readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| write_err(path, e))?;
+    }
+    Ok(())
 }
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

@@ -281,7 +281,7 @@ impl Tiny {
                 let kvh = head / rep;
                 for i in 0..t {
                     let visible: Vec<usize> = (0..=i)
-                        .filter(|&j| self.sliding_window.map_or(true, |win| i - j < win))
+                        .filter(|&j| self.sliding_window.is_none_or(|win| i - j < win))
                         .collect();
                     let scores: Vec<f64> = visible
                         .iter()
