@@ -301,13 +301,13 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     Ok(report)
 }
 
+/// The captured input of a linear: the same activation as the group that scales it.
 fn linear_input<'a>(inputs: &'a LinearInputs, linear: &str) -> &'a Tensor {
-    match linear {
-        "self_attn.o_proj" => &inputs.o,
-        "mlp.gate_proj" | "mlp.up_proj" => &inputs.mlp,
-        "mlp.down_proj" => &inputs.down,
-        _ => &inputs.attn,
-    }
+    let input = LLAMA_GROUPS
+        .iter()
+        .find(|g| g.linears.contains(&linear))
+        .map_or(Input::Attn, |g| g.input);
+    group_input(inputs, input)
 }
 
 fn group_input(inputs: &LinearInputs, input: Input) -> &Tensor {
