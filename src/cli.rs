@@ -50,7 +50,7 @@ pub enum GridArg {
 pub struct QuantizeArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Calibration file (.txt: documents separated by blank lines; .jsonl: one object per line). Repeatable.
+    /// Calibration file (.txt: documents separated by blank lines; .jsonl: one object per line). Repeatable. Default: the embedded corpus (offline).
     #[arg(long, help_heading = "Calibration")]
     pub calib: Vec<PathBuf>,
     /// Field holding the text in .jsonl calibration files.

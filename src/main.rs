@@ -92,11 +92,6 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
 fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
     use awq::quant::pack::Layout;
     use awq::quant::search::Grid;
-    if args.calib.is_empty() {
-        return Err(Error::Usage(
-            "--calib FILE is required (an embedded default corpus is not built in yet)".into(),
-        ));
-    }
     let shard_size = cli::parse_size(&args.shard_size).ok_or_else(|| {
         Error::Usage(format!(
             "--shard-size {:?} is not a size like 5GB or 500MB",

@@ -502,12 +502,6 @@ fn layer_tensors(layer: &LayerWeights, i: usize, opts: &QuantizeOptions) -> Resu
 
 fn model_card(r: &Report) -> String {
     let o = &r.options;
-    let files: Vec<String> = o
-        .calib
-        .files
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect();
     format!(
         "---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- awq\n- 4-bit\n---\n\n# {base} — AWQ INT4\n\n\
          Quantized with `{tool}` (activation-aware weight quantization).\n\n\
@@ -522,7 +516,7 @@ fn model_card(r: &Report) -> String {
         bits = o.w_bit,
         group = o.group,
         version = o.layout.name(),
-        files = files.join(", "),
+        files = r.calibration.source,
         ns = o.calib.n_samples,
         blocks = r.calibration.blocks,
         seqlen = o.calib.seqlen,

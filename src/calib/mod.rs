@@ -10,6 +10,8 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::input_err;
 
+pub mod corpus;
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CalibOptions {
     pub files: Vec<PathBuf>,
@@ -23,6 +25,8 @@ pub struct CalibOptions {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CalibSummary {
+    /// The files, or "embedded corpus".
+    pub source: String,
     pub documents_read: usize,
     pub documents_used: usize,
     pub documents_too_long: usize,
@@ -38,7 +42,11 @@ pub struct Calibration {
 }
 
 /// Reads all documents of the calibration files, in file order.
+/// With no files, the embedded corpus.
 pub fn read_documents(opts: &CalibOptions) -> Result<Vec<String>> {
+    if opts.files.is_empty() {
+        return Ok(corpus::documents().into_iter().map(|(_, d)| d).collect());
+    }
     let mut docs = Vec::new();
     for path in &opts.files {
         let text = std::fs::read_to_string(path).map_err(|e| Error::input_io(path, e))?;
@@ -136,6 +144,22 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
     }
 }
 
+/// What the calibration came from, for reports and the model card.
+pub fn source_label(opts: &CalibOptions) -> String {
+    if opts.files.is_empty() {
+        return format!("embedded corpus (awq {})", env!("CARGO_PKG_VERSION"));
+    }
+    let names: Vec<String> = opts
+        .files
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+        })
+        .collect();
+    names.join(", ")
+}
+
 pub fn build(tok: &Tokenizer, opts: &CalibOptions) -> Result<Calibration> {
     let mut docs = read_documents(opts)?;
     let documents_read = docs.len();
@@ -172,6 +196,7 @@ pub fn build(tok: &Tokenizer, opts: &CalibOptions) -> Result<Calibration> {
     stream.truncate(blocks * l);
     Ok(Calibration {
         summary: CalibSummary {
+            source: source_label(opts),
             documents_read,
             documents_used: used,
             documents_too_long: too_long,
