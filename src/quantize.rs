@@ -22,8 +22,8 @@ use crate::model::layer::{layer_prefix, LayerWeights, Linear, LinearInputs, LINE
 use crate::model::rope::Rope;
 use crate::model::{Model, EMBED, FINAL_NORM, LM_HEAD};
 use crate::quant::pack::{check_shape, pack, Layout};
-use crate::quant::search::{self, Grid, ScaleChoice};
-use crate::quant::{clip, rtn};
+use crate::quant::search::{self, Gram, Grid, ScaleChoice};
+use crate::quant::{clip, reduce, rtn};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeOptions {
@@ -365,6 +365,21 @@ fn search_group(
     let weights: Vec<&Tensor> = g.linears.iter().map(|n| &linear(layer, n).weight).collect();
     let x_mean = search::x_mean(x)?;
     let w_mean = search::w_mean(&weights, opts.group)?;
+    let n_grid = if opts.no_search { 0 } else { opts.n_grid };
+    let grid = if opts.no_search {
+        Grid::Robust
+    } else {
+        opts.grid
+    };
+    if g.inspect == Inspect::Linear {
+        let w = weights[0];
+        let (out, inp) = w.dims2()?;
+        if Gram::pays_off(x.dim(0)?, inp, out, n_grid + 1) {
+            let gram = Gram::new(x)?;
+            let loss = |s: &[f32]| gram.loss(w, &search::scaled_fake_quant(w, s, opts.group)?);
+            return search::search(&x_mean, &w_mean, grid, n_grid, loss);
+        }
+    }
     let reference = inspect(layer, g, x, spec, rope, seqlen)?;
     let mut scratch = layer.clone();
     let loss = |s: &[f32]| -> Result<f64> {
@@ -372,13 +387,7 @@ fn search_group(
             linear_mut(&mut scratch, n).weight =
                 search::scaled_fake_quant(&linear(layer, n).weight, s, opts.group)?;
         }
-        search::mse(&reference, &inspect(&scratch, g, x, spec, rope, seqlen)?)
-    };
-    let n_grid = if opts.no_search { 0 } else { opts.n_grid };
-    let grid = if opts.no_search {
-        Grid::Robust
-    } else {
-        opts.grid
+        reduce::mse(&reference, &inspect(&scratch, g, x, spec, rope, seqlen)?)
     };
     search::search(&x_mean, &w_mean, grid, n_grid, loss)
 }

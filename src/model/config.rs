@@ -120,13 +120,13 @@ impl HfConfig {
             ));
         }
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(input_err!(
                 "config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
             ));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(input_err!(
                 "config.json: head_dim {head_dim} must be even and positive"
             ));

@@ -98,7 +98,7 @@ fn read_packed(
     inp: usize,
     fmt: AwqFormat,
 ) -> Result<Quantized> {
-    if inp % fmt.group != 0 || out % 8 != 0 {
+    if !inp.is_multiple_of(fmt.group) || !out.is_multiple_of(8) {
         return Err(crate::input_err!(
             "{prefix}: shape [{out}, {inp}] does not fit AWQ group {}",
             fmt.group
@@ -272,7 +272,7 @@ impl LayerWeights {
 
     /// Input of `down_proj` for `x = post_attention_layernorm(h)`.
     pub fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+        super::ops::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)
     }
 
     /// `down(silu(gate(x)) * up(x))`: AWQ's inspected MLP module.

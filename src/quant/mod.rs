@@ -3,5 +3,6 @@
 
 pub mod clip;
 pub mod pack;
+pub mod reduce;
 pub mod rtn;
 pub mod search;

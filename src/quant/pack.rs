@@ -58,10 +58,10 @@ pub fn gemv_zeros_width(in_features: usize, group: usize) -> Result<usize> {
 
 /// Checks the shape rules shared by both layouts.
 pub fn check_shape(name: &str, out: usize, inp: usize, group: usize) -> Result<()> {
-    if inp % group != 0 {
+    if !inp.is_multiple_of(group) {
         let divisors: Vec<String> = [32, 64, 128, 256]
             .iter()
-            .filter(|&&g| inp % g == 0)
+            .filter(|&&g| inp.is_multiple_of(g))
             .map(|g| g.to_string())
             .collect();
         return Err(Error::Usage(format!(
@@ -73,7 +73,7 @@ pub fn check_shape(name: &str, out: usize, inp: usize, group: usize) -> Result<(
             }
         )));
     }
-    if out % 8 != 0 {
+    if !out.is_multiple_of(8) {
         return Err(Error::Usage(format!(
             "{name}: out_features {out} is not a multiple of 8, which the packed AWQ layouts require"
         )));

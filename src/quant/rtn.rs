@@ -50,6 +50,24 @@ impl Quantized {
     }
 }
 
+/// Round half to even (torch's `round`) for values that are clamped to the code range [0, 15]
+/// afterwards. `f32::round_ties_even` is a libm call on baseline x86-64 (no SSE4.1), which stops
+/// the quantizer loops from vectorizing. Adding and removing 1.5·2²³ rounds in the FPU's default
+/// ties-to-even mode, exactly for |x| ≤ 2²²; larger inputs saturate to ±2²², which changes
+/// nothing once the caller clamps to the code range. `magic` must come from [`magic`].
+#[inline(always)]
+pub fn rne(x: f32, magic: f32) -> f32 {
+    const LIMIT: f32 = 4_194_304.0;
+    (x.clamp(-LIMIT, LIMIT) + magic) - magic
+}
+
+/// 1.5·2²³, hidden from the optimizer: LLVM recognizes `(x + C) − C` for this constant and
+/// turns it back into the `rintf` call. Read it once per loop, not per element.
+#[inline(always)]
+pub fn magic() -> f32 {
+    std::hint::black_box(12_582_912.0)
+}
+
 #[inline]
 fn h(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
@@ -59,7 +77,7 @@ fn h(x: f32) -> f32 {
 /// AutoAWQ's `.half()` does), in f16 arithmetic. `w` is `[rows, cols]`, `cols % group == 0`.
 pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quantized {
     assert_eq!(w.len(), rows * cols);
-    assert!(group > 0 && cols % group == 0);
+    assert!(group > 0 && cols.is_multiple_of(group));
     let gs = cols / group;
     let mut codes = vec![0u8; rows * cols];
     let mut zeros = vec![0u8; rows * gs];
@@ -71,6 +89,7 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
         .zip(scales.par_chunks_mut(gs))
         .enumerate()
         .for_each(|(r, ((code_row, zero_row), scale_row))| {
+            let m = magic();
             let row = &w[r * cols..(r + 1) * cols];
             for k in 0..gs {
                 let grp = &row[k * group..(k + 1) * group];
@@ -82,9 +101,9 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
                     });
                 let range = h(mx - mn).max(min_range);
                 let s = h(range / QMAX);
-                let z = (-h(mn / s).round_ties_even()).clamp(0.0, QMAX);
+                let z = (-rne(h(mn / s), m)).clamp(0.0, QMAX);
                 for (c, &x) in code_row[k * group..(k + 1) * group].iter_mut().zip(grp) {
-                    let v = h(h(x) / s).round_ties_even() + z;
+                    let v = rne(h(h(x) / s), m) + z;
                     *c = v.clamp(0.0, QMAX) as u8;
                 }
                 zero_row[k] = z as u8;
@@ -104,6 +123,7 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
 /// In-place quantize→dequantize of each group of `w` (f32 math, scale rounded to f16 as it will
 /// be stored). Used for every candidate of the scale and clip searches.
 pub fn fake_quantize(w: &mut [f32], group: usize) {
+    let m = magic();
     for grp in w.chunks_mut(group) {
         let (mn, mx) = grp
             .iter()
@@ -111,9 +131,9 @@ pub fn fake_quantize(w: &mut [f32], group: usize) {
                 (a.min(x), b.max(x))
             });
         let s = h((mx - mn).max(1e-5) / QMAX);
-        let z = (-(mn / s).round_ties_even()).clamp(0.0, QMAX);
+        let z = (-rne(mn / s, m)).clamp(0.0, QMAX);
         for x in grp.iter_mut() {
-            let q = ((*x / s).round_ties_even() + z).clamp(0.0, QMAX);
+            let q = (rne(*x / s, m) + z).clamp(0.0, QMAX);
             *x = (q - z) * s;
         }
     }
@@ -123,6 +143,25 @@ pub fn fake_quantize(w: &mut [f32], group: usize) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn rne_is_round_half_to_even() {
+        for x in [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 7.5, 14.5, 15.5, -3.2, 4194303.5,
+        ] {
+            assert_eq!(rne(x, magic()), x.round_ties_even(), "{x}");
+        }
+        assert_eq!(rne(1e9, magic()), 4_194_304.0);
+        assert_eq!(rne(f32::NEG_INFINITY, magic()), -4_194_304.0);
+        assert!(rne(f32::NAN, magic()).is_nan());
+    }
+
+    proptest! {
+        #[test]
+        fn rne_matches_round_ties_even(x in -4_194_304f32..4_194_304.0) {
+            prop_assert_eq!(rne(x, magic()), x.round_ties_even());
+        }
+    }
 
     #[test]
     fn spec_worked_example() {

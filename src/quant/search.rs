@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::reduce;
 use super::rtn::fake_quantize;
 use crate::error::{Error, Result};
 
@@ -87,10 +88,36 @@ pub fn scaled_fake_quant(w: &Tensor, s: &[f32], group: usize) -> Result<Tensor> 
     Ok(Tensor::from_vec(v, (out, inp), &Device::Cpu)?)
 }
 
-/// Mean squared difference.
-pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let n = a.elem_count() as f64;
-    Ok((a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / n)
+/// The loss of a single inspected linear `y = x·Wᵀ` as a quadratic form: with `E = W' − W`,
+/// `mean((x·W'ᵀ − x·Wᵀ)²) = Σ_o e_o·G·e_oᵀ / (T·out)` where `G = xᵀx`. Same objective as running
+/// the linear on every token; [`Gram::pays_off`] says when it is cheaper.
+pub struct Gram {
+    g: Tensor,
+    tokens: usize,
+}
+
+impl Gram {
+    pub fn new(x: &Tensor) -> Result<Self> {
+        Ok(Self {
+            g: x.t()?.matmul(x)?,
+            tokens: x.dim(0)?,
+        })
+    }
+
+    /// Whether forming `G` once (T·in²) and `candidates` forms (out·in² each) costs less than
+    /// `candidates` forward passes (T·in·out each).
+    pub fn pays_off(tokens: usize, inp: usize, out: usize, candidates: usize) -> bool {
+        let (t, i, o, c) = (tokens as f64, inp as f64, out as f64, candidates as f64);
+        t * i * i + c * o * i * i < c * t * i * o
+    }
+
+    /// `mean((x·w_newᵀ − x·wᵀ)²)`.
+    pub fn loss(&self, w: &Tensor, w_new: &Tensor) -> Result<f64> {
+        let e = (w_new - w)?;
+        let eg = e.matmul(&self.g)?;
+        let sum = reduce::with_slice(&e, |e| reduce::with_slice(&eg, |eg| reduce::dot(e, eg)))??;
+        Ok(sum / (self.tokens * w.dim(0)?) as f64)
+    }
 }
 
 /// Runs the grid. `loss(s)` returns the inspected module's MSE with the group's weights replaced
