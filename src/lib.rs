@@ -7,6 +7,7 @@ pub mod eval;
 pub mod events;
 pub mod io;
 pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod quantize;
 pub mod tokenize;

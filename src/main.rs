@@ -92,6 +92,9 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
 fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
     use awq::quant::pack::Layout;
     use awq::quant::search::Grid;
+    if args.search_blocks == Some(0) {
+        return Err(Error::Usage("--search-blocks must be at least 1".into()));
+    }
     let shard_size = cli::parse_size(&args.shard_size).ok_or_else(|| {
         Error::Usage(format!(
             "--shard-size {:?} is not a size like 5GB or 500MB",
@@ -123,6 +126,9 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
         n_grid: args.n_grid,
         clip: !args.no_clip,
         no_search: args.no_search,
+        search_blocks: args
+            .search_blocks
+            .or(args.fast.then_some(awq::quantize::FAST_SEARCH_BLOCKS)),
         shard_size,
         force: args.force,
     };
@@ -134,16 +140,34 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
             "files": report.files,
             "calibration": report.calibration,
             "seconds": report.seconds_total,
+            "work": report.work,
         });
         println!("{json}");
     } else {
+        let w = &report.work;
+        let p = &w.seconds;
         println!(
-            "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s",
+            "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
+             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
+             matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
             opts.output.display(),
             report.layers.len(),
             report.calibration.blocks,
             report.calibration.seqlen,
-            report.seconds_total
+            report.seconds_total,
+            w.calibration_seconds,
+            p.load,
+            p.forward,
+            p.search,
+            p.clip,
+            p.quantize,
+            p.write,
+            w.matmul_gflop,
+            w.matmul_seconds,
+            w.matmul_gflops,
+            100.0 * w.matmul_share,
+            w.peak_rss_mb
+                .map_or("unknown".into(), |m| format!("{m:.0} MB")),
         );
     }
     Ok(())

@@ -25,6 +25,10 @@ use crate::quant::pack::{check_shape, pack, Layout};
 use crate::quant::search::{self, Gram, Grid, ScaleChoice};
 use crate::quant::{clip, reduce, rtn};
 
+/// `--fast`: score the scale search on this many evenly spaced blocks (see README for its
+/// measured quality cost).
+pub const FAST_SEARCH_BLOCKS: usize = 8;
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeOptions {
     pub model: String,
@@ -39,6 +43,9 @@ pub struct QuantizeOptions {
     pub clip: bool,
     /// Skip the scale search (plain round-to-nearest, still clipped unless `clip` is false).
     pub no_search: bool,
+    /// Score search candidates on at most this many evenly spaced calibration blocks (the
+    /// activation statistics still use every block). `None`: all blocks, the exact objective.
+    pub search_blocks: Option<usize>,
     pub shard_size: u64,
     pub force: bool,
 }
@@ -49,6 +56,7 @@ pub struct GroupReport {
     pub ratio: Option<f32>,
     pub loss: f64,
     pub identity_loss: f64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -62,11 +70,52 @@ pub struct LayerReport {
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
+    pub load: f64,
     pub forward: f64,
     pub search: f64,
     pub clip: f64,
     pub quantize: f64,
     pub write: f64,
+}
+
+impl Timings {
+    pub fn total(&self) -> f64 {
+        self.load + self.forward + self.search + self.clip + self.quantize + self.write
+    }
+
+    fn add(&mut self, o: &Timings) {
+        self.load += o.load;
+        self.forward += o.forward;
+        self.search += o.search;
+        self.clip += o.clip;
+        self.quantize += o.quantize;
+        self.write += o.write;
+    }
+}
+
+/// Where the time went, over the whole run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Work {
+    /// Per phase, summed over layers (`write` includes the final shards).
+    pub seconds: Timings,
+    /// Calibration: reading and tokenizing documents.
+    pub calibration_seconds: f64,
+    pub matmul_gflop: f64,
+    pub matmul_seconds: f64,
+    /// Achieved matmul rate.
+    pub matmul_gflops: f64,
+    /// Fraction of the wall time spent in matmuls.
+    pub matmul_share: f64,
+    /// Peak resident set size of the process (Linux `VmHWM`), when known.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// The process's peak RSS in MB, from `/proc/self/status` (Linux only).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -79,6 +128,7 @@ pub struct Report {
     pub layers: Vec<LayerReport>,
     pub files: Vec<String>,
     pub seconds_total: f64,
+    pub work: Work,
 }
 
 pub const TOOL: &str = concat!("awq ", env!("CARGO_PKG_VERSION"));
@@ -140,7 +190,13 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     events(&Event::Phase {
         name: "calibration",
     });
+    let (flop0, mm0) = crate::ops::matmul_totals();
+    let clock = Instant::now();
     let cal = calib::build(&tok, &opts.calib)?;
+    let mut work = Work {
+        calibration_seconds: clock.elapsed().as_secs_f64(),
+        ..Work::default()
+    };
     let staging = Staging::new(&opts.output)?;
     let parts_dir = staging.dir.join(".parts");
     std::fs::create_dir(&parts_dir)
@@ -157,6 +213,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
         let mut t = Timings::default();
         let clock = Instant::now();
         let mut layer = model.layer(i)?;
+        t.load = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
         let (out, inputs) = layer.forward(spec, &rope, &hidden, seqlen, true)?;
         let mut inputs = inputs.expect("captured");
         t.forward = clock.elapsed().as_secs_f64();
@@ -168,12 +226,14 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
             .iter()
             .filter(|g| !g.needs_v_o_match || layer.v.weight.dims() == layer.o.weight.dims())
         {
+            let clock = Instant::now();
             let choice = search_group(&layer, g, &inputs, spec, &rope, seqlen, opts)?;
             groups.push(GroupReport {
                 group: g.name,
                 ratio: choice.ratio,
                 loss: choice.loss,
                 identity_loss: choice.identity_loss,
+                seconds: clock.elapsed().as_secs_f64(),
             });
             choices.push((g, choice));
         }
@@ -218,8 +278,9 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
         events(&Event::Layer {
             index: i,
             total: spec.layers,
-            seconds: t.forward + t.search + t.clip + t.quantize + t.write,
+            seconds: t.total(),
         });
+        work.seconds.add(&t);
         layers.push(LayerReport {
             layer: i,
             groups,
@@ -230,6 +291,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     drop(hidden);
 
     events(&Event::Phase { name: "write" });
+    let clock = Instant::now();
     let mut head = vec![
         OutTensor::f16(
             EMBED.into(),
@@ -261,6 +323,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     parts.push(head_part);
     let part_ckpt = Checkpoint::open_files(parts)?;
     let files = writer::write_shards(&staging.dir, &part_ckpt, &names, opts.shard_size)?;
+    work.seconds.write += clock.elapsed().as_secs_f64();
     drop(part_ckpt);
     std::fs::remove_dir_all(&parts_dir)
         .map_err(|e| Error::Runtime(format!("cannot remove {}: {e}", parts_dir.display())))?;
@@ -283,6 +346,13 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
         &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
     )?;
     writer::copy_companions(&dir, &staging.dir)?;
+    let seconds_total = start.elapsed().as_secs_f64();
+    let (flop1, mm1) = crate::ops::matmul_totals();
+    work.matmul_gflop = flop1 - flop0;
+    work.matmul_seconds = mm1 - mm0;
+    work.matmul_gflops = work.matmul_gflop / work.matmul_seconds.max(1e-9);
+    work.matmul_share = work.matmul_seconds / seconds_total;
+    work.peak_rss_mb = peak_rss_mb();
     let report = Report {
         tool: TOOL.into(),
         options: opts.clone(),
@@ -291,7 +361,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
         calibration: cal.summary,
         layers,
         files,
-        seconds_total: start.elapsed().as_secs_f64(),
+        seconds_total,
+        work,
     };
     std::fs::write(staging.dir.join("README.md"), model_card(&report))
         .map_err(|e| Error::Runtime(format!("cannot write the model card: {e}")))?;
@@ -361,9 +432,14 @@ fn search_group(
     seqlen: usize,
     opts: &QuantizeOptions,
 ) -> Result<ScaleChoice> {
-    let x = group_input(inputs, g.input);
+    let x_all = group_input(inputs, g.input);
     let weights: Vec<&Tensor> = g.linears.iter().map(|n| &linear(layer, n).weight).collect();
-    let x_mean = search::x_mean(x)?;
+    let x_mean = search::x_mean(x_all)?;
+    let subset = match opts.search_blocks {
+        Some(n) => Some(search_subset(x_all, seqlen, n)?),
+        None => None,
+    };
+    let x = subset.as_ref().unwrap_or(x_all);
     let w_mean = search::w_mean(&weights, opts.group)?;
     let n_grid = if opts.no_search { 0 } else { opts.n_grid };
     let grid = if opts.no_search {
@@ -390,6 +466,21 @@ fn search_group(
         reduce::mse(&reference, &inspect(&scratch, g, x, spec, rope, seqlen)?)
     };
     search::search(&x_mean, &w_mean, grid, n_grid, loss)
+}
+
+/// Blocks `0, k, 2k, …` of `x: [blocks·seqlen, d]`, at most `n` of them (`--search-blocks`):
+/// whole blocks, so attention still sees complete sequences.
+fn search_subset(x: &Tensor, seqlen: usize, n: usize) -> Result<Tensor> {
+    let blocks = x.dim(0)? / seqlen;
+    if n >= blocks {
+        return Ok(x.clone());
+    }
+    let stride = blocks.div_ceil(n.max(1));
+    let picked: Vec<Tensor> = (0..blocks)
+        .step_by(stride)
+        .map(|b| x.narrow(0, b * seqlen, seqlen))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&picked, 0)?)
 }
 
 /// AWQ-SPEC §5: prev op ÷ s, scaled linears' input columns × s, cached inputs ÷ s.

@@ -12,10 +12,14 @@ use super::rope::Rope;
 use crate::quant::pack::{gemv_zeros_width, unpack, Layout, Packed};
 use crate::quant::rtn::Quantized;
 
-/// Queries per attention block.
-const QUERY_BLOCK: usize = 128;
 use crate::error::Result;
 use crate::io::reader::Checkpoint;
+
+/// Queries per attention block.
+const QUERY_BLOCK: usize = 128;
+/// Sequences whose attention runs as one batch: few large ops instead of many small ones, with
+/// the score tensor bounded at `SEQ_BATCH × heads × QUERY_BLOCK × keys`.
+const SEQ_BATCH: usize = 16;
 
 /// Tensor names of decoder layer `i`, built from prefixes in one place.
 pub fn layer_prefix(i: usize) -> String {
@@ -66,7 +70,7 @@ impl Linear {
 
     /// `x · Wᵀ + b` for `x: [tokens, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = crate::ops::matmul(x, &self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -228,13 +232,14 @@ impl LayerWeights {
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let rep = h / kvh;
-        let mut out = Vec::with_capacity(n);
-        for s in 0..n {
-            let ks = repeat_kv(&k.get(s)?, rep)?;
-            let vs = repeat_kv(&v.get(s)?, rep)?;
-            let qs = q.get(s)?;
-            // Query blocks keep the score matrix small ([heads, block, keys]) and let each block
-            // look only at the keys it can see, which halves the work of a causal mask.
+        let mut out = Vec::with_capacity(n.div_ceil(SEQ_BATCH));
+        for s0 in (0..n).step_by(SEQ_BATCH) {
+            let b = SEQ_BATCH.min(n - s0);
+            let ks = repeat_kv(&k.narrow(0, s0, b)?, rep)?; // [b, h, t, hd]
+            let vs = repeat_kv(&v.narrow(0, s0, b)?, rep)?;
+            let qs = q.narrow(0, s0, b)?;
+            // Query blocks keep the score matrix small ([b, heads, block, keys]) and let each
+            // block look only at the keys it can see, which halves the work of a causal mask.
             let mut blocks = Vec::with_capacity(seq_len.div_ceil(QUERY_BLOCK));
             let mut r0 = 0;
             while r0 < seq_len {
@@ -243,17 +248,17 @@ impl LayerWeights {
                     .sliding_window
                     .map_or(0, |w| (r0 + 1).saturating_sub(w));
                 let keys = r1 - k0;
-                let qb = qs.narrow(1, r0, r1 - r0)?;
-                let kb = ks.narrow(1, k0, keys)?;
-                let vb = vs.narrow(1, k0, keys)?;
+                let qb = qs.narrow(2, r0, r1 - r0)?.contiguous()?;
+                let kb = ks.narrow(2, k0, keys)?.contiguous()?;
+                let vb = vs.narrow(2, k0, keys)?.contiguous()?;
                 let mask = block_mask(r0, r1, k0, spec.sliding_window)?;
-                let scores = qb.matmul(&kb.t()?)?.broadcast_add(&mask)?;
+                let scores = crate::ops::matmul(&qb, &kb.t()?)?.broadcast_add(&mask)?;
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                blocks.push(probs.matmul(&vb.contiguous()?)?); // [h, block, hd]
+                blocks.push(crate::ops::matmul(&probs, &vb)?); // [b, h, block, hd]
                 r0 = r1;
             }
-            let ctx = Tensor::cat(&blocks, 1)?; // [h, t, hd]
-            out.push(ctx.transpose(0, 1)?.reshape((seq_len, h * hd))?);
+            let ctx = Tensor::cat(&blocks, 2)?; // [b, h, t, hd]
+            out.push(ctx.transpose(1, 2)?.reshape((b * seq_len, h * hd))?);
         }
         Ok(Tensor::cat(&out, 0)?)
     }
@@ -272,7 +277,7 @@ impl LayerWeights {
 
     /// Input of `down_proj` for `x = post_attention_layernorm(h)`.
     pub fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
-        super::ops::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)
+        crate::ops::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)
     }
 
     /// `down(silu(gate(x)) * up(x))`: AWQ's inspected MLP module.
@@ -311,10 +316,10 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
     }
-    let (kvh, t, hd) = x.dims3()?;
-    Ok(x.unsqueeze(1)?
-        .expand((kvh, rep, t, hd))?
-        .reshape((kvh * rep, t, hd))?)
+    let (b, kvh, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kvh, rep, t, hd))?
+        .reshape((b, kvh * rep, t, hd))?)
 }
 
 /// Additive mask for queries `r0..r1` against keys `k0..r1`: 0 where visible, -inf elsewhere

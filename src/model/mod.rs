@@ -9,7 +9,6 @@ pub mod groups;
 pub mod layer;
 pub mod llama;
 pub mod mistral;
-pub mod ops;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::rtn::fake_quantize;
 use crate::error::Result;
+use crate::ops::matmul;
 
 pub const N_GRID: usize = 20;
 pub const MAX_SHRINK: f32 = 0.5;
@@ -34,7 +35,7 @@ pub fn search(w: &Tensor, x: &Tensor, group: usize) -> Result<Vec<f32>> {
     let grams: Vec<Vec<f32>> = (0..gs)
         .map(|k| -> Result<Vec<f32>> {
             let xk = x.narrow(1, k * group, group)?.contiguous()?;
-            Ok(xk.t()?.matmul(&xk)?.flatten_all()?.to_vec1::<f32>()?)
+            Ok(matmul(&xk.t()?, &xk)?.flatten_all()?.to_vec1::<f32>()?)
         })
         .collect::<Result<_>>()?;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;

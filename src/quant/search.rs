@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use super::reduce;
 use super::rtn::fake_quantize;
 use crate::error::{Error, Result};
+use crate::ops::matmul;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,7 +100,7 @@ pub struct Gram {
 impl Gram {
     pub fn new(x: &Tensor) -> Result<Self> {
         Ok(Self {
-            g: x.t()?.matmul(x)?,
+            g: matmul(&x.t()?, x)?,
             tokens: x.dim(0)?,
         })
     }
@@ -114,7 +115,7 @@ impl Gram {
     /// `mean((x·w_newᵀ − x·wᵀ)²)`.
     pub fn loss(&self, w: &Tensor, w_new: &Tensor) -> Result<f64> {
         let e = (w_new - w)?;
-        let eg = e.matmul(&self.g)?;
+        let eg = matmul(&e, &self.g)?;
         let sum = reduce::with_slice(&e, |e| reduce::with_slice(&eg, |eg| reduce::dot(e, eg)))??;
         Ok(sum / (self.tokens * w.dim(0)?) as f64)
     }

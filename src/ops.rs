@@ -1,8 +1,11 @@
-//! Fused CPU kernels for the hot elementwise steps of the scale search. The MLP candidate loop
+//! The counted matmul every hot path uses, and fused CPU kernels for the hot elementwise steps of the scale search. The MLP candidate loop
 //! evaluates `silu(gate)·up` over every calibration token 21 times per layer; candle runs `silu`
 //! and `mul` as two single-threaded passes with a temporary, this runs one parallel pass.
 //! Elementwise only (no reductions), so results are the same bits for any thread count and
 //! identical to candle's `x / (1 + exp(−x)) · y`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -56,6 +59,30 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate
         .contiguous()?
         .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
+}
+
+/// Matmul FLOPs and wall time since start, for the report's work rate: every matmul of the
+/// forward pass, the search and the clip goes through [`matmul`].
+static MATMUL_FLOP: AtomicU64 = AtomicU64::new(0);
+static MATMUL_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// `a · b` (batched like candle's `matmul`), counted.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let start = Instant::now();
+    let y = a.matmul(b)?;
+    let dims = a.dims();
+    let k = dims[dims.len() - 1] as u64;
+    MATMUL_FLOP.fetch_add(2 * k * y.elem_count() as u64, Ordering::Relaxed);
+    MATMUL_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    Ok(y)
+}
+
+/// `(GFLOP, seconds)` spent in [`matmul`] so far.
+pub fn matmul_totals() -> (f64, f64) {
+    (
+        MATMUL_FLOP.load(Ordering::Relaxed) as f64 / 1e9,
+        MATMUL_NANOS.load(Ordering::Relaxed) as f64 / 1e9,
+    )
 }
 
 #[cfg(test)]

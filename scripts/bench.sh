@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# End-to-end quantize benchmark: prints wall time, the phase breakdown, the matmul work rate and
+# peak RSS (awq measures and prints all of them; /usr/bin/time -v confirms RSS when present).
+#
+#   scripts/bench.sh smollm2 [awq quantize flags...]   # $AWQ_TEST_MODEL, group 64, 32 x 512 wikitext
+#   scripts/bench.sh synth7b LAYERS [flags...]          # Llama-2-7B-shaped random model, 16 x 512
+#
+# Extra flags are appended (e.g. --fast, --max-blocks 8). Threads: RAYON_NUM_THREADS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind=${1:?usage: scripts/bench.sh smollm2|synth7b [LAYERS] [flags...]}
+shift
+data=../shared/data/wikitext-2-raw
+cargo build --release --quiet --bin awq
+case $kind in
+smollm2)
+    model=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
+    args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --max-blocks 32)
+    ;;
+synth7b)
+    layers=${1:?LAYERS}
+    shift
+    model=${TMPDIR:-/tmp}/awq-synth7b-$layers
+    if [ ! -f "$model/config.json" ]; then
+        cargo run --release --quiet --example synth_model -- "$model" "$layers" \
+            "${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL (its tokenizer is reused)}"
+    fi
+    args=(--group 128 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --max-blocks 16)
+    ;;
+*)
+    echo "unknown benchmark $kind" >&2
+    exit 2
+    ;;
+esac
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+cmd=(./target/release/awq quantize --model "$model" -o "$out/q" -q "${args[@]}" "$@")
+echo "+ ${cmd[*]}"
+if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f "wall %e s, peak RSS %M KB (/usr/bin/time)" "${cmd[@]}"
+else
+    "${cmd[@]}"
+fi
