@@ -30,12 +30,64 @@ pub enum Command {
 vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 inference."
     )]
     Quantize(QuantizeArgs),
+    /// Summarize a checkpoint (fp or AWQ): architecture, quantization config, tensors, sizes.
+    #[command(
+        after_help = "Example:\n  awq inspect ./SmolLM2-135M-awq --json | jq .quantization_config"
+    )]
+    Inspect(InspectArgs),
+    /// Check an AWQ checkpoint against the loader rules of vLLM (awq, awq_marlin), TGI and
+    /// transformers for tensor-parallel degrees 1, 2, 4, 8; dequantize and check every tensor.
+    #[command(
+        after_help = "Exits 0 when the checkpoint loads at tensor-parallel degree 1 (and at --tp N when given), 5 otherwise.\n\
+Example:\n  awq verify ./SmolLM2-135M-awq && echo ship it"
+    )]
+    Verify(VerifyArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  awq completions bash > ~/.local/share/bash-completion/completions/awq"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Checkpoint directory.
+    pub dir: PathBuf,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// AWQ checkpoint directory.
+    pub dir: PathBuf,
+    /// Also require that vLLM can load the model at this tensor-parallel degree.
+    #[arg(long, value_name = "N")]
+    pub tp: Option<usize>,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VersionArg {
     Gemm,
     Gemv,
+    /// Detect local NVIDIA GPUs: GEMM without a GPU or for batched serving, GEMV with
+    /// --workload single; refuses GPUs older than Turing (sm_75).
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum WorkloadArg {
+    /// Batched serving (vLLM, TGI).
+    Batch,
+    /// Batch-1 interactive decoding.
+    Single,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -84,7 +136,7 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub group: usize,
-    /// Packed layout. vLLM loads GEMM only.
+    /// Packed layout. vLLM loads GEMM only; auto picks from the local GPUs.
     #[arg(
         long,
         value_enum,
@@ -116,6 +168,14 @@ pub struct QuantizeArgs {
     /// Skip the scale search (round-to-nearest; with --no-clip, plain RTN).
     #[arg(long, help_heading = "Quantization")]
     pub no_search: bool,
+    /// What --version auto optimizes for.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "batch",
+        help_heading = "Quantization"
+    )]
+    pub workload: WorkloadArg,
     /// Output directory (written to a staging directory beside it, then renamed).
     #[arg(long, short, help_heading = "Output")]
     pub output: PathBuf,
@@ -125,12 +185,38 @@ pub struct QuantizeArgs {
     /// Replace an existing output directory.
     #[arg(long, help_heading = "Output")]
     pub force: bool,
-    /// Print the final report summary as one JSON object on stdout.
+    /// Resolve the model, calibration, layout and estimates, print the plan and write nothing.
     #[arg(long, help_heading = "Output")]
+    pub dry_run: bool,
+    /// Quality gate: after writing, measure fp and quantized perplexity on this text.
+    #[arg(long, value_name = "FILE", help_heading = "Quality gate")]
+    pub eval_text: Option<PathBuf>,
+    /// Quality gate: exit 5 when the perplexity rises by more than this (e.g. 5%).
+    #[arg(
+        long,
+        value_name = "PCT",
+        requires = "eval_text",
+        help_heading = "Quality gate"
+    )]
+    pub max_ppl_increase: Option<String>,
+    /// Quality gate: evaluate the first N tokens of --eval-text.
+    #[arg(long, default_value_t = 8192, help_heading = "Quality gate")]
+    pub eval_max_tokens: usize,
+    /// JSON Lines events on stdout (start, layer, done; schema in the README); nothing else there.
+    #[arg(long, help_heading = "Runtime")]
     pub json: bool,
     /// No progress on stderr.
     #[arg(long, short, help_heading = "Runtime")]
     pub quiet: bool,
+    /// More detail in the progress lines (phase timings per layer).
+    #[arg(long, short, help_heading = "Runtime")]
+    pub verbose: bool,
+}
+
+/// "5%" or "5" → 5.0.
+pub fn parse_percent(s: &str) -> Option<f64> {
+    let v: f64 = s.trim().trim_end_matches('%').trim().parse().ok()?;
+    (v.is_finite() && v >= 0.0).then_some(v)
 }
 
 /// "5GB" → 5_000_000_000; KB/MB/GB are decimal, KiB/MiB/GiB binary.
@@ -173,7 +259,7 @@ pub struct EvalArgs {
     #[arg(long, help_heading = "Evaluation")]
     pub text: PathBuf,
     /// Window length; windows do not overlap and a partial tail window is dropped.
-    #[arg(long, default_value_t = 2048, help_heading = "Evaluation")]
+    #[arg(long, default_value_t = awq::eval::DEFAULT_SEQLEN, help_heading = "Evaluation")]
     pub seqlen: usize,
     /// Evaluate only the first N tokens of the text.
     #[arg(long, help_heading = "Evaluation")]

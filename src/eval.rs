@@ -17,6 +17,9 @@ use crate::model::layer::rms_norm;
 use crate::model::rope::Rope;
 use crate::model::Model;
 
+/// Window length of the goldens' protocol (and `awq eval`'s default).
+pub const DEFAULT_SEQLEN: usize = 2048;
+
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub seqlen: usize,
@@ -87,6 +90,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
             index: i,
             total: spec.layers,
             seconds: t.elapsed().as_secs_f64(),
+            groups: &[],
         });
     }
     events(&Event::Phase { name: "head" });

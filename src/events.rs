@@ -1,15 +1,22 @@
 //! Progress events. The library never prints: it hands events to a sink chosen by the caller
-//! (the CLI renders them as a bar, plain lines or JSON).
+//! (the CLI renders them as a bar, plain lines or JSON Lines).
+
+use crate::quantize::{GroupReport, Plan};
 
 #[derive(Debug, Clone)]
-pub enum Event {
+pub enum Event<'a> {
+    /// `awq quantize` resolved everything (model, calibration, layout, estimates); sent once,
+    /// before any layer.
+    Plan(&'a Plan),
     /// A named phase started (e.g. "tokenize", "embed", "head").
     Phase { name: &'static str },
-    /// Decoder layer `index` (0-based) of `total` finished in `seconds`.
+    /// Decoder layer `index` (0-based) of `total` finished in `seconds`; `groups` holds the
+    /// scale-search outcome when quantizing (empty for eval).
     Layer {
         index: usize,
         total: usize,
         seconds: f64,
+        groups: &'a [GroupReport],
     },
 }
 

@@ -5,11 +5,14 @@ pub mod calib;
 pub mod error;
 pub mod eval;
 pub mod events;
+pub mod gpu;
+pub mod inspect;
 pub mod io;
 pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod quantize;
 pub mod tokenize;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -1,48 +1,41 @@
 //! Thin binary: parse arguments, call the library, render its events, map errors to exit codes.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use awq::error::{exit, Error, Result};
 use awq::events::Event;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use serde_json::json;
 
 mod cli;
+mod progress;
 use cli::{Cli, Command};
+use progress::Progress;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json_events = matches!(&cli.command, Command::Quantize(a) if a.json);
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Quantize(args) => run_quantize(args),
+        Command::Inspect(args) => run_inspect(args),
+        Command::Verify(args) => run_verify(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "awq", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK as u8),
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
-}
-
-/// Plain progress lines on stderr (one per layer); silent with `--quiet`.
-fn progress(quiet: bool) -> impl Fn(&Event) + Sync {
-    let tty = std::io::stderr().is_terminal();
-    move |ev: &Event| {
-        if quiet {
-            return;
-        }
-        match ev {
-            Event::Phase { name } => eprintln!("[awq] {name}"),
-            Event::Layer {
-                index,
-                total,
-                seconds,
-            } => {
-                if tty || index + 1 == *total || index % 5 == 0 {
-                    eprintln!("[awq] layer {}/{} {:.2}s", index + 1, total, seconds)
-                }
+            if json_events {
+                Progress::new(true, true, false).emit(
+                    "error",
+                    json!({"exit_code": e.exit_code(), "message": e.to_string()}),
+                );
             }
+            ExitCode::from(e.exit_code() as u8)
         }
     }
 }
@@ -54,7 +47,8 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::input_io(&args.text, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| awq::input_err!("{} is not UTF-8: {e}", args.text.display()))?;
-    let sink = progress(args.quiet);
+    let progress = Progress::new(args.quiet, false, false);
+    let sink = |ev: &Event| progress.handle(ev);
     sink(&Event::Phase { name: "tokenize" });
     let ids = awq::tokenize::encode(&tok, &text, false)?;
     let opts = awq::eval::EvalOptions {
@@ -95,6 +89,38 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
     if args.search_blocks == Some(0) {
         return Err(Error::Usage("--search-blocks must be at least 1".into()));
     }
+    let layout_choice = match args.version {
+        cli::VersionArg::Auto => {
+            let workload = match args.workload {
+                cli::WorkloadArg::Batch => awq::gpu::Workload::Batch,
+                cli::WorkloadArg::Single => awq::gpu::Workload::Single,
+            };
+            let choice = awq::gpu::choose(awq::gpu::detect(), workload)?;
+            if !args.quiet {
+                eprintln!("[awq] --version auto: {}", choice.reason);
+                if let Some(w) = &choice.warning {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Some(choice)
+        }
+        _ => None,
+    };
+    let quality_gate = match &args.eval_text {
+        Some(text) => Some(awq::quantize::QualityGate {
+            text: text.clone(),
+            max_increase_pct: match &args.max_ppl_increase {
+                Some(p) => cli::parse_percent(p).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--max-ppl-increase {p:?} is not a percentage like 5%"
+                    ))
+                })?,
+                None => f64::INFINITY,
+            },
+            max_tokens: args.eval_max_tokens,
+        }),
+        None => None,
+    };
     let shard_size = cli::parse_size(&args.shard_size).ok_or_else(|| {
         Error::Usage(format!(
             "--shard-size {:?} is not a size like 5GB or 500MB",
@@ -107,10 +133,14 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
         output: args.output,
         w_bit: args.w_bit,
         group: args.group,
-        layout: match args.version {
-            cli::VersionArg::Gemm => Layout::Gemm,
-            cli::VersionArg::Gemv => Layout::Gemv,
+        layout: match (args.version, &layout_choice) {
+            (_, Some(choice)) => choice.layout,
+            (cli::VersionArg::Gemv, None) => Layout::Gemv,
+            _ => Layout::Gemm,
         },
+        layout_choice,
+        dry_run: args.dry_run,
+        quality_gate,
         calib: awq::calib::CalibOptions {
             files: args.calib,
             text_column: args.text_column,
@@ -132,19 +162,33 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
         shard_size,
         force: args.force,
     };
-    let sink = progress(args.quiet);
-    let report = awq::quantize::run(&opts, &sink)?;
+    let progress = Progress::new(args.quiet, args.json, args.verbose);
+    let sink = |ev: &Event| progress.handle(ev);
+    let report = match awq::quantize::run(&opts, &sink)? {
+        awq::quantize::Outcome::DryRun(plan) => {
+            if args.json {
+                progress.emit("done", json!({"dry_run": true}));
+            } else {
+                print_plan(&plan);
+            }
+            return Ok(());
+        }
+        awq::quantize::Outcome::Done(report) => report,
+    };
+    let w = &report.work;
     if args.json {
-        let json = serde_json::json!({
-            "output": opts.output,
-            "files": report.files,
-            "calibration": report.calibration,
-            "seconds": report.seconds_total,
-            "work": report.work,
-        });
-        println!("{json}");
+        progress.emit(
+            "done",
+            json!({
+                "output": opts.output,
+                "files": report.files,
+                "calibration": report.calibration,
+                "seconds": report.seconds_total,
+                "work": w,
+                "quality": report.quality,
+            }),
+        );
     } else {
-        let w = &report.work;
         let p = &w.seconds;
         println!(
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
@@ -169,6 +213,180 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
             w.peak_rss_mb
                 .map_or("unknown".into(), |m| format!("{m:.0} MB")),
         );
+        if let Some(q) = &report.quality {
+            println!(
+                "quality: perplexity {:.4} → {:.4} ({:+.2}%, limit {}%) on {} tokens of {}",
+                q.fp_perplexity,
+                q.quantized_perplexity,
+                q.increase_pct,
+                q.max_increase_pct,
+                q.tokens,
+                q.text.display()
+            );
+        }
+    }
+    if let Some(q) = report.quality.as_ref().filter(|q| !q.passed) {
+        return Err(Error::Quality(format!(
+            "quality gate failed: perplexity rose {:.2}% (from {:.4} to {:.4}), more than --max-ppl-increase {}%; \
+             the checkpoint was written to {} for inspection",
+            q.increase_pct,
+            q.fp_perplexity,
+            q.quantized_perplexity,
+            q.max_increase_pct,
+            opts.output.display()
+        )));
+    }
+    Ok(())
+}
+
+fn print_plan(plan: &awq::quantize::Plan) {
+    println!("dry run: nothing written");
+    println!(
+        "model        {} ({}, {} layers)",
+        plan.model_dir.display(),
+        plan.architecture,
+        plan.layers
+    );
+    println!(
+        "calibration  {} ({} of {} documents, {} blocks of {} = {} tokens)",
+        plan.calibration.source,
+        plan.calibration.documents_used,
+        plan.calibration.documents_read,
+        plan.calibration.blocks,
+        plan.calibration.seqlen,
+        plan.calibration.tokens
+    );
+    println!(
+        "quantization {}-bit, group {}, {}{}",
+        plan.w_bit,
+        plan.group,
+        plan.layout.name(),
+        plan.layout_reason
+            .as_ref()
+            .map_or(String::new(), |r| format!(" ({r})"))
+    );
+    for (name, [out, inp]) in &plan.linears {
+        println!("  linear     {name} [{out}, {inp}]");
+    }
+    for (name, linears, inspect) in &plan.scale_groups {
+        println!(
+            "  group      {name}: {} (inspects {inspect})",
+            linears.join(", ")
+        );
+    }
+    println!(
+        "output       {} (about {:.1} MB)",
+        plan.output.display(),
+        plan.output_bytes_estimate as f64 / 1e6
+    );
+    println!(
+        "memory       about {:.0} MB peak",
+        plan.peak_memory_estimate_mb
+    );
+}
+
+fn run_inspect(args: cli::InspectArgs) -> Result<()> {
+    let s = awq::inspect::inspect(&args.dir)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&s).map_err(|e| Error::Runtime(e.to_string()))?
+        );
+        return Ok(());
+    }
+    let opt = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
+    println!("{}", s.dir);
+    println!(
+        "architecture {} — {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}",
+        s.architecture.as_deref().unwrap_or("?"),
+        opt(s.layers),
+        opt(s.hidden_size),
+        opt(s.intermediate_size),
+        opt(s.attention_heads),
+        opt(s.key_value_heads),
+        opt(s.vocab_size)
+    );
+    match &s.quantization_config {
+        Some(q) => println!("quantization {q}"),
+        None => println!(
+            "quantization none ({})",
+            s.torch_dtype.as_deref().unwrap_or("?")
+        ),
+    }
+    println!(
+        "{} tensors in {} file(s), {:.1} MB: {}",
+        s.tensor_count,
+        s.files.len(),
+        s.total_bytes as f64 / 1e6,
+        s.bytes_by_dtype
+            .iter()
+            .map(|(d, b)| format!("{d} {:.1} MB", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for t in &s.tensors {
+        println!(
+            "  {:<60} {:<5} {:<16} {:>12}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            t.bytes
+        );
+    }
+    Ok(())
+}
+
+fn run_verify(args: cli::VerifyArgs) -> Result<()> {
+    let r = awq::verify::verify(&args.dir)?;
+    let tp_ok = args.tp.map(|tp| {
+        r.tensor_parallel
+            .iter()
+            .find(|t| t.tp == tp)
+            .is_some_and(|t| t.vllm_awq)
+    });
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::Runtime(e.to_string()))?
+        );
+    } else {
+        println!(
+            "{}: {} {} layers, group {}, {} — {} linears checked",
+            r.dir, r.architecture, r.layers, r.group, r.version, r.linears_checked
+        );
+        for v in &r.violations {
+            println!("  FAIL {v}");
+        }
+        for t in &r.tensor_parallel {
+            let status = match (t.vllm_awq, t.vllm_awq_marlin) {
+                (true, true) => "vLLM awq + awq_marlin",
+                (true, false) => "vLLM awq (no Marlin)",
+                _ => "not loadable",
+            };
+            println!("  tp {}: {status}", t.tp);
+            if !t.vllm_awq || !t.vllm_awq_marlin {
+                for reason in t.reasons.iter().take(3) {
+                    println!("         {reason}");
+                }
+            }
+        }
+        println!("  loaders: {}", r.loaders.join(", "));
+        println!("{}", if r.ok { "ok" } else { "FAILED" });
+    }
+    if !r.ok {
+        return Err(Error::Quality(format!(
+            "{}: {} violation(s), first: {}",
+            r.dir,
+            r.violations.len(),
+            r.violations.first().map_or("", String::as_str)
+        )));
+    }
+    if tp_ok == Some(false) {
+        return Err(Error::Quality(format!(
+            "{}: vLLM cannot load it at tensor-parallel degree {}",
+            r.dir,
+            args.tp.unwrap_or(0)
+        )));
     }
     Ok(())
 }

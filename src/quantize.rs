@@ -18,7 +18,7 @@ use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, OutTensor, Staging};
 use crate::model::groups::{clipped, Input, Inspect, PrevOp, ScaleGroup, LLAMA_GROUPS};
-use crate::model::layer::{layer_prefix, LayerWeights, Linear, LinearInputs, LINEARS};
+use crate::model::layer::{layer_prefix, LayerWeights, Linear, LinearInputs};
 use crate::model::rope::Rope;
 use crate::model::{Model, EMBED, FINAL_NORM, LM_HEAD};
 use crate::quant::pack::{check_shape, pack, Layout};
@@ -48,6 +48,57 @@ pub struct QuantizeOptions {
     pub search_blocks: Option<usize>,
     pub shard_size: u64,
     pub force: bool,
+    /// Resolve and report the plan; write nothing.
+    pub dry_run: bool,
+    /// How `--version auto` chose the layout (`None` when the layout was given).
+    pub layout_choice: Option<crate::gpu::LayoutChoice>,
+    /// Perplexity gate run on the finished checkpoint before it is published.
+    pub quality_gate: Option<QualityGate>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QualityGate {
+    pub text: PathBuf,
+    /// Largest accepted increase of the quantized over the fp perplexity, in percent.
+    pub max_increase_pct: f64,
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Quality {
+    pub text: PathBuf,
+    pub tokens: usize,
+    pub fp_perplexity: f64,
+    pub quantized_perplexity: f64,
+    pub increase_pct: f64,
+    pub max_increase_pct: f64,
+    pub passed: bool,
+}
+
+/// Everything resolved before the first layer: what `--dry-run` prints and the JSON `start`
+/// event carries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub model_dir: PathBuf,
+    pub architecture: String,
+    pub layers: usize,
+    /// The linears quantized in every layer, `[out, in]`.
+    pub linears: Vec<(String, [usize; 2])>,
+    /// Scale groups searched in every layer (AWQ-SPEC §4.3) and the module each inspects.
+    pub scale_groups: Vec<(String, Vec<String>, String)>,
+    pub calibration: CalibSummary,
+    pub w_bit: u8,
+    pub group: usize,
+    pub layout: Layout,
+    pub layout_reason: Option<String>,
+    pub output: PathBuf,
+    pub output_bytes_estimate: u64,
+    pub peak_memory_estimate_mb: f64,
+}
+
+pub enum Outcome {
+    DryRun(Box<Plan>),
+    Done(Box<Report>),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -122,6 +173,8 @@ fn peak_rss_mb() -> Option<f64> {
 pub struct Report {
     pub tool: String,
     pub options: QuantizeOptions,
+    pub plan: Plan,
+    pub quality: Option<Quality>,
     pub source_dir: PathBuf,
     pub architecture: String,
     pub calibration: CalibSummary,
@@ -145,21 +198,11 @@ fn check(opts: &QuantizeOptions, model: &Model) -> Result<()> {
         return Err(Error::Usage("--group must be positive".into()));
     }
     let s = &model.spec;
-    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    let shapes = [
-        (qd, s.hidden),
-        (kvd, s.hidden),
-        (kvd, s.hidden),
-        (s.hidden, qd),
-        (s.intermediate, s.hidden),
-        (s.intermediate, s.hidden),
-        (s.hidden, s.intermediate),
-    ];
-    for (name, (out, inp)) in LINEARS.iter().zip(shapes) {
+    for l in s.linears() {
         check_shape(
-            &format!("{}.{name}.weight", layer_prefix(0)),
-            out,
-            inp,
+            &format!("{}.{}.weight", layer_prefix(0), l.name),
+            l.out,
+            l.inp,
             opts.group,
         )?;
     }
@@ -175,7 +218,7 @@ fn check(opts: &QuantizeOptions, model: &Model) -> Result<()> {
     Ok(())
 }
 
-pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
+pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let start = Instant::now();
     let dir = crate::io::source::resolve(&opts.model, opts.revision.as_deref())?;
     let model = Model::open(&dir)?;
@@ -187,9 +230,6 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     }
     check(opts, &model)?;
     let tok = crate::tokenize::load(&dir)?;
-    events(&Event::Phase {
-        name: "calibration",
-    });
     let (flop0, mm0) = crate::ops::matmul_totals();
     let clock = Instant::now();
     let cal = calib::build(&tok, &opts.calib)?;
@@ -197,6 +237,11 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
         calibration_seconds: clock.elapsed().as_secs_f64(),
         ..Work::default()
     };
+    let plan = make_plan(opts, &dir, &model.spec, &cal.summary);
+    events(&Event::Plan(&plan));
+    if opts.dry_run {
+        return Ok(Outcome::DryRun(Box::new(plan)));
+    }
     let staging = Staging::new(&opts.output)?;
     let parts_dir = staging.dir.join(".parts");
     std::fs::create_dir(&parts_dir)
@@ -279,6 +324,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
             index: i,
             total: spec.layers,
             seconds: t.total(),
+            groups: &groups,
         });
         work.seconds.add(&t);
         layers.push(LayerReport {
@@ -346,6 +392,13 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
         &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
     )?;
     writer::copy_companions(&dir, &staging.dir)?;
+    let quality = match &opts.quality_gate {
+        Some(gate) => {
+            events(&Event::Phase { name: "quality" });
+            Some(quality_gate(gate, &model, &staging.dir, &tok)?)
+        }
+        None => None,
+    };
     let seconds_total = start.elapsed().as_secs_f64();
     let (flop1, mm1) = crate::ops::matmul_totals();
     work.matmul_gflop = flop1 - flop0;
@@ -356,6 +409,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     let report = Report {
         tool: TOOL.into(),
         options: opts.clone(),
+        plan,
+        quality,
         source_dir: dir.clone(),
         architecture: spec.architecture.clone(),
         calibration: cal.summary,
@@ -369,7 +424,100 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Report> {
     let json = serde_json::to_value(&report).map_err(|e| Error::Runtime(e.to_string()))?;
     writer::write_json(&staging.dir.join("quantization_report.json"), &json)?;
     staging.publish(opts.force)?;
-    Ok(report)
+    Ok(Outcome::Done(Box::new(report)))
+}
+
+/// Perplexity of the source and of the finished (staged) checkpoint on the gate's text, with
+/// `awq eval`'s protocol (windows of 2048 over the first `max_tokens` tokens).
+fn quality_gate(
+    gate: &QualityGate,
+    fp: &Model,
+    staged: &std::path::Path,
+    tok: &tokenizers::Tokenizer,
+) -> Result<Quality> {
+    let bytes = std::fs::read(&gate.text).map_err(|e| Error::input_io(&gate.text, e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| crate::input_err!("{} is not UTF-8: {e}", gate.text.display()))?;
+    let ids = crate::tokenize::encode(tok, &text, false)?;
+    let eval_opts = crate::eval::EvalOptions {
+        seqlen: crate::eval::DEFAULT_SEQLEN.min(gate.max_tokens),
+        max_tokens: Some(gate.max_tokens),
+    };
+    let ids = crate::eval::windows(&ids, &eval_opts)?;
+    let fp_ppl = crate::eval::perplexity(fp, &ids, eval_opts.seqlen, &|_| {})?.perplexity;
+    let quantized = Model::open(staged)?;
+    let q_ppl = crate::eval::perplexity(&quantized, &ids, eval_opts.seqlen, &|_| {})?.perplexity;
+    let increase_pct = 100.0 * (q_ppl / fp_ppl - 1.0);
+    Ok(Quality {
+        text: gate.text.clone(),
+        tokens: ids.len(),
+        fp_perplexity: fp_ppl,
+        quantized_perplexity: q_ppl,
+        increase_pct,
+        max_increase_pct: gate.max_increase_pct,
+        passed: increase_pct <= gate.max_increase_pct,
+    })
+}
+
+fn make_plan(
+    opts: &QuantizeOptions,
+    dir: &std::path::Path,
+    spec: &crate::model::config::ModelSpec,
+    cal: &CalibSummary,
+) -> Plan {
+    let linears = spec.linears();
+    let v_o_match = spec.kv_heads == spec.heads && spec.heads * spec.head_dim == spec.hidden;
+    let scale_groups = LLAMA_GROUPS
+        .iter()
+        .filter(|g| !g.needs_v_o_match || v_o_match)
+        .map(|g| {
+            (
+                g.name.to_string(),
+                g.linears.iter().map(|l| l.to_string()).collect(),
+                format!("{:?}", g.inspect).to_lowercase(),
+            )
+        })
+        .collect();
+    // Packed linears (4-bit codes, int32 zeros per 8 outputs, f16 scales per group) plus the
+    // fp16 tensors that stay unquantized.
+    let g = opts.group.max(1);
+    let per_layer: usize = linears
+        .iter()
+        .map(|l| {
+            l.out * l.inp / 2
+                + (l.inp / g) * (l.out / 8) * 4
+                + (l.inp / g) * l.out * 2
+                + if l.bias { l.out * 2 } else { 0 }
+        })
+        .sum::<usize>()
+        + 2 * spec.hidden * 2;
+    let heads = if spec.tied_embeddings { 1 } else { 2 };
+    let output = spec.layers * per_layer + heads * spec.vocab * spec.hidden * 2 + spec.hidden * 2;
+    // One layer in f32 three times (weights, the search's scratch copy, a candidate), the
+    // captured activations and the MLP intermediates of one candidate, plus a fixed overhead
+    // (tokenizer, embedding rows, runtime) measured on SmolLM2.
+    let layer_params: usize = linears.iter().map(|l| l.out * l.inp).sum();
+    let t = cal.tokens;
+    let activations = t * (5 * spec.hidden + 4 * spec.intermediate);
+    let peak = 4 * (3 * layer_params + activations) + 4 * t * spec.hidden + 250 * (1 << 20);
+    Plan {
+        model_dir: dir.to_path_buf(),
+        architecture: spec.architecture.clone(),
+        layers: spec.layers,
+        linears: linears
+            .iter()
+            .map(|l| (l.name.to_string(), [l.out, l.inp]))
+            .collect(),
+        scale_groups,
+        calibration: cal.clone(),
+        w_bit: opts.w_bit,
+        group: opts.group,
+        layout: opts.layout,
+        layout_reason: opts.layout_choice.as_ref().map(|c| c.reason.clone()),
+        output: opts.output.clone(),
+        output_bytes_estimate: output as u64,
+        peak_memory_estimate_mb: peak as f64 / (1 << 20) as f64,
+    }
 }
 
 /// The captured input of a linear: the same activation as the group that scales it.

@@ -121,6 +121,32 @@ impl Checkpoint {
         })
     }
 
+    /// Drops the mapped pages of every tensor whose name starts with `prefix` from this process's
+    /// resident memory, once they have been converted: file-backed pages count towards RSS and
+    /// would otherwise pile up layer after layer, making peak RSS grow with depth. Best effort;
+    /// a later read faults the pages back in from the file.
+    pub fn release(&self, prefix: &str) {
+        for m in self
+            .index
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, m)| m)
+        {
+            #[cfg(unix)]
+            // SAFETY: the maps are read-only views of files this process does not modify, so
+            // MADV_DONTNEED only discards clean pages; later accesses re-read the same bytes.
+            unsafe {
+                let _ = self.maps[m.shard].unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    m.start,
+                    m.end - m.start,
+                );
+            }
+            #[cfg(not(unix))]
+            let _ = m;
+        }
+    }
+
     /// Raw little-endian bytes of a tensor, straight from the mmap.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let m = self.meta(name)?;

@@ -103,6 +103,47 @@ pub struct ModelSpec {
     pub awq: Option<AwqFormat>,
 }
 
+/// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a bias.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearShape {
+    pub name: &'static str,
+    pub out: usize,
+    pub inp: usize,
+    pub bias: bool,
+}
+
+impl ModelSpec {
+    /// The seven linears of every decoder layer, in checkpoint order.
+    pub fn linears(&self) -> [LinearShape; 7] {
+        let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let l = |name, out, inp, bias| LinearShape {
+            name,
+            out,
+            inp,
+            bias,
+        };
+        [
+            l("self_attn.q_proj", qd, self.hidden, self.qkv_bias),
+            l("self_attn.k_proj", kvd, self.hidden, self.qkv_bias),
+            l("self_attn.v_proj", kvd, self.hidden, self.qkv_bias),
+            l("self_attn.o_proj", self.hidden, qd, self.o_bias),
+            l(
+                "mlp.gate_proj",
+                self.intermediate,
+                self.hidden,
+                self.mlp_bias,
+            ),
+            l("mlp.up_proj", self.intermediate, self.hidden, self.mlp_bias),
+            l(
+                "mlp.down_proj",
+                self.hidden,
+                self.intermediate,
+                self.mlp_bias,
+            ),
+        ]
+    }
+}
+
 /// The packed format of an AWQ checkpoint (`quantization_config`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AwqFormat {

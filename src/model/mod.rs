@@ -96,22 +96,19 @@ impl Model {
         if !s.tied_embeddings {
             self.ckpt.expect_shape(LM_HEAD, &[s.vocab, s.hidden])?;
         }
-        let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
         for i in 0..s.layers {
             let p = layer_prefix(i);
             let expect =
                 |name: &str, shape: &[usize]| self.ckpt.expect_shape(&format!("{p}.{name}"), shape);
             expect("input_layernorm.weight", &[s.hidden])?;
             expect("post_attention_layernorm.weight", &[s.hidden])?;
-            for (name, out, inp, bias) in [
-                ("self_attn.q_proj", qd, s.hidden, s.qkv_bias),
-                ("self_attn.k_proj", kvd, s.hidden, s.qkv_bias),
-                ("self_attn.v_proj", kvd, s.hidden, s.qkv_bias),
-                ("self_attn.o_proj", s.hidden, qd, s.o_bias),
-                ("mlp.gate_proj", s.intermediate, s.hidden, s.mlp_bias),
-                ("mlp.up_proj", s.intermediate, s.hidden, s.mlp_bias),
-                ("mlp.down_proj", s.hidden, s.intermediate, s.mlp_bias),
-            ] {
+            for config::LinearShape {
+                name,
+                out,
+                inp,
+                bias,
+            } in s.linears()
+            {
                 match s.awq {
                     None => expect(&format!("{name}.weight"), &[out, inp])?,
                     Some(fmt) => {
@@ -137,11 +134,14 @@ impl Model {
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         self.ckpt
             .rows_f32(EMBED, &[self.spec.vocab, self.spec.hidden], ids)
+            .inspect(|_| self.ckpt.release(EMBED))
     }
 
     /// Decoder layer `i` converted to f32.
     pub fn layer(&self, i: usize) -> Result<LayerWeights> {
-        LayerWeights::load(&self.ckpt, &self.spec, i)
+        let layer = LayerWeights::load(&self.ckpt, &self.spec, i)?;
+        self.ckpt.release(&format!("{}.", layer_prefix(i)));
+        Ok(layer)
     }
 
     pub fn final_norm(&self) -> Result<Tensor> {

@@ -1,0 +1,144 @@
+//! Rendering the library's events: an indicatif bar on a terminal, one plain line per layer in
+//! logs (stderr not a terminal, `NO_COLOR` or `TERM=dumb`), JSON Lines on stdout with `--json`,
+//! nothing with `--quiet`.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use awq::events::Event;
+use awq::quantize::GroupReport;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+/// Version of the JSON Lines event schema (README, "JSON events").
+pub const SCHEMA: u32 = 1;
+
+pub struct Progress {
+    quiet: bool,
+    json: bool,
+    verbose: bool,
+    bar: Option<ProgressBar>,
+}
+
+/// Whether stderr gets a live bar rather than plain lines.
+fn fancy_terminal() -> bool {
+    std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none()
+        && std::env::var("TERM").map_or(true, |t| t != "dumb")
+}
+
+impl Progress {
+    pub fn new(quiet: bool, json: bool, verbose: bool) -> Self {
+        Self {
+            quiet,
+            json,
+            verbose,
+            bar: None,
+        }
+        .with_bar()
+    }
+
+    fn with_bar(mut self) -> Self {
+        if !self.quiet && fancy_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} layer {pos}/{len} {msg} (ETA {eta})",
+                )
+                .expect("static template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            self.bar = Some(bar);
+        }
+        self
+    }
+
+    /// A JSON Lines record on stdout.
+    pub fn emit(&self, event: &str, body: serde_json::Value) {
+        let mut obj = json!({"schema": SCHEMA, "event": event});
+        if let (Some(o), serde_json::Value::Object(b)) = (obj.as_object_mut(), body) {
+            o.extend(b);
+        }
+        println!("{obj}");
+    }
+
+    pub fn handle(&self, ev: &Event) {
+        if self.json {
+            match ev {
+                Event::Plan(plan) => self.emit("start", json!({ "plan": plan })),
+                Event::Phase { name } => self.emit("phase", json!({ "name": name })),
+                Event::Layer {
+                    index,
+                    total,
+                    seconds,
+                    groups,
+                } => self.emit(
+                    "layer",
+                    json!({"index": index, "total": total, "seconds": seconds, "groups": groups}),
+                ),
+            }
+        }
+        if self.quiet {
+            return;
+        }
+        match (&self.bar, ev) {
+            (Some(bar), Event::Plan(plan)) => bar.set_length(plan.layers as u64),
+            (Some(bar), Event::Phase { name }) => bar.set_message(name.to_string()),
+            (Some(bar), Event::Layer { index, total, .. }) => {
+                bar.set_length(*total as u64);
+                bar.set_position(*index as u64 + 1);
+                bar.set_message(String::new());
+                if index + 1 == *total {
+                    bar.finish_and_clear();
+                }
+            }
+            (None, Event::Plan(plan)) if !self.json => eprintln!(
+                "[awq] plan: {} layers of {}, {} calibration blocks of {} tokens, {} group {}",
+                plan.layers,
+                plan.architecture,
+                plan.calibration.blocks,
+                plan.calibration.seqlen,
+                plan.layout.name(),
+                plan.group
+            ),
+            (None, Event::Phase { name }) => eprintln!("[awq] {name}"),
+            (
+                None,
+                Event::Layer {
+                    index,
+                    total,
+                    seconds,
+                    groups,
+                },
+            ) => eprintln!(
+                "[awq] layer {}/{} {:.1}s{}",
+                index + 1,
+                total,
+                seconds,
+                group_summary(groups, self.verbose)
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// `  qkv r=0.45 -12.3%  o s=1` — the chosen ratio and the loss reduction against plain
+/// round-to-nearest (s = 1) per group.
+fn group_summary(groups: &[GroupReport], verbose: bool) -> String {
+    let mut out = String::new();
+    for g in groups {
+        let change = if g.identity_loss > 0.0 {
+            100.0 * (g.loss / g.identity_loss - 1.0)
+        } else {
+            0.0
+        };
+        match g.ratio {
+            Some(r) => out += &format!("  {} r={r:.2} {change:+.1}%", g.group),
+            None => out += &format!("  {} s=1", g.group),
+        }
+        if verbose {
+            out += &format!(" ({:.1}s, loss {:.3e})", g.seconds, g.loss);
+        }
+    }
+    out
+}

@@ -1,0 +1,421 @@
+//! The pipeline-facing command line on tiny random models: `inspect`, `verify` (passing on our
+//! output, failing with the tensor named on hand-broken copies), `completions`, JSON Lines
+//! events, plain progress lines, `--dry-run`, the quality gate, `--version auto` with fake GPUs,
+//! and the documented exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use common::tiny::{words, Tiny};
+
+fn tiny() -> Tiny {
+    Tiny {
+        hidden: 64,
+        inter: 128,
+        heads: 4,
+        head_dim: 16,
+        ..Tiny::llama()
+    }
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    model: PathBuf,
+    calib: PathBuf,
+}
+
+fn setup() -> Setup {
+    let t = tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    t.write(&model);
+    let calib = tmp.path().join("calib.txt");
+    let docs: Vec<String> = (0..40).map(|i| words(12, t.vocab, i)).collect();
+    std::fs::write(&calib, docs.join("\n\n")).unwrap();
+    Setup { tmp, model, calib }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn awq(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::cargo_bin("awq").unwrap();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    Run {
+        code: o.status.code().unwrap(),
+        stdout: String::from_utf8(o.stdout).unwrap(),
+        stderr: String::from_utf8(o.stderr).unwrap(),
+    }
+}
+
+fn quantize(s: &Setup, out: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "quantize",
+        "--seqlen",
+        "16",
+        "--group",
+        "32",
+        "--model",
+        s.model.to_str().unwrap(),
+        "--calib",
+        s.calib.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    awq(&args, &[])
+}
+
+#[test]
+fn json_events_progress_lines_and_inspect() {
+    let s = setup();
+    let out = s.tmp.path().join("out");
+    let r = quantize(&s, &out, &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let events: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert!(events.iter().all(|e| e["schema"] == 1));
+    assert_eq!(events[0]["event"], "start");
+    assert_eq!(events[0]["plan"]["layers"], 2);
+    let layers: Vec<_> = events.iter().filter(|e| e["event"] == "layer").collect();
+    assert_eq!(layers.len(), 2);
+    assert!(layers[0]["groups"].as_array().unwrap().len() >= 3);
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert!(done["files"].as_array().unwrap().len() == 1);
+
+    // Without a terminal, one plain line per layer with the groups' outcome.
+    let out2 = s.tmp.path().join("out2");
+    let r = quantize(&s, &out2, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("[awq] layer 1/2"), "{}", r.stderr);
+    assert!(r.stderr.contains("[awq] layer 2/2"), "{}", r.stderr);
+    assert!(r.stderr.contains("qkv "), "{}", r.stderr);
+    assert!(r.stdout.contains("matmul:"), "{}", r.stdout);
+    let r = quantize(&s, &s.tmp.path().join("out3"), &["--quiet"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+
+    // inspect, on the fp source and the AWQ output.
+    let r = awq(&["inspect", s.model.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("quantization none"), "{}", r.stdout);
+    let r = awq(&["inspect", "--json", out.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["quantization_config"]["group_size"], 32);
+    assert_eq!(v["architecture"], "LlamaForCausalLM");
+    assert!(v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "model.layers.1.mlp.down_proj.qweight" && t["dtype"] == "I32"));
+    let r = awq(
+        &["inspect", s.tmp.path().join("nope").to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 3);
+}
+
+/// Rewrites `model.safetensors` of `dir` with `edit` applied to the tensor list.
+fn edit_tensors(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let data = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&path, data).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn verify_passes_our_output_and_names_what_is_broken() {
+    let s = setup();
+    let out = s.tmp.path().join("out");
+    assert_eq!(quantize(&s, &out, &["-q"]).code, 0);
+    let r = awq(&["verify", out.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("tp 1: vLLM awq"), "{}", r.stdout);
+    let r = awq(&["verify", "--json", out.to_str().unwrap()], &[]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["tensor_parallel"].as_array().unwrap().len(), 4);
+    // 4 heads: tensor parallel 8 cannot split them.
+    let r = awq(&["verify", "--tp", "8", out.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 5, "{}", r.stdout);
+
+    let target = "model.layers.1.self_attn.k_proj";
+    type Edit = Box<dyn FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "wrong shape",
+            Box::new(move |ts| {
+                let t = ts
+                    .iter_mut()
+                    .find(|t| t.0 == format!("{target}.qweight"))
+                    .unwrap();
+                t.2 = vec![t.2[1], t.2[0]];
+            }),
+            "k_proj.qweight: shape",
+        ),
+        (
+            "wrong dtype",
+            Box::new(move |ts| {
+                let t = ts
+                    .iter_mut()
+                    .find(|t| t.0 == format!("{target}.scales"))
+                    .unwrap();
+                t.1 = safetensors::Dtype::BF16;
+            }),
+            "k_proj.scales: dtype",
+        ),
+        (
+            "missing tensor",
+            Box::new(move |ts| ts.retain(|t| t.0 != format!("{target}.qzeros"))),
+            "k_proj.qzeros: missing",
+        ),
+        (
+            "non-finite scale",
+            Box::new(move |ts| {
+                let t = ts
+                    .iter_mut()
+                    .find(|t| t.0 == format!("{target}.scales"))
+                    .unwrap();
+                t.3[2..4].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+            }),
+            "k_proj.scales: non-finite",
+        ),
+    ];
+    for (what, edit, expect) in cases {
+        let broken = s.tmp.path().join(what.replace(' ', "-"));
+        copy_dir(&out, &broken);
+        edit_tensors(&broken, edit);
+        let r = awq(&["verify", broken.to_str().unwrap()], &[]);
+        assert_eq!(r.code, 5, "{what}: {}\n{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains(expect), "{what}: {}", r.stdout);
+    }
+
+    // A group that does not divide in_features (config says 24, hidden is 64).
+    let broken = s.tmp.path().join("group");
+    copy_dir(&out, &broken);
+    let cfg_path = broken.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["quantization_config"]["group_size"] = 24.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let r = awq(&["verify", broken.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 5, "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("q_proj: in_features 64 is not divisible by group_size 24"),
+        "{}",
+        r.stdout
+    );
+
+    // An fp checkpoint is not an AWQ checkpoint.
+    let r = awq(&["verify", s.model.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+}
+
+#[test]
+fn dry_run_writes_nothing_and_exit_codes() {
+    let s = setup();
+    let out = s.tmp.path().join("out");
+    let r = quantize(&s, &out, &["--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("dry run: nothing written"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("mlp.down_proj [64, 128]"), "{}", r.stdout);
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(s.tmp.path()).unwrap().collect();
+    assert_eq!(leftovers.len(), 2, "only model/ and calib.txt");
+
+    // 2: usage; 3: input; 4: output exists.
+    assert_eq!(awq(&["quantize", "--no-such-flag"], &[]).code, 2);
+    assert_eq!(quantize(&s, &out, &["--max-ppl-increase", "5%"]).code, 2);
+    let missing = s.tmp.path().join("missing");
+    let r = awq(
+        &[
+            "quantize",
+            "--model",
+            missing.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    std::fs::create_dir(&out).unwrap();
+    let r = quantize(&s, &out, &["-q"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    // --json reports the failure as an event too.
+    let r = quantize(&s, &out, &["--json"]);
+    assert_eq!(r.code, 4);
+    let last: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["exit_code"], 4);
+}
+
+#[test]
+fn quality_gate_records_both_perplexities_and_fails_with_5() {
+    let s = setup();
+    let text = s.tmp.path().join("eval.txt");
+    std::fs::write(&text, words(200, tiny().vocab, 7)).unwrap();
+    let out = s.tmp.path().join("out");
+    let gate = [
+        "--eval-text",
+        text.to_str().unwrap(),
+        "--eval-max-tokens",
+        "160",
+    ];
+    let mut args = gate.to_vec();
+    args.extend(["--max-ppl-increase", "1000%"]);
+    let r = quantize(&s, &out, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    let q = &report["quality"];
+    assert!(q["fp_perplexity"].as_f64().unwrap() > 1.0);
+    assert!(q["quantized_perplexity"].as_f64().unwrap() > 1.0);
+    assert_eq!(q["passed"], true);
+
+    // A limit below the measured increase fails with exit 5 (the output stays for inspection).
+    let increase = q["increase_pct"].as_f64().unwrap();
+    let limit = format!("{}%", (increase - 0.5).max(0.0));
+    let out2 = s.tmp.path().join("out2");
+    let mut args = gate.to_vec();
+    args.extend(["--max-ppl-increase", &limit]);
+    let r = quantize(&s, &out2, &args);
+    if increase > 0.5 {
+        assert_eq!(r.code, 5, "{}", r.stderr);
+        assert!(r.stderr.contains("quality gate failed"), "{}", r.stderr);
+    } else {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+}
+
+/// A fake `nvidia-smi` printing `lines`.
+fn fake_smi(dir: &Path, name: &str, lines: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\nprintf '{lines}'\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    path
+}
+
+#[test]
+fn version_auto_with_fake_gpus() {
+    let s = setup();
+    let out = s.tmp.path().join("out");
+    let plan = |smi: &Path, workload: &str| -> Run {
+        let mut args = vec![
+            "quantize",
+            "--seqlen",
+            "16",
+            "--group",
+            "32",
+            "--model",
+            s.model.to_str().unwrap(),
+            "--calib",
+            s.calib.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--version",
+            "auto",
+            "--workload",
+        ];
+        args.extend([workload, "--dry-run", "--json"]);
+        awq(&args, &[("AWQ_NVIDIA_SMI", smi.to_str().unwrap())])
+    };
+    let layout = |r: &Run| -> String {
+        let start: serde_json::Value =
+            serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+        start["plan"]["layout"].as_str().unwrap().to_string()
+    };
+    let none = s.tmp.path().join("no-such-nvidia-smi");
+    let r = plan(&none, "single");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(layout(&r), "gemm");
+    assert!(r.stderr.contains("no NVIDIA GPU"), "{}", r.stderr);
+
+    let p61 = fake_smi(s.tmp.path(), "smi61", "Tesla P4, 6.1\\n");
+    let r = plan(&p61, "batch");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("sm_75"), "{}", r.stderr);
+
+    for (cap, name) in [
+        ("7.5", "Tesla T4"),
+        ("8.6", "NVIDIA RTX A6000"),
+        ("9.0", "NVIDIA H100"),
+    ] {
+        let smi = fake_smi(
+            s.tmp.path(),
+            &format!("smi{cap}"),
+            &format!("{name}, {cap}\\n"),
+        );
+        let r = plan(&smi, "batch");
+        assert_eq!(r.code, 0, "{cap}: {}", r.stderr);
+        assert_eq!(layout(&r), "gemm", "{cap}");
+        let r = plan(&smi, "single");
+        assert_eq!(r.code, 0, "{cap}: {}", r.stderr);
+        assert_eq!(layout(&r), "gemv", "{cap}");
+        assert!(r.stderr.contains("vLLM loads GEMM only"), "{}", r.stderr);
+    }
+}
+
+#[test]
+fn completions_for_every_shell() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let r = awq(&["completions", shell], &[]);
+        assert_eq!(r.code, 0, "{shell}");
+        assert!(
+            r.stdout.contains("quantize") && r.stdout.contains("verify"),
+            "{shell}"
+        );
+    }
+    assert_eq!(awq(&["completions", "tcsh"], &[]).code, 2);
+}
