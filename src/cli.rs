@@ -185,6 +185,10 @@ pub struct QuantizeArgs {
     /// Replace an existing output directory.
     #[arg(long, help_heading = "Output")]
     pub force: bool,
+    /// Continue a killed run from the staging directory it left beside the output (checked
+    /// against a fingerprint of the model, calibration and options).
+    #[arg(long, help_heading = "Output")]
+    pub resume: bool,
     /// Resolve the model, calibration, layout and estimates, print the plan and write nothing.
     #[arg(long, help_heading = "Output")]
     pub dry_run: bool,

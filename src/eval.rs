@@ -86,6 +86,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
             off += len;
         }
         hidden = Tensor::cat(&outs, 0)?;
+        crate::interrupt::check()?;
         events(&Event::Layer {
             index: i,
             total: spec.layers,

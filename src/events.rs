@@ -8,6 +8,9 @@ pub enum Event<'a> {
     /// `awq quantize` resolved everything (model, calibration, layout, estimates); sent once,
     /// before any layer.
     Plan(&'a Plan),
+    /// Something the user should know that is not an error (e.g. a stale staging directory
+    /// was removed).
+    Notice { message: String },
     /// A named phase started (e.g. "tokenize", "embed", "head").
     Phase { name: &'static str },
     /// Decoder layer `index` (0-based) of `total` finished in `seconds`; `groups` holds the

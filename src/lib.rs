@@ -7,6 +7,7 @@ pub mod eval;
 pub mod events;
 pub mod gpu;
 pub mod inspect;
+pub mod interrupt;
 pub mod io;
 pub mod model;
 pub mod ops;

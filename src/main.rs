@@ -14,6 +14,13 @@ use progress::Progress;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // SIGINT/SIGTERM: the first asks the library to stop (it cleans up and returns
+    // Interrupted → 130); a second one exits at once.
+    let flag = awq::interrupt::flag();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
     let json_events = matches!(&cli.command, Command::Quantize(a) if a.json);
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
@@ -140,6 +147,7 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
         },
         layout_choice,
         dry_run: args.dry_run,
+        resume: args.resume,
         quality_gate,
         calib: awq::calib::CalibOptions {
             files: args.calib,

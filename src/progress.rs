@@ -67,6 +67,7 @@ impl Progress {
             match ev {
                 Event::Plan(plan) => self.emit("start", json!({ "plan": plan })),
                 Event::Phase { name } => self.emit("phase", json!({ "name": name })),
+                Event::Notice { message } => self.emit("notice", json!({ "message": message })),
                 Event::Layer {
                     index,
                     total,
@@ -102,6 +103,10 @@ impl Progress {
                 plan.group
             ),
             (None, Event::Phase { name }) => eprintln!("[awq] {name}"),
+            (_, Event::Notice { message }) => match &self.bar {
+                Some(bar) => bar.println(format!("note: {message}")),
+                None => eprintln!("[awq] note: {message}"),
+            },
             (
                 None,
                 Event::Layer {

@@ -15,8 +15,9 @@ use candle_core::Tensor;
 use crate::calib::{self, CalibOptions, CalibSummary};
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
+use crate::io::fingerprint;
 use crate::io::reader::Checkpoint;
-use crate::io::writer::{self, OutTensor, Staging};
+use crate::io::writer::{self, Found, OutTensor, Staging};
 use crate::model::groups::{clipped, Input, Inspect, PrevOp, ScaleGroup, LLAMA_GROUPS};
 use crate::model::layer::{layer_prefix, LayerWeights, Linear, LinearInputs};
 use crate::model::rope::Rope;
@@ -50,6 +51,8 @@ pub struct QuantizeOptions {
     pub force: bool,
     /// Resolve and report the plan; write nothing.
     pub dry_run: bool,
+    /// Continue an interrupted (killed) run from its staging directory.
+    pub resume: bool,
     /// How `--version auto` chose the layout (`None` when the layout was given).
     pub layout_choice: Option<crate::gpu::LayoutChoice>,
     /// Perplexity gate run on the finished checkpoint before it is published.
@@ -101,16 +104,16 @@ pub enum Outcome {
     Done(Box<Report>),
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GroupReport {
-    pub group: &'static str,
+    pub group: String,
     pub ratio: Option<f32>,
     pub loss: f64,
     pub identity_loss: f64,
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LayerReport {
     pub layer: usize,
     pub groups: Vec<GroupReport>,
@@ -119,7 +122,7 @@ pub struct LayerReport {
     pub seconds: Timings,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     pub load: f64,
     pub forward: f64,
@@ -184,6 +187,40 @@ pub struct Report {
     pub work: Work,
 }
 
+/// A finished layer as persisted in the staging directory for `--resume`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LayerRecord {
+    report: LayerReport,
+    /// The part's tensor names in checkpoint order.
+    tensors: Vec<String>,
+}
+
+const FINGERPRINT_FILE: &str = "fingerprint.json";
+
+/// Everything the output bytes depend on (see [`crate::io::fingerprint`]).
+fn fingerprint(opts: &QuantizeOptions, model: &Model, ids: &[u32]) -> Result<serde_json::Value> {
+    let files = model
+        .ckpt
+        .files()
+        .iter()
+        .map(|f| fingerprint::file_identity(f))
+        .collect::<Result<Vec<_>>>()?;
+    let config = model.dir.join("config.json");
+    let config = std::fs::read(&config).map_err(|e| Error::input_io(&config, e))?;
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    Ok(serde_json::json!({
+        "tool": TOOL,
+        "model files": files,
+        "config.json": format!("{:016x}", fingerprint::fnv1a(&config)),
+        "calibration token ids": {"count": ids.len(), "fnv1a": format!("{:016x}", fingerprint::fnv1a(&id_bytes))},
+        "options": {
+            "w_bit": opts.w_bit, "group": opts.group, "layout": opts.layout, "grid": opts.grid,
+            "n_grid": opts.n_grid, "clip": opts.clip, "no_search": opts.no_search,
+            "search_blocks": opts.search_blocks, "seqlen": opts.calib.seqlen,
+        },
+    }))
+}
+
 pub const TOOL: &str = concat!("awq ", env!("CARGO_PKG_VERSION"));
 
 /// Refuses unsupported settings and shapes before any work (AWQ-SPEC §8, §10).
@@ -242,9 +279,43 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     if opts.dry_run {
         return Ok(Outcome::DryRun(Box::new(plan)));
     }
-    let staging = Staging::new(&opts.output)?;
+    let (mut staging, found) = Staging::open(&opts.output, opts.resume)?;
+    match &found {
+        Found::StaleRemoved(old) => events(&Event::Notice {
+            message: format!(
+                "removed {}, left by an interrupted run (pass --resume to continue such a run instead)",
+                old.display()
+            ),
+        }),
+        Found::Fresh if opts.resume => events(&Event::Notice {
+            message: "--resume: no interrupted run to resume; starting from layer 1".into(),
+        }),
+        _ => {}
+    }
+    let fp = fingerprint(opts, &model, &cal.ids)?;
+    let fp_path = staging.dir.join(FINGERPRINT_FILE);
+    let resumed = found == Found::Resumed;
+    if resumed {
+        let stored: Option<serde_json::Value> = std::fs::read(&fp_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let diff = match &stored {
+            Some(stored) => fingerprint::first_difference(stored, &fp),
+            None => Some("fingerprint (missing or unreadable)".into()),
+        };
+        if let Some(field) = diff {
+            staging.keep();
+            return Err(Error::Usage(format!(
+                "cannot resume {}: the {field} differ(s) from the interrupted run's; rerun with the \
+                 same model, calibration and options, or without --resume to start over",
+                staging.dir.display()
+            )));
+        }
+    } else {
+        writer::write_json(&fp_path, &fp)?;
+    }
     let parts_dir = staging.dir.join(".parts");
-    std::fs::create_dir(&parts_dir)
+    std::fs::create_dir_all(&parts_dir)
         .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parts_dir.display())))?;
 
     let spec = &model.spec;
@@ -255,6 +326,35 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let mut names = vec![EMBED.to_string()];
     let mut layers = Vec::new();
     for i in 0..spec.layers {
+        crate::interrupt::check()?;
+        let part = parts_dir.join(format!("layer-{i:05}.safetensors"));
+        let record_path = parts_dir.join(format!("layer-{i:05}.json"));
+        if resumed && record_path.is_file() {
+            // Done before the interruption: keep its part, recompute only the original layer's
+            // output that feeds the next one.
+            let record: LayerRecord = std::fs::read(&record_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "{} is unreadable; remove {} and start over",
+                        record_path.display(),
+                        staging.dir.display()
+                    ))
+                })?;
+            let layer = model.layer(i)?;
+            hidden = layer.forward(spec, &rope, &hidden, seqlen, false)?.0;
+            events(&Event::Layer {
+                index: i,
+                total: spec.layers,
+                seconds: 0.0,
+                groups: &record.report.groups,
+            });
+            names.extend(record.tensors);
+            parts.push(part);
+            layers.push(record.report);
+            continue;
+        }
         let mut t = Timings::default();
         let clock = Instant::now();
         let mut layer = model.layer(i)?;
@@ -274,7 +374,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
             let clock = Instant::now();
             let choice = search_group(&layer, g, &inputs, spec, &rope, seqlen, opts)?;
             groups.push(GroupReport {
-                group: g.name,
+                group: g.name.to_string(),
                 ratio: choice.ratio,
                 loss: choice.loss,
                 identity_loss: choice.identity_loss,
@@ -313,26 +413,36 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         let tensors = layer_tensors(&layer, i, opts)?;
         t.quantize = clock.elapsed().as_secs_f64();
         let clock = Instant::now();
-        let part = parts_dir.join(format!("layer-{i:05}.safetensors"));
         writer::write_file(&part, &tensors)?;
-        names.extend(tensors.iter().map(|t| t.name.clone()));
+        let tensor_names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
+        names.extend(tensor_names.iter().cloned());
         parts.push(part);
         t.write = clock.elapsed().as_secs_f64();
 
         hidden = out;
-        events(&Event::Layer {
-            index: i,
-            total: spec.layers,
-            seconds: t.total(),
-            groups: &groups,
-        });
         work.seconds.add(&t);
-        layers.push(LayerReport {
+        let report = LayerReport {
             layer: i,
             groups,
             clip_mean_shrink,
             seconds: t,
+        };
+        // Written after the part: a layer counts as done for --resume only with both.
+        let record = LayerRecord {
+            report,
+            tensors: tensor_names,
+        };
+        writer::write_json(
+            &record_path,
+            &serde_json::to_value(&record).map_err(|e| Error::Runtime(e.to_string()))?,
+        )?;
+        events(&Event::Layer {
+            index: i,
+            total: spec.layers,
+            seconds: record.report.seconds.total(),
+            groups: &record.report.groups,
         });
+        layers.push(record.report);
     }
     drop(hidden);
 
@@ -373,6 +483,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     drop(part_ckpt);
     std::fs::remove_dir_all(&parts_dir)
         .map_err(|e| Error::Runtime(format!("cannot remove {}: {e}", parts_dir.display())))?;
+    std::fs::remove_file(&fp_path)
+        .map_err(|e| Error::Runtime(format!("cannot remove {}: {e}", fp_path.display())))?;
 
     let version = opts.layout.name();
     let qcfg = serde_json::json!({
@@ -600,13 +712,17 @@ fn search_group(
         let (out, inp) = w.dims2()?;
         if Gram::pays_off(x.dim(0)?, inp, out, n_grid + 1) {
             let gram = Gram::new(x)?;
-            let loss = |s: &[f32]| gram.loss(w, &search::scaled_fake_quant(w, s, opts.group)?);
+            let loss = |s: &[f32]| {
+                crate::interrupt::check()?;
+                gram.loss(w, &search::scaled_fake_quant(w, s, opts.group)?)
+            };
             return search::search(&x_mean, &w_mean, grid, n_grid, loss);
         }
     }
     let reference = inspect(layer, g, x, spec, rope, seqlen)?;
     let mut scratch = layer.clone();
     let loss = |s: &[f32]| -> Result<f64> {
+        crate::interrupt::check()?;
         for n in g.linears {
             linear_mut(&mut scratch, n).weight =
                 search::scaled_fake_quant(&linear(layer, n).weight, s, opts.group)?;

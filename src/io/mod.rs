@@ -1,5 +1,6 @@
 //! Everything that touches bytes on disk: checkpoint reading and model source resolution.
 
+pub mod fingerprint;
 pub mod reader;
 pub mod source;
 pub mod writer;

@@ -71,8 +71,9 @@ impl Checkpoint {
             // error that at worst yields wrong numbers, which the header validation cannot prevent.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::input_io(path, e))?;
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                let detail = diagnose(&map).unwrap_or_else(|| e.to_string());
                 input_err!(
-                    "{} is not a valid safetensors file ({e}); re-download or re-convert it",
+                    "{} is not a valid safetensors file ({detail}); re-download or re-convert it",
                     path.display()
                 )
             })?;
@@ -180,10 +181,20 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// The tensor converted to f32, checked against `shape`.
+    /// The tensor converted to f32, checked against `shape` and for NaN/Inf (a corrupt or
+    /// overflowed checkpoint would otherwise poison every later layer silently).
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.expect_shape(name, shape)?;
         let data = to_f32(self.bytes(name)?, self.float_type(name)?);
+        if let Some(i) = data.par_iter().position_first(|v| !v.is_finite()) {
+            let m = self.meta(name)?;
+            return Err(input_err!(
+                "tensor {name} in {} has a non-finite value ({}) at index {i}; the checkpoint is corrupt \
+                 or overflowed when it was converted — re-export it",
+                self.files[m.shard].display(),
+                data[i]
+            ));
+        }
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }
 
@@ -258,6 +269,61 @@ fn elem_size(ft: FloatType) -> usize {
         FloatType::F16 | FloatType::BF16 => 2,
         FloatType::F32 => 4,
     }
+}
+
+/// Names what is wrong with a header that the safetensors crate rejected, when it can: the
+/// header length against the file size, JSON validity, then each tensor's dtype, byte count
+/// and offsets.
+fn diagnose(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    if n > bytes.len() as u64 - 8 {
+        return Some(format!(
+            "header length {n} exceeds the file size of {} bytes",
+            bytes.len()
+        ));
+    }
+    let header: serde_json::Value = match serde_json::from_slice(&bytes[8..8 + n as usize]) {
+        Ok(h) => h,
+        Err(e) => return Some(format!("the header is not JSON: {e}")),
+    };
+    let data_len = bytes.len() as u64 - 8 - n;
+    for (name, info) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let size = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => return Some(format!("tensor {name} has unknown dtype {other:?}")),
+        };
+        let elems: Option<u64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product());
+        let offsets: Option<(u64, u64)> = info
+            .get("data_offsets")
+            .and_then(|o| Some((o.get(0)?.as_u64()?, o.get(1)?.as_u64()?)));
+        match (elems, offsets) {
+            (Some(_), Some((a, b))) if b < a || b > data_len => {
+                return Some(format!(
+                    "tensor {name}: data offsets [{a}, {b}] lie outside the {data_len} data bytes"
+                ))
+            }
+            (Some(e), Some((a, b))) if e * size != b - a => {
+                return Some(format!(
+                    "tensor {name}: {dtype} × {e} elements need {} bytes, its offsets span {}",
+                    e * size,
+                    b - a
+                ))
+            }
+            (Some(_), Some(_)) => {}
+            _ => return Some(format!("tensor {name} lacks a shape or data offsets")),
+        }
+    }
+    None
 }
 
 fn convert_into(bytes: &[u8], ft: FloatType, dst: &mut [f32]) {

@@ -53,8 +53,37 @@ impl OutTensor {
     }
 }
 
+/// Test hook: with `AWQ_INJECT_ENOSPC_AFTER=N`, writes fail with "no space left on device"
+/// once more than N bytes were written — how the tests simulate a disk filling up.
+pub const INJECT_ENOSPC_ENV: &str = "AWQ_INJECT_ENOSPC_AFTER";
+
+fn inject_enospc(written: &Path) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TOTAL: AtomicU64 = AtomicU64::new(0);
+    let Some(limit) = std::env::var(INJECT_ENOSPC_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return Ok(());
+    };
+    let size = std::fs::metadata(written).map_or(0, |m| m.len());
+    if TOTAL.fetch_add(size, Ordering::Relaxed) + size > limit {
+        return Err(write_err(
+            written,
+            std::io::Error::from_raw_os_error(28), // ENOSPC
+        ));
+    }
+    Ok(())
+}
+
 fn write_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Runtime(format!("cannot write {}: {e}", path.display()))
+    let e = e.to_string();
+    let hint = if e.contains("os error 28") {
+        "; free some space and rerun (nothing is left at the output path)"
+    } else {
+        ""
+    };
+    Error::Runtime(format!("cannot write {}: {e}{hint}", path.display()))
 }
 
 fn pt_metadata() -> Option<HashMap<String, String>> {
@@ -71,7 +100,24 @@ pub fn write_file(path: &Path, tensors: &[OutTensor]) -> Result<()> {
                 .map_err(|e| write_err(path, e))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, pt_metadata(), path).map_err(|e| write_err(path, e))
+    atomic(path, |tmp| {
+        safetensors::serialize_to_file(views, pt_metadata(), tmp).map_err(|e| write_err(path, e))
+    })
+}
+
+/// Writes through `write(tmp)` and renames `tmp` to `path`, so `path` is either absent or
+/// complete even if the process dies mid-write (resume relies on it).
+fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let result = write(&tmp)
+        .and_then(|()| inject_enospc(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| write_err(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Copies the tensors `names` (in this order) from `parts` into shards of at most `shard_size`
@@ -148,7 +194,9 @@ fn readable(path: &Path) -> Result<()> {
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|e| write_err(path, e))?;
     text.push('\n');
-    std::fs::write(path, text).map_err(|e| write_err(path, e))
+    atomic(path, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| write_err(path, e))
+    })
 }
 
 /// The source config.json with `quantization_config` set and `torch_dtype` float16, key order kept.
@@ -186,11 +234,33 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<Vec<String>> {
 pub struct Staging {
     pub dir: PathBuf,
     target: PathBuf,
-    published: bool,
+    /// Set once published, or when the directory must survive an error (a refused resume).
+    keep: bool,
+}
+
+/// What [`Staging::open`] found beside the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// No earlier staging directory.
+    Fresh,
+    /// A staging directory left by a process that no longer runs (killed), removed.
+    StaleRemoved(PathBuf),
+    /// That directory, kept to resume from (`--resume`).
+    Resumed,
+}
+
+const OWNER_FILE: &str = "owner.pid";
+
+/// Whether process `pid` still runs (Linux `/proc`; elsewhere every earlier owner counts as
+/// gone, which only matters for two concurrent runs on the same output).
+fn alive(pid: u32) -> bool {
+    pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
 }
 
 impl Staging {
-    pub fn new(target: &Path) -> Result<Self> {
+    /// The staging directory `.NAME.awq-staging` beside `target`. One left by a killed run is
+    /// resumed with `resume`, otherwise removed; one owned by a running process is refused.
+    pub fn open(target: &Path, resume: bool) -> Result<(Self, Found)> {
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -205,21 +275,47 @@ impl Staging {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
-        let dir = parent.join(format!(".{name}.awq-staging-{}", std::process::id()));
+        let dir = parent.join(format!(".{name}.awq-staging"));
+        let mut found = Found::Fresh;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
+            let owner = std::fs::read_to_string(dir.join(OWNER_FILE))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if let Some(pid) = owner.filter(|p| alive(*p)) {
+                return Err(Error::Runtime(format!(
+                    "another awq process (pid {pid}) is writing {}; wait for it, or remove {} if it is not awq",
+                    target.display(),
+                    dir.display()
+                )));
+            }
+            if resume {
+                found = Found::Resumed;
+            } else {
+                std::fs::remove_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
+                found = Found::StaleRemoved(dir.clone());
+            }
         }
-        std::fs::create_dir(&dir).map_err(|e| {
-            Error::Runtime(format!(
-                "cannot create {} (is the output location writable?): {e}",
-                dir.display()
-            ))
-        })?;
-        Ok(Self {
+        if found != Found::Resumed {
+            std::fs::create_dir(&dir).map_err(|e| {
+                Error::Runtime(format!(
+                    "cannot create {} (is the output location writable?): {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let staging = Self {
             dir,
             target: target.to_path_buf(),
-            published: false,
-        })
+            keep: false,
+        };
+        std::fs::write(staging.dir.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(|e| write_err(&staging.dir, e))?;
+        Ok((staging, found))
+    }
+
+    /// Leaves the directory in place when this value is dropped without publishing.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// Replaces the target (removed first when `force`) by the staging directory.
@@ -233,15 +329,17 @@ impl Staging {
             }
             std::fs::remove_dir_all(&self.target).map_err(|e| write_err(&self.target, e))?;
         }
+        let owner = self.dir.join(OWNER_FILE);
+        std::fs::remove_file(&owner).map_err(|e| write_err(&owner, e))?;
         std::fs::rename(&self.dir, &self.target).map_err(|e| write_err(&self.target, e))?;
-        self.published = true;
+        self.keep = true;
         Ok(())
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.published {
+        if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -1,0 +1,25 @@
+//! Cooperative interruption. The binary points SIGINT/SIGTERM at [`flag`]; long loops call
+//! [`check`] between units of work (layers, search candidates), which turns a set flag into
+//! [`Error::Interrupted`]. Unwinding then drops the staging directory, so nothing half-written
+//! is left behind, and the CLI exits 130.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::error::{Error, Result};
+
+static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// The process-wide interruption flag (for signal handlers to set).
+pub fn flag() -> Arc<AtomicBool> {
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone()
+}
+
+/// `Err(Interrupted)` once the flag is set.
+pub fn check() -> Result<()> {
+    match FLAG.get() {
+        Some(f) if f.load(Ordering::Relaxed) => Err(Error::Interrupted),
+        _ => Ok(()),
+    }
+}
