@@ -159,7 +159,7 @@ pub struct QuantizeArgs {
     /// still use all blocks). Default: all blocks (AutoAWQ's exact objective).
     #[arg(long, value_name = "N", help_heading = "Quantization")]
     pub search_blocks: Option<usize>,
-    /// Preset: --search-blocks 8. About 4x faster at 32 x 512 calibration; see the README for its measured perplexity cost.
+    /// Preset: --search-blocks 4. Measured on SmolLM2 at 32 x 512: 6.8x faster, perplexity within 0.6% of the exact run (README).
     #[arg(long, help_heading = "Quantization")]
     pub fast: bool,
     /// Skip the clipping search.

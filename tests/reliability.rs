@@ -319,6 +319,7 @@ fn bad_inputs_each_get_a_message_an_exit_code_and_no_output() {
         let existed = c.out.exists();
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (got, err) = quantize(&c, &extra, &[]);
+        eprintln!("{what} → {got}: {}", err.trim());
         assert_eq!(got, code, "{what}: {err}");
         assert!(!err.contains("panicked"), "{what}: {err}");
         for n in needles {

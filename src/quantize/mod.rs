@@ -35,7 +35,7 @@ use resume::{fingerprint, LayerRecord, FINGERPRINT_FILE};
 
 /// `--fast`: score the scale search on this many evenly spaced blocks (see README for its
 /// measured quality cost).
-pub const FAST_SEARCH_BLOCKS: usize = 8;
+pub const FAST_SEARCH_BLOCKS: usize = 4;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeOptions {
