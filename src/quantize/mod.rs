@@ -233,7 +233,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
             let choice = search_group(&layer, g, &inputs, spec, &rope, seqlen, opts)?;
             groups.push(GroupReport {
                 group: g.name.to_string(),
-                ratio: choice.ratio,
+                // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
+                ratio: choice.ratio.map(|r| (r as f64 * 1e6).round() / 1e6),
                 loss: choice.loss,
                 identity_loss: choice.identity_loss,
                 seconds: clock.elapsed().as_secs_f64(),

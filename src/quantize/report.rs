@@ -44,7 +44,7 @@ pub struct Plan {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GroupReport {
     pub group: String,
-    pub ratio: Option<f32>,
+    pub ratio: Option<f64>,
     pub loss: f64,
     pub identity_loss: f64,
     pub seconds: f64,
@@ -139,7 +139,12 @@ pub(super) fn make_plan(
             (
                 g.name.to_string(),
                 g.linears.iter().map(|l| l.to_string()).collect(),
-                format!("{:?}", g.inspect).to_lowercase(),
+                match g.inspect {
+                    crate::model::groups::Inspect::SelfAttn => "self_attn",
+                    crate::model::groups::Inspect::Mlp => "mlp",
+                    crate::model::groups::Inspect::Linear => "linear",
+                }
+                .to_string(),
             )
         })
         .collect();
