@@ -17,9 +17,9 @@ use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
 use crate::model::config::{AwqFormat, LinearShape};
-use crate::model::layer::{layer_prefix, packed_shapes};
+use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
 use crate::model::{load_spec, EMBED, FINAL_NORM, LM_HEAD};
-use crate::quant::pack::{unpack, Layout, Packed};
+use crate::quant::pack::{unpack, Layout};
 
 pub const TP_DEGREES: [usize; 4] = [1, 2, 4, 8];
 
@@ -217,18 +217,7 @@ fn check_linear(
     if v.len() > before {
         return;
     }
-    let read = || -> Result<Packed> {
-        let [qw, qz, sc] = shapes;
-        Ok(Packed {
-            qweight: ckpt.i32s(&format!("{prefix}.qweight"), &qw)?,
-            qweight_shape: qw,
-            qzeros: ckpt.i32s(&format!("{prefix}.qzeros"), &qz)?,
-            qzeros_shape: qz,
-            scales: ckpt.f16s(&format!("{prefix}.scales"), &sc)?,
-            scales_shape: sc,
-        })
-    };
-    let packed = match read() {
+    let packed = match read_packed_tensors(ckpt, prefix, shapes) {
         Ok(p) => p,
         Err(e) => {
             v.push(format!("{prefix}: {e}"));

@@ -10,16 +10,6 @@ use std::path::{Path, PathBuf};
 use assert_cmd::Command;
 use common::tiny::{words, Tiny};
 
-fn tiny() -> Tiny {
-    Tiny {
-        hidden: 64,
-        inter: 128,
-        heads: 4,
-        head_dim: 16,
-        ..Tiny::llama()
-    }
-}
-
 struct Setup {
     tmp: tempfile::TempDir,
     model: PathBuf,
@@ -27,7 +17,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let t = tiny();
+    let t = Tiny::llama64();
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     t.write(&model);
@@ -58,6 +48,10 @@ fn awq(args: &[&str], env: &[(&str, &str)]) -> Run {
 }
 
 fn quantize(s: &Setup, out: &Path, extra: &[&str]) -> Run {
+    quantize_env(s, out, extra, &[])
+}
+
+fn quantize_env(s: &Setup, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
     let mut args = vec![
         "quantize",
         "--seqlen",
@@ -72,7 +66,7 @@ fn quantize(s: &Setup, out: &Path, extra: &[&str]) -> Run {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    awq(&args, &[])
+    awq(&args, env)
 }
 
 #[test]
@@ -300,7 +294,7 @@ fn dry_run_writes_nothing_and_exit_codes() {
 fn quality_gate_records_both_perplexities_and_fails_with_5() {
     let s = setup();
     let text = s.tmp.path().join("eval.txt");
-    std::fs::write(&text, words(200, tiny().vocab, 7)).unwrap();
+    std::fs::write(&text, words(200, Tiny::llama64().vocab, 7)).unwrap();
     let out = s.tmp.path().join("out");
     let gate = [
         "--eval-text",
@@ -352,24 +346,19 @@ fn version_auto_with_fake_gpus() {
     let s = setup();
     let out = s.tmp.path().join("out");
     let plan = |smi: &Path, workload: &str| -> Run {
-        let mut args = vec![
-            "quantize",
-            "--seqlen",
-            "16",
-            "--group",
-            "32",
-            "--model",
-            s.model.to_str().unwrap(),
-            "--calib",
-            s.calib.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--version",
-            "auto",
-            "--workload",
-        ];
-        args.extend([workload, "--dry-run", "--json"]);
-        awq(&args, &[("AWQ_NVIDIA_SMI", smi.to_str().unwrap())])
+        quantize_env(
+            &s,
+            &out,
+            &[
+                "--version",
+                "auto",
+                "--workload",
+                workload,
+                "--dry-run",
+                "--json",
+            ],
+            &[("AWQ_NVIDIA_SMI", smi.to_str().unwrap())],
+        )
     };
     let layout = |r: &Run| -> String {
         let start: serde_json::Value =

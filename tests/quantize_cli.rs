@@ -38,16 +38,7 @@ fn quantize(dir: &Path, calib: &Path, out: &Path, extra: &[&str]) -> (i32, Strin
 #[test]
 fn quantized_tiny_models_reload_in_eval() {
     for (t, version) in [
-        (
-            Tiny {
-                hidden: 64,
-                inter: 128,
-                heads: 4,
-                head_dim: 16,
-                ..Tiny::llama()
-            },
-            "gemm",
-        ),
+        (Tiny::llama64(), "gemm"),
         (
             Tiny {
                 arch: "Qwen2ForCausalLM",

@@ -12,16 +12,6 @@ use std::process::{Child, Stdio};
 use assert_cmd::Command;
 use common::tiny::{words, Tiny};
 
-fn tiny() -> Tiny {
-    Tiny {
-        hidden: 64,
-        inter: 128,
-        heads: 4,
-        head_dim: 16,
-        ..Tiny::llama()
-    }
-}
-
 struct Case {
     tmp: tempfile::TempDir,
     model: PathBuf,
@@ -32,7 +22,7 @@ struct Case {
 fn case() -> Case {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    tiny().write(&model);
+    Tiny::llama64().write(&model);
     let calib = tmp.path().join("calib.txt");
     let docs: Vec<String> = (0..40).map(|i| words(12, 64, i)).collect();
     std::fs::write(&calib, docs.join("\n\n")).unwrap();
@@ -228,7 +218,7 @@ fn bad_inputs_each_get_a_message_an_exit_code_and_no_output() {
         (
             "shape disagrees with config",
             Box::new(|c| {
-                let mut cfg = tiny().config_json();
+                let mut cfg = Tiny::llama64().config_json();
                 cfg["intermediate_size"] = 96.into();
                 std::fs::write(c.model.join("config.json"), cfg.to_string()).unwrap();
                 vec![]

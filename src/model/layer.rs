@@ -108,16 +108,24 @@ fn read_packed(
             fmt.group
         ));
     }
-    let [qw, qz, sc] = packed_shapes(out, inp, fmt)?;
-    let packed = Packed {
+    let packed = read_packed_tensors(ckpt, prefix, packed_shapes(out, inp, fmt)?)?;
+    unpack(&packed, fmt.layout, fmt.group)
+}
+
+/// The `qweight`, `qzeros` and `scales` of the linear `prefix`, checked against `shapes`.
+pub fn read_packed_tensors(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    [qw, qz, sc]: [[usize; 2]; 3],
+) -> Result<Packed> {
+    Ok(Packed {
         qweight: ckpt.i32s(&format!("{prefix}.qweight"), &qw)?,
         qweight_shape: qw,
         qzeros: ckpt.i32s(&format!("{prefix}.qzeros"), &qz)?,
         qzeros_shape: qz,
         scales: ckpt.f16s(&format!("{prefix}.scales"), &sc)?,
         scales_shape: sc,
-    };
-    unpack(&packed, fmt.layout, fmt.group)
+    })
 }
 
 /// Inputs of every linear of one layer forward, `[tokens, in]` each.

@@ -35,6 +35,17 @@ pub struct Tiny {
 }
 
 impl Tiny {
+    /// A Llama twice as wide as [`Tiny::llama`]: every linear divisible by group 32.
+    pub fn llama64() -> Self {
+        Tiny {
+            hidden: 64,
+            inter: 128,
+            heads: 4,
+            head_dim: 16,
+            ..Tiny::llama()
+        }
+    }
+
     pub fn llama() -> Self {
         Tiny {
             arch: "LlamaForCausalLM",
