@@ -15,7 +15,8 @@ cargo build --release --quiet --bin awq
 case $kind in
 smollm2)
     model=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
-    args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --max-blocks 32)
+    # 128 documents of wiki.valid.calib.txt give only 16 blocks; 1000 reach 32 x 512.
+    args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 --max-blocks 32)
     ;;
 synth7b)
     layers=${1:?LAYERS}
