@@ -122,24 +122,15 @@ impl ModelSpec {
             inp,
             bias,
         };
+        use super::layer::LINEARS as N;
         [
-            l("self_attn.q_proj", qd, self.hidden, self.qkv_bias),
-            l("self_attn.k_proj", kvd, self.hidden, self.qkv_bias),
-            l("self_attn.v_proj", kvd, self.hidden, self.qkv_bias),
-            l("self_attn.o_proj", self.hidden, qd, self.o_bias),
-            l(
-                "mlp.gate_proj",
-                self.intermediate,
-                self.hidden,
-                self.mlp_bias,
-            ),
-            l("mlp.up_proj", self.intermediate, self.hidden, self.mlp_bias),
-            l(
-                "mlp.down_proj",
-                self.hidden,
-                self.intermediate,
-                self.mlp_bias,
-            ),
+            l(N[0], qd, self.hidden, self.qkv_bias),
+            l(N[1], kvd, self.hidden, self.qkv_bias),
+            l(N[2], kvd, self.hidden, self.qkv_bias),
+            l(N[3], self.hidden, qd, self.o_bias),
+            l(N[4], self.intermediate, self.hidden, self.mlp_bias),
+            l(N[5], self.intermediate, self.hidden, self.mlp_bias),
+            l(N[6], self.hidden, self.intermediate, self.mlp_bias),
         ]
     }
 }

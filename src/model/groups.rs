@@ -76,6 +76,16 @@ pub const LLAMA_GROUPS: [ScaleGroup; 4] = [
     },
 ];
 
+/// The groups searched for a model: the v→o group only when v_proj and o_proj have the same
+/// shape (no grouped-query attention), as AutoAWQ does.
+pub fn scale_groups(spec: &super::config::ModelSpec) -> impl Iterator<Item = &'static ScaleGroup> {
+    let [_, _, v, o, ..] = spec.linears();
+    let v_o_match = (v.out, v.inp) == (o.out, o.inp);
+    LLAMA_GROUPS
+        .iter()
+        .filter(move |g| !g.needs_v_o_match || v_o_match)
+}
+
 /// Linears excluded from clipping: names containing these substrings (AWQ-SPEC §6.1).
 pub const NO_CLIP: [&str; 5] = ["q_", "k_", "query", "key", "Wqkv"];
 

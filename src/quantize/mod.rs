@@ -16,7 +16,7 @@ use crate::events::{Event, Sink};
 use crate::io::fingerprint;
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, Found, OutTensor, Staging};
-use crate::model::groups::{clipped, LLAMA_GROUPS};
+use crate::model::groups::{clipped, scale_groups};
 use crate::model::layer::layer_prefix;
 use crate::model::rope::Rope;
 use crate::model::{Model, EMBED, FINAL_NORM, LM_HEAD};
@@ -225,10 +225,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         let clock = Instant::now();
         let mut groups = Vec::new();
         let mut choices = Vec::new();
-        for g in LLAMA_GROUPS
-            .iter()
-            .filter(|g| !g.needs_v_o_match || layer.v.weight.dims() == layer.o.weight.dims())
-        {
+        for g in scale_groups(spec) {
             let clock = Instant::now();
             let choice = search_group(&layer, g, &inputs, spec, &rope, seqlen, opts)?;
             groups.push(GroupReport {

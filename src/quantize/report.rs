@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::QuantizeOptions;
 use crate::calib::CalibSummary;
-use crate::model::groups::LLAMA_GROUPS;
+use crate::model::groups::scale_groups;
 use crate::quant::pack::Layout;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -131,10 +131,7 @@ pub(super) fn make_plan(
     cal: &CalibSummary,
 ) -> Plan {
     let linears = spec.linears();
-    let v_o_match = spec.kv_heads == spec.heads && spec.heads * spec.head_dim == spec.hidden;
-    let scale_groups = LLAMA_GROUPS
-        .iter()
-        .filter(|g| !g.needs_v_o_match || v_o_match)
+    let scale_groups = scale_groups(spec)
         .map(|g| {
             (
                 g.name.to_string(),
