@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=${1:?usage: scripts/bench.sh smollm2|synth7b [LAYERS] [flags...]}
 shift
-data=../shared/data/wikitext-2-raw
+data=data/wikitext-2-raw
 cargo build --release --quiet --bin awq
 case $kind in
 smollm2)

@@ -10,7 +10,7 @@ fn eval_reproduces_golden_perplexity() {
     let Some(dir) = test_model("eval_reproduces_golden_perplexity") else {
         return;
     };
-    let text = shared("data/wikitext-2-raw/wiki.valid.raw");
+    let text = data("wikitext-2-raw/wiki.valid.raw");
 
     // Token ids: the first 8192 equal the golden ones.
     let tok = awq::tokenize::load(&dir).unwrap();

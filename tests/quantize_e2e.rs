@@ -19,7 +19,7 @@ fn quantize(model: &Path, out: &Path, extra: &[&str]) {
         .args(["quantize", "--model"])
         .arg(model)
         .arg("--calib")
-        .arg(shared("data/wikitext-2-raw/wiki.valid.calib.txt"))
+        .arg(data("wikitext-2-raw/wiki.valid.calib.txt"))
         .args([
             "--group",
             "64",
@@ -43,7 +43,7 @@ fn perplexity(model: &Path) -> f64 {
         .args(["eval", "--json", "-q", "--max-tokens", "8192", "--model"])
         .arg(model)
         .arg("--text")
-        .arg(shared("data/wikitext-2-raw/wiki.valid.raw"))
+        .arg(data("wikitext-2-raw/wiki.valid.raw"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -2,6 +2,7 @@
 //! random-weight model directories written by the tests themselves.
 #![allow(dead_code)]
 
+pub mod case;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
@@ -23,11 +24,9 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The shared kit (`../shared`) beside the checkout, for data files too large to copy.
-pub fn shared(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(rel)
+/// A data file vendored in the repository's `data/` (WikiText-2 validation text).
+pub fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(rel)
 }
 
 /// A tensor of a safetensors file as f32 (F32/F16) or as i64 values (I64/I32), with its shape.
@@ -104,4 +103,38 @@ pub fn read_f16_bits(bytes: &[u8], name: &str) -> Vec<u16> {
         .chunks_exact(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect()
+}
+
+/// Rewrites a file's bytes in place.
+pub fn rewrite_safetensors(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    f(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
+}
+
+pub fn header_len(bytes: &[u8]) -> usize {
+    u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+}
+
+/// Replaces the JSON header of a safetensors file (padding with spaces keeps offsets valid).
+pub fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    rewrite_safetensors(path, |bytes| {
+        let n = header_len(bytes);
+        let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        f(&mut h);
+        let mut text = h.to_string().into_bytes();
+        assert!(text.len() <= n, "edited header grew");
+        text.resize(n, b' ');
+        bytes[8..8 + n].copy_from_slice(&text);
+    });
+}
+
+/// Sets element `index` of tensor `name` (F32 in the tiny model) to `value`.
+pub fn poke_f32(path: &Path, name: &str, index: usize, value: f32) {
+    rewrite_safetensors(path, |bytes| {
+        let n = header_len(bytes);
+        let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let start = h[name]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n + 4 * index;
+        bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
+    });
 }
