@@ -36,10 +36,12 @@ vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 infere
     )]
     Inspect(InspectArgs),
     /// Check an AWQ checkpoint against the loader rules of vLLM (awq, awq_marlin), TGI and
-    /// transformers for tensor-parallel degrees 1, 2, 4, 8; dequantize and check every tensor.
+    /// transformers for tensor-parallel degrees 1, 2, 4, 8 (and --tp N); dequantize and check
+    /// every tensor.
     #[command(
-        after_help = "Exits 0 when the checkpoint loads at tensor-parallel degree 1 (and at --tp N when given), 5 otherwise.\n\
-Example:\n  awq verify ./SmolLM2-135M-awq && echo ship it"
+        after_help = "Exits 0 when the --for loader (default vllm) loads the checkpoint at tensor-parallel degree --tp (default 1), 5 otherwise; the printed verdict agrees.\n\
+vLLM and TGI load the GEMM layout only; GEMV loads in transformers (with the autoawq package) and AutoAWQ: check it with --for transformers.\n\
+Examples:\n  awq verify ./SmolLM2-135M-awq && echo ship it\n  awq verify ./model-awq --tp 4 --json | jq .ok\n  awq verify ./model-awq-gemv --for transformers"
     )]
     Verify(VerifyArgs),
     /// Print a shell completion script.
@@ -65,12 +67,42 @@ pub struct InspectArgs {
 pub struct VerifyArgs {
     /// AWQ checkpoint directory.
     pub dir: PathBuf,
-    /// Also require that vLLM can load the model at this tensor-parallel degree.
-    #[arg(long, value_name = "N")]
+    /// Require that the target loads the model at this tensor-parallel degree (any N >= 1;
+    /// vllm and tgi only). Default: 1.
+    #[arg(long, value_name = "N", value_parser = parse_tp)]
     pub tp: Option<usize>,
+    /// The loader that must load it: vllm and tgi load the GEMM layout only; transformers
+    /// (with the autoawq package) loads GEMM and GEMV.
+    #[arg(
+        long = "for",
+        value_name = "LOADER",
+        value_enum,
+        default_value = "vllm"
+    )]
+    pub target: TargetArg,
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `awq verify --for`: the loader whose rules decide the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetArg {
+    /// vLLM (`--quantization awq` / `awq_marlin`): GEMM only.
+    Vllm,
+    /// Text Generation Inference: GEMM only.
+    Tgi,
+    /// transformers with the autoawq package (or AutoAWQ): GEMM and GEMV, one rank.
+    Transformers,
+}
+
+/// `--tp`: a tensor-parallel degree, at least 1 (0 is a usage error, exit 2).
+fn parse_tp(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("the tensor-parallel degree must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a number of ranks: {e}")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,23 +134,26 @@ pub enum GridArg {
 pub struct QuantizeArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Calibration file (.txt: documents separated by blank lines; .jsonl: one object per line). Repeatable. Default: the embedded corpus (offline).
+    /// Calibration file or Hub dataset, repeatable: .txt (documents separated by blank lines), .json (array of strings or objects), .jsonl (one object per line), .parquet, chat records ("messages", rendered with the model's chat template), other extensions sniffed; or org/name[:split] (a Hub dataset's parquet files, default split train). Default: the embedded corpus (offline).
     #[arg(long, help_heading = "Calibration")]
     pub calib: Vec<PathBuf>,
-    /// Field holding the text in .jsonl calibration files.
+    /// Field holding the text in .json/.jsonl/.parquet calibration records (records without it but with "messages" are conversations).
     #[arg(long, default_value = "text", help_heading = "Calibration")]
     pub text_column: String,
-    /// Documents to accept (AutoAWQ's max_calib_samples); longer than --seqlen are skipped.
-    #[arg(long, default_value_t = 128, help_heading = "Calibration")]
+    /// Cut documents longer than --seqlen into pieces instead of dropping them (AutoAWQ drops them).
+    #[arg(long, help_heading = "Calibration")]
+    pub split_long: bool,
+    /// Documents to accept, at least 1 (AutoAWQ's max_calib_samples); longer than --seqlen are skipped.
+    #[arg(long, default_value_t = 128, value_parser = at_least(1), help_heading = "Calibration")]
     pub n_samples: usize,
-    /// Block length in tokens (AutoAWQ's max_calib_seq_len).
-    #[arg(long, default_value_t = 512, help_heading = "Calibration")]
+    /// Block length in tokens, at least 1 (AutoAWQ's max_calib_seq_len).
+    #[arg(long, default_value_t = 512, value_parser = at_least(1), help_heading = "Calibration")]
     pub seqlen: usize,
     /// Shuffle seed for document selection (portable: same documents on every machine).
     #[arg(long, default_value_t = 42, help_heading = "Calibration")]
     pub seed: u64,
-    /// Use at most this many blocks.
-    #[arg(long, help_heading = "Calibration")]
+    /// Use at most this many blocks (at least 1). Default: every block the samples fill.
+    #[arg(long, value_parser = at_least(1), help_heading = "Calibration")]
     pub max_blocks: Option<usize>,
     /// Bits per weight (only 4 can be packed).
     #[arg(
@@ -128,11 +163,14 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub w_bit: u8,
-    /// Group size along the input dimension (must divide every in_features).
+    /// Group size along the input dimension: it must divide every linear's in_features. 128 is
+    /// AutoAWQ's default; models whose hidden size is not a multiple of 128 need 64 or 32
+    /// (smaller groups: better quality, larger files). The error names the sizes that fit.
     #[arg(
         long,
         alias = "q-group-size",
         default_value_t = 128,
+        value_parser = at_least(1),
         help_heading = "Quantization"
     )]
     pub group: usize,
@@ -152,12 +190,13 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub grid: GridArg,
-    /// Number of ratios in the scale grid.
-    #[arg(long, default_value_t = 20, help_heading = "Quantization")]
+    /// Number of ratios in the scale grid, 2 to 1000 (ratio 0 alone is the identity: use
+    /// --no-search to skip the search).
+    #[arg(long, default_value_t = 20, value_parser = grid_size, help_heading = "Quantization")]
     pub n_grid: usize,
-    /// Score scale-search candidates on at most N evenly spaced calibration blocks (statistics
-    /// still use all blocks). Default: all blocks (AutoAWQ's exact objective).
-    #[arg(long, value_name = "N", help_heading = "Quantization")]
+    /// Score scale-search candidates on at most N (≥ 1) evenly spaced calibration blocks
+    /// (statistics still use all blocks). Default: all blocks (AutoAWQ's exact objective).
+    #[arg(long, value_name = "N", value_parser = at_least(1), help_heading = "Quantization")]
     pub search_blocks: Option<usize>,
     /// Preset: --search-blocks 4. Measured on SmolLM2 at 32 x 512: 6.8x faster, perplexity within 0.6% of the exact run (README).
     #[arg(long, help_heading = "Quantization")]
@@ -180,13 +219,24 @@ pub struct QuantizeArgs {
     #[arg(long, short, help_heading = "Output")]
     pub output: PathBuf,
     /// Maximum shard size (e.g. 5GB, 500MB, 2GiB, bytes).
-    #[arg(long, default_value = "5GB", help_heading = "Output")]
-    pub shard_size: String,
-    /// Replace an existing output directory.
+    #[arg(long, default_value = "5GB", value_parser = parse_size, help_heading = "Output")]
+    pub shard_size: u64,
+    /// Float dtype of the unquantized tensors and torch_dtype: auto (float16, or bfloat16 when
+    /// a weight or a calibration activation exceeds float16's range), float16, bfloat16. AWQ
+    /// scales are float16 in every case.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "DTYPE",
+        help_heading = "Output"
+    )]
+    pub dtype: awq::quantize::DtypeChoice,
+    /// Replace an existing output that is empty or an earlier awq output (anything else is
+    /// refused), or discard an interrupted run's staging whose settings differ.
     #[arg(long, help_heading = "Output")]
     pub force: bool,
-    /// Continue a killed run from the staging directory it left beside the output (checked
-    /// against a fingerprint of the model, calibration and options).
+    /// Insist on continuing a killed run (a run with the same model, calibration and options
+    /// continues from its finished layers anyway; a different one is refused).
     #[arg(long, help_heading = "Output")]
     pub resume: bool,
     /// Resolve the model, calibration, layout and estimates, print the plan and write nothing.
@@ -200,11 +250,12 @@ pub struct QuantizeArgs {
         long,
         value_name = "PCT",
         requires = "eval_text",
+        value_parser = parse_percent,
         help_heading = "Quality gate"
     )]
-    pub max_ppl_increase: Option<String>,
-    /// Quality gate: evaluate the first N tokens of --eval-text.
-    #[arg(long, default_value_t = 8192, help_heading = "Quality gate")]
+    pub max_ppl_increase: Option<f64>,
+    /// Quality gate: evaluate the first N (≥ 2) tokens of --eval-text.
+    #[arg(long, default_value_t = 8192, value_parser = at_least(2), help_heading = "Quality gate")]
     pub eval_max_tokens: usize,
     /// JSON Lines events on stdout (start, layer, done; schema in the README); nothing else there.
     #[arg(long, help_heading = "Runtime")]
@@ -217,20 +268,48 @@ pub struct QuantizeArgs {
     pub verbose: bool,
 }
 
-/// "5%" or "5" → 5.0.
-pub fn parse_percent(s: &str) -> Option<f64> {
-    let v: f64 = s.trim().trim_end_matches('%').trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then_some(v)
+/// A clap parser for a count of at least `min` (a usage error naming the flag, exit 2,
+/// otherwise).
+fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<usize>() {
+        Ok(v) if v >= min => Ok(v),
+        Ok(_) => Err(format!("must be at least {min}")),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
 }
 
-/// "5GB" → 5_000_000_000; KB/MB/GB are decimal, KiB/MiB/GiB binary.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s
+/// `--n-grid`: 2 to 1000 ratios (ratio 0 alone is the identity, which `--no-search` expresses).
+fn grid_size(s: &str) -> Result<usize, String> {
+    match at_least(2)(s)? {
+        v if v <= 1000 => Ok(v),
+        _ => Err("must be at most 1000".into()),
+    }
+}
+
+/// "5%" or "5" → 5.0 (a non-negative percentage).
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage like 5%"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} must be a percentage of at least 0"))
+    }
+}
+
+/// "5GB" → 5_000_000_000; KB/MB/GB are decimal, KiB/MiB/GiB binary; at least one byte.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size like 5GB, 500MB or 2GiB");
+    let t = s.trim();
+    let split = t
         .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().ok()?;
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| bad())?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" => 1e3,
@@ -239,10 +318,77 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
+        _ => return Err(bad()),
     };
     let v = num * mult;
-    (v >= 1.0).then_some(v as u64)
+    if v >= 1.0 && v.is_finite() {
+        Ok(v as u64)
+    } else {
+        Err(bad())
+    }
+}
+
+impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
+    type Error = awq::error::Error;
+
+    /// The one place where command-line arguments become library options (ranges were
+    /// checked by clap; `--version auto` asks the GPUs here).
+    fn try_from(args: QuantizeArgs) -> awq::error::Result<Self> {
+        use awq::quant::pack::Layout;
+        let layout_choice = match args.version {
+            VersionArg::Auto => {
+                let workload = match args.workload {
+                    WorkloadArg::Batch => awq::gpu::Workload::Batch,
+                    WorkloadArg::Single => awq::gpu::Workload::Single,
+                };
+                Some(awq::gpu::choose(awq::gpu::detect(), workload)?)
+            }
+            _ => None,
+        };
+        let layout = match (&layout_choice, args.version) {
+            (Some(choice), _) => choice.layout,
+            (None, VersionArg::Gemv) => Layout::Gemv,
+            _ => Layout::Gemm,
+        };
+        Ok(Self {
+            model: args.source.model,
+            revision: args.source.revision,
+            output: args.output,
+            w_bit: args.w_bit,
+            group: args.group,
+            layout,
+            layout_choice,
+            dry_run: args.dry_run,
+            resume: args.resume,
+            quality_gate: args.eval_text.map(|text| awq::quantize::QualityGate {
+                text,
+                max_increase_pct: args.max_ppl_increase.unwrap_or(f64::INFINITY),
+                max_tokens: args.eval_max_tokens,
+            }),
+            calib: awq::calib::CalibOptions {
+                files: args.calib,
+                text_column: args.text_column,
+                n_samples: args.n_samples,
+                seqlen: args.seqlen,
+                seed: args.seed,
+                max_blocks: args.max_blocks,
+                split_long: args.split_long,
+            },
+            grid: match args.grid {
+                GridArg::Robust => awq::quant::search::Grid::Robust,
+                GridArg::Autoawq => awq::quant::search::Grid::Autoawq,
+            },
+            n_grid: args.n_grid,
+            clip: !args.no_clip,
+            no_search: args.no_search,
+            search_blocks: args
+                .search_blocks
+                .or(args.fast.then_some(awq::quantize::FAST_SEARCH_BLOCKS)),
+            shard_size: args.shard_size,
+            dtype: args.dtype,
+            force: args.force,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -262,12 +408,22 @@ pub struct EvalArgs {
     /// UTF-8 text file, read as is (newlines included) and tokenized once without special tokens.
     #[arg(long, help_heading = "Evaluation")]
     pub text: PathBuf,
-    /// Window length; windows do not overlap and a partial tail window is dropped.
-    #[arg(long, default_value_t = awq::eval::DEFAULT_SEQLEN, help_heading = "Evaluation")]
+    /// Window length (≥ 2); windows do not overlap and a partial tail window is dropped.
+    #[arg(long, default_value_t = awq::eval::DEFAULT_SEQLEN, value_parser = at_least(2), help_heading = "Evaluation")]
     pub seqlen: usize,
-    /// Evaluate only the first N tokens of the text.
-    #[arg(long, help_heading = "Evaluation")]
+    /// Evaluate only the first N (≥ 2) tokens of the text.
+    #[arg(long, value_parser = at_least(2), help_heading = "Evaluation")]
     pub max_tokens: Option<usize>,
+    /// Round every activation to this dtype after each op, as a server running in it would:
+    /// float32 (exact, default), float16, bfloat16. A model whose activations overflow float16
+    /// fails here (exit 5) instead of producing NaN in production.
+    #[arg(
+        long,
+        default_value = "float32",
+        value_name = "DTYPE",
+        help_heading = "Evaluation"
+    )]
+    pub dtype: awq::eval::ServeDtype,
     /// Print one JSON object on stdout and nothing else.
     #[arg(long, help_heading = "Output")]
     pub json: bool,

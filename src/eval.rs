@@ -5,20 +5,58 @@
 //!
 //! The model runs layer by layer across *all* windows, so memory holds one layer plus the hidden
 //! states of the evaluated tokens, whatever the depth.
+//!
+//! With [`ModelSpec::serve_dtype`](crate::model::config::ModelSpec::serve_dtype) set
+//! (`awq eval --dtype float16|bfloat16`), every activation is rounded to that dtype after each op,
+//! so the perplexity is what a server running in it would see. A non-finite hidden state or
+//! perplexity is an error (exit 5) naming the first layer where it appeared — never a
+//! `perplexity NaN` with exit 0.
 
 use std::time::Instant;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::input_err;
-use crate::model::layer::rms_norm;
+use crate::model::layer::{rms_norm, round_to};
 use crate::model::rope::Rope;
 use crate::model::Model;
 
 /// Window length of the goldens' protocol (and `awq eval`'s default).
 pub const DEFAULT_SEQLEN: usize = 2048;
+
+/// `awq eval --dtype`: the dtype a server would run the activations in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeDtype {
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+impl ServeDtype {
+    /// What [`crate::model::config::ModelSpec::serve_dtype`] takes (`None` for float32).
+    pub fn rounding(self) -> Option<candle_core::DType> {
+        match self {
+            ServeDtype::Float32 => None,
+            ServeDtype::Float16 => Some(candle_core::DType::F16),
+            ServeDtype::Bfloat16 => Some(candle_core::DType::BF16),
+        }
+    }
+}
+
+impl std::str::FromStr for ServeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "float32" | "fp32" | "f32" => Ok(Self::Float32),
+            "float16" | "fp16" | "f16" | "half" => Ok(Self::Float16),
+            "bfloat16" | "bf16" => Ok(Self::Bfloat16),
+            _ => Err(format!("{s:?} is not one of float32, float16, bfloat16")),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -50,9 +88,7 @@ pub fn windows(ids: &[u32], opts: &EvalOptions) -> Result<Vec<u32>> {
         None => ids,
     };
     if opts.seqlen < 2 {
-        return Err(crate::error::Error::Usage(
-            "--seqlen must be at least 2".into(),
-        ));
+        return Err(Error::Usage("--seqlen must be at least 2".into()));
     }
     let n = ids.len() / opts.seqlen;
     if n == 0 {
@@ -70,8 +106,9 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
     let start = Instant::now();
     let spec = &model.spec;
     let rope = Rope::new(spec, seqlen)?;
+    let r = |t: Tensor| round_to(t, spec.serve_dtype);
     events(&Event::Phase { name: "embed" });
-    let mut hidden = model.embed(ids)?;
+    let mut hidden = r(model.embed(ids)?)?;
     let per_chunk = (CHUNK_TOKENS / seqlen).max(1) * seqlen;
     for i in 0..spec.layers {
         let t = Instant::now();
@@ -86,6 +123,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
             off += len;
         }
         hidden = Tensor::cat(&outs, 0)?;
+        check_finite(&hidden, i, seqlen, spec.serve_dtype)?;
         crate::interrupt::check()?;
         events(&Event::Layer {
             index: i,
@@ -106,7 +144,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         while row < seqlen - 1 {
             let rows = HEAD_ROWS.min(seqlen - 1 - row);
             let h = hidden.narrow(0, w * seqlen + row, rows)?;
-            let logits = rms_norm(&h, &norm, spec.rms_eps)?.matmul(&head_t)?;
+            let logits = r(r(rms_norm(&h, &norm, spec.rms_eps)?)?.matmul(&head_t)?)?;
             let targets = &ids[w * seqlen + row + 1..w * seqlen + row + 1 + rows];
             sum += nll_sum(&logits, targets)?;
             row += rows;
@@ -114,6 +152,13 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         window_nll.push(sum / (seqlen - 1) as f64);
     }
     let mean = window_nll.iter().sum::<f64>() / n_windows as f64;
+    if !mean.is_finite() {
+        return Err(Error::Quality(format!(
+            "the perplexity is not finite: the logits overflowed{} although every layer's output \
+             was finite; the head (final norm, lm_head) produced inf/NaN",
+            dtype_note(spec.serve_dtype)
+        )));
+    }
     Ok(EvalResult {
         perplexity: mean.exp(),
         window_nll,
@@ -122,6 +167,44 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         seqlen,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Refuses a non-finite hidden state after layer `layer` (0-based), naming the layer, the window
+/// and position of the first bad value.
+fn check_finite(
+    hidden: &Tensor,
+    layer: usize,
+    seqlen: usize,
+    dtype: Option<candle_core::DType>,
+) -> Result<()> {
+    let cols = hidden.dim(1)?;
+    let values = hidden.flatten_all()?.to_vec1::<f32>()?;
+    let Some(i) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let token = i / cols;
+    Err(Error::Quality(format!(
+        "the output of layer {} (model.layers.{layer}) is not finite ({} at window {}, position {}, \
+         feature {}){}",
+        layer + 1,
+        values[i],
+        token / seqlen,
+        token % seqlen,
+        i % cols,
+        dtype_note(dtype)
+    )))
+}
+
+fn dtype_note(dtype: Option<candle_core::DType>) -> String {
+    match dtype {
+        Some(candle_core::DType::F16) => {
+            "; activations overflow float16 (±65504): serve this model \
+             in bfloat16 (awq quantize --dtype bfloat16) and evaluate with --dtype bfloat16"
+                .into()
+        }
+        Some(dt) => format!(" with activations rounded to {dt:?}"),
+        None => "; the weights are probably corrupt (re-export the checkpoint)".into(),
+    }
 }
 
 /// Σ −log_softmax(logits[r])[targets[r]] in f64.

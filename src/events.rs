@@ -11,6 +11,9 @@ pub enum Event<'a> {
     /// Something the user should know that is not an error (e.g. a stale staging directory
     /// was removed).
     Notice { message: String },
+    /// Something about the output the user must not miss (e.g. a float16 checkpoint whose
+    /// activations overflow float16); shown even with `--quiet`.
+    Warning { message: String },
     /// A named phase started (e.g. "tokenize", "embed", "head").
     Phase { name: &'static str },
     /// Decoder layer `index` (0-based) of `total` finished in `seconds`; `groups` holds the

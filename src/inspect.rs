@@ -34,6 +34,8 @@ pub struct Summary {
     /// `quantization_config` as written, or `None` for an unquantized checkpoint.
     pub quantization_config: Option<serde_json::Value>,
     pub files: Vec<String>,
+    /// Which weight files are read, in words (e.g. the single file wins over an index).
+    pub weights: String,
     pub tensor_count: usize,
     pub total_bytes: usize,
     /// Bytes per dtype.
@@ -92,6 +94,7 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
         tie_word_embeddings: cfg.get("tie_word_embeddings").and_then(|v| v.as_bool()),
         quantization_config: cfg.get("quantization_config").cloned(),
         files: (0..ckpt.files().len()).map(file_name).collect(),
+        weights: Checkpoint::weights_source(dir),
         tensor_count: tensors.len(),
         total_bytes: tensors.iter().map(|t| t.bytes).sum(),
         bytes_by_dtype: by_dtype,

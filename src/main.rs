@@ -1,6 +1,8 @@
 //! Thin binary: parse arguments, call the library, render its events, map errors to exit codes.
 
+use std::io::{self, BufWriter, StdoutLock, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use awq::error::{exit, Error, Result};
 use awq::events::Event;
@@ -28,13 +30,13 @@ fn main() -> ExitCode {
         Command::Quantize(args) => run_quantize(args),
         Command::Inspect(args) => run_inspect(args),
         Command::Verify(args) => run_verify(args),
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "awq", &mut std::io::stdout());
-            Ok(())
-        }
+        Command::Completions { shell } => run_completions(shell),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK as u8),
+        // stdout's reader went away (`awq inspect DIR | head -1`): end quietly, as ripgrep and
+        // cargo do.
+        Err(_) if stdout_closed() => ExitCode::from(exit::OK as u8),
         Err(e) => {
             eprintln!("error: {e}");
             if json_events {
@@ -48,9 +50,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// Set once a write to stdout failed because its reader went away (EPIPE).
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether stdout's reader went away; `main` then exits 0 quietly whatever the command returned.
+fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(Ordering::Relaxed)
+}
+
+/// Writes a command's output through `f` to stdout (buffered, flushed at the end), with write
+/// errors as [`Error`]s (see [`stdout_error`]) instead of `println!`'s panic.
+fn to_stdout(f: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<()>) -> Result<()> {
+    let mut out = BufWriter::new(io::stdout().lock());
+    f(&mut out).and_then(|()| out.flush()).map_err(stdout_error)
+}
+
+/// The error for a failed write to stdout. A closed stdout (EPIPE) is remembered for `main`,
+/// and whatever is still running (a quantize run emitting `--json` events) is asked to stop at
+/// its next unit of work and clean up, as on SIGINT: nobody reads its output any more.
+fn stdout_error(e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        awq::interrupt::flag().store(true, Ordering::Relaxed);
+    }
+    Error::Runtime(format!("cannot write to stdout: {e}"))
+}
+
+fn run_completions(shell: clap_complete::Shell) -> Result<()> {
+    // Generated in memory: clap_complete panics on a failed write.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "awq", &mut script);
+    to_stdout(|w| w.write_all(&script))
+}
+
 fn run_eval(args: cli::EvalArgs) -> Result<()> {
     let dir = awq::io::source::resolve(&args.source.model, args.source.revision.as_deref())?;
-    let model = awq::model::Model::open(&dir)?;
+    let mut model = awq::model::Model::open(&dir)?;
+    model.spec.serve_dtype = args.dtype.rounding();
     let tok = awq::tokenize::load(&dir)?;
     let bytes = std::fs::read(&args.text).map_err(|e| Error::input_io(&args.text, e))?;
     let text = String::from_utf8(bytes)
@@ -74,118 +110,51 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
             "predicted": res.predicted,
             "windows": res.window_nll.len(),
             "seqlen": res.seqlen,
+            "dtype": args.dtype,
             "window_nll": res.window_nll,
             "seconds": res.seconds,
         });
-        println!("{json}");
+        to_stdout(|w| writeln!(w, "{json}"))?;
     } else {
-        println!(
-            "perplexity {:.6} over {} predicted tokens ({} windows of {}) in {:.1}s",
-            res.perplexity,
-            res.predicted,
-            res.window_nll.len(),
-            res.seqlen,
-            res.seconds
-        );
+        to_stdout(|w| {
+            writeln!(
+                w,
+                "perplexity {:.6} over {} predicted tokens ({} windows of {}) in {:.1}s",
+                res.perplexity,
+                res.predicted,
+                res.window_nll.len(),
+                res.seqlen,
+                res.seconds
+            )
+        })?;
     }
     Ok(())
 }
 
 fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
-    use awq::quant::pack::Layout;
-    use awq::quant::search::Grid;
-    if args.search_blocks == Some(0) {
-        return Err(Error::Usage("--search-blocks must be at least 1".into()));
-    }
-    let layout_choice = match args.version {
-        cli::VersionArg::Auto => {
-            let workload = match args.workload {
-                cli::WorkloadArg::Batch => awq::gpu::Workload::Batch,
-                cli::WorkloadArg::Single => awq::gpu::Workload::Single,
-            };
-            let choice = awq::gpu::choose(awq::gpu::detect(), workload)?;
-            if !args.quiet {
-                eprintln!("[awq] --version auto: {}", choice.reason);
-                if let Some(w) = &choice.warning {
-                    eprintln!("warning: {w}");
-                }
-            }
-            Some(choice)
+    let (quiet, json_events, verbose) = (args.quiet, args.json, args.verbose);
+    let opts = awq::quantize::QuantizeOptions::try_from(args)?;
+    if let (Some(choice), false) = (&opts.layout_choice, quiet) {
+        eprintln!("[awq] --version auto: {}", choice.reason);
+        if let Some(w) = &choice.warning {
+            eprintln!("warning: {w}");
         }
-        _ => None,
-    };
-    let quality_gate = match &args.eval_text {
-        Some(text) => Some(awq::quantize::QualityGate {
-            text: text.clone(),
-            max_increase_pct: match &args.max_ppl_increase {
-                Some(p) => cli::parse_percent(p).ok_or_else(|| {
-                    Error::Usage(format!(
-                        "--max-ppl-increase {p:?} is not a percentage like 5%"
-                    ))
-                })?,
-                None => f64::INFINITY,
-            },
-            max_tokens: args.eval_max_tokens,
-        }),
-        None => None,
-    };
-    let shard_size = cli::parse_size(&args.shard_size).ok_or_else(|| {
-        Error::Usage(format!(
-            "--shard-size {:?} is not a size like 5GB or 500MB",
-            args.shard_size
-        ))
-    })?;
-    let opts = awq::quantize::QuantizeOptions {
-        model: args.source.model,
-        revision: args.source.revision,
-        output: args.output,
-        w_bit: args.w_bit,
-        group: args.group,
-        layout: match (args.version, &layout_choice) {
-            (_, Some(choice)) => choice.layout,
-            (cli::VersionArg::Gemv, None) => Layout::Gemv,
-            _ => Layout::Gemm,
-        },
-        layout_choice,
-        dry_run: args.dry_run,
-        resume: args.resume,
-        quality_gate,
-        calib: awq::calib::CalibOptions {
-            files: args.calib,
-            text_column: args.text_column,
-            n_samples: args.n_samples,
-            seqlen: args.seqlen,
-            seed: args.seed,
-            max_blocks: args.max_blocks,
-        },
-        grid: match args.grid {
-            cli::GridArg::Robust => Grid::Robust,
-            cli::GridArg::Autoawq => Grid::Autoawq,
-        },
-        n_grid: args.n_grid,
-        clip: !args.no_clip,
-        no_search: args.no_search,
-        search_blocks: args
-            .search_blocks
-            .or(args.fast.then_some(awq::quantize::FAST_SEARCH_BLOCKS)),
-        shard_size,
-        force: args.force,
-    };
-    let progress = Progress::new(args.quiet, args.json, args.verbose);
+    }
+    let progress = Progress::new(quiet, json_events, verbose);
     let sink = |ev: &Event| progress.handle(ev);
     let report = match awq::quantize::run(&opts, &sink)? {
         awq::quantize::Outcome::DryRun(plan) => {
-            if args.json {
+            if json_events {
                 progress.emit("done", json!({"dry_run": true}));
             } else {
-                render::plan(&plan);
+                to_stdout(|w| render::plan(w, &plan))?;
             }
             return Ok(());
         }
         awq::quantize::Outcome::Done(report) => report,
     };
     let w = &report.work;
-    if args.json {
+    if json_events {
         progress.emit(
             "done",
             json!({
@@ -198,7 +167,7 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
             }),
         );
     } else {
-        render::summary(&report, &opts.output);
+        to_stdout(|w| render::summary(w, &report, &opts.output))?;
     }
     if let Some(q) = report.quality.as_ref().filter(|q| !q.passed) {
         return Err(Error::Quality(format!(
@@ -217,46 +186,31 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
 fn run_inspect(args: cli::InspectArgs) -> Result<()> {
     let s = awq::inspect::inspect(&args.dir)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&s).map_err(|e| Error::Runtime(e.to_string()))?
-        );
-        return Ok(());
+        let json = serde_json::to_string(&s).map_err(|e| Error::Runtime(e.to_string()))?;
+        return to_stdout(|w| writeln!(w, "{json}"));
     }
-    render::inspect(&s);
-    Ok(())
+    to_stdout(|w| render::inspect(w, &s))
 }
 
 fn run_verify(args: cli::VerifyArgs) -> Result<()> {
-    let r = awq::verify::verify(&args.dir)?;
-    let tp_ok = args.tp.map(|tp| {
-        r.tensor_parallel
-            .iter()
-            .find(|t| t.tp == tp)
-            .is_some_and(|t| t.vllm_awq)
-    });
+    let opts = awq::verify::VerifyOptions {
+        tp: args.tp,
+        target: match args.target {
+            cli::TargetArg::Vllm => awq::verify::Target::Vllm,
+            cli::TargetArg::Tgi => awq::verify::Target::Tgi,
+            cli::TargetArg::Transformers => awq::verify::Target::Transformers,
+        },
+    };
+    let r = awq::verify::verify(&args.dir, &opts)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| Error::Runtime(e.to_string()))?
-        );
+        let json = serde_json::to_string(&r).map_err(|e| Error::Runtime(e.to_string()))?;
+        to_stdout(|w| writeln!(w, "{json}"))?;
     } else {
-        render::verify(&r);
+        to_stdout(|w| render::verify(w, &r))?;
     }
-    if !r.ok {
-        return Err(Error::Quality(format!(
-            "{}: {} violation(s), first: {}",
-            r.dir,
-            r.violations.len(),
-            r.violations.first().map_or("", String::as_str)
-        )));
+    // `ok` (printed above) is the verdict; the exit status follows it.
+    match r.failure() {
+        Some(why) => Err(Error::Quality(why)),
+        None => Ok(()),
     }
-    if tp_ok == Some(false) {
-        return Err(Error::Quality(format!(
-            "{}: vLLM cannot load it at tensor-parallel degree {}",
-            r.dir,
-            args.tp.unwrap_or(0)
-        )));
-    }
-    Ok(())
 }

@@ -2,7 +2,8 @@
 //! logs (stderr not a terminal, `NO_COLOR` or `TERM=dumb`), JSON Lines on stdout with `--json`,
 //! nothing with `--quiet`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use awq::events::Event;
@@ -12,6 +13,9 @@ use serde_json::json;
 
 /// Version of the JSON Lines event schema (README, "JSON events").
 pub const SCHEMA: u32 = 1;
+
+/// Set after the first failed write of a JSON event (other than a closed stdout).
+static EMIT_FAILED: AtomicBool = AtomicBool::new(false);
 
 pub struct Progress {
     quiet: bool,
@@ -53,13 +57,24 @@ impl Progress {
         self
     }
 
-    /// A JSON Lines record on stdout.
+    /// A JSON Lines record on stdout, flushed. Once stdout's reader has gone away (EPIPE) the
+    /// run is asked to stop (see `stdout_error` in main) and nothing more is written; another
+    /// write error is reported once on stderr.
     pub fn emit(&self, event: &str, body: serde_json::Value) {
+        if crate::stdout_closed() {
+            return;
+        }
         let mut obj = json!({"schema": SCHEMA, "event": event});
         if let (Some(o), serde_json::Value::Object(b)) = (obj.as_object_mut(), body) {
             o.extend(b);
         }
-        println!("{obj}");
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{obj}").and_then(|()| out.flush()) {
+            let e = crate::stdout_error(e);
+            if !crate::stdout_closed() && !EMIT_FAILED.swap(true, Ordering::Relaxed) {
+                eprintln!("warning: JSON events lost: {e}");
+            }
+        }
     }
 
     pub fn handle(&self, ev: &Event) {
@@ -68,6 +83,7 @@ impl Progress {
                 Event::Plan(plan) => self.emit("start", json!({ "plan": plan })),
                 Event::Phase { name } => self.emit("phase", json!({ "name": name })),
                 Event::Notice { message } => self.emit("notice", json!({ "message": message })),
+                Event::Warning { message } => self.emit("warning", json!({ "message": message })),
                 Event::Layer {
                     index,
                     total,
@@ -78,6 +94,14 @@ impl Progress {
                     json!({"index": index, "total": total, "seconds": seconds, "groups": groups}),
                 ),
             }
+        }
+        if let Event::Warning { message } = ev {
+            // Shown even with --quiet: it describes the output, not the progress.
+            match &self.bar {
+                Some(bar) => bar.println(format!("warning: {message}")),
+                None => eprintln!("warning: {message}"),
+            }
+            return;
         }
         if self.quiet {
             return;

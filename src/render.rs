@@ -1,5 +1,8 @@
 //! Human-readable output of the commands on stdout (the JSON forms are serialized directly).
+//! Every function writes to the writer it is given and returns the write error, so that a
+//! closed stdout (`awq inspect DIR | head -1`) ends the command quietly instead of panicking.
 
+use std::io::{self, Write};
 use std::path::Path;
 
 use awq::inspect::Summary;
@@ -7,15 +10,17 @@ use awq::quantize::{Plan, Report};
 use awq::verify::VerifyReport;
 
 /// `--dry-run`: the resolved plan.
-pub fn plan(plan: &Plan) {
-    println!("dry run: nothing written");
-    println!(
+pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
+    writeln!(w, "dry run: nothing written")?;
+    writeln!(
+        w,
         "model        {} ({}, {} layers)",
         plan.model_dir.display(),
         plan.architecture,
         plan.layers
-    );
-    println!(
+    )?;
+    writeln!(
+        w,
         "calibration  {} ({} of {} documents, {} blocks of {} = {} tokens)",
         plan.calibration.source,
         plan.calibration.documents_used,
@@ -23,8 +28,9 @@ pub fn plan(plan: &Plan) {
         plan.calibration.blocks,
         plan.calibration.seqlen,
         plan.calibration.tokens
-    );
-    println!(
+    )?;
+    writeln!(
+        w,
         "quantization {}-bit, group {}, {}{}",
         plan.w_bit,
         plan.group,
@@ -32,32 +38,36 @@ pub fn plan(plan: &Plan) {
         plan.layout_reason
             .as_ref()
             .map_or(String::new(), |r| format!(" ({r})"))
-    );
+    )?;
     for (name, [out, inp]) in &plan.linears {
-        println!("  linear     {name} [{out}, {inp}]");
+        writeln!(w, "  linear     {name} [{out}, {inp}]")?;
     }
     for (name, linears, inspect) in &plan.scale_groups {
-        println!(
+        writeln!(
+            w,
             "  group      {name}: {} (inspects {inspect})",
             linears.join(", ")
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        w,
         "output       {} (about {:.1} MB)",
         plan.output.display(),
         plan.output_bytes_estimate as f64 / 1e6
-    );
-    println!(
+    )?;
+    writeln!(
+        w,
         "memory       about {:.0} MB peak",
         plan.peak_memory_estimate_mb
-    );
+    )?;
+    Ok(())
 }
 
 /// `awq quantize`: where the output went, where the time went, and the quality gate.
-pub fn summary(report: &Report, output: &Path) {
+pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Result<()> {
     let w = &report.work;
     let p = &w.seconds;
-    println!(
+    writeln!(out,
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
              time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
              matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
@@ -79,9 +89,10 @@ pub fn summary(report: &Report, output: &Path) {
             100.0 * w.matmul_share,
             w.peak_rss_mb
                 .map_or("unknown".into(), |m| format!("{m:.0} MB")),
-        );
+        )?;
     if let Some(q) = &report.quality {
-        println!(
+        writeln!(
+            out,
             "quality: perplexity {:.4} → {:.4} ({:+.2}%, limit {}%) on {} tokens of {}",
             q.fp_perplexity,
             q.quantized_perplexity,
@@ -89,15 +100,17 @@ pub fn summary(report: &Report, output: &Path) {
             q.max_increase_pct,
             q.tokens,
             q.text.display()
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `awq inspect`.
-pub fn inspect(s: &Summary) {
+pub fn inspect(w: &mut impl Write, s: &Summary) -> io::Result<()> {
     let opt = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
-    println!("{}", s.dir);
-    println!(
+    writeln!(w, "{}", s.dir)?;
+    writeln!(
+        w,
         "architecture {} — {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}",
         s.architecture.as_deref().unwrap_or("?"),
         opt(s.layers),
@@ -106,15 +119,17 @@ pub fn inspect(s: &Summary) {
         opt(s.attention_heads),
         opt(s.key_value_heads),
         opt(s.vocab_size)
-    );
+    )?;
     match &s.quantization_config {
-        Some(q) => println!("quantization {q}"),
-        None => println!(
+        Some(q) => writeln!(w, "quantization {q}")?,
+        None => writeln!(
+            w,
             "quantization none ({})",
             s.torch_dtype.as_deref().unwrap_or("?")
-        ),
+        )?,
     }
-    println!(
+    writeln!(
+        w,
         "{} tensors in {} file(s), {:.1} MB: {}",
         s.tensor_count,
         s.files.len(),
@@ -124,40 +139,88 @@ pub fn inspect(s: &Summary) {
             .map(|(d, b)| format!("{d} {:.1} MB", *b as f64 / 1e6))
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )?;
+    writeln!(w, "weights read: {}", s.weights)?;
     for t in &s.tensors {
-        println!(
+        writeln!(
+            w,
             "  {:<60} {:<5} {:<16} {:>12}",
             t.name,
             t.dtype,
             format!("{:?}", t.shape),
             t.bytes
-        );
+        )?;
     }
+    Ok(())
 }
 
-/// `awq verify`: violations, then loadability per tensor-parallel degree.
-pub fn verify(r: &VerifyReport) {
-    println!(
+/// `awq verify`: every violation, vLLM's verdict per tensor-parallel degree with every reason,
+/// then per loader loadable or not, and the verdict for `--for` (the exit status agrees).
+pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
+    writeln!(
+        w,
         "{}: {} {} layers, group {}, {} — {} linears checked",
-        r.dir, r.architecture, r.layers, r.group, r.version, r.linears_checked
-    );
+        r.dir,
+        r.architecture,
+        r.layers,
+        r.group,
+        r.version.to_uppercase(),
+        r.linears_checked
+    )?;
     for v in &r.violations {
-        println!("  FAIL {v}");
+        writeln!(w, "  FAIL {v}")?;
     }
-    for t in &r.tensor_parallel {
-        let status = match (t.vllm_awq, t.vllm_awq_marlin) {
-            (true, true) => "vLLM awq + awq_marlin",
-            (true, false) => "vLLM awq (no Marlin)",
-            _ => "not loadable",
-        };
-        println!("  tp {}: {status}", t.tp);
-        if !t.vllm_awq || !t.vllm_awq_marlin {
-            for reason in t.reasons.iter().take(3) {
-                println!("         {reason}");
+    if r.version == "gemv" {
+        writeln!(
+            w,
+            "  tensor parallel: not applicable (vLLM and TGI load the GEMM layout only)"
+        )?;
+    } else {
+        for t in &r.tensor_parallel {
+            let status = match (t.vllm_awq, t.vllm_awq_marlin) {
+                (true, true) => "vLLM awq + awq_marlin",
+                (true, false) => "vLLM awq (no Marlin)",
+                _ => "not loadable by vLLM",
+            };
+            writeln!(w, "  tp {}: {status}", t.tp)?;
+            // Why not loadable; when loadable, why not Marlin.
+            let marlin = if t.vllm_awq {
+                &t.marlin_reasons[..]
+            } else {
+                &[][..]
+            };
+            for reason in t.reasons.iter().chain(marlin) {
+                writeln!(w, "         {reason}")?;
             }
         }
     }
-    println!("  loaders: {}", r.loaders.join(", "));
-    println!("{}", if r.ok { "ok" } else { "FAILED" });
+    for t in &r.targets {
+        let name = if t.target.tensor_parallel() {
+            format!("{} (tp {})", t.target.name(), t.tp)
+        } else {
+            t.target.name().to_string()
+        };
+        let chosen = if t.target == r.target {
+            "  [--for]"
+        } else {
+            ""
+        };
+        let status = if t.loadable {
+            "loadable"
+        } else {
+            "not loadable"
+        };
+        writeln!(w, "  {name}: {status}{chosen}")?;
+        for reason in &t.reasons {
+            writeln!(w, "         {reason}")?;
+        }
+    }
+    let verdict = if r.ok { "ok" } else { "FAILED" };
+    let not = if r.ok { "" } else { "not " };
+    let tp = if r.target.tensor_parallel() {
+        format!(" at tensor-parallel degree {}", r.tp)
+    } else {
+        String::new()
+    };
+    writeln!(w, "{verdict}: {not}loadable by {}{tp}", r.target.name())
 }

@@ -1,12 +1,13 @@
 //! `awq verify`: checks an AWQ checkpoint against what its loaders require (AWQ-SPEC §10) before
 //! it ships. Every linear of every layer is checked for presence, dtype and packed shape, every
 //! packed tensor is dequantized and checked for finite values, and each tensor-parallel degree
-//! is checked against vLLM's per-partition rules (`awq` and `awq_marlin`), which TGI and
-//! transformers share for the GEMM layout.
+//! is checked against vLLM's per-partition rules (`awq` and `awq_marlin`), which TGI shares.
 //!
-//! A violation at tensor-parallel degree 1 (or a missing, mistyped or non-finite tensor) means
-//! the checkpoint is broken: `ok` is false and the CLI exits 5. A degree > 1 that a loader
-//! cannot split is reported, not a failure, unless the caller requires it (`--tp`).
+//! The verdict is per loader ([`Target`]): vLLM and TGI load the GEMM layout only, at a
+//! tensor-parallel degree whose partitions satisfy the rules; transformers (with the `autoawq`
+//! package) and AutoAWQ load GEMM and GEMV on one rank. A missing, mistyped or non-finite
+//! tensor makes the checkpoint loadable by none of them. [`VerifyReport::ok`] is the verdict for
+//! the requested target at the requested degree, and the CLI exits 5 exactly when it is false.
 
 use std::path::Path;
 
@@ -16,43 +17,170 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
-use crate::model::config::{AwqFormat, LinearShape};
+use crate::model::config::{AwqFormat, LinearShape, ModelSpec};
 use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
 use crate::model::{load_spec, EMBED, FINAL_NORM, LM_HEAD};
 use crate::quant::pack::{unpack, Layout};
 
+/// Tensor-parallel degrees always reported (a `--tp N` outside them is added).
 pub const TP_DEGREES: [usize; 4] = [1, 2, 4, 8];
 
 /// Group sizes the Marlin kernels accept (−1 = per channel).
 const MARLIN_GROUPS: [usize; 3] = [32, 64, 128];
 
+/// Why vLLM and TGI refuse a GEMV checkpoint, and what to do instead (README, model card).
+pub const GEMV_NOT_SERVABLE: &str = "the GEMV layout: vLLM and TGI load the GEMM layout only; \
+     GEMV loads in transformers (with the autoawq package) and AutoAWQ \
+     (check it with --for transformers), or re-quantize with --version gemm";
+
+/// A loader the checkpoint must load in (`awq verify --for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// vLLM (`awq`, `awq_marlin`): GEMM only, tensor parallel.
+    Vllm,
+    /// Text Generation Inference: GEMM only, tensor parallel with vLLM's rules.
+    Tgi,
+    /// transformers with the `autoawq` package (and AutoAWQ itself): GEMM and GEMV, one rank.
+    Transformers,
+}
+
+impl Target {
+    /// Every target, in report order.
+    pub const ALL: [Target; 3] = [Target::Vllm, Target::Tgi, Target::Transformers];
+
+    /// The name used on the command line and in the JSON report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Vllm => "vllm",
+            Target::Tgi => "tgi",
+            Target::Transformers => "transformers",
+        }
+    }
+
+    /// Whether the loader splits linears across tensor-parallel ranks (and `--tp` applies).
+    pub fn tensor_parallel(self) -> bool {
+        self != Target::Transformers
+    }
+}
+
+/// What `awq verify` is asked to require.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyOptions {
+    /// Tensor-parallel degree the target must load at (`None`: 1).
+    pub tp: Option<usize>,
+    /// The loader whose verdict decides [`VerifyReport::ok`].
+    pub target: Target,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            tp: None,
+            target: Target::Vllm,
+        }
+    }
+}
+
+/// vLLM's verdict at one tensor-parallel degree.
 #[derive(Debug, Clone, Serialize)]
 pub struct TpSupport {
+    /// The tensor-parallel degree.
     pub tp: usize,
     /// vLLM's `awq` kernels (and TGI) can load the model at this degree.
     pub vllm_awq: bool,
     /// vLLM's faster `awq_marlin` path applies to every linear at this degree.
     pub vllm_awq_marlin: bool,
-    /// Why not, when either is false.
+    /// Why `awq` cannot load it (empty when `vllm_awq`).
+    pub reasons: Vec<String>,
+    /// Why `awq_marlin` does not apply (beyond `reasons`).
+    pub marlin_reasons: Vec<String>,
+}
+
+/// Whether one loader can load the checkpoint, and why not.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetSupport {
+    /// The loader.
+    pub target: Target,
+    /// The tensor-parallel degree checked (1 for transformers).
+    pub tp: usize,
+    /// The loader can load the checkpoint at `tp`.
+    pub loadable: bool,
+    /// Why not, when `loadable` is false.
     pub reasons: Vec<String>,
 }
 
+/// Everything `awq verify` found.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
+    /// The checkpoint directory.
     pub dir: String,
+    /// The verdict: `target` loads the checkpoint at degree `tp` (the CLI exits 5 when false).
     pub ok: bool,
+    /// The loader the verdict is for (`--for`).
+    pub target: Target,
+    /// The tensor-parallel degree the verdict is for (`--tp`, default 1).
+    pub tp: usize,
+    /// `architectures[0]` of config.json.
     pub architecture: String,
+    /// Decoder layers.
     pub layers: usize,
+    /// Quantization group size.
     pub group: usize,
+    /// Packed layout, `gemm` or `gemv`.
     pub version: String,
+    /// Linears checked over all layers.
     pub linears_checked: usize,
+    /// What is broken in the checkpoint itself (every loader fails on it).
     pub violations: Vec<String>,
+    /// vLLM's verdict per tensor-parallel degree (1, 2, 4, 8 and `--tp`).
     pub tensor_parallel: Vec<TpSupport>,
-    /// Which loaders accept the layout (GEMV is not loadable by vLLM).
+    /// Per loader: loadable or not, and why.
+    pub targets: Vec<TargetSupport>,
+    /// Which loaders accept the layout (GEMV is not loadable by vLLM or TGI).
     pub loaders: Vec<String>,
 }
 
-pub fn verify(dir: &Path) -> Result<VerifyReport> {
+impl VerifyReport {
+    /// The verdict's entry of [`VerifyReport::targets`].
+    pub fn verdict(&self) -> Option<&TargetSupport> {
+        self.targets.iter().find(|t| t.target == self.target)
+    }
+
+    /// Why the verdict is negative, in one line (`None` when `ok`).
+    pub fn failure(&self) -> Option<String> {
+        if self.ok {
+            return None;
+        }
+        let reasons = self
+            .verdict()
+            .map_or_else(String::new, |t| t.reasons.join("; "));
+        Some(format!(
+            "{}: not loadable by {} at tensor-parallel degree {}: {reasons}",
+            self.dir,
+            self.target.name(),
+            self.tp
+        ))
+    }
+}
+
+/// Checks the AWQ checkpoint in `dir` and decides whether `opts.target` loads it at degree
+/// `opts.tp`. `Err` when it is not an AWQ checkpoint (or cannot be read); a checkpoint that
+/// fails the checks is an `Ok` report with `ok` false.
+pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let tp = opts.tp.unwrap_or(1);
+    if tp == 0 {
+        return Err(Error::Usage(
+            "--tp must be at least 1 (the number of tensor-parallel ranks)".into(),
+        ));
+    }
+    if tp > 1 && !opts.target.tensor_parallel() {
+        return Err(Error::Usage(format!(
+            "--tp {tp} with --for {}: it loads an AWQ checkpoint on one rank; \
+             tensor-parallel splits are checked for --for vllm and tgi",
+            opts.target.name()
+        )));
+    }
     if !dir.is_dir() {
         return Err(input_err!("{} is not a directory", dir.display()));
     }
@@ -65,6 +193,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     };
     let ckpt = Checkpoint::open_dir(dir)?;
     let mut v = Vec::new();
+    let float_dtype = float_dtype(dir)?;
 
     let float = |name: &str, shape: &[usize], v: &mut Vec<String>| {
         if !ckpt.contains(name) {
@@ -75,18 +204,16 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
             Ok(m) if m.shape != shape => {
                 v.push(format!("{name}: shape {:?}, expected {shape:?}", m.shape))
             }
-            Ok(m) if m.dtype != Dtype::F16 => v.push(format!(
-                "{name}: dtype {:?}, expected F16 (vLLM's AWQ kernels run in float16)",
+            Ok(m) if m.dtype != float_dtype => v.push(format!(
+                "{name}: dtype {:?}, but config.json's torch_dtype says {float_dtype:?}",
                 m.dtype
             )),
-            Ok(_) => match ckpt.f16s(name, shape) {
-                Ok(vals) => {
-                    if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
-                        v.push(format!("{name}: non-finite value at index {i}"));
-                    }
+            // Converts and checks every value for NaN/Inf (the error names the index).
+            Ok(_) => {
+                if let Err(e) = ckpt.f32(name, shape) {
+                    v.push(format!("{name}: {e}"));
                 }
-                Err(e) => v.push(format!("{name}: {e}")),
-            },
+            }
             Err(e) => v.push(format!("{name}: {e}")),
         }
     };
@@ -124,30 +251,40 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         }
     }
 
-    let tensor_parallel: Vec<TpSupport> = TP_DEGREES
-        .iter()
-        .map(|&tp| tp_support(&spec, &linears, fmt, tp))
-        .collect();
-    if let Some(tp1) = tensor_parallel.first() {
-        if !tp1.vllm_awq && fmt.layout == Layout::Gemm {
-            v.extend(
-                tp1.reasons
-                    .iter()
-                    .map(|r| format!("tensor parallel 1: {r}")),
-            );
-        }
+    let mut degrees = TP_DEGREES.to_vec();
+    if !degrees.contains(&tp) {
+        degrees.push(tp);
+        degrees.sort_unstable();
     }
+    let tensor_parallel: Vec<TpSupport> = degrees
+        .iter()
+        .map(|&d| tp_support(&spec, &linears, fmt, d))
+        .collect();
+    let at_tp = tensor_parallel
+        .iter()
+        .find(|t| t.tp == tp)
+        .expect("the requested degree is analysed");
+    let targets: Vec<TargetSupport> = Target::ALL
+        .iter()
+        .map(|&target| target_support(target, tp, &v, at_tp, float_dtype))
+        .collect();
+    let ok = targets
+        .iter()
+        .any(|t| t.target == opts.target && t.loadable);
     let loaders = match fmt.layout {
         Layout::Gemm => vec![
             "vllm (awq, awq_marlin)".into(),
             "tgi".into(),
-            "transformers".into(),
+            "transformers (with autoawq)".into(),
+            "autoawq".into(),
         ],
-        Layout::Gemv => vec!["transformers (WQLinear_GEMV)".into(), "autoawq".into()],
+        Layout::Gemv => vec!["transformers (with autoawq)".into(), "autoawq".into()],
     };
     Ok(VerifyReport {
         dir: dir.display().to_string(),
-        ok: v.is_empty(),
+        ok,
+        target: opts.target,
+        tp,
         architecture: spec.architecture.clone(),
         layers: spec.layers,
         group: fmt.group,
@@ -155,8 +292,75 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         linears_checked: checked,
         violations: v,
         tensor_parallel,
+        targets,
         loaders,
     })
+}
+
+/// Whether `target` loads the checkpoint: no violation, and for vLLM and TGI the GEMM layout
+/// split by vLLM's rules at degree `tp` (`at_tp`; transformers runs on one rank).
+///
+/// A bfloat16 checkpoint (`awq quantize --dtype`, chosen when activations overflow float16):
+/// vLLM's `awq` kernels run float16 only, `awq_marlin` (compute capability 8.0+) runs bfloat16,
+/// so vLLM needs Marlin at that degree; TGI's AWQ path runs float16; transformers loads it.
+fn target_support(
+    target: Target,
+    tp: usize,
+    violations: &[String],
+    at_tp: &TpSupport,
+    float_dtype: Dtype,
+) -> TargetSupport {
+    let mut reasons = Vec::new();
+    if let Some(first) = violations.first() {
+        reasons.push(format!(
+            "the checkpoint is broken: {} violation(s), first: {first}",
+            violations.len()
+        ));
+    }
+    let tp = if target.tensor_parallel() { tp } else { 1 };
+    if target.tensor_parallel() && !at_tp.vllm_awq {
+        reasons.extend(at_tp.reasons.iter().cloned());
+    }
+    if float_dtype == Dtype::BF16 && reasons.is_empty() {
+        match target {
+            Target::Vllm if !at_tp.vllm_awq_marlin => {
+                reasons.push(
+                    "torch_dtype bfloat16: vLLM's awq kernels run float16 only and awq_marlin \
+                     (which runs bfloat16) does not apply here"
+                        .into(),
+                );
+                reasons.extend(at_tp.marlin_reasons.iter().cloned());
+            }
+            Target::Tgi => reasons.push(
+                "torch_dtype bfloat16: TGI's AWQ kernels run float16 (the model's activations \
+                 overflow float16, which is why awq wrote bfloat16)"
+                    .into(),
+            ),
+            _ => {}
+        }
+    }
+    TargetSupport {
+        target,
+        tp,
+        loadable: reasons.is_empty(),
+        reasons,
+    }
+}
+
+/// The dtype config.json's `torch_dtype` gives the unquantized tensors (float16 when absent).
+fn float_dtype(dir: &Path) -> Result<Dtype> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::input_io(&path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| input_err!("{} is not valid JSON: {e}", path.display()))?;
+    match cfg.get("torch_dtype").and_then(|d| d.as_str()) {
+        None | Some("float16") => Ok(Dtype::F16),
+        Some("bfloat16") => Ok(Dtype::BF16),
+        Some(other) => Err(input_err!(
+            "{}: torch_dtype {other:?} is not one an AWQ checkpoint uses (float16, bfloat16)",
+            path.display()
+        )),
+    }
 }
 
 /// Presence, dtype and shape of qweight/qzeros/scales, then dequantization and finiteness.
@@ -240,48 +444,68 @@ fn check_linear(
     }
 }
 
-/// vLLM's rules at tensor-parallel degree `tp` (AWQ-SPEC §10.1, §10.2): attention heads split
-/// across ranks; q/k/v/gate/up split their outputs (column parallel), o/down their inputs (row
-/// parallel); per partition `in % group == 0` and `out % 8 == 0`; Marlin also needs
-/// `out % 64 == 0`, `in % 128 == 0` and a group in {32, 64, 128}.
-fn tp_support(
-    spec: &crate::model::config::ModelSpec,
-    linears: &[LinearShape],
-    fmt: AwqFormat,
-    tp: usize,
-) -> TpSupport {
+/// vLLM's rules at tensor-parallel degree `tp`, any `tp` ≥ 1 (AWQ-SPEC §10.1, §10.2): the
+/// attention heads split across ranks (key/value heads split, or replicate when fewer than
+/// ranks); q/k/v/gate/up split their outputs (column parallel), o/down their inputs (row
+/// parallel). Per partition the `awq` kernels need `in % group == 0` and `out % 8 == 0` (the
+/// int32 pack factor); Marlin also needs `out % 64 == 0` over the merged qkv and gate_up
+/// projections, `in % 128 == 0` and a group in {32, 64, 128}. GEMV is not loadable at all.
+fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usize) -> TpSupport {
     let mut awq = Vec::new();
     let mut marlin = Vec::new();
     if fmt.layout == Layout::Gemv {
-        awq.push("vLLM and TGI load the GEMM layout only".to_string());
+        return TpSupport {
+            tp,
+            vllm_awq: false,
+            vllm_awq_marlin: false,
+            reasons: vec![GEMV_NOT_SERVABLE.to_string()],
+            marlin_reasons: Vec::new(),
+        };
     }
-    if !spec.heads.is_multiple_of(tp) {
+    let heads_split = spec.heads.is_multiple_of(tp);
+    if !heads_split {
         awq.push(format!(
             "{} attention heads do not split over {tp} ranks",
             spec.heads
         ));
     }
-    if !(spec.kv_heads.is_multiple_of(tp) || tp.is_multiple_of(spec.kv_heads)) {
+    let kv_per_rank = if spec.kv_heads.is_multiple_of(tp) {
+        Some(spec.kv_heads / tp)
+    } else if tp.is_multiple_of(spec.kv_heads) {
+        Some(1)
+    } else {
         awq.push(format!(
             "{} key/value heads neither split over nor replicate to {tp} ranks",
             spec.kv_heads
         ));
-    }
+        None
+    };
+    // Marlin checks the merged modules vLLM builds: (name, summed out, in) per rank.
+    let mut merged: Vec<(&str, usize, usize)> = Vec::new();
     for l in linears {
         let row_parallel = l.name.ends_with("o_proj") || l.name.ends_with("down_proj");
-        let (out, inp) = if row_parallel {
-            (l.out, l.inp / tp)
+        let split = if l.name.ends_with("k_proj") || l.name.ends_with("v_proj") {
+            // Reported above when the key/value heads do not split.
+            kv_per_rank.map(|h| h * spec.head_dim)
+        } else if l.name.ends_with("q_proj") || l.name.ends_with("o_proj") {
+            heads_split.then(|| spec.heads / tp * spec.head_dim)
         } else {
-            (l.out / tp, l.inp)
+            let whole = if row_parallel { l.inp } else { l.out };
+            if !whole.is_multiple_of(tp) {
+                awq.push(format!(
+                    "{}: {whole} {} do not split over {tp} ranks",
+                    l.name,
+                    if row_parallel { "inputs" } else { "outputs" }
+                ));
+            }
+            whole.is_multiple_of(tp).then(|| whole / tp)
         };
-        let split = if row_parallel { l.inp } else { l.out };
-        if !split.is_multiple_of(tp) {
-            awq.push(format!(
-                "{}: {split} does not split over {tp} ranks",
-                l.name
-            ));
-            continue;
-        }
+        let Some(split) = split else { continue };
+        let (out, inp) = if row_parallel {
+            (l.out, split)
+        } else {
+            (split, l.inp)
+        };
         if !inp.is_multiple_of(fmt.group) {
             awq.push(format!(
                 "{}: input partition {inp} is not divisible by group {}",
@@ -294,16 +518,25 @@ fn tp_support(
                 l.name
             ));
         }
+        let module = match l.name.rsplit_once('.') {
+            Some(("self_attn", "q_proj" | "k_proj" | "v_proj")) => "self_attn.qkv_proj",
+            Some(("mlp", "gate_proj" | "up_proj")) => "mlp.gate_up_proj",
+            _ => l.name,
+        };
+        match merged.iter_mut().find(|m| m.0 == module) {
+            Some(m) => m.1 += out,
+            None => merged.push((module, out, inp)),
+        }
+    }
+    for (module, out, inp) in merged {
         if !out.is_multiple_of(64) {
             marlin.push(format!(
-                "{}: output partition {out} is not divisible by 64 (Marlin)",
-                l.name
+                "{module}: output partition {out} is not divisible by 64 (Marlin)"
             ));
         }
         if !inp.is_multiple_of(128) {
             marlin.push(format!(
-                "{}: input partition {inp} is not divisible by 128 (Marlin)",
-                l.name
+                "{module}: input partition {inp} is not divisible by 128 (Marlin)"
             ));
         }
     }
@@ -314,12 +547,115 @@ fn tp_support(
         ));
     }
     let vllm_awq = awq.is_empty();
-    let vllm_awq_marlin = vllm_awq && marlin.is_empty();
-    awq.extend(marlin);
     TpSupport {
         tp,
         vllm_awq,
-        vllm_awq_marlin,
+        vllm_awq_marlin: vllm_awq && marlin.is_empty(),
         reasons: awq,
+        marlin_reasons: marlin,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::HfConfig;
+
+    /// SmolLM2-135M's shape: hidden 576, 9 heads (3 key/value) of 64, intermediate 1536.
+    fn smollm2() -> ModelSpec {
+        serde_json::from_value::<HfConfig>(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 1, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152
+        }))
+        .unwrap()
+        .base_spec(true)
+        .unwrap()
+    }
+
+    fn at(tp: usize, layout: Layout) -> TpSupport {
+        let spec = smollm2();
+        let fmt = AwqFormat { group: 64, layout };
+        tp_support(&spec, &spec.linears(), fmt, tp)
+    }
+
+    #[test]
+    fn any_degree_is_analysed() {
+        // tp 1: awq, not Marlin (576 inputs are not a multiple of 128).
+        let t = at(1, Layout::Gemm);
+        assert!(t.vllm_awq && !t.vllm_awq_marlin, "{t:?}");
+        assert!(
+            t.marlin_reasons
+                .iter()
+                .any(|r| r.contains("input partition 576 is not divisible by 128")),
+            "{t:?}"
+        );
+        // The merged qkv projection (576 + 192 + 192) is what Marlin checks for % 64.
+        assert!(
+            !t.marlin_reasons.iter().any(|r| r.contains("k_proj")),
+            "{t:?}"
+        );
+        // tp 3: 9 heads and 3 key/value heads split; every partition is aligned.
+        let t = at(3, Layout::Gemm);
+        assert!(t.vllm_awq, "{t:?}");
+        // tp 9: heads split and key/value heads replicate (one per rank), but the 1536
+        // intermediate features do not split.
+        let t = at(9, Layout::Gemm);
+        assert_eq!(t.reasons.len(), 3, "{t:?}");
+        assert!(t.reasons.iter().all(|r| r.contains("1536")), "{t:?}");
+        // tp 2, 4, 5, 6: 9 heads do not split.
+        for tp in [2, 4, 5, 6] {
+            let t = at(tp, Layout::Gemm);
+            assert!(!t.vllm_awq, "{tp}");
+            assert!(
+                t.reasons[0].contains("9 attention heads do not split over"),
+                "{t:?}"
+            );
+        }
+        // tp 18: heads do not split; key/value heads replicate (18 % 3 == 0): not a reason.
+        let t = at(18, Layout::Gemm);
+        assert!(t.reasons[0].contains("9 attention heads"), "{t:?}");
+        assert!(!t.reasons.iter().any(|r| r.contains("key/value")), "{t:?}");
+    }
+
+    #[test]
+    fn gemv_is_not_loadable_by_vllm_at_any_degree() {
+        for tp in [1, 3] {
+            let t = at(tp, Layout::Gemv);
+            assert!(!t.vllm_awq && !t.vllm_awq_marlin);
+            assert_eq!(t.reasons, [GEMV_NOT_SERVABLE]);
+        }
+        let t = at(1, Layout::Gemv);
+        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::F16);
+        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::F16);
+        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::F16);
+        assert!(!vllm.loadable && !tgi.loadable && hf.loadable);
+        assert!(vllm.reasons[0].contains("--for transformers"));
+        assert!(vllm.reasons[0].contains("--version gemm"));
+    }
+
+    #[test]
+    fn bfloat16_needs_marlin_in_vllm_and_is_refused_by_tgi() {
+        // SmolLM2 at tp 1: awq loads, Marlin does not (576 % 128 ≠ 0).
+        let t = at(1, Layout::Gemm);
+        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::BF16);
+        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::BF16);
+        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::BF16);
+        assert!(
+            !vllm.loadable && vllm.reasons[0].contains("awq_marlin"),
+            "{vllm:?}"
+        );
+        assert!(!tgi.loadable && hf.loadable);
+    }
+
+    #[test]
+    fn a_violation_fails_every_target() {
+        let t = at(1, Layout::Gemm);
+        let v = ["model.layers.0.self_attn.q_proj.qweight: missing".to_string()];
+        for target in Target::ALL {
+            let s = target_support(target, 1, &v, &t, Dtype::F16);
+            assert!(!s.loadable);
+            assert!(s.reasons[0].contains("q_proj.qweight: missing"));
+        }
     }
 }

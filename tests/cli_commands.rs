@@ -408,3 +408,301 @@ fn completions_for_every_shell() {
     }
     assert_eq!(awq(&["completions", "tcsh"], &[]).code, 2);
 }
+
+/// `--tp N` is analysed for any N ≥ 1 (0 is a usage error), the text verdict and the JSON `ok`
+/// agree with the exit status, and every reason is printed.
+#[test]
+fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
+    let s = setup();
+    let out = s.tmp.path().join("out");
+    assert_eq!(quantize(&s, &out, &["-q"]).code, 0);
+    let dir = out.to_str().unwrap();
+    let r = awq(&["verify", "--tp", "0", dir], &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // llama64: 4 heads of 16 (4 key/value heads), hidden 64, intermediate 128, group 32.
+    // tp 2 splits; tp 3 splits nothing; tp 4 leaves o_proj 16 inputs (< one group); tp 8
+    // splits no heads and leaves down_proj 16 inputs.
+    for (tp, loadable, expect) in [
+        ("1", true, vec![]),
+        ("2", true, vec![]),
+        (
+            "3",
+            false,
+            vec![
+                "4 attention heads do not split over 3 ranks",
+                "4 key/value heads neither split over nor replicate to 3 ranks",
+                "mlp.gate_proj: 128 outputs do not split over 3 ranks",
+                "mlp.up_proj: 128 outputs do not split over 3 ranks",
+                "mlp.down_proj: 128 inputs do not split over 3 ranks",
+            ],
+        ),
+        (
+            "4",
+            false,
+            vec!["self_attn.o_proj: input partition 16 is not divisible by group 32"],
+        ),
+        (
+            "8",
+            false,
+            vec![
+                "4 attention heads do not split over 8 ranks",
+                "mlp.down_proj: input partition 16 is not divisible by group 32",
+            ],
+        ),
+    ] {
+        let text = awq(&["verify", "--tp", tp, dir], &[]);
+        let json = awq(&["verify", "--json", "--tp", tp, dir], &[]);
+        let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+        let want = if loadable { 0 } else { 5 };
+        assert_eq!(text.code, want, "tp {tp}: {}", text.stdout);
+        assert_eq!(json.code, want, "tp {tp}");
+        assert_eq!(v["ok"], loadable, "tp {tp}");
+        assert_eq!(v["tp"], tp.parse::<u64>().unwrap());
+        let last = text.stdout.lines().last().unwrap();
+        let verdict = format!("loadable by vllm at tensor-parallel degree {tp}");
+        if loadable {
+            assert_eq!(last, format!("ok: {verdict}"));
+        } else {
+            assert_eq!(last, format!("FAILED: not {verdict}"));
+            assert!(
+                !text.stdout.lines().any(|l| l.trim() == "ok"),
+                "{}",
+                text.stdout
+            );
+            assert!(text.stderr.contains(expect[0]), "{}", text.stderr);
+        }
+        // 1, 2, 4, 8 and the requested degree.
+        let degrees: Vec<u64> = v["tensor_parallel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tp"].as_u64().unwrap())
+            .collect();
+        let mut want_degrees = vec![1, 2, 4, 8, tp.parse().unwrap()];
+        want_degrees.sort_unstable();
+        want_degrees.dedup();
+        assert_eq!(degrees, want_degrees, "tp {tp}");
+        let entry = v["tensor_parallel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tp"].as_u64().unwrap().to_string() == tp)
+            .unwrap();
+        let reasons: Vec<&str> = entry["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        assert_eq!(reasons, expect, "tp {tp}");
+        // Every reason of every degree is printed (Marlin's when awq loads it): no truncation.
+        for t in v["tensor_parallel"].as_array().unwrap() {
+            let keys: &[&str] = if t["vllm_awq"] == true {
+                &["reasons", "marlin_reasons"]
+            } else {
+                &["reasons"]
+            };
+            for key in keys {
+                for r in t[key].as_array().unwrap() {
+                    assert!(
+                        text.stdout.contains(r.as_str().unwrap()),
+                        "tp {tp}: {r} missing from\n{}",
+                        text.stdout
+                    );
+                }
+            }
+        }
+        let target = v["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["target"] == "vllm")
+            .unwrap();
+        assert_eq!(target["loadable"], loadable);
+    }
+
+    // TGI follows the same rules; transformers loads on one rank, so --tp > 1 is a usage error.
+    assert_eq!(awq(&["verify", "--for", "tgi", dir], &[]).code, 0);
+    assert_eq!(
+        awq(&["verify", "--for", "tgi", "--tp", "3", dir], &[]).code,
+        5
+    );
+    let r = awq(&["verify", "--for", "transformers", dir], &[]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(
+        r.stdout.ends_with("ok: loadable by transformers\n"),
+        "{}",
+        r.stdout
+    );
+    let r = awq(&["verify", "--for", "transformers", "--tp", "2", dir], &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(awq(&["verify", "--for", "sglang", dir], &[]).code, 2);
+}
+
+/// GEMV: vLLM and TGI load the GEMM layout only (exit 5 with what to do instead); transformers
+/// (with autoawq) loads it. The model card says the same.
+#[test]
+fn verify_gemv_fails_for_vllm_and_tgi_and_passes_for_transformers() {
+    let s = setup();
+    let out = s.tmp.path().join("gemv");
+    assert_eq!(quantize(&s, &out, &["-q", "--version", "gemv"]).code, 0);
+    let dir = out.to_str().unwrap();
+    for target in [None, Some("vllm"), Some("tgi")] {
+        let mut args = vec!["verify", dir];
+        if let Some(t) = target {
+            args.extend(["--for", t]);
+        }
+        let r = awq(&args, &[]);
+        assert_eq!(r.code, 5, "{target:?}: {}", r.stdout);
+        for needle in [
+            "vLLM and TGI load the GEMM layout only",
+            "--for transformers",
+            "--version gemm",
+        ] {
+            assert!(r.stdout.contains(needle), "{target:?}: {}", r.stdout);
+            assert!(r.stderr.contains(needle), "{target:?}: {}", r.stderr);
+        }
+        assert!(r.stdout.lines().last().unwrap().starts_with("FAILED"));
+    }
+    let r = awq(&["verify", "--for", "transformers", dir], &[]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains("transformers: loadable"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("vllm (tp 1): not loadable"),
+        "{}",
+        r.stdout
+    );
+    let r = awq(&["verify", "--json", dir], &[]);
+    assert_eq!(r.code, 5);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["target"], "vllm");
+    let loadable: Vec<(String, bool)> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["target"].as_str().unwrap().to_string(),
+                t["loadable"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        loadable,
+        [
+            ("vllm".to_string(), false),
+            ("tgi".to_string(), false),
+            ("transformers".to_string(), true)
+        ]
+    );
+
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("vLLM and TGI cannot load it"), "{card}");
+    assert!(!card.contains("vllm serve"), "{card}");
+    assert!(card.contains("pip install transformers autoawq"), "{card}");
+    assert!(card.contains("--for transformers"), "{card}");
+    assert!(card.contains("| layout (version) | GEMV |"), "{card}");
+}
+
+/// The model card: `base_model` only for a Hub source, plain words for the settings, how to load
+/// it, and the measured perplexities when the quality gate ran.
+#[test]
+fn model_card_front_matter_loading_and_quality() {
+    let s = setup();
+    let text = s.tmp.path().join("eval.txt");
+    std::fs::write(&text, words(200, Tiny::llama64().vocab, 7)).unwrap();
+    let out = s.tmp.path().join("out");
+    let r = quantize(
+        &s,
+        &out,
+        &[
+            "-q",
+            "--eval-text",
+            text.to_str().unwrap(),
+            "--eval-max-tokens",
+            "160",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: transformers\n"),
+        "{card}"
+    );
+    assert!(
+        !card.contains("base_model"),
+        "a local source has no base_model:\n{card}"
+    );
+    for needle in [
+        "# model — AWQ INT4 (GEMM)",
+        "| layout (version) | GEMM |",
+        "| scale search | robust",
+        "| clipping search | yes |",
+        "| group size | 32 |",
+        "vllm serve path/to/this-directory --quantization awq",
+        "pip install transformers autoawq",
+        "AutoModelForCausalLM.from_pretrained(",
+        "## Quality",
+        "of `eval.txt`",
+    ] {
+        assert!(card.contains(needle), "{needle}:\n{card}");
+    }
+    for debug in ["Gemm", "Robust", "Some(", "None"] {
+        assert!(!card.contains(debug), "{debug}:\n{card}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    let q = &report["quality"];
+    for key in ["fp_perplexity", "quantized_perplexity"] {
+        let value = format!("| {:.4} |", q[key].as_f64().unwrap());
+        let value = value.trim_end_matches(" |");
+        assert!(card.contains(value), "{key} {value}:\n{card}");
+    }
+    assert!(
+        card.contains(&format!("first {} tokens", q["tokens"])),
+        "{card}"
+    );
+
+    // A Hub id (from a Hugging Face cache, offline) is the card's base_model.
+    let hub = s.tmp.path().join("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = hub.join("models--acme--tiny-llama");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    Tiny::llama64().write(&repo.join("snapshots").join(commit));
+    let out = s.tmp.path().join("from-hub");
+    let r = awq(
+        &[
+            "quantize",
+            "-q",
+            "--seqlen",
+            "16",
+            "--group",
+            "32",
+            "--model",
+            "acme/tiny-llama",
+            "--calib",
+            s.calib.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[
+            ("HF_HUB_CACHE", hub.to_str().unwrap()),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nbase_model: acme/tiny-llama\nbase_model_relation: quantized\n"),
+        "{card}"
+    );
+    assert!(
+        card.contains("# acme/tiny-llama — AWQ INT4 (GEMM)"),
+        "{card}"
+    );
+    assert!(!card.contains("## Quality"), "{card}");
+}

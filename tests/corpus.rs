@@ -50,8 +50,9 @@ fn default_corpus_size_and_coverage() {
         seqlen: 512,
         seed: 42,
         max_blocks: None,
+        split_long: false,
     };
-    let cal = calib::build(&tok, &opts).unwrap();
+    let cal = calib::build(&tok, &opts, None).unwrap();
     assert_eq!(cal.summary.documents_read, docs.len());
     assert_eq!(cal.summary.documents_used, 128);
     assert_eq!(cal.summary.documents_too_long, 0);

@@ -1,5 +1,6 @@
-//! Parsers under stress: random and mutated bytes fed to the config, calibration (txt/jsonl)
-//! and safetensors header readers never panic; invalid input is an error.
+//! Parsers under stress: random and mutated bytes fed to the config, calibration
+//! (txt/json/jsonl/parquet/sniffed) and safetensors header readers never panic; invalid input is
+//! an error.
 
 mod common;
 
@@ -49,8 +50,12 @@ proptest! {
     #[test]
     fn calibration_readers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["c.txt", "c.jsonl"] {
-            let p = write_tmp(&dir, name, &bytes);
+        let mut parquetish = b"PAR1".to_vec();
+        parquetish.extend_from_slice(&bytes);
+        parquetish.extend_from_slice(b"PAR1");
+        for (name, content) in [("c.txt", &bytes), ("c.jsonl", &bytes), ("c.json", &bytes),
+                                ("c.dat", &bytes), ("c.parquet", &bytes), ("p.dat", &parquetish)] {
+            let p = write_tmp(&dir, name, content);
             let opts = CalibOptions {
                 files: vec![p],
                 text_column: "text".into(),
@@ -58,6 +63,7 @@ proptest! {
                 seqlen: 512,
                 seed: 42,
                 max_blocks: None,
+                split_long: false,
             };
             if let Ok(docs) = read_documents(&opts) {
                 prop_assert!(!docs.is_empty());

@@ -139,9 +139,20 @@ fn existing_output_needs_force() {
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("--force"), "{err}");
     assert!(out.join("keep").exists());
+    // --force replaces only what awq wrote: someone's file is refused and kept.
     let (code, err) = quantize(tmp.path(), &calib, &out, &["--group", "32", "--force"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(!out.join("keep").exists() && out.join("model.safetensors").exists());
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("not an awq output") && out.join("keep").exists(),
+        "{err}"
+    );
+    std::fs::remove_file(out.join("keep")).unwrap();
+    for _ in 0..2 {
+        // An empty directory, then our own earlier output.
+        let (code, err) = quantize(tmp.path(), &calib, &out, &["--group", "32", "--force"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.join("model.safetensors").exists());
+    }
 }
 
 #[test]

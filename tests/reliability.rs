@@ -6,102 +6,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 
 use assert_cmd::Command;
+use common::case::{assert_nothing_written, case, quantize, Case};
 use common::tiny::{words, Tiny};
-
-struct Case {
-    tmp: tempfile::TempDir,
-    model: PathBuf,
-    calib: PathBuf,
-    out: PathBuf,
-}
-
-fn case() -> Case {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    Tiny::llama64().write(&model);
-    let calib = tmp.path().join("calib.txt");
-    let docs: Vec<String> = (0..40).map(|i| words(12, 64, i)).collect();
-    std::fs::write(&calib, docs.join("\n\n")).unwrap();
-    let out = tmp.path().join("out");
-    Case {
-        tmp,
-        model,
-        calib,
-        out,
-    }
-}
-
-fn quantize(c: &Case, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut cmd = Command::cargo_bin("awq").unwrap();
-    cmd.args(["quantize", "-q", "--model"])
-        .arg(&c.model)
-        .arg("--calib")
-        .arg(&c.calib)
-        .arg("-o")
-        .arg(&c.out)
-        .args(extra);
-    for (flag, default) in [("--group", "32"), ("--seqlen", "16")] {
-        if !extra.contains(&flag) {
-            cmd.args([flag, default]);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let o = cmd.output().unwrap();
-    (
-        o.status.code().unwrap(),
-        String::from_utf8(o.stderr).unwrap(),
-    )
-}
-
-/// Nothing at the output path and no staging directory beside it.
-fn assert_nothing_written(c: &Case) {
-    assert!(!c.out.exists(), "output exists");
-    let staging: Vec<_> = std::fs::read_dir(c.tmp.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("awq-staging"))
-        .collect();
-    assert!(staging.is_empty(), "staging left: {staging:?}");
-}
-
-fn rewrite_safetensors(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
-    let mut bytes = std::fs::read(path).unwrap();
-    f(&mut bytes);
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn header_len(bytes: &[u8]) -> usize {
-    u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
-}
-
-/// Replaces the JSON header of a safetensors file (padding with spaces keeps offsets valid).
-fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    rewrite_safetensors(path, |bytes| {
-        let n = header_len(bytes);
-        let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-        f(&mut h);
-        let mut text = h.to_string().into_bytes();
-        assert!(text.len() <= n, "edited header grew");
-        text.resize(n, b' ');
-        bytes[8..8 + n].copy_from_slice(&text);
-    });
-}
-
-/// Sets element `index` of tensor `name` (F32 in the tiny model) to `value`.
-fn poke_f32(path: &Path, name: &str, index: usize, value: f32) {
-    rewrite_safetensors(path, |bytes| {
-        let n = header_len(bytes);
-        let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-        let start = h[name]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n + 4 * index;
-        bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
-    });
-}
+use common::{edit_header, poke_f32, rewrite_safetensors};
 
 #[test]
 fn bad_inputs_each_get_a_message_an_exit_code_and_no_output() {
@@ -285,7 +196,7 @@ fn bad_inputs_each_get_a_message_an_exit_code_and_no_output() {
             "group not dividing in_features",
             Box::new(|_| vec!["--group".into(), "24".into()]),
             2,
-            &["self_attn.q_proj.weight", "--group 32"],
+            &["self_attn.q_proj.weight", "--group 64 or 32"],
         ),
         (
             "output exists",
@@ -377,7 +288,7 @@ fn an_all_zero_weight_group_quantizes_to_finite_values() {
 // ---- On the real test model -------------------------------------------------------------
 
 fn smollm2_args(model: &Path, out: &Path) -> Vec<String> {
-    let calib = common::shared("data/wikitext-2-raw/wiki.valid.calib.txt");
+    let calib = common::data("wikitext-2-raw/wiki.valid.calib.txt");
     [
         "quantize",
         "--model",
@@ -488,28 +399,34 @@ fn sigint_cleans_up_and_sigkill_resumes_to_the_same_bytes() {
     let staging = tmp.path().join(".killed.awq-staging");
     assert!(staging.join(".parts/layer-00006.json").is_file());
 
-    // A different calibration refuses to resume and says why, keeping the staging directory.
-    let (code, err) = run(&out, &["--resume", "--seed", "7"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("calibration token ids"), "{err}");
-    assert!(staging.exists());
+    // A different calibration is refused, with or without --resume, naming the difference and
+    // both ways out, and the staging directory (the finished layers) is kept.
+    for extra in [&["--resume", "--seed", "7"][..], &["--seed", "7"]] {
+        let (code, err) = run(&out, extra);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("calibration token ids"), "{err}");
+        assert!(err.contains("--force"), "{err}");
+        assert!(staging.exists());
+    }
 
-    let (code, err) = run(&out, &["--resume"]);
+    // The same command continues by itself (no --resume needed) to the same bytes.
+    let (code, err) = run(&out, &[]);
     assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resuming"), "{err}");
     assert!(!staging.exists());
     assert!(
         files(&out) == files(&reference),
         "resumed output differs from the uninterrupted run"
     );
 
-    // Without --resume a stale staging directory is removed with a message.
+    // Only --force discards a killed run whose settings differ.
     let out2 = tmp.path().join("killed2");
     let mut child = start_until(&smollm2_args(&model, &out2), "layer 2/30", &[]);
     signal(&child, "-KILL");
     child.wait().unwrap();
-    let (code, err) = run(&out2, &[]);
+    let (code, err) = run(&out2, &["--seed", "7", "--force"]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("left by an interrupted run"), "{err}");
+    assert!(err.contains("--force: removed"), "{err}");
 }
 
 #[test]

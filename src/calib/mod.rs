@@ -1,112 +1,151 @@
-//! Calibration data: documents from `.txt` / `.jsonl` files, selected and blocked exactly as
-//! AutoAWQ does (AWQ-SPEC §1.3): shuffle (seeded, portable), strip, encode with special tokens,
-//! drop documents longer than `seqlen` or empty, keep the first `n_samples`, concatenate, cut into
-//! blocks of `seqlen` (tail discarded).
+//! Calibration data: documents from files ([`formats`]: text, JSON, JSON lines, parquet, chat
+//! conversations rendered with the model's template) or Hub datasets (`org/name[:split]`),
+//! selected and blocked exactly as AutoAWQ does (AWQ-SPEC §1.3, AutoAWQ `calib_data.py`):
+//! shuffle (seeded, portable), strip, encode with special tokens, drop documents longer than
+//! `seqlen` (or cut them into pieces with `split_long`) or empty, keep the first `n_samples`,
+//! concatenate, cut into blocks of `seqlen` (tail discarded).
 
 use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::input_err;
+use crate::io::source::{self, DatasetSpec};
 
+pub mod chat;
 pub mod corpus;
+pub mod formats;
 
+pub use formats::{txt_documents, Record, SUPPORTED};
+
+/// How calibration data is read and selected.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CalibOptions {
+    /// Calibration files or Hub dataset ids (`org/name[:split]`); empty: the embedded corpus.
     pub files: Vec<PathBuf>,
+    /// Field holding the text in JSON, JSON lines and parquet records.
     pub text_column: String,
+    /// Samples (documents, or pieces with `split_long`) to keep: AutoAWQ's `max_calib_samples`.
     pub n_samples: usize,
+    /// Block length in tokens: AutoAWQ's `max_calib_seq_len`.
     pub seqlen: usize,
+    /// Shuffle seed ([`shuffle`]).
     pub seed: u64,
     /// Keep at most this many blocks (None: all).
     pub max_blocks: Option<usize>,
+    /// Cut documents longer than `seqlen` tokens into pieces of at most `seqlen` (each piece
+    /// counts as a sample) instead of dropping them as AutoAWQ does.
+    pub split_long: bool,
 }
 
+/// What calibration used, for the plan, the report and the model card.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CalibSummary {
     /// The files, or "embedded corpus".
     pub source: String,
+    /// Records read from every input.
     pub documents_read: usize,
+    /// Samples concatenated (documents, or pieces of split documents).
     pub documents_used: usize,
+    /// Documents dropped as longer than `seqlen` (AutoAWQ's rule).
     pub documents_too_long: usize,
+    /// Documents longer than `seqlen` cut into pieces (`--split-long`).
+    pub documents_split: usize,
+    /// Blocks of `seqlen` tokens kept.
     pub blocks: usize,
+    /// Block length in tokens.
     pub seqlen: usize,
+    /// `blocks × seqlen`.
     pub tokens: usize,
 }
 
 /// Token blocks `[blocks × seqlen]` (flattened) and what was used.
 pub struct Calibration {
+    /// The token ids, block after block.
     pub ids: Vec<u32>,
+    /// What was used.
     pub summary: CalibSummary,
 }
 
-/// Reads all documents of the calibration files, in file order.
-/// With no files, the embedded corpus.
-pub fn read_documents(opts: &CalibOptions) -> Result<Vec<String>> {
+/// A document ready for the tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub text: String,
+    /// Rendered by a chat template: encoded as is, without added special tokens (the template
+    /// writes them), as transformers' `apply_chat_template` does.
+    pub chat: bool,
+}
+
+/// The records of all calibration inputs, in input order. A path that exists is a file; a
+/// value that does not and looks like `org/name[:split]` is a Hub dataset; anything else is an
+/// [`crate::error::Error::Input`] naming it. With no inputs, the embedded corpus.
+pub fn read_records(opts: &CalibOptions) -> Result<Vec<Record>> {
     if opts.files.is_empty() {
-        return Ok(corpus::documents().into_iter().map(|(_, d)| d).collect());
+        return Ok(corpus::documents()
+            .into_iter()
+            .map(|(_, d)| Record::Text(d))
+            .collect());
     }
-    let mut docs = Vec::new();
-    for path in &opts.files {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::input_io(path, e))?;
-        let is_jsonl = path
-            .extension()
-            .is_some_and(|e| e == "jsonl" || e == "json");
-        let before = docs.len();
-        if is_jsonl {
-            docs.extend(jsonl_documents(path, &text, &opts.text_column)?);
-        } else {
-            docs.extend(txt_documents(&text));
+    let mut records = Vec::new();
+    for input in &opts.files {
+        let before = records.len();
+        for file in input_files(input)? {
+            records.extend(formats::read_file(&file, &opts.text_column)?);
         }
-        if docs.len() == before {
+        if records.len() == before {
             return Err(input_err!(
-                "calibration file {} holds no documents",
-                path.display()
+                "calibration input {} holds no documents",
+                input.display()
             ));
         }
     }
-    Ok(docs)
+    Ok(records)
 }
 
-/// Documents separated by blank (whitespace-only) lines.
-pub fn txt_documents(text: &str) -> Vec<String> {
+/// The local files behind one `--calib` value.
+fn input_files(input: &Path) -> Result<Vec<PathBuf>> {
+    if input.exists() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    match input.to_str().and_then(DatasetSpec::parse) {
+        Some(spec) => source::resolve_dataset(&spec),
+        None => Err(input_err!(
+            "calibration file {} does not exist; --calib takes {SUPPORTED}",
+            input.display()
+        )),
+    }
+}
+
+/// All documents, conversations rendered with the chat template of the model in `model_dir`
+/// (loaded only when a conversation is present).
+pub fn load_documents(opts: &CalibOptions, model_dir: Option<&Path>) -> Result<Vec<Document>> {
+    let mut template: Option<chat::ChatTemplate> = None;
     let mut docs = Vec::new();
-    let mut cur: Vec<&str> = Vec::new();
-    for line in text.lines() {
-        if line.trim().is_empty() {
-            if !cur.is_empty() {
-                docs.push(cur.join("\n"));
-                cur.clear();
+    for record in read_records(opts)? {
+        docs.push(match record {
+            Record::Text(text) => Document { text, chat: false },
+            Record::Chat { messages, origin } => {
+                let t = match &template {
+                    Some(t) => t,
+                    None => template.insert(chat::ChatTemplate::require(model_dir, &origin)?),
+                };
+                Document {
+                    text: t.render(&messages, &origin)?,
+                    chat: true,
+                }
             }
-        } else {
-            cur.push(line);
-        }
-    }
-    if !cur.is_empty() {
-        docs.push(cur.join("\n"));
-    }
-    docs
-}
-
-fn jsonl_documents(path: &Path, text: &str, column: &str) -> Result<Vec<String>> {
-    let mut docs = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| input_err!("{}:{}: not valid JSON: {e}", path.display(), n + 1))?;
-        let doc = v.get(column).and_then(|t| t.as_str()).ok_or_else(|| {
-            input_err!(
-                "{}:{}: no string field {column:?} (choose the field with --text-column)",
-                path.display(),
-                n + 1
-            )
-        })?;
-        docs.push(doc.to_string());
+        });
     }
     Ok(docs)
+}
+
+/// The documents' texts without a model (conversations are an error: they need its template).
+pub fn read_documents(opts: &CalibOptions) -> Result<Vec<String>> {
+    Ok(load_documents(opts, None)?
+        .into_iter()
+        .map(|d| d.text)
+        .collect())
 }
 
 /// SplitMix64: a tiny portable generator, so a seed selects the same documents everywhere.
@@ -152,46 +191,53 @@ pub fn source_label(opts: &CalibOptions) -> String {
     let names: Vec<String> = opts
         .files
         .iter()
-        .map(|p| {
-            p.file_name()
-                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+        .map(|p| match p.to_str().and_then(DatasetSpec::parse) {
+            Some(spec) if !p.exists() => spec.to_string(),
+            _ => p
+                .file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into()),
         })
         .collect();
     names.join(", ")
 }
 
-pub fn build(tok: &Tokenizer, opts: &CalibOptions) -> Result<Calibration> {
-    let mut docs = read_documents(opts)?;
+/// Documents picked for calibration and their concatenated tokens.
+#[derive(Default)]
+struct Selection {
+    stream: Vec<u32>,
+    used: usize,
+    too_long: usize,
+    split: usize,
+}
+
+/// Reads, shuffles, selects and blocks the calibration documents (AutoAWQ `calib_data.py`).
+/// `model_dir` supplies the chat template for conversations.
+pub fn build(
+    tok: &Tokenizer,
+    opts: &CalibOptions,
+    model_dir: Option<&Path>,
+) -> Result<Calibration> {
+    if opts.seqlen == 0 {
+        return Err(crate::error::Error::Usage(
+            "--seqlen must be at least 1".into(),
+        ));
+    }
+    let mut docs = load_documents(opts, model_dir)?;
     let documents_read = docs.len();
     shuffle(&mut docs, opts.seed);
+    let Selection {
+        mut stream,
+        used,
+        too_long,
+        split,
+    } = select(tok, &docs, opts)?;
     let l = opts.seqlen;
-    let mut stream = Vec::new();
-    let (mut used, mut too_long) = (0, 0);
-    for doc in &docs {
-        let ids = crate::tokenize::encode(tok, doc.trim(), true)?;
-        if ids.len() > l {
-            too_long += 1;
-            continue;
-        }
-        if ids.is_empty() {
-            continue;
-        }
-        stream.extend_from_slice(&ids);
-        used += 1;
-        if used == opts.n_samples {
-            break;
-        }
-    }
     let mut blocks = stream.len() / l;
     if let Some(max) = opts.max_blocks {
         blocks = blocks.min(max);
     }
     if blocks == 0 {
-        return Err(input_err!(
-            "calibration gave {} tokens from {used} documents ({too_long} longer than --seqlen {l} were dropped): \
-             fewer than one block of {l}; give more text (--calib), a larger --n-samples or a smaller --seqlen",
-            stream.len()
-        ));
+        return Err(too_little(stream.len(), used, too_long, opts));
     }
     stream.truncate(blocks * l);
     Ok(Calibration {
@@ -200,12 +246,63 @@ pub fn build(tok: &Tokenizer, opts: &CalibOptions) -> Result<Calibration> {
             documents_read,
             documents_used: used,
             documents_too_long: too_long,
+            documents_split: split,
             blocks,
             seqlen: l,
             tokens: stream.len(),
         },
         ids: stream,
     })
+}
+
+/// The first `n_samples` non-empty documents (or pieces) of at most `seqlen` tokens.
+fn select(tok: &Tokenizer, docs: &[Document], opts: &CalibOptions) -> Result<Selection> {
+    let (l, mut s) = (opts.seqlen, Selection::default());
+    for doc in docs {
+        let ids = if doc.chat {
+            crate::tokenize::encode(tok, &doc.text, false)?
+        } else {
+            crate::tokenize::encode(tok, doc.text.trim(), true)?
+        };
+        if ids.len() > l && !opts.split_long {
+            s.too_long += 1;
+            continue;
+        }
+        s.split += usize::from(ids.len() > l);
+        for piece in ids.chunks(l) {
+            s.stream.extend_from_slice(piece);
+            s.used += 1;
+            if s.used == opts.n_samples {
+                return Ok(s);
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// The error for calibration text that fills no block, with the fix that applies.
+fn too_little(
+    tokens: usize,
+    used: usize,
+    too_long: usize,
+    opts: &CalibOptions,
+) -> crate::error::Error {
+    let l = opts.seqlen;
+    if used == 0 && too_long > 0 {
+        return input_err!(
+            "all {too_long} calibration documents are longer than --seqlen {l} tokens and were dropped \
+             (AutoAWQ drops long documents); pass a larger --seqlen, or --split-long to cut them into pieces"
+        );
+    }
+    let fix = if too_long > 0 {
+        "--split-long to keep the long documents"
+    } else {
+        "a smaller --seqlen"
+    };
+    input_err!(
+        "calibration gave {tokens} tokens from {used} documents ({too_long} longer than --seqlen {l} were dropped): \
+         fewer than one block of {l}; give more text (--calib), a larger --n-samples, or {fix}"
+    )
 }
 
 #[cfg(test)]
@@ -216,6 +313,63 @@ mod tests {
     fn txt_splits_on_whitespace_only_lines() {
         let docs = txt_documents("a\nb\n \n\nc\n\t\nd");
         assert_eq!(docs, vec!["a\nb", "c", "d"]);
+    }
+
+    fn word_tokenizer() -> Tokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..8).map(|i| (format!("w{i}"), i.into())).collect();
+        let json = serde_json::json!({"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+        json.to_string().parse().unwrap()
+    }
+
+    fn options(file: PathBuf, split_long: bool) -> CalibOptions {
+        CalibOptions {
+            files: vec![file],
+            text_column: "text".into(),
+            n_samples: 128,
+            seqlen: 4,
+            seed: 1,
+            max_blocks: None,
+            split_long,
+        }
+    }
+
+    #[test]
+    fn long_documents_are_dropped_or_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.txt");
+        std::fs::write(&file, "w1 w2 w3 w4 w5 w6\n\nw1 w2 w3 w4 w5 w6 w7").unwrap();
+        let tok = word_tokenizer();
+        let err = build(&tok, &options(file.clone(), false), None)
+            .err()
+            .unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, crate::error::Error::Input(_)));
+        assert!(
+            msg.contains("all 2")
+                && msg.contains("larger --seqlen")
+                && msg.contains("--split-long"),
+            "{msg}"
+        );
+        let cal = build(&tok, &options(file, true), None).unwrap();
+        let s = &cal.summary;
+        assert_eq!(
+            (s.documents_split, s.documents_used, s.tokens, s.blocks),
+            (2, 4, 12, 3)
+        );
+    }
+
+    #[test]
+    fn missing_inputs_are_named() {
+        let err = read_documents(&options("/no/such/calib.jsonl".into(), false)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("/no/such/calib.jsonl does not exist"),
+            "{err}"
+        );
     }
 
     #[test]

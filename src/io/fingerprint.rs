@@ -36,15 +36,48 @@ pub fn file_identity(path: &Path) -> Result<Value> {
     }))
 }
 
-/// The first top-level field where `stored` and `current` differ, if any.
+/// The first field where `stored` and `current` differ, as a dotted path with the two values
+/// when they are short scalars, e.g. `options.group (was 64, now 128)`; `None` when equal.
 pub fn first_difference(stored: &Value, current: &Value) -> Option<String> {
-    let (Some(a), Some(b)) = (stored.as_object(), current.as_object()) else {
-        return (stored != current).then(|| "fingerprint".to_string());
+    difference("", stored, current)
+}
+
+fn difference(path: &str, a: &Value, b: &Value) -> Option<String> {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
     };
-    b.iter()
-        .find(|(k, v)| a.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
-        .or_else(|| a.keys().find(|k| !b.contains_key(*k)).cloned())
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => b
+            .iter()
+            .find_map(|(k, vb)| match a.get(k) {
+                Some(va) => difference(&join(k), va, vb),
+                None => Some(join(k)),
+            })
+            .or_else(|| a.keys().find(|k| !b.contains_key(*k)).map(|k| join(k))),
+        _ if a == b => None,
+        _ if short(a) && short(b) => Some(format!(
+            "{} (was {a}, now {b})",
+            if path.is_empty() { "fingerprint" } else { path }
+        )),
+        _ => Some(if path.is_empty() {
+            "fingerprint".to_string()
+        } else {
+            path.to_string()
+        }),
+    }
+}
+
+/// A value worth showing in a message (not a digest or a list).
+fn short(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.len() <= 12,
+        Value::Array(_) | Value::Object(_) => false,
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +95,14 @@ mod tests {
         let a = json!({"model": 1, "options": {"group": 64}});
         let b = json!({"model": 1, "options": {"group": 128}});
         assert_eq!(first_difference(&a, &a), None);
-        assert_eq!(first_difference(&a, &b).as_deref(), Some("options"));
+        assert_eq!(
+            first_difference(&a, &b).as_deref(),
+            Some("options.group (was 64, now 128)")
+        );
+        let digest = |d: &str| json!({"ids": {"count": 8, "fnv1a": d}});
+        assert_eq!(
+            first_difference(&digest("0123456789abcdef"), &digest("fedcba9876543210")).as_deref(),
+            Some("ids.fnv1a")
+        );
     }
 }

@@ -46,13 +46,15 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 
 impl Checkpoint {
-    /// Opens `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+    /// Opens `model.safetensors`, or else the shards listed by `model.safetensors.index.json`.
+    /// When both exist the single file wins and the index is ignored, as transformers'
+    /// `from_pretrained` does (it looks for `model.safetensors` first); [`Checkpoint::weights_source`] says so.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
-        let files = if index_path.is_file() {
-            shard_files(dir, &index_path)?
-        } else if dir.join(SINGLE_FILE).is_file() {
+        let files = if dir.join(SINGLE_FILE).is_file() {
             vec![dir.join(SINGLE_FILE)]
+        } else if index_path.is_file() {
+            shard_files(dir, &index_path)?
         } else {
             return Err(input_err!(
                 "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards",
@@ -60,6 +62,22 @@ impl Checkpoint {
             ));
         };
         Self::open_files(files)
+    }
+
+    /// Which weight files of `dir` [`Checkpoint::open_dir`] reads, in words (for `inspect`).
+    pub fn weights_source(dir: &Path) -> String {
+        let (single, index) = (
+            dir.join(SINGLE_FILE).is_file(),
+            dir.join(INDEX_FILE).is_file(),
+        );
+        match (single, index) {
+            (true, true) => format!(
+                "{SINGLE_FILE} ({INDEX_FILE} is also present and ignored, as transformers does)"
+            ),
+            (true, false) => SINGLE_FILE.to_string(),
+            (false, true) => format!("the shards listed in {INDEX_FILE}"),
+            (false, false) => "none".to_string(),
+        }
     }
 
     pub fn open_files(files: Vec<PathBuf>) -> Result<Self> {
@@ -196,6 +214,34 @@ impl Checkpoint {
             ));
         }
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// The first value of `name` that is non-finite or larger in magnitude than `limit`, as
+    /// `(index, value)`; `None` when every value is finite and within ±`limit`. Scans the mapped
+    /// bytes in parallel chunks without keeping the converted tensor, then releases its pages.
+    pub fn first_out_of_range(&self, name: &str, limit: f32) -> Result<Option<(usize, f32)>> {
+        const CHUNK: usize = 1 << 16;
+        let ft = self.float_type(name)?;
+        let es = elem_size(ft);
+        let found = self
+            .bytes(name)?
+            .par_chunks(CHUNK * es)
+            .enumerate()
+            .filter_map(|(c, bytes)| {
+                let mut buf = vec![0f32; bytes.len() / es];
+                convert_into(bytes, ft, &mut buf);
+                buf.iter()
+                    .position(|v| !v.is_finite() || v.abs() > limit)
+                    .map(|i| (c * CHUNK + i, buf[i]))
+            })
+            .min_by_key(|(i, _)| *i);
+        self.release(name);
+        Ok(found)
+    }
+
+    /// The shard file that holds `name`.
+    pub fn file_of(&self, name: &str) -> Result<&Path> {
+        Ok(&self.files[self.meta(name)?.shard])
     }
 
     /// An I32 tensor's values (AWQ `qweight` / `qzeros`), checked against `shape`.

@@ -82,7 +82,11 @@ fn repo_dir(cache: &Path, model: &str) -> PathBuf {
 
 /// The snapshot directory for `revision` (a branch/tag via `refs/`, or a commit hash).
 fn snapshot_dir(cache: &Path, model: &str, revision: &str) -> Option<PathBuf> {
-    let repo = repo_dir(cache, model);
+    snapshot_in(&repo_dir(cache, model), revision)
+}
+
+/// The snapshot directory of a cached repository (`models--…` or `datasets--…`) for `revision`.
+fn snapshot_in(repo: &Path, revision: &str) -> Option<PathBuf> {
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()
     } else {
@@ -153,19 +157,23 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
     Ok(shards)
 }
 
-fn download(cache: &Path, model: &str, revision: &str) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
-    use hf_hub::{Repo, RepoType};
-    let mut builder = ApiBuilder::new()
+/// A Hub client on `cache` with `HF_TOKEN` and `HF_ENDPOINT` applied.
+fn hub_api(cache: &Path) -> Result<hf_hub::api::sync::Api> {
+    let mut builder = hf_hub::api::sync::ApiBuilder::new()
         .with_cache_dir(cache.to_path_buf())
         .with_progress(false)
         .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()));
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         builder = builder.with_endpoint(endpoint);
     }
-    let api = builder
+    builder
         .build()
-        .map_err(|e| Error::Runtime(format!("cannot set up the Hub client: {e}")))?;
+        .map_err(|e| Error::Runtime(format!("cannot set up the Hub client: {e}")))
+}
+
+fn download(cache: &Path, model: &str, revision: &str) -> Result<PathBuf> {
+    use hf_hub::{Repo, RepoType};
+    let api = hub_api(cache)?;
     let repo = api.repo(Repo::with_revision(
         model.to_string(),
         RepoType::Model,
@@ -177,21 +185,209 @@ fn download(cache: &Path, model: &str, revision: &str) -> Result<PathBuf> {
     };
     let config = fetch("config.json")?;
     fetch("tokenizer.json")?;
-    match fetch(super::reader::INDEX_FILE) {
-        Ok(index) => {
-            for shard in index_shards(&index)? {
-                fetch(&shard)?;
-            }
-        }
-        Err(_) => {
-            fetch(super::reader::SINGLE_FILE)?;
+    // transformers reads model.safetensors when it exists, the index only otherwise.
+    if fetch(super::reader::SINGLE_FILE).is_err() {
+        let index = fetch(super::reader::INDEX_FILE)?;
+        for shard in index_shards(&index)? {
+            fetch(&shard)?;
         }
     }
-    for companion in COMPANIONS {
-        // Optional files: absence on the Hub is normal.
-        let _ = repo.get(companion);
+    // Every top-level non-weight file (copied to the output verbatim); optional, so a failed
+    // listing falls back to the well-known names.
+    let listed: Vec<String> = repo
+        .info()
+        .map(|info| info.siblings.into_iter().map(|s| s.rfilename).collect())
+        .unwrap_or_else(|_| COMPANIONS.iter().map(|s| s.to_string()).collect());
+    for name in listed
+        .iter()
+        .filter(|n| !n.contains('/') && super::writer::is_companion(n))
+    {
+        let _ = repo.get(name);
     }
     Ok(config.parent().unwrap_or(cache).to_path_buf())
+}
+
+/// A Hub dataset named by `--calib`: `org/name`, `org/name:split` or `org/name:config/split`.
+/// The split defaults to `train` (what AutoAWQ's `calib_data.py` loads when given a dataset name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetSpec {
+    /// `org/name`.
+    pub id: String,
+    /// The configuration (subset) directory, when several configs have the split.
+    pub config: Option<String>,
+    /// The split, e.g. `train` or `validation`.
+    pub split: String,
+}
+
+/// Revisions searched for a dataset's parquet files, in order: the repository itself, then the
+/// Hub's automatic parquet conversion.
+pub const DATASET_REVISIONS: [&str; 2] = ["main", "refs/convert/parquet"];
+
+/// Extensions that make `org/name.ext` a (missing) file rather than a Hub dataset id.
+const FILE_EXTENSIONS: [&str; 7] = [
+    ".txt", ".json", ".jsonl", ".parquet", ".csv", ".md", ".text",
+];
+
+impl DatasetSpec {
+    /// Parses a dataset id with an optional `:split` or `:config/split`; `None` when `s` does not
+    /// look like one (then it is a file path).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (id, rest) = match s.split_once(':') {
+            Some((id, rest)) => (id, Some(rest)),
+            None => (s, None),
+        };
+        let lower = id.to_ascii_lowercase();
+        if !looks_like_hub_id(id) || FILE_EXTENSIONS.iter().any(|e| lower.ends_with(e)) {
+            return None;
+        }
+        let (config, split) = match rest.map(|r| r.rsplit_once('/').unwrap_or(("", r))) {
+            None => (None, "train"),
+            Some(("", split)) => (None, split),
+            Some((config, split)) => (Some(config.to_string()), split),
+        };
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        (valid(split) && config.as_deref().is_none_or(valid)).then(|| DatasetSpec {
+            id: id.to_string(),
+            config,
+            split: split.to_string(),
+        })
+    }
+
+    /// The parquet files of this split among `files` (paths relative to the repository, `/`
+    /// separated), sorted; `Ok(None)` when there are none. Several configs with this split and
+    /// no config chosen is an error naming them.
+    pub fn pick(&self, files: &[String]) -> Result<Option<Vec<String>>> {
+        let mut by_config: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for f in files {
+            if let Some(config) = self.config_of(f) {
+                by_config.entry(config).or_default().push(f.clone());
+            }
+        }
+        if let Some(want) = &self.config {
+            by_config.retain(|c, _| c == want || c.ends_with(&format!("/{want}")));
+        }
+        match by_config.len() {
+            0 => Ok(None),
+            1 => Ok(by_config.into_values().next()),
+            _ => Err(input_err!(
+                "{self}: several configs have a {split} split: {}; choose one with --calib {id}:CONFIG/{split}",
+                by_config.keys().cloned().collect::<Vec<_>>().join(", "),
+                split = self.split,
+                id = self.id
+            )),
+        }
+    }
+
+    /// For a parquet file of this split, the path before the split marker (its config): the
+    /// split is a directory (`default/train/0000.parquet`) or a file-name prefix
+    /// (`data/train-00000-of-00001.parquet`, `train.parquet`).
+    fn config_of(&self, file: &str) -> Option<String> {
+        if !file.ends_with(".parquet") {
+            return None;
+        }
+        let parts: Vec<&str> = file.split('/').collect();
+        let (name, dirs) = parts.split_last()?;
+        let stem = name.trim_end_matches(".parquet");
+        let at = dirs.iter().position(|d| *d == self.split).or_else(|| {
+            let rest = stem.strip_prefix(self.split.as_str())?;
+            (rest.is_empty() || rest.starts_with(['-', '_', '.'])).then_some(dirs.len())
+        })?;
+        Some(dirs[..at].join("/"))
+    }
+}
+
+impl std::fmt::Display for DatasetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.config {
+            Some(c) => write!(f, "{}:{c}/{}", self.id, self.split),
+            None => write!(f, "{}:{}", self.id, self.split),
+        }
+    }
+}
+
+/// The local parquet files of a Hub dataset split, from the cache (`datasets--org--name/`, the
+/// same layout and environment variables as models) or downloaded when online. Offline and not
+/// cached is [`Error::Input`] naming what is missing.
+pub fn resolve_dataset(spec: &DatasetSpec) -> Result<Vec<PathBuf>> {
+    let cache = hub_cache_dir();
+    let repo = cache.join(format!("datasets--{}", spec.id.replace('/', "--")));
+    for revision in DATASET_REVISIONS {
+        let Some(dir) = snapshot_in(&repo, revision) else {
+            continue;
+        };
+        if let Some(files) = spec.pick(&relative_files(&dir))? {
+            return Ok(files.iter().map(|f| dir.join(f)).collect());
+        }
+    }
+    if env_flag("HF_HUB_OFFLINE") {
+        return Err(input_err!(
+            "{spec}: no such file, and the Hub dataset is not in the cache {} while HF_HUB_OFFLINE is set; \
+             missing: parquet files of split {} in {}/snapshots (revision main or refs/convert/parquet)",
+            cache.display(),
+            spec.split,
+            repo.display()
+        ));
+    }
+    download_dataset(&cache, spec)
+}
+
+/// Every file under `dir` (following links, at most 8 levels), relative and `/` separated.
+fn relative_files(dir: &Path) -> Vec<String> {
+    fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = format!("{prefix}{name}");
+            let path = e.path();
+            if path.is_dir() && depth < 8 {
+                walk(&path, &format!("{rel}/"), depth + 1, out);
+            } else if path.is_file() {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, "", 0, &mut out);
+    out.sort();
+    out
+}
+
+fn download_dataset(cache: &Path, spec: &DatasetSpec) -> Result<Vec<PathBuf>> {
+    use hf_hub::{Repo, RepoType};
+    let api = hub_api(cache)?;
+    for revision in DATASET_REVISIONS {
+        let repo = api.repo(Repo::with_revision(
+            spec.id.clone(),
+            RepoType::Dataset,
+            revision.to_string(),
+        ));
+        let Ok(info) = repo.info() else {
+            continue;
+        };
+        let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        if let Some(files) = spec.pick(&names)? {
+            return files
+                .iter()
+                .map(|f| {
+                    repo.get(f).map_err(|e| {
+                        input_err!("cannot download {f} of dataset {}@{revision}: {e}", spec.id)
+                    })
+                })
+                .collect();
+        }
+    }
+    Err(input_err!(
+        "{spec}: no such file, and the Hub dataset has no parquet files of split {} (looked at revisions {}); \
+         check the id and the split (org/name:split)",
+        spec.split,
+        DATASET_REVISIONS.join(" and ")
+    ))
 }
 
 #[cfg(test)]
@@ -205,5 +401,73 @@ mod tests {
         assert!(!looks_like_hub_id("/abs/path"));
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("model"));
+    }
+
+    #[test]
+    fn dataset_specs_parse() {
+        let s = DatasetSpec::parse("acme/data").unwrap();
+        assert_eq!(
+            (s.id.as_str(), s.config, s.split.as_str()),
+            ("acme/data", None, "train")
+        );
+        let s = DatasetSpec::parse("acme/data:validation").unwrap();
+        assert_eq!(s.split, "validation");
+        let s = DatasetSpec::parse("acme/data:wiki-2/test").unwrap();
+        assert_eq!(
+            (s.config.as_deref(), s.split.as_str()),
+            (Some("wiki-2"), "test")
+        );
+        assert_eq!(s.to_string(), "acme/data:wiki-2/test");
+        for not in [
+            "data/calib.txt",
+            "a/b.jsonl",
+            "./x",
+            "x",
+            "a/b:",
+            "a/b:c d",
+            "/a/b",
+        ] {
+            assert_eq!(DatasetSpec::parse(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn dataset_split_files_are_picked() {
+        let files: Vec<String> = [
+            "README.md",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/test-00000-of-00001.parquet",
+            "data/training-notes.parquet",
+        ]
+        .map(String::from)
+        .to_vec();
+        let spec = DatasetSpec::parse("a/b").unwrap();
+        let got = spec.pick(&files).unwrap().unwrap();
+        assert_eq!(got, files[1..3].to_vec());
+        let converted = vec!["default/train/0000.parquet".to_string()];
+        assert_eq!(spec.pick(&converted).unwrap().unwrap(), converted);
+        assert_eq!(
+            DatasetSpec::parse("a/b:validation")
+                .unwrap()
+                .pick(&files)
+                .unwrap(),
+            None
+        );
+        let configs = vec![
+            "x/train-0.parquet".to_string(),
+            "y/train-0.parquet".to_string(),
+        ];
+        let err = spec.pick(&configs).unwrap_err().to_string();
+        assert!(
+            err.contains("x, y") && err.contains("a/b:CONFIG/train"),
+            "{err}"
+        );
+        let y = DatasetSpec::parse("a/b:y/train")
+            .unwrap()
+            .pick(&configs)
+            .unwrap()
+            .unwrap();
+        assert_eq!(y, vec!["y/train-0.parquet".to_string()]);
     }
 }

@@ -20,6 +20,59 @@ pub struct OutTensor {
     pub data: Vec<u8>,
 }
 
+/// The float dtype of the tensors that stay unquantized (embeddings, norms, biases, head).
+/// AWQ `scales` are float16 whatever this is: the loaders require it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatDtype {
+    Float16,
+    Bfloat16,
+}
+
+impl FloatDtype {
+    /// The `torch_dtype` spelling in config.json.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatDtype::Float16 => "float16",
+            FloatDtype::Bfloat16 => "bfloat16",
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            FloatDtype::Float16 => Dtype::F16,
+            FloatDtype::Bfloat16 => Dtype::BF16,
+        }
+    }
+
+    /// Little-endian bytes of `values` in this dtype; float16 refuses a value beyond its range
+    /// (it would become `inf`), naming `name` and the index.
+    pub fn encode(self, name: &str, values: &[f32]) -> Result<Vec<u8>> {
+        match self {
+            FloatDtype::Float16 => {
+                if let Some(i) = values
+                    .iter()
+                    .position(|v| !v.is_finite() || v.abs() > crate::model::F16_MAX)
+                {
+                    return Err(Error::Input(format!(
+                        "{name}: value {:e} at index {i} cannot be represented in float16; use \
+                         --dtype bfloat16 (or auto)",
+                        values[i]
+                    )));
+                }
+                Ok(values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect())
+            }
+            FloatDtype::Bfloat16 => Ok(values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect()),
+        }
+    }
+}
+
 impl OutTensor {
     pub fn f16(name: String, shape: Vec<usize>, values: &[f32]) -> Self {
         let data = values
@@ -32,6 +85,30 @@ impl OutTensor {
             shape,
             data,
         }
+    }
+    /// `values` in `dtype` (see [`FloatDtype::encode`] for the range check).
+    pub fn float(
+        name: String,
+        shape: Vec<usize>,
+        values: &[f32],
+        dtype: FloatDtype,
+    ) -> Result<Self> {
+        Ok(Self {
+            data: dtype.encode(&name, values)?,
+            name,
+            dtype: dtype.safetensors(),
+            shape,
+        })
+    }
+    /// A float tensor staged in f32, converted to the output dtype by [`write_shards`].
+    pub fn f32(name: String, t: &candle_core::Tensor) -> Result<Self> {
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self {
+            name,
+            dtype: Dtype::F32,
+            shape: t.dims().to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        })
     }
     pub fn f16_bits(name: String, shape: Vec<usize>, values: &[half::f16]) -> Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -123,18 +200,29 @@ fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
 /// Copies the tensors `names` (in this order) from `parts` into shards of at most `shard_size`
 /// bytes in `dir` (greedy, a tensor larger than the limit gets its own shard), plus
 /// `model.safetensors.index.json` when there is more than one. Returns the file names.
+///
+/// Tensors staged as F32 (the small per-layer float tensors) are written in `float_dtype`.
 pub fn write_shards(
     dir: &Path,
     parts: &Checkpoint,
     names: &[String],
     shard_size: u64,
+    float_dtype: FloatDtype,
 ) -> Result<Vec<String>> {
     let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
     let mut current = 0u64;
     let mut total = 0u64;
+    let out_size = |m: &super::reader::TensorMeta| {
+        let bytes = (m.end - m.start) as u64;
+        if m.dtype == Dtype::F32 {
+            bytes / 2
+        } else {
+            bytes
+        }
+    };
     for name in names {
         let m = parts.meta(name)?;
-        let size = (m.end - m.start) as u64;
+        let size = out_size(m);
         total += size;
         if current > 0 && current + size > shard_size {
             shards.push(Vec::new());
@@ -154,12 +242,30 @@ pub fn write_shards(
     let mut weight_map = serde_json::Map::new();
     for (k, shard) in shards.iter().enumerate() {
         let path = dir.join(file_name(k));
+        // Converted copies of the staged f32 tensors (small: norms and biases).
+        let converted = shard
+            .iter()
+            .filter(|name| parts.meta(name).is_ok_and(|m| m.dtype == Dtype::F32))
+            .map(|name| {
+                let values: Vec<f32> = parts
+                    .bytes(name)?
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Ok(((*name).clone(), float_dtype.encode(name, &values)?))
+            })
+            .collect::<Result<HashMap<String, Vec<u8>>>>()?;
         let views = shard
             .iter()
             .map(|name| {
                 let m = parts.meta(name)?;
-                let view = TensorView::new(m.dtype, m.shape.clone(), parts.bytes(name)?)
-                    .map_err(|e| write_err(&path, e))?;
+                let view = match converted.get(*name) {
+                    Some(bytes) => {
+                        TensorView::new(float_dtype.safetensors(), m.shape.clone(), bytes)
+                    }
+                    None => TensorView::new(m.dtype, m.shape.clone(), parts.bytes(name)?),
+                }
+                .map_err(|e| write_err(&path, e))?;
                 Ok(((*name).clone(), view))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -199,10 +305,12 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     })
 }
 
-/// The source config.json with `quantization_config` set and `torch_dtype` float16, key order kept.
+/// The source config.json with `quantization_config` set and `torch_dtype` set to the output's
+/// float dtype, key order kept.
 pub fn patch_config(
     source: &Path,
     quantization_config: serde_json::Value,
+    dtype: FloatDtype,
 ) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(source).map_err(|e| Error::input_io(source, e))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&text)
@@ -211,22 +319,63 @@ pub fn patch_config(
         .as_object_mut()
         .ok_or_else(|| Error::Input(format!("{} is not a JSON object", source.display())))?;
     obj.insert("quantization_config".into(), quantization_config);
-    obj.insert("torch_dtype".into(), "float16".into());
+    obj.insert("torch_dtype".into(), dtype.torch_name().into());
     Ok(cfg)
 }
 
-/// Copies the companion files present in `src` byte for byte; returns their names.
+/// Files of the source that [`copy_companions`] does not copy: weights in any format, and the
+/// files the output writes itself.
+const NOT_COMPANIONS: [&str; 5] = [
+    "config.json",
+    "README.md",
+    "quant_config.json",
+    "quantization_report.json",
+    super::reader::INDEX_FILE,
+];
+const WEIGHT_EXTENSIONS: [&str; 10] = [
+    "safetensors",
+    "bin",
+    "pt",
+    "pth",
+    "ckpt",
+    "gguf",
+    "h5",
+    "msgpack",
+    "onnx",
+    "npz",
+];
+
+/// Whether a top-level file of a model repository is a companion to copy (not a weight file,
+/// not hidden, not one the output writes itself).
+pub fn is_companion(name: &str) -> bool {
+    !(NOT_COMPANIONS.contains(&name)
+        || name.starts_with('.')
+        || Path::new(name)
+            .extension()
+            .is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()))
+        || name.ends_with(".index.json"))
+}
+
+/// Copies every other file of `src` byte for byte — tokenizer files in every flavour
+/// (`tokenizer.json`, `vocab.json`, `merges.txt`, `tokenizer.model`, `added_tokens.json`, …),
+/// chat templates, generation and preprocessor configs, licences — so slow-tokenizer and
+/// processor users keep working. Weights, hidden files, sub-directories and the files the output
+/// writes itself (config.json, README.md, …) are not copied. Returns the names, sorted.
 pub fn copy_companions(src: &Path, dst: &Path) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    for name in super::source::COMPANIONS {
-        let from = src.join(name);
-        if from.is_file() {
-            let to = dst.join(name);
-            std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
-            copied.push(name.to_string());
-        }
+    let entries = std::fs::read_dir(src).map_err(|e| Error::input_io(src, e))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_companion(n))
+        .collect();
+    names.sort();
+    for name in &names {
+        let (from, to) = (src.join(name), dst.join(name));
+        std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
+        readable(&to)?;
     }
-    Ok(copied)
+    Ok(names)
 }
 
 /// A directory beside the output that becomes the output by one rename. Dropped without
@@ -234,22 +383,42 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<Vec<String>> {
 pub struct Staging {
     pub dir: PathBuf,
     target: PathBuf,
-    /// Set once published, or when the directory must survive an error (a refused resume).
+    /// Set once published.
     keep: bool,
 }
 
-/// What [`Staging::open`] found beside the output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What lies at the staging path of an output, found by [`Staging::probe`] without changing
+/// anything (so a dry run can report it).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Found {
     /// No earlier staging directory.
     Fresh,
-    /// A staging directory left by a process that no longer runs (killed), removed.
-    StaleRemoved(PathBuf),
-    /// That directory, kept to resume from (`--resume`).
-    Resumed,
+    /// Left by a process that no longer runs (killed): its stored fingerprint (`None` when
+    /// missing or unreadable) and how many layers it finished.
+    Stale {
+        fingerprint: Option<serde_json::Value>,
+        layers_done: usize,
+    },
+    /// Owned by a running process.
+    Busy { pid: u32 },
+}
+
+/// What to do with the staging directory, decided by the caller from [`Found`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Create it (nothing was there).
+    Create,
+    /// Remove the stale one, then create it.
+    Replace,
+    /// Keep the stale one and continue from its finished layers.
+    Resume,
 }
 
 const OWNER_FILE: &str = "owner.pid";
+/// Fingerprint of the run that owns a staging directory (see [`super::fingerprint`]).
+pub const FINGERPRINT_FILE: &str = "fingerprint.json";
+/// Finished layers' parts and records inside a staging directory.
+pub const PARTS_DIR: &str = ".parts";
 
 /// Whether process `pid` still runs (Linux `/proc`; elsewhere every earlier owner counts as
 /// gone, which only matters for two concurrent runs on the same output).
@@ -257,45 +426,68 @@ fn alive(pid: u32) -> bool {
     pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// `.NAME.awq-staging` beside `target`.
+pub fn staging_path(target: &Path) -> Result<PathBuf> {
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::Usage(format!(
+            "the parent directory of the output, {}, does not exist",
+            parent.display()
+        )));
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    Ok(parent.join(format!(".{name}.awq-staging")))
+}
+
 impl Staging {
-    /// The staging directory `.NAME.awq-staging` beside `target`. One left by a killed run is
-    /// resumed with `resume`, otherwise removed; one owned by a running process is refused.
-    pub fn open(target: &Path, resume: bool) -> Result<(Self, Found)> {
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !parent.is_dir() {
-            return Err(Error::Usage(format!(
-                "the parent directory of the output, {}, does not exist",
-                parent.display()
-            )));
+    /// Looks at the staging directory of `target` and reports what an earlier run left there.
+    pub fn probe(target: &Path) -> Result<(PathBuf, Found)> {
+        let dir = staging_path(target)?;
+        if !dir.exists() {
+            return Ok((dir, Found::Fresh));
         }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        let dir = parent.join(format!(".{name}.awq-staging"));
-        let mut found = Found::Fresh;
-        if dir.exists() {
-            let owner = std::fs::read_to_string(dir.join(OWNER_FILE))
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok());
-            if let Some(pid) = owner.filter(|p| alive(*p)) {
-                return Err(Error::Runtime(format!(
-                    "another awq process (pid {pid}) is writing {}; wait for it, or remove {} if it is not awq",
-                    target.display(),
-                    dir.display()
-                )));
-            }
-            if resume {
-                found = Found::Resumed;
-            } else {
-                std::fs::remove_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
-                found = Found::StaleRemoved(dir.clone());
-            }
+        let owner = std::fs::read_to_string(dir.join(OWNER_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if let Some(pid) = owner.filter(|p| alive(*p)) {
+            return Ok((dir, Found::Busy { pid }));
         }
-        if found != Found::Resumed {
+        let fingerprint = std::fs::read(dir.join(FINGERPRINT_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let layers_done = std::fs::read_dir(dir.join(PARTS_DIR))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        n.starts_with("layer-") && n.ends_with(".json")
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        Ok((
+            dir,
+            Found::Stale {
+                fingerprint,
+                layers_done,
+            },
+        ))
+    }
+
+    /// Opens the staging directory of `target` as decided (`how`) and marks it as ours.
+    pub fn open(target: &Path, how: Open) -> Result<Self> {
+        let dir = staging_path(target)?;
+        if how == Open::Replace && dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
+        }
+        if how != Open::Resume {
             std::fs::create_dir(&dir).map_err(|e| {
                 Error::Runtime(format!(
                     "cannot create {} (is the output location writable?): {e}",
@@ -310,29 +502,36 @@ impl Staging {
         };
         std::fs::write(staging.dir.join(OWNER_FILE), std::process::id().to_string())
             .map_err(|e| write_err(&staging.dir, e))?;
-        Ok((staging, found))
+        Ok(staging)
     }
 
-    /// Leaves the directory in place when this value is dropped without publishing.
-    pub fn keep(&mut self) {
-        self.keep = true;
-    }
-
-    /// Replaces the target (removed first when `force`) by the staging directory.
+    /// Puts the staging directory at the target. An existing target (which the caller checked
+    /// with [`super::output::check_replaceable`] before any work, and which is checked again
+    /// here) is first renamed aside and removed only after the new output is in place, so a
+    /// failure in between never leaves the path empty.
     pub fn publish(mut self, force: bool) -> Result<()> {
-        if self.target.exists() {
-            if !force {
-                return Err(Error::OutputExists(format!(
-                    "{} already exists; pass --force to replace it",
-                    self.target.display()
-                )));
-            }
-            std::fs::remove_dir_all(&self.target).map_err(|e| write_err(&self.target, e))?;
-        }
+        super::output::check_replaceable(&self.target, force)?;
         let owner = self.dir.join(OWNER_FILE);
         std::fs::remove_file(&owner).map_err(|e| write_err(&owner, e))?;
-        std::fs::rename(&self.dir, &self.target).map_err(|e| write_err(&self.target, e))?;
+        let mut aside = None;
+        if std::fs::symlink_metadata(&self.target).is_ok() {
+            let mut name = self.dir.as_os_str().to_owned();
+            name.push(".replaced");
+            let old = PathBuf::from(name);
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&self.target, &old).map_err(|e| write_err(&self.target, e))?;
+            aside = Some(old);
+        }
+        if let Err(e) = std::fs::rename(&self.dir, &self.target) {
+            if let Some(old) = &aside {
+                let _ = std::fs::rename(old, &self.target);
+            }
+            return Err(write_err(&self.target, e));
+        }
         self.keep = true;
+        if let Some(old) = aside {
+            std::fs::remove_dir_all(&old).map_err(|e| write_err(&old, e))?;
+        }
         Ok(())
     }
 }

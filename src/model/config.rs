@@ -29,6 +29,10 @@ pub struct HfConfig {
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: Option<usize>,
+    /// Top-level pretraining context length in positions (Phi-3 style configs). For `yarn` and
+    /// `longrope` it takes priority over `rope_scaling.original_max_position_embeddings`, as in
+    /// transformers' `RotaryEmbeddingConfigMixin.standardize_rope_params`.
+    pub original_max_position_embeddings: Option<usize>,
     pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub attention_bias: bool,
@@ -49,17 +53,57 @@ fn default_theta() -> f64 {
     10000.0
 }
 
+/// Serde mirror of `rope_scaling` (transformers' `rope_parameters`); unknown keys are ignored.
+/// Read the scaling type with [`RopeScaling::kind`], never from the two type fields directly.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
-    #[serde(alias = "type")]
+    /// `rope_type`, the current key.
     pub rope_type: Option<String>,
+    /// `type`, the legacy key. transformers writes both keys when it re-saves an old config.
+    #[serde(rename = "type")]
+    pub legacy_type: Option<String>,
     pub factor: Option<f64>,
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
+    /// Pretraining context length in positions (`llama3`, `yarn`, `longrope`).
     pub original_max_position_embeddings: Option<usize>,
+    /// `yarn`: rotations per original context above which a dimension is left alone (default 32).
+    pub beta_fast: Option<f64>,
+    /// `yarn`: rotations per original context below which a dimension is fully interpolated
+    /// (default 1).
+    pub beta_slow: Option<f64>,
+    /// `yarn` (DeepSeek style): numerator weight of the derived attention factor.
+    pub mscale: Option<f64>,
+    /// `yarn` (DeepSeek style): denominator weight of the derived attention factor.
+    pub mscale_all_dim: Option<f64>,
+    /// `yarn`, `longrope`: explicit multiplier of cos and sin; derived from `factor` when absent.
+    pub attention_factor: Option<f64>,
+    /// `yarn`: round the correction range outward to whole dimensions (default true).
+    pub truncate: Option<bool>,
+    /// `longrope`: per-frequency divisors (`head_dim / 2` of them) for sequences that fit the
+    /// original context.
+    pub short_factor: Option<Vec<f64>>,
+    /// `longrope`: per-frequency divisors (`head_dim / 2` of them) for longer sequences.
+    pub long_factor: Option<Vec<f64>>,
 }
 
-/// How rotary frequencies are adjusted (transformers' `rope_type`).
+impl RopeScaling {
+    /// The scaling type: `rope_type`, else the legacy `type`, else `"default"` (transformers'
+    /// `standardize_rope_params`). Both keys may be present when they agree; when they differ the
+    /// config is ambiguous and this is an input error naming both values.
+    pub fn kind(&self) -> Result<&str> {
+        match (self.rope_type.as_deref(), self.legacy_type.as_deref()) {
+            (Some(a), Some(b)) if a != b => Err(input_err!(
+                "config.json: rope_scaling has \"rope_type\": {a:?} and \"type\": {b:?}, which disagree; \
+                 keep one of them (or make them equal)"
+            )),
+            (Some(a), _) | (None, Some(a)) => Ok(a),
+            (None, None) => Ok("default"),
+        }
+    }
+}
+
+/// How rotary frequencies are adjusted (transformers' `rope_type`, `modeling_rope_utils`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeKind {
     Default,
@@ -71,6 +115,40 @@ pub enum RopeKind {
         low_freq_factor: f64,
         high_freq_factor: f64,
         original_max: usize,
+    },
+    /// YaRN (transformers `_compute_yarn_parameters`): frequencies that turn fewer than
+    /// `beta_slow` times over the original context are divided by `factor`, those that turn more
+    /// than `beta_fast` times are kept, with a linear ramp over the dimensions in between.
+    Yarn {
+        /// Context extension ratio (dimensionless).
+        factor: f64,
+        /// Pretraining context length in positions the correction range is measured against.
+        original_max: usize,
+        /// Rotation counts bounding the ramp (defaults 32 and 1).
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Round the correction range outward to whole dimensions (default true).
+        truncate: bool,
+        /// Resolved multiplier of cos and sin (transformers' `attention_scaling`).
+        attention_factor: f64,
+    },
+    /// Dynamic NTK (transformers `_compute_dynamic_ntk_parameters`): the base grows with the
+    /// sequence length once it exceeds `max_position_embeddings`; see [`crate::model::rope`].
+    Dynamic {
+        factor: f64,
+        /// `max_position_embeddings` of config.json, in positions.
+        max_position_embeddings: usize,
+    },
+    /// LongRoPE, Phi-3 style (transformers `_compute_longrope_parameters`): each frequency is
+    /// divided by its own factor, from `long_factor` when the sequence is longer than
+    /// `original_max` positions and from `short_factor` otherwise.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        /// Pretraining context length in positions.
+        original_max: usize,
+        /// Resolved multiplier of cos and sin (transformers' `attention_scaling`).
+        attention_factor: f64,
     },
 }
 
@@ -101,6 +179,10 @@ pub struct ModelSpec {
     pub sliding_window: Option<usize>,
     /// Set when the checkpoint is already AWQ-packed: linears are read by dequantizing.
     pub awq: Option<AwqFormat>,
+    /// Not from config.json: when set (`awq eval --dtype`), the forward rounds every
+    /// activation to this dtype after each op, as a server running in it would (f32 math in
+    /// between). `None`: plain f32.
+    pub serve_dtype: Option<candle_core::DType>,
 }
 
 /// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a bias.
@@ -181,7 +263,7 @@ impl HfConfig {
             vocab: self.vocab_size,
             rms_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
-            rope: self.rope_kind()?,
+            rope: self.rope_kind(head_dim)?,
             tied_embeddings: self.tie_word_embeddings.unwrap_or(tie_default),
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
@@ -189,6 +271,7 @@ impl HfConfig {
             qk_norm: false,
             sliding_window: None,
             awq: self.awq_format()?,
+            serve_dtype: None,
         })
     }
 
@@ -236,14 +319,53 @@ impl HfConfig {
         }
     }
 
-    fn rope_kind(&self) -> Result<RopeKind> {
+    fn rope_kind(&self, head_dim: usize) -> Result<RopeKind> {
         let Some(rs) = &self.rope_scaling else {
             return Ok(RopeKind::Default);
         };
-        let kind = rs.rope_type.as_deref().unwrap_or("default");
+        let kind = rs.kind()?;
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(input_err!(
+                    "config.json: rope_scaling {kind:?} needs a positive \"{name}\", got {v}"
+                ))
+            }
+        };
         let factor = || {
-            rs.factor
-                .ok_or_else(|| input_err!("config.json: rope_scaling {kind:?} needs \"factor\""))
+            let f = rs
+                .factor
+                .ok_or_else(|| input_err!("config.json: rope_scaling {kind:?} needs \"factor\""))?;
+            positive("factor", f)
+        };
+        let max_pos = || {
+            self.max_position_embeddings.filter(|&m| m > 0).ok_or_else(|| {
+                input_err!(
+                    "config.json: rope_scaling {kind:?} needs a positive \"max_position_embeddings\""
+                )
+            })
+        };
+        // yarn and longrope: the top-level value (Phi-3) wins over rope_scaling's, and
+        // max_position_embeddings is the fallback (transformers' standardize_rope_params).
+        let original_max = || -> Result<usize> {
+            match self
+                .original_max_position_embeddings
+                .or(rs.original_max_position_embeddings)
+            {
+                Some(0) => Err(input_err!(
+                    "config.json: rope_scaling {kind:?} needs a positive \"original_max_position_embeddings\""
+                )),
+                Some(m) => Ok(m),
+                None => max_pos(),
+            }
+        };
+        // When `factor` is absent, yarn and longrope use max_position_embeddings / original max.
+        let factor_or_ratio = |original: usize| -> Result<f64> {
+            match rs.factor {
+                Some(f) => positive("factor", f),
+                None => Ok(max_pos()? as f64 / original as f64),
+            }
         };
         match kind {
             "default" => Ok(RopeKind::Default),
@@ -254,9 +376,168 @@ impl HfConfig {
                 high_freq_factor: rs.high_freq_factor.unwrap_or(4.0),
                 original_max: rs.original_max_position_embeddings.unwrap_or(8192),
             }),
+            "yarn" => {
+                let original_max = original_max()?;
+                let factor = factor_or_ratio(original_max)?;
+                // transformers' get_mscale: 1 for scale <= 1, else 0.1 * m * ln(scale) + 1.
+                let mscale = |m: f64| {
+                    if factor <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * factor.ln() + 1.0
+                    }
+                };
+                let attention_factor = match (rs.attention_factor, rs.mscale, rs.mscale_all_dim) {
+                    (Some(a), _, _) => a,
+                    // Python truthiness: both present and non-zero.
+                    (None, Some(m), Some(m_all)) if m != 0.0 && m_all != 0.0 => {
+                        mscale(m) / mscale(m_all)
+                    }
+                    _ => mscale(1.0),
+                };
+                // `beta or default` in Python: 0 also means the default.
+                let beta = |v: Option<f64>, default: f64| v.filter(|&b| b != 0.0).unwrap_or(default);
+                Ok(RopeKind::Yarn {
+                    factor,
+                    original_max,
+                    beta_fast: beta(rs.beta_fast, 32.0),
+                    beta_slow: beta(rs.beta_slow, 1.0),
+                    truncate: rs.truncate.unwrap_or(true),
+                    attention_factor,
+                })
+            }
+            "dynamic" => {
+                if head_dim <= 2 {
+                    return Err(input_err!(
+                        "config.json: rope_scaling \"dynamic\" needs head_dim > 2, got {head_dim}"
+                    ));
+                }
+                Ok(RopeKind::Dynamic {
+                    factor: factor()?,
+                    max_position_embeddings: max_pos()?,
+                })
+            }
+            "longrope" => {
+                let list = |name: &str, v: &Option<Vec<f64>>| -> Result<Vec<f64>> {
+                    let v = v.as_ref().ok_or_else(|| {
+                        input_err!("config.json: rope_scaling \"longrope\" needs \"{name}\"")
+                    })?;
+                    if v.len() != head_dim / 2 {
+                        return Err(input_err!(
+                            "config.json: rope_scaling.{name} has {} values; it needs head_dim / 2 = {}",
+                            v.len(),
+                            head_dim / 2
+                        ));
+                    }
+                    for &f in v {
+                        positive(name, f)?;
+                    }
+                    Ok(v.clone())
+                };
+                let original_max = original_max()?;
+                let factor = factor_or_ratio(original_max)?;
+                let attention_factor = match rs.attention_factor {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original_max as f64).ln()).sqrt(),
+                };
+                Ok(RopeKind::LongRope {
+                    short_factor: list("short_factor", &rs.short_factor)?,
+                    long_factor: list("long_factor", &rs.long_factor)?,
+                    original_max,
+                    attention_factor,
+                })
+            }
             other => Err(input_err!(
-                "config.json: rope_scaling type {other:?} is not supported (supported: default, linear, llama3)"
+                "config.json: rope_scaling type {other:?} is not supported (supported: default, linear, llama3, yarn, dynamic, longrope)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rope_of(rope_scaling: serde_json::Value) -> Result<RopeKind> {
+        let cfg: HfConfig = serde_json::from_value(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8,
+            "max_position_embeddings": 4096, "rope_scaling": rope_scaling
+        }))
+        .expect("config parses");
+        cfg.base_spec(false).map(|s| s.rope)
+    }
+
+    #[test]
+    fn rope_type_and_legacy_type_may_both_be_present_when_they_agree() {
+        let kind =
+            rope_of(serde_json::json!({"type": "linear", "rope_type": "linear", "factor": 2.0}));
+        assert_eq!(kind.unwrap(), RopeKind::Linear { factor: 2.0 });
+        // Either key alone still works.
+        let legacy = rope_of(serde_json::json!({"type": "linear", "factor": 3.0}));
+        assert_eq!(legacy.unwrap(), RopeKind::Linear { factor: 3.0 });
+    }
+
+    #[test]
+    fn rope_type_and_legacy_type_that_disagree_are_an_input_error() {
+        let err =
+            rope_of(serde_json::json!({"type": "linear", "rope_type": "yarn", "factor": 2.0}))
+                .unwrap_err();
+        assert!(matches!(err, crate::error::Error::Input(_)));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"linear\"") && msg.contains("\"yarn\"") && msg.contains("rope_scaling"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn yarn_defaults_follow_transformers() {
+        let kind = rope_of(serde_json::json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 0}));
+        assert_eq!(
+            kind.unwrap(),
+            RopeKind::Yarn {
+                factor: 4.0,
+                original_max: 4096,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: true,
+                // 0.1 * ln(4) + 1 (python3 math)
+                attention_factor: 0.1 * 4f64.ln() + 1.0,
+            }
+        );
+        // Explicit attention_factor wins over the mscale rule.
+        let explicit = rope_of(serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+            "attention_factor": 1.5, "mscale": 1.0, "mscale_all_dim": 1.0}));
+        assert!(
+            matches!(explicit.unwrap(), RopeKind::Yarn { attention_factor, .. } if attention_factor == 1.5)
+        );
+    }
+
+    #[test]
+    fn longrope_factor_lists_must_cover_half_the_head_dim() {
+        let err = rope_of(serde_json::json!({"rope_type": "longrope",
+            "short_factor": [1.0, 1.0], "long_factor": [1.0, 1.0]}))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("short_factor") && err.contains("head_dim / 2 = 8"),
+            "{err}"
+        );
+        let missing = rope_of(serde_json::json!({"rope_type": "longrope"})).unwrap_err();
+        assert!(missing.to_string().contains("short_factor"), "{missing}");
+    }
+
+    #[test]
+    fn dynamic_needs_max_position_embeddings() {
+        let cfg: HfConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "vocab_size": 8,
+            "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}
+        }))
+        .unwrap();
+        let err = cfg.base_spec(false).unwrap_err().to_string();
+        assert!(err.contains("max_position_embeddings"), "{err}");
     }
 }

@@ -224,10 +224,15 @@ impl LayerWeights {
         let tokens = x.dim(0)?;
         let n = tokens / seq_len;
         let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
         let heads = |t: Tensor, nh: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let t = t.reshape((n, seq_len, nh, hd))?;
+            let t = r(t)?.reshape((n, seq_len, nh, hd))?;
             let t = match norm {
-                Some(w) => candle_nn::ops::rms_norm(&t.contiguous()?, w, spec.rms_eps as f32)?,
+                Some(w) => r(candle_nn::ops::rms_norm(
+                    &t.contiguous()?,
+                    w,
+                    spec.rms_eps as f32,
+                )?)?,
                 None => t,
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
@@ -236,8 +241,8 @@ impl LayerWeights {
         let k = heads(self.k.forward(x)?, kvh, &self.k_norm)?;
         let v = heads(self.v.forward(x)?, kvh, &None)?;
         let (cos, sin) = rope.prefix(seq_len)?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let q = r(candle_nn::rotary_emb::rope(&q, &cos, &sin)?)?;
+        let k = r(candle_nn::rotary_emb::rope(&k, &cos, &sin)?)?;
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let rep = h / kvh;
         let mut out = Vec::with_capacity(n.div_ceil(SEQ_BATCH));
@@ -260,9 +265,9 @@ impl LayerWeights {
                 let kb = ks.narrow(2, k0, keys)?.contiguous()?;
                 let vb = vs.narrow(2, k0, keys)?.contiguous()?;
                 let mask = block_mask(r0, r1, k0, spec.sliding_window)?;
-                let scores = crate::ops::matmul(&qb, &kb.t()?)?.broadcast_add(&mask)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                blocks.push(crate::ops::matmul(&probs, &vb)?); // [b, h, block, hd]
+                let scores = r(crate::ops::matmul(&qb, &kb.t()?)?)?.broadcast_add(&mask)?;
+                let probs = r(candle_nn::ops::softmax_last_dim(&scores)?)?;
+                blocks.push(r(crate::ops::matmul(&probs, &vb)?)?); // [b, h, block, hd]
                 r0 = r1;
             }
             let ctx = Tensor::cat(&blocks, 2)?; // [b, h, t, hd]
@@ -304,12 +309,21 @@ impl LayerWeights {
         capture: bool,
     ) -> Result<(Tensor, Option<LinearInputs>)> {
         let eps = spec.rms_eps as f32;
-        let attn_in = candle_nn::ops::rms_norm(h, &self.input_norm, eps)?;
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let attn_in = r(candle_nn::ops::rms_norm(h, &self.input_norm, eps)?)?;
         let ctx = self.attention_context(spec, rope, &attn_in, seq_len)?;
-        let h = (h + self.o.forward(&ctx)?)?;
-        let mlp_in = candle_nn::ops::rms_norm(&h, &self.post_norm, eps)?;
-        let down_in = self.mlp_hidden(&mlp_in)?;
-        let out = (h + self.down.forward(&down_in)?)?;
+        let h = r((h + r(self.o.forward(&ctx)?)?)?)?;
+        let mlp_in = r(candle_nn::ops::rms_norm(&h, &self.post_norm, eps)?)?;
+        let down_in = match spec.serve_dtype {
+            None => self.mlp_hidden(&mlp_in)?,
+            // Each op rounded on its own, as a server does: silu(gate), then the product.
+            Some(_) => {
+                let gate = r(self.gate.forward(&mlp_in)?)?;
+                let up = r(self.up.forward(&mlp_in)?)?;
+                r((r(candle_nn::ops::silu(&gate)?)? * up)?)?
+            }
+        };
+        let out = r((h + r(self.down.forward(&down_in)?)?)?)?;
         let inputs = capture.then_some(LinearInputs {
             attn: attn_in,
             o: ctx,
@@ -343,6 +357,15 @@ fn block_mask(r0: usize, r1: usize, k0: usize, window: Option<usize>) -> Result<
         }
     }
     Ok(Tensor::from_vec(m, (r1 - r0, keys), &Device::Cpu)?)
+}
+
+/// `t` rounded to `dtype` and back to f32 (`None`: unchanged) — how a float16/bfloat16 server
+/// stores each activation (see [`ModelSpec::serve_dtype`]); values beyond float16 become inf.
+pub fn round_to(t: Tensor, dtype: Option<candle_core::DType>) -> Result<Tensor> {
+    Ok(match dtype {
+        Some(dt) => t.to_dtype(dt)?.to_dtype(candle_core::DType::F32)?,
+        None => t,
+    })
 }
 
 /// Final RMSNorm helper shared by the model head.

@@ -7,20 +7,33 @@ use super::config::{ModelSpec, RopeKind};
 use crate::error::Result;
 
 pub struct Rope {
-    /// `[max_len, head_dim / 2]`
+    /// `[max_len, head_dim / 2]`, already multiplied by `attention_scaling`.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The factor cos and sin were multiplied by: transformers' `attention_scaling`, 1 except for
+    /// `yarn` and `longrope`.
+    pub attention_scaling: f32,
 }
 
-/// Inverse frequencies, adjusted by the configured scaling (transformers' `rope_init_fn`s).
-pub fn inv_freq(spec: &ModelSpec) -> Vec<f32> {
+/// `theta^(2i / dim)` for `i < dim / 2`, in f32 as transformers computes it (positions per radian).
+fn wavelength_terms(theta: f64, dim: usize) -> impl Iterator<Item = f32> {
+    let base = theta as f32;
+    (0..dim / 2).map(move |i| base.powf((2 * i) as f32 / dim as f32))
+}
+
+/// Inverse frequencies in radians per position, adjusted by the configured scaling
+/// (transformers' `rope_init_fn`s in `modeling_rope_utils`), for sequences of `seq_len` positions.
+///
+/// Only `dynamic` and `longrope` depend on `seq_len`. transformers re-derives their frequencies
+/// from the longest position it has seen; every sequence we run has the length the tables are
+/// built for, so `seq_len` is that length ([`Rope::new`]'s `max_len`).
+pub fn inv_freq(spec: &ModelSpec, seq_len: usize) -> Vec<f32> {
     let dim = spec.head_dim;
-    let base = spec.rope_theta as f32;
-    let raw = (0..dim / 2).map(|i| 1.0f32 / base.powf((2 * i) as f32 / dim as f32));
-    match spec.rope {
+    let raw = wavelength_terms(spec.rope_theta, dim).map(|p| 1.0f32 / p);
+    match &spec.rope {
         RopeKind::Default => raw.collect(),
-        RopeKind::Linear { factor } => raw.map(|f| f / factor as f32).collect(),
-        RopeKind::Llama3 {
+        RopeKind::Linear { factor } => raw.map(|f| f / *factor as f32).collect(),
+        &RopeKind::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
@@ -45,25 +58,109 @@ pub fn inv_freq(spec: &ModelSpec) -> Vec<f32> {
             })
             .collect()
         }
+        &RopeKind::Yarn {
+            factor,
+            original_max,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            // The dimension (fractional) at which a frequency turns `rotations` times over the
+            // original context (transformers' find_correction_dim), in f64 as Python does.
+            let dim_f = dim as f64;
+            let correction_dim = |rotations: f64| {
+                dim_f * (original_max as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * spec.rope_theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let low = low.max(0.0);
+            let mut high = high.min(dim_f - 1.0);
+            if low == high {
+                high += 0.001; // transformers' guard against a zero-width ramp
+            }
+            let (low32, span32) = (low as f32, (high - low) as f32);
+            wavelength_terms(spec.rope_theta, dim)
+                .enumerate()
+                .map(|(i, p)| {
+                    let extrapolated = 1.0 / p;
+                    let interpolated = 1.0 / (factor as f32 * p);
+                    let ramp = ((i as f32 - low32) / span32).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp;
+                    interpolated * (1.0 - keep) + extrapolated * keep
+                })
+                .collect()
+        }
+        &RopeKind::Dynamic {
+            factor,
+            max_position_embeddings,
+        } => {
+            // transformers: seq_len = max(seq_len, max_position_embeddings), then
+            // base * (factor * seq_len / max - (factor - 1)) ^ (dim / (dim - 2)), in f64.
+            let max = max_position_embeddings as f64;
+            let len = (seq_len as f64).max(max);
+            let dim_f = dim as f64;
+            let base =
+                spec.rope_theta * (factor * len / max - (factor - 1.0)).powf(dim_f / (dim_f - 2.0));
+            wavelength_terms(base, dim).map(|p| 1.0 / p).collect()
+        }
+        RopeKind::LongRope {
+            short_factor,
+            long_factor,
+            original_max,
+            ..
+        } => {
+            let ext = if seq_len > *original_max {
+                long_factor
+            } else {
+                short_factor
+            };
+            wavelength_terms(spec.rope_theta, dim)
+                .zip(ext)
+                .map(|(p, &e)| 1.0 / (e as f32 * p))
+                .collect()
+        }
+    }
+}
+
+/// transformers' `attention_scaling`, the factor cos and sin are multiplied by: the resolved
+/// `attention_factor` for `yarn` and `longrope`, 1 for every other type.
+pub fn attention_scaling(spec: &ModelSpec) -> f32 {
+    match spec.rope {
+        RopeKind::Yarn {
+            attention_factor, ..
+        }
+        | RopeKind::LongRope {
+            attention_factor, ..
+        } => attention_factor as f32,
+        _ => 1.0,
     }
 }
 
 impl Rope {
+    /// cos and sin tables for positions `0..max_len`, scaled by [`attention_scaling`]. The
+    /// sequence-length-dependent types (`dynamic`, `longrope`) are resolved for `max_len`.
     pub fn new(spec: &ModelSpec, max_len: usize) -> Result<Self> {
-        let inv = inv_freq(spec);
+        let inv = inv_freq(spec, max_len);
+        let scale = attention_scaling(spec);
         let half = inv.len();
         let mut cos = Vec::with_capacity(max_len * half);
         let mut sin = Vec::with_capacity(max_len * half);
         for pos in 0..max_len {
             for &f in &inv {
                 let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                // × 1.0 is exact, so unscaled types keep their tables bit for bit.
+                cos.push(angle.cos() * scale);
+                sin.push(angle.sin() * scale);
             }
         }
         Ok(Self {
             cos: Tensor::from_vec(cos, (max_len, half), &Device::Cpu)?,
             sin: Tensor::from_vec(sin, (max_len, half), &Device::Cpu)?,
+            attention_scaling: scale,
         })
     }
 
@@ -93,11 +190,14 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let plain = inv_freq(&spec(serde_json::Value::Null));
-        let scaled = inv_freq(&spec(serde_json::json!({
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
-        })));
+        let plain = inv_freq(&spec(serde_json::Value::Null), 0);
+        let scaled = inv_freq(
+            &spec(serde_json::json!({
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+            })),
+            0,
+        );
         // Wavelength below 8192/4 = 2048: unchanged.
         assert_eq!(plain[0], scaled[0]);
         // Wavelength above 8192: divided by the factor.
@@ -113,10 +213,183 @@ mod tests {
     fn unknown_rope_type_is_an_input_error() {
         let cfg: HfConfig = serde_json::from_value(serde_json::json!({
             "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "vocab_size": 8, "rope_scaling": {"type": "yarn", "factor": 2.0}
+            "num_attention_heads": 2, "vocab_size": 8, "rope_scaling": {"type": "proportional", "factor": 2.0}
         }))
         .unwrap();
         let err = cfg.base_spec(false).unwrap_err().to_string();
-        assert!(err.contains("yarn"), "{err}");
+        assert!(err.contains("proportional"), "{err}");
+    }
+
+    /// head_dim 16 (8 frequencies), theta 10000, plus `extra` top-level keys.
+    fn small_spec(extra: serde_json::Value) -> ModelSpec {
+        let mut v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8,
+            "rope_theta": 10000.0
+        });
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        serde_json::from_value::<HfConfig>(v)
+            .unwrap()
+            .base_spec(false)
+            .unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let rel = ((*g as f64) - w).abs() / w.abs();
+            assert!(rel <= 2e-6, "index {i}: got {g}, want {w}");
+        }
+    }
+
+    /// 10000^(-2i/16), i = 0..8: the unscaled frequencies (python3 math, float64).
+    const PLAIN: [f64; 8] = [
+        1.0,
+        0.31622776601683794,
+        0.1,
+        0.03162277660168379,
+        0.01,
+        0.0031622776601683794,
+        0.001,
+        0.00031622776601683794,
+    ];
+
+    #[test]
+    fn yarn_ramps_between_kept_and_interpolated_frequencies() {
+        let spec = small_spec(serde_json::json!({
+            "max_position_embeddings": 8192,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                             "original_max_position_embeddings": 2048}
+        }));
+        // Expected values: transformers' _compute_yarn_parameters re-done in python3 float64 with
+        // the math module: correction range floor(2.016) = 2 .. ceil(5.026) = 6 for beta 32 / 1,
+        // ramp (i - 2) / 4 clamped to [0, 1], inv = interp * ramp + extrap * (1 - ramp);
+        // attention factor 0.1 * ln(4) + 1.
+        let want = [
+            1.0,
+            0.31622776601683794,
+            0.1,
+            0.02569350598886808,
+            0.00625,
+            0.0013834964763236657,
+            0.00025,
+            7.905694150420948e-05,
+        ];
+        assert_close(&inv_freq(&spec, 16), &want);
+        let af = 1.138629436111989;
+        assert!((attention_scaling(&spec) as f64 - af).abs() < 1e-6);
+        // cos and sin carry the attention factor: position 0 is (af, 0), position 1 is
+        // af * (cos 1, sin 1) for the first frequency.
+        let rope = Rope::new(&spec, 2).unwrap();
+        let cos = rope.cos.to_vec2::<f32>().unwrap();
+        let sin = rope.sin.to_vec2::<f32>().unwrap();
+        assert!((cos[0][3] as f64 - af).abs() < 1e-6 && sin[0][3] == 0.0);
+        assert!((cos[1][0] as f64 - af * 1f64.cos()).abs() < 1e-6);
+        assert!((sin[1][0] as f64 - af * 1f64.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn yarn_untruncated_range_and_mscale_attention_factor() {
+        // No original_max_position_embeddings in rope_scaling: falls back to
+        // max_position_embeddings (2048).
+        let spec = small_spec(serde_json::json!({
+            "max_position_embeddings": 2048,
+            "rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": false,
+                             "mscale": 1.0, "mscale_all_dim": 0.5}
+        }));
+        // python3 float64: range 2.0160002112515443 .. 5.026300167891356 (not rounded);
+        // attention factor (0.1 * 1.0 * ln 4 + 1) / (0.1 * 0.5 * ln 4 + 1).
+        let want = [
+            1.0,
+            0.31622776601683794,
+            0.1,
+            0.023870192321736323,
+            0.005056971521129435,
+            0.0008112903817014309,
+            0.00025,
+            7.905694150420948e-05,
+        ];
+        assert_close(&inv_freq(&spec, 16), &want);
+        assert!((attention_scaling(&spec) as f64 - 1.0648216253695715).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dynamic_ntk_grows_the_base_beyond_max_position_embeddings() {
+        let spec = small_spec(serde_json::json!({
+            "max_position_embeddings": 1024,
+            "rope_scaling": {"type": "dynamic", "factor": 2.0}
+        }));
+        // Up to max_position_embeddings the frequencies are the plain ones.
+        assert_close(&inv_freq(&spec, 1024), &PLAIN);
+        // seq_len 4096: base = 10000 * (2 * 4096 / 1024 - 1) ^ (16 / 14) = 92432.84734292865,
+        // inv = base^(-2i/16) (python3 math, float64).
+        let want = [
+            1.0,
+            0.2394813560059838,
+            0.05735131987446476,
+            0.013734571852269752,
+            0.003289173891343177,
+            0.0007876958236383426,
+            0.00018863846396516057,
+            4.517539514526257e-05,
+        ];
+        assert_close(&inv_freq(&spec, 4096), &want);
+        assert_eq!(attention_scaling(&spec), 1.0);
+    }
+
+    #[test]
+    fn longrope_picks_short_or_long_factors_by_sequence_length() {
+        // Phi-3 layout: original_max_position_embeddings at the top level, no factor.
+        let spec = small_spec(serde_json::json!({
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": "longrope",
+                "short_factor": [1.0, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
+                "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 48.0]}
+        }));
+        // python3 float64: inv = 1 / (ext_i * 10000^(2i/16)); attention factor
+        // sqrt(1 + ln(131072 / 4096) / ln(4096)).
+        let short = [
+            1.0,
+            0.31622776601683794,
+            0.08,
+            0.021081851067789197,
+            0.005,
+            0.0012649110640673518,
+            0.0003333333333333333,
+            7.905694150420948e-05,
+        ];
+        let long = [
+            1.0,
+            0.15811388300841897,
+            0.025,
+            0.003952847075210474,
+            0.000625,
+            0.00013176156917368246,
+            3.125e-05,
+            6.588078458684123e-06,
+        ];
+        assert_close(&inv_freq(&spec, 4096), &short);
+        assert_close(&inv_freq(&spec, 4097), &long);
+        assert!((attention_scaling(&spec) as f64 - 1.1902380714238083).abs() < 1e-6);
+        let rope = Rope::new(&spec, 1).unwrap();
+        let cos0 = rope.cos.to_vec2::<f32>().unwrap()[0][0] as f64;
+        assert!((cos0 - 1.1902380714238083).abs() < 1e-6);
+    }
+
+    #[test]
+    fn longrope_explicit_factor_wins_over_the_length_ratio() {
+        // Current transformers keeps a configured `factor`: sqrt(1 + ln 8 / ln 4096)
+        // = 1.118033988749895 (python3 math).
+        let spec = small_spec(serde_json::json!({
+            "max_position_embeddings": 131072,
+            "rope_scaling": {"rope_type": "longrope", "factor": 8.0,
+                "original_max_position_embeddings": 4096,
+                "short_factor": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                "long_factor": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
+        }));
+        assert!((attention_scaling(&spec) as f64 - 1.118033988749895).abs() < 1e-6);
+        assert_close(&inv_freq(&spec, 16), &PLAIN);
     }
 }

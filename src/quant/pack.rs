@@ -56,21 +56,43 @@ pub fn gemv_zeros_width(in_features: usize, group: usize) -> Result<usize> {
     Ok(base.div_ceil(mult) * mult)
 }
 
-/// Checks the shape rules shared by both layouts.
-pub fn check_shape(name: &str, out: usize, inp: usize, group: usize) -> Result<()> {
+/// Group sizes worth suggesting: AutoAWQ's default 128 and the sizes the kernels handle best.
+pub const GROUP_HINTS: [usize; 4] = [128, 64, 32, 256];
+
+/// The sizes of [`GROUP_HINTS`] that divide every one of `in_features` (so a hint never fails
+/// on another linear of the model).
+pub fn group_hints(in_features: &[usize]) -> Vec<usize> {
+    GROUP_HINTS
+        .into_iter()
+        .filter(|g| in_features.iter().all(|i| i.is_multiple_of(*g)))
+        .collect()
+}
+
+/// Checks the shape rules shared by both layouts; `hints` are group sizes that fit the whole
+/// model (see [`group_hints`]), offered when `group` does not divide `inp`.
+pub fn check_shape(
+    name: &str,
+    out: usize,
+    inp: usize,
+    group: usize,
+    hints: &[usize],
+) -> Result<()> {
     if !inp.is_multiple_of(group) {
-        let divisors: Vec<String> = [32, 64, 128, 256]
-            .iter()
-            .filter(|&&g| inp.is_multiple_of(g))
-            .map(|g| g.to_string())
-            .collect();
-        return Err(Error::Usage(format!(
-            "{name}: in_features {inp} is not divisible by the group size {group}; use --group {}",
-            if divisors.is_empty() {
-                "that divides it".to_string()
-            } else {
-                divisors.join(" or ")
+        let fix = match hints {
+            [] => {
+                "no common size (32, 64, 128, 256) divides every linear of this model".to_string()
             }
+            _ => format!(
+                "use --group {}",
+                hints
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        };
+        return Err(Error::Usage(format!(
+            "{name}: in_features {inp} is not divisible by the group size {group}; {fix}"
         )));
     }
     if !out.is_multiple_of(8) {
@@ -235,6 +257,14 @@ pub fn unpack(p: &Packed, layout: Layout, group: usize) -> Result<Quantized> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_hints_fit_every_input_width() {
+        // SmolLM2-135M: hidden 576, intermediate 1536.
+        assert_eq!(group_hints(&[576, 1536]), vec![64, 32]);
+        assert_eq!(group_hints(&[4096, 11008]), vec![128, 64, 32, 256]);
+        assert!(group_hints(&[100]).is_empty());
+    }
     use proptest::prelude::*;
 
     fn codes_for_word(codes: [u8; 8]) -> Quantized {

@@ -99,8 +99,7 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
                         let x = h(x);
                         (a.min(x), b.max(x))
                     });
-                let range = h(mx - mn).max(min_range);
-                let s = h(range / QMAX);
+                let s = group_scale(mx - mn, min_range);
                 let z = (-rne(h(mn / s), m)).clamp(0.0, QMAX);
                 for (c, &x) in code_row[k * group..(k + 1) * group].iter_mut().zip(grp) {
                     let v = rne(h(h(x) / s), m) + z;
@@ -117,6 +116,19 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
         codes,
         zeros,
         scales,
+    }
+}
+
+/// The f16 scale of a group whose values span `span = max − min`. AutoAWQ rounds the span to
+/// f16 first (`h(span)`), which overflows to `inf` when the span exceeds 65504 (weights of
+/// ±32760 and more) and writes an infinite scale; there we divide the f32 span instead. Below
+/// that the result is AutoAWQ's bit for bit.
+fn group_scale(span: f32, min_range: f32) -> f32 {
+    let range = h(span).max(min_range);
+    if range.is_finite() {
+        h(range / QMAX)
+    } else {
+        h(span / QMAX)
     }
 }
 
@@ -161,6 +173,15 @@ mod tests {
         fn rne_matches_round_ties_even(x in -4_194_304f32..4_194_304.0) {
             prop_assert_eq!(rne(x, magic()), x.round_ties_even());
         }
+    }
+
+    #[test]
+    fn a_span_beyond_float16_still_gets_a_finite_scale() {
+        // max − min = 60000 + 30000 overflows f16 (AutoAWQ: inf); 90000 / 15 = 6000 fits.
+        let w = [-30000.0, 60000.0, 0.0, 1.0];
+        let q = quantize_f16(&w, 1, 4, 4);
+        assert_eq!(q.scales[0].to_f32(), 6000.0);
+        assert_eq!(q.codes, vec![0, 15, 5, 5]);
     }
 
     #[test]

@@ -76,6 +76,26 @@ pub fn candidate(x_mean: &[f32], w_mean: &[f32], ratio: f32) -> Vec<f32> {
     s
 }
 
+/// Largest |w| per input column over all `weights` (`[out, in]` each, same `in`).
+pub fn col_absmax(weights: &[&Tensor]) -> Result<Vec<f32>> {
+    let mut m = vec![0f32; weights[0].dim(1)?];
+    for w in weights {
+        let cols = w.abs()?.max(0)?.to_vec1::<f32>()?;
+        m.iter_mut().zip(cols).for_each(|(a, c)| *a = a.max(c));
+    }
+    Ok(m)
+}
+
+/// Whether the scaled weights `W · diag(s)` stay within float16's range. AutoAWQ scales and
+/// quantizes in float16, where such a candidate becomes `inf` and is never chosen; our f32
+/// search must reject it explicitly, or the written `scales` would be `inf`.
+pub fn fits_f16(col_absmax: &[f32], s: &[f32]) -> bool {
+    col_absmax
+        .iter()
+        .zip(s)
+        .all(|(m, s)| m * s <= crate::model::F16_MAX)
+}
+
 /// `Q(W · diag(s)) · diag(s)⁻¹`: the weight a candidate produces, as a new tensor.
 pub fn scaled_fake_quant(w: &Tensor, s: &[f32], group: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
@@ -160,6 +180,16 @@ pub fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_candidate_that_overflows_float16_does_not_fit() {
+        let w = Tensor::from_vec(vec![30000f32, -1.0, 2.0, 40000.0], (2, 2), &Device::Cpu).unwrap();
+        let m = col_absmax(&[&w]).unwrap();
+        assert_eq!(m, vec![30000.0, 40000.0]);
+        assert!(fits_f16(&m, &[1.0, 1.0]));
+        assert!(!fits_f16(&m, &[2.5, 1.0]));
+        assert!(!fits_f16(&m, &[1.0, 1.7]));
+    }
 
     #[test]
     fn candidate_is_normalised_and_finite() {

@@ -82,6 +82,9 @@ pub(super) fn search_group(
     };
     let x = subset.as_ref().unwrap_or(x_all);
     let w_mean = search::w_mean(&weights, opts.group)?;
+    // A candidate whose scaled weights leave float16 is rejected (infinite loss).
+    let col_absmax = search::col_absmax(&weights)?;
+    let fits = |s: &[f32]| search::fits_f16(&col_absmax, s);
     let n_grid = if opts.no_search { 0 } else { opts.n_grid };
     let grid = if opts.no_search {
         Grid::Robust
@@ -95,6 +98,9 @@ pub(super) fn search_group(
             let gram = Gram::new(x)?;
             let loss = |s: &[f32]| {
                 crate::interrupt::check()?;
+                if !fits(s) {
+                    return Ok(f64::INFINITY);
+                }
                 gram.loss(w, &search::scaled_fake_quant(w, s, opts.group)?)
             };
             return search::search(&x_mean, &w_mean, grid, n_grid, loss);
@@ -104,6 +110,9 @@ pub(super) fn search_group(
     let mut scratch = layer.clone();
     let loss = |s: &[f32]| -> Result<f64> {
         crate::interrupt::check()?;
+        if !fits(s) {
+            return Ok(f64::INFINITY);
+        }
         for n in g.linears {
             linear_mut(&mut scratch, n).weight =
                 search::scaled_fake_quant(&linear(layer, n).weight, s, opts.group)?;
@@ -183,6 +192,9 @@ pub(super) fn group_absmax(w: &Tensor, group: usize) -> Result<Vec<f32>> {
 }
 
 /// The layer's output tensors in checkpoint order: packed linears (+bias), q/k norms, norms.
+/// Float tensors are staged in f32 and converted to the output dtype when the shards are
+/// written (the dtype is decided once every layer's activations are known: `--dtype auto`).
+/// A non-finite weight or `scales` value after scaling is refused here, never written.
 pub(super) fn layer_tensors(
     layer: &LayerWeights,
     i: usize,
@@ -194,13 +206,20 @@ pub(super) fn layer_tensors(
         let (rows, cols) = lin.weight.dims2()?;
         let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
         if let Some(bad) = w.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Input(format!(
-                "{p}.{name}.weight has a non-finite value at index {bad} (after scaling); the checkpoint may be corrupt"
+            return Err(Error::Runtime(format!(
+                "{p}.{name}.weight has a non-finite value at index {bad} after scaling; nothing was \
+                 written — rerun with --no-search to quantize without AWQ scales"
             )));
         }
         let q = rtn::quantize_f16(&w, rows, cols, opts.group);
         let packed = pack(&q, opts.layout)?;
         let prefix = format!("{p}.{name}");
+        if let Some(bad) = packed.scales.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Runtime(format!(
+                "{prefix}.scales: group scale {bad} is not finite in float16 (the weights exceed \
+                 float16's range after scaling); nothing was written — rerun with --no-search"
+            )));
+        }
         out.push(OutTensor::i32(
             format!("{prefix}.qweight"),
             packed.qweight_shape.to_vec(),
@@ -217,34 +236,18 @@ pub(super) fn layer_tensors(
             &packed.scales,
         ));
         if let Some(b) = &lin.bias {
-            out.push(OutTensor::f16(
-                format!("{prefix}.bias"),
-                vec![rows],
-                &b.to_vec1()?,
-            ));
+            out.push(OutTensor::f32(format!("{prefix}.bias"), b)?);
         }
     }
     for (name, t) in [
         ("self_attn.q_norm", &layer.q_norm),
         ("self_attn.k_norm", &layer.k_norm),
+        ("input_layernorm", &Some(layer.input_norm.clone())),
+        ("post_attention_layernorm", &Some(layer.post_norm.clone())),
     ] {
         if let Some(t) = t {
-            out.push(OutTensor::f16(
-                format!("{p}.{name}.weight"),
-                t.dims().to_vec(),
-                &t.to_vec1()?,
-            ));
+            out.push(OutTensor::f32(format!("{p}.{name}.weight"), t)?);
         }
     }
-    out.push(OutTensor::f16(
-        format!("{p}.input_layernorm.weight"),
-        layer.input_norm.dims().to_vec(),
-        &layer.input_norm.to_vec1()?,
-    ));
-    out.push(OutTensor::f16(
-        format!("{p}.post_attention_layernorm.weight"),
-        layer.post_norm.dims().to_vec(),
-        &layer.post_norm.to_vec1()?,
-    ));
     Ok(out)
 }

@@ -39,6 +39,10 @@ pub struct Plan {
     pub output: PathBuf,
     pub output_bytes_estimate: u64,
     pub peak_memory_estimate_mb: f64,
+    /// `--dtype` as given (`auto` is decided after the last layer).
+    pub dtype: super::DtypeChoice,
+    /// What an earlier run left beside the output and what happens to it (resume, replace).
+    pub staging: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -56,6 +60,11 @@ pub struct LayerReport {
     pub groups: Vec<GroupReport>,
     /// Mean clip shrink (clip value / abs-max) per clipped linear.
     pub clip_mean_shrink: Vec<(String, f32)>,
+    /// Largest |activation| seen in this layer during calibration (its output and every
+    /// linear's input, f32): above 65504 the model overflows when served in float16.
+    pub max_abs_activation: f32,
+    /// Largest |value| of the layer's float tensors (norms, biases) after scaling.
+    pub max_abs_float_weight: f32,
     pub seconds: Timings,
 }
 
@@ -115,6 +124,10 @@ pub struct Report {
     pub options: QuantizeOptions,
     pub plan: Plan,
     pub quality: Option<Quality>,
+    /// The dtype of the unquantized tensors and `torch_dtype`.
+    pub float_dtype: crate::io::writer::FloatDtype,
+    /// Why that dtype (see `--dtype`).
+    pub dtype_reason: String,
     pub source_dir: PathBuf,
     pub architecture: String,
     pub calibration: CalibSummary,
@@ -184,29 +197,177 @@ pub(super) fn make_plan(
         output: opts.output.clone(),
         output_bytes_estimate: output as u64,
         peak_memory_estimate_mb: peak as f64 / (1 << 20) as f64,
+        dtype: opts.dtype,
+        staging: None,
     }
 }
 
+/// The Hub id `--model` named: `org/name`, not an existing local path (the card's
+/// `base_model`; a local directory has no id the Hub would recognise).
+fn hub_id(model: &str) -> Option<&str> {
+    if std::path::Path::new(model).exists() {
+        return None;
+    }
+    let part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(['.', '-'])
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match model.split_once('/') {
+        Some((org, name)) if part(org) && part(name) => Some(model),
+        _ => None,
+    }
+}
+
+/// `README.md` of the output: Hub front matter (`base_model` only for a Hub source), the
+/// settings in plain words, the measured perplexities when the quality gate ran, and how to
+/// load it — vLLM and TGI for GEMM only, transformers (with `autoawq`) for both layouts.
 pub(super) fn model_card(r: &Report) -> String {
+    use std::fmt::Write;
     let o = &r.options;
-    format!(
-        "---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- awq\n- 4-bit\n---\n\n# {base} — AWQ INT4\n\n\
-         Quantized with `{tool}` (activation-aware weight quantization).\n\n\
-         | setting | value |\n|---|---|\n| method | AWQ (scale search {grid:?}, clipping {clip}) |\n\
-         | bits | {bits} |\n| group size | {group} |\n| zero point | true |\n| version | {version} |\n\
-         | calibration | {files} |\n| samples / blocks / seqlen | {ns} / {blocks} / {seqlen} |\n| seed | {seed} |\n\n\
-         Loads in vLLM (`quantization=\"awq\"`, GEMM only), transformers and TGI. See `quantization_report.json`.\n",
-        base = o.model,
+    let hub = hub_id(&o.model);
+    let name = match hub {
+        Some(id) => id.to_string(),
+        None => std::path::Path::new(&o.model)
+            .file_name()
+            .map_or_else(|| o.model.clone(), |n| n.to_string_lossy().into_owned()),
+    };
+    let layout = o.layout.name().to_uppercase();
+    // Not the output path: the card travels with the directory (and must not change the bytes
+    // of the same run written elsewhere).
+    let dir = "path/to/this-directory";
+    let mut c = String::from("---\n");
+    if let Some(id) = hub {
+        let _ = write!(c, "base_model: {id}\nbase_model_relation: quantized\n");
+    }
+    c += "library_name: transformers\npipeline_tag: text-generation\ntags:\n- awq\n- 4-bit\n- quantized\n---\n\n";
+    let _ = writeln!(c, "# {name} — AWQ INT4 ({layout})\n");
+    let source = match (hub, &o.revision) {
+        (Some(id), Some(rev)) => format!("`{id}` (Hub, revision `{rev}`)"),
+        (Some(id), None) => format!("`{id}` (Hub)"),
+        (None, _) => format!("local directory `{name}`"),
+    };
+    let search = if o.no_search {
+        "none (round-to-nearest scales)".to_string()
+    } else {
+        let grid = match o.grid {
+            crate::quant::search::Grid::Robust => "robust: the identity first, then AutoAWQ's",
+            crate::quant::search::Grid::Autoawq => "AutoAWQ's",
+        };
+        let blocks = o.search_blocks.map_or(String::new(), |n| {
+            format!(", scored on {n} calibration blocks")
+        });
+        format!("{grid} {} ratios{blocks}", o.n_grid)
+    };
+    let _ = write!(
+        c,
+        "Quantized from {source} to 4-bit weights with activation-aware weight quantization (AWQ) \
+         by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
+         | setting | value |\n|---|---|\n\
+         | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
+         | scale search | {search} |\n| clipping search | {clip} |\n\
+         | unquantized tensors | {dtype} ({why}) |\n\
+         | calibration | {files} |\n| documents / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
+        dtype = r.float_dtype.torch_name(),
+        why = r.dtype_reason,
         tool = r.tool,
-        grid = o.grid,
-        clip = o.clip,
         bits = o.w_bit,
         group = o.group,
-        version = o.layout.name(),
+        clip = if o.clip { "yes" } else { "no" },
         files = r.calibration.source,
-        ns = o.calib.n_samples,
+        docs = r.calibration.documents_used,
         blocks = r.calibration.blocks,
-        seqlen = o.calib.seqlen,
+        seqlen = r.calibration.seqlen,
         seed = o.calib.seed,
-    )
+    );
+    if let Some(q) = &r.quality {
+        let text = q.text.file_name().map_or_else(
+            || q.text.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let _ = write!(
+            c,
+            "## Quality\n\nPerplexity measured on the first {tokens} tokens of `{text}`:\n\n\
+             | model | perplexity |\n|---|---|\n| original | {fp:.4} |\n| AWQ INT4 | {q:.4} ({inc:+.2}%) |\n\n",
+            tokens = q.tokens,
+            fp = q.fp_perplexity,
+            q = q.quantized_perplexity,
+            inc = q.increase_pct,
+        );
+        if q.max_increase_pct.is_finite() {
+            let _ = write!(
+                c,
+                "Quality gate: at most {}% increase — {}.\n\n",
+                q.max_increase_pct,
+                if q.passed { "passed" } else { "FAILED" }
+            );
+        }
+    }
+    c += "## Use\n\nReplace `path/to/this-directory` with where this directory is (or its Hub id \
+          once uploaded).\n\n";
+    match o.layout {
+        Layout::Gemm if r.float_dtype == crate::io::writer::FloatDtype::Bfloat16 => {
+            let _ = write!(
+                c,
+                "This checkpoint runs in bfloat16 (its activations overflow float16). vLLM serves \
+                 it with the `awq_marlin` kernels (compute capability 8.0+, chosen by itself; \
+                 `awq verify {dir}` says whether Marlin applies); vLLM's `awq` kernels and TGI run \
+                 float16 only:\n\n```sh\nvllm serve {dir} --dtype bfloat16\n```\n\n"
+            );
+        }
+        Layout::Gemm => {
+            let _ = write!(
+                c,
+                "vLLM, or TGI:\n\n```sh\nvllm serve {dir} --quantization awq\n\
+                 text-generation-launcher --model-id {dir} --quantize awq\n```\n\n"
+            );
+        }
+        Layout::Gemv => {
+            c += "vLLM and TGI cannot load it: they load the GEMM layout only. GEMV loads in \
+                  transformers (with the `autoawq` package) and AutoAWQ; re-quantize with \
+                  `awq quantize --version gemm` to serve it with vLLM or TGI.\n\n";
+        }
+    }
+    let _ = write!(
+        c,
+        "transformers (needs the `autoawq` package):\n\n```sh\npip install transformers autoawq\n```\n\n\
+         ```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
+         tokenizer = AutoTokenizer.from_pretrained(\"{dir}\")\n\
+         model = AutoModelForCausalLM.from_pretrained(\"{dir}\", device_map=\"auto\")\n```\n\n\
+         Check it before shipping: `awq verify {dir}{for_}`. Per-layer details: \
+         `quantization_report.json`.\n",
+        for_ = match o.layout {
+            Layout::Gemm => "",
+            Layout::Gemv => " --for transformers",
+        },
+    );
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hub_id;
+
+    #[test]
+    fn only_hub_ids_are_base_models() {
+        assert_eq!(
+            hub_id("HuggingFaceTB/SmolLM2-135M"),
+            Some("HuggingFaceTB/SmolLM2-135M")
+        );
+        assert_eq!(hub_id("acme/tiny.llama_2"), Some("acme/tiny.llama_2"));
+        for local in [
+            ".",
+            "src",
+            "./models/x",
+            "/abs/path",
+            "a/b/c",
+            "name",
+            "../x",
+            "org/",
+            "a b/c",
+        ] {
+            assert_eq!(hub_id(local), None, "{local}");
+        }
+    }
 }

@@ -1,10 +1,15 @@
-//! What `--resume` needs from the staging directory: the finished layers' records and the
-//! fingerprint a resumed run must match.
+//! Resuming a killed run: the finished layers' records, the fingerprint a resumed run must
+//! match, and the decision what to do with a staging directory an earlier run left.
+//!
+//! Why automatic: a rerun used to delete a killed run's finished layers unless `--resume` was
+//! given (hours of work, with the note hidden by `-q`). Now a matching run always continues, a
+//! different one is refused naming the difference, and only `--force` discards the work.
 
 use super::report::LayerReport;
 use super::{QuantizeOptions, TOOL};
 use crate::error::{Error, Result};
 use crate::io::fingerprint;
+use crate::io::writer::{Found, Open};
 use crate::model::Model;
 
 /// A finished layer as persisted in the staging directory for `--resume`.
@@ -14,8 +19,6 @@ pub(super) struct LayerRecord {
     /// The part's tensor names in checkpoint order.
     pub tensors: Vec<String>,
 }
-
-pub(super) const FINGERPRINT_FILE: &str = "fingerprint.json";
 
 /// Everything the output bytes depend on (see [`crate::io::fingerprint`]).
 pub(super) fn fingerprint(
@@ -43,4 +46,69 @@ pub(super) fn fingerprint(
             "search_blocks": opts.search_blocks, "seqlen": opts.calib.seqlen,
         },
     }))
+}
+
+/// What to do with what [`crate::io::writer::Staging::probe`] found at `dir`, and a sentence
+/// for the plan and the notices.
+///
+/// - nothing there: create it;
+/// - a running owner: refuse (exit 1), naming the pid;
+/// - left by a killed run with no finished layer, or without a fingerprint and no layer:
+///   replace it (nothing is lost);
+/// - same fingerprint: resume (whatever `--resume` says);
+/// - different fingerprint: with `--force` replace it, else refuse (exit 2) naming the first
+///   difference and the two ways out.
+pub(super) fn decide(
+    opts: &QuantizeOptions,
+    dir: &std::path::Path,
+    found: &Found,
+    current: &serde_json::Value,
+) -> Result<(Open, Option<String>)> {
+    let d = dir.display();
+    match found {
+        Found::Fresh if opts.resume => Ok((
+            Open::Create,
+            Some("--resume: no interrupted run to resume; starting from layer 1".into()),
+        )),
+        Found::Fresh => Ok((Open::Create, None)),
+        Found::Busy { pid } => Err(Error::Runtime(format!(
+            "another awq process (pid {pid}) is writing {}; wait for it, or remove {d} if it is not awq",
+            opts.output.display()
+        ))),
+        Found::Stale { layers_done: 0, .. } => Ok((
+            Open::Replace,
+            Some(format!(
+                "removed {d}, left by an interrupted run that had not finished a layer"
+            )),
+        )),
+        Found::Stale {
+            fingerprint: stored,
+            layers_done,
+        } => {
+            let diff = match stored {
+                Some(stored) => fingerprint::first_difference(stored, current),
+                None => Some("fingerprint (missing or unreadable)".into()),
+            };
+            match diff {
+                None => Ok((
+                    Open::Resume,
+                    Some(format!(
+                        "resuming the interrupted run in {d}: {layers_done} layer(s) already done"
+                    )),
+                )),
+                Some(_) if opts.force => Ok((
+                    Open::Replace,
+                    Some(format!(
+                        "--force: removed {d}, an interrupted run with {layers_done} finished layer(s) and other settings"
+                    )),
+                )),
+                Some(field) => Err(Error::Usage(format!(
+                    "{d} holds an interrupted run with {layers_done} finished layer(s), but its {field} \
+                     differ(s) from this run's; to continue it, rerun with the same model, \
+                     calibration and options (it resumes by itself; --resume only insists); to \
+                     discard it and start over, pass --force"
+                ))),
+            }
+        }
+    }
 }

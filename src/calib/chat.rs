@@ -1,0 +1,273 @@
+//! Conversations (`messages`: a list of `{role, content}`) rendered with the model's own chat
+//! template, as transformers' `apply_chat_template(messages, tokenize=False,
+//! add_generation_prompt=False)` does: Jinja with `trim_blocks` and `lstrip_blocks`, Python string
+//! and dict methods (`.strip()`, `.items()`, ...), `raise_exception`, `bos_token`/`eos_token` from
+//! `tokenizer_config.json`, `tools`/`documents` none. `strftime_now` returns a fixed date
+//! (2024-07-26) so the calibration tokens, and thus the output, do not depend on the day.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::value::Value as JValue;
+use minijinja::{Environment, ErrorKind};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::input_err;
+
+/// The chat template file transformers writes beside the tokenizer (preferred when present).
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+/// The tokenizer configuration holding `chat_template`, `bos_token` and `eos_token`.
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+
+const NAME: &str = "chat_template";
+
+/// A model's chat template, compiled once.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+    /// Where the template came from, for error messages.
+    pub source: PathBuf,
+}
+
+impl ChatTemplate {
+    /// Loads the template of the model in `dir`: `chat_template.jinja`, else `chat_template` of
+    /// `tokenizer_config.json` (a string, or a list of `{name, template}` whose `default` entry is
+    /// used). `Ok(None)` when the model has none; a template that does not parse is an error.
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let config_path = dir.join(TOKENIZER_CONFIG);
+        let config: Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| input_err!("{} is not valid JSON: {e}", config_path.display()))?,
+            Err(_) => Value::Null,
+        };
+        let file = dir.join(TEMPLATE_FILE);
+        let (source, text) = if file.is_file() {
+            let text = std::fs::read_to_string(&file).map_err(|e| Error::input_io(&file, e))?;
+            (file, text)
+        } else {
+            match config_template(&config, &config_path)? {
+                Some(text) => (config_path, text),
+                None => return Ok(None),
+            }
+        };
+        let env = environment(text).map_err(|e| {
+            input_err!(
+                "{}: the chat template does not parse: {e}",
+                source.display()
+            )
+        })?;
+        Ok(Some(ChatTemplate {
+            env,
+            bos: token(&config, "bos_token"),
+            eos: token(&config, "eos_token"),
+            source,
+        }))
+    }
+
+    /// The template of the model in `dir`, or an error at `origin` (the first conversation)
+    /// saying that conversations need one.
+    pub fn require(dir: Option<&Path>, origin: &str) -> Result<Self> {
+        let missing = |what: String| {
+            input_err!(
+                "{origin}: a conversation (\"messages\") needs the model's chat template, but {what}; \
+                 give plain text instead (--text-column FIELD)"
+            )
+        };
+        let Some(dir) = dir else {
+            return Err(missing("no model directory was given".into()));
+        };
+        Self::load(dir)?.ok_or_else(|| {
+            missing(format!(
+                "{} has neither {TEMPLATE_FILE} nor a chat_template in {TOKENIZER_CONFIG}",
+                dir.display()
+            ))
+        })
+    }
+
+    /// Renders one conversation without a generation prompt.
+    pub fn render(&self, messages: &Value, origin: &str) -> Result<String> {
+        let ctx = minijinja::context! {
+            messages => JValue::from(minijinja::value::Serde(messages)),
+            bos_token => self.bos.clone(),
+            eos_token => self.eos.clone(),
+            add_generation_prompt => false,
+            tools => JValue::from(()),
+            documents => JValue::from(()),
+        };
+        self.env
+            .get_template(NAME)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| {
+                input_err!(
+                    "{origin}: the chat template ({}) failed on this conversation: {e}",
+                    self.source.display()
+                )
+            })
+    }
+}
+
+/// `chat_template` of a tokenizer config: a string, or the `default` of a named list.
+fn config_template(config: &Value, path: &Path) -> Result<Option<String>> {
+    match config.get(NAME) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(list)) => {
+            let named = |n: &str| {
+                list.iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some(n))
+                    .and_then(|t| t.get("template").and_then(Value::as_str))
+            };
+            named("default")
+                .map(|t| Some(t.to_string()))
+                .ok_or_else(|| {
+                    input_err!(
+                    "{}: chat_template is a list without a \"default\" entry ({{name, template}})",
+                    path.display()
+                )
+                })
+        }
+        Some(_) => Err(input_err!(
+            "{}: chat_template must be a string or a list of {{name, template}}",
+            path.display()
+        )),
+    }
+}
+
+/// A special token of the tokenizer config: a string or an added-token object `{content}`.
+fn token(config: &Value, key: &str) -> String {
+    match config.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(obj) => obj
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        None => String::new(),
+    }
+}
+
+fn environment(template: String) -> std::result::Result<Environment<'static>, minijinja::Error> {
+    let mut env = Environment::new();
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()?,
+    );
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<JValue, _> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| fixed_date(&fmt));
+    env.add_template_owned(NAME, template)?;
+    Ok(env)
+}
+
+/// `strftime` of the fixed date Friday 2024-07-26 00:00:00 (the common directives).
+fn fixed_date(fmt: &str) -> String {
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        out.push_str(match chars.next() {
+            Some('d') => "26",
+            Some('m') => "07",
+            Some('Y') => "2024",
+            Some('y') => "24",
+            Some('b') => "Jul",
+            Some('B') => "July",
+            Some('a') => "Fri",
+            Some('A') => "Friday",
+            Some('H' | 'M' | 'S') => "00",
+            Some('%') => "%",
+            _ => "",
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_dir(config: Value, jinja: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(TOKENIZER_CONFIG), config.to_string()).unwrap();
+        if let Some(t) = jinja {
+            std::fs::write(dir.path().join(TEMPLATE_FILE), t).unwrap();
+        }
+        dir
+    }
+
+    const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m.content.strip() }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
+    #[test]
+    fn renders_string_template_with_special_tokens() {
+        let dir = model_dir(
+            serde_json::json!({"chat_template": TEMPLATE, "bos_token": "<s>", "eos_token": {"content": "</s>"}}),
+            None,
+        );
+        let t = ChatTemplate::load(dir.path()).unwrap().unwrap();
+        let msgs = serde_json::json!([{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"}]);
+        assert_eq!(
+            t.render(&msgs, "x").unwrap(),
+            "<s><|user|>\nhi</s>\n<|assistant|>\nyo</s>\n"
+        );
+    }
+
+    #[test]
+    fn jinja_file_wins_and_named_list_uses_default() {
+        let config = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages|length }}"}]});
+        let dir = model_dir(config.clone(), None);
+        let t = ChatTemplate::load(dir.path()).unwrap().unwrap();
+        assert_eq!(t.render(&serde_json::json!([]), "x").unwrap(), "D0");
+        let dir = model_dir(
+            config,
+            Some("J{% for k, v in messages[0].items() %}{{ k }}{% endfor %}"),
+        );
+        let t = ChatTemplate::load(dir.path()).unwrap().unwrap();
+        assert_eq!(
+            t.render(&serde_json::json!([{"role": "u"}]), "x").unwrap(),
+            "Jrole"
+        );
+    }
+
+    #[test]
+    fn raise_exception_and_missing_template_are_input_errors() {
+        let dir = model_dir(
+            serde_json::json!({"chat_template": "{{ raise_exception('roles must alternate') }}"}),
+            None,
+        );
+        let t = ChatTemplate::load(dir.path()).unwrap().unwrap();
+        let err = t
+            .render(&serde_json::json!([]), "c.jsonl:2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.jsonl:2") && err.contains("roles must alternate"),
+            "{err}"
+        );
+        let none = model_dir(serde_json::json!({}), None);
+        assert!(ChatTemplate::load(none.path()).unwrap().is_none());
+        let err = ChatTemplate::require(Some(none.path()), "c.jsonl:1")
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Input(_)) && err.to_string().contains("chat_template"));
+        let broken = model_dir(serde_json::json!({"chat_template": "{% for %}"}), None);
+        assert!(ChatTemplate::load(broken.path()).is_err());
+    }
+
+    #[test]
+    fn strftime_now_is_fixed() {
+        assert_eq!(fixed_date("%d %b %Y"), "26 Jul 2024");
+    }
+}

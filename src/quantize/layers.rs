@@ -1,0 +1,219 @@
+//! The layer loop: each decoder layer is quantized (or, when resuming, its finished part is
+//! kept and only its original output recomputed), written to a part file with a record, and
+//! dropped before the next one.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use super::layer::{apply_scales, group_absmax, layer_tensors, linear_input, search_group};
+use super::prepare::Prepared;
+use super::report::{GroupReport, LayerReport, Timings, Work};
+use super::resume::LayerRecord;
+use super::QuantizeOptions;
+use crate::error::{Error, Result};
+use crate::events::{Event, Sink};
+use crate::io::writer;
+use crate::model::groups::{clipped, scale_groups};
+use crate::model::layer::{LayerWeights, LinearInputs};
+use crate::model::rope::Rope;
+use crate::model::EMBED;
+use crate::quant::clip;
+
+/// What the loop produced: per-layer reports, the part files and the tensor names in
+/// checkpoint order (starting with the embedding, which the head part holds).
+pub(super) struct Layers {
+    pub reports: Vec<LayerReport>,
+    pub parts: Vec<PathBuf>,
+    pub names: Vec<String>,
+}
+
+pub(super) fn run_layers(
+    opts: &QuantizeOptions,
+    prep: &Prepared,
+    parts_dir: &Path,
+    events: Sink,
+    work: &mut Work,
+) -> Result<Layers> {
+    let model = &prep.model;
+    let spec = &model.spec;
+    let seqlen = opts.calib.seqlen;
+    let rope = Rope::new(spec, seqlen)?;
+    let mut hidden = model.embed(&prep.cal.ids)?;
+    let mut done = Layers {
+        reports: Vec::new(),
+        parts: Vec::new(),
+        names: vec![EMBED.to_string()],
+    };
+    for i in 0..spec.layers {
+        crate::interrupt::check()?;
+        let part = parts_dir.join(format!("layer-{i:05}.safetensors"));
+        let record_path = parts_dir.join(format!("layer-{i:05}.json"));
+        let (record, seconds) = if record_path.is_file() {
+            // Finished before an interruption (the fingerprint matched): keep its part and
+            // recompute only the original layer's output that feeds the next one.
+            let record = read_record(&record_path)?;
+            hidden = model
+                .layer(i)?
+                .forward(spec, &rope, &hidden, seqlen, false)?
+                .0;
+            (record, 0.0)
+        } else {
+            let (record, out) = quantize_layer(opts, prep, &rope, &hidden, i, &part)?;
+            hidden = out;
+            work.seconds.add(&record.report.seconds);
+            // Written after the part: a layer counts as done for a resume only with both.
+            writer::write_json(
+                &record_path,
+                &serde_json::to_value(&record).map_err(|e| Error::Runtime(e.to_string()))?,
+            )?;
+            let seconds = record.report.seconds.total();
+            (record, seconds)
+        };
+        events(&Event::Layer {
+            index: i,
+            total: spec.layers,
+            seconds,
+            groups: &record.report.groups,
+        });
+        done.names.extend(record.tensors);
+        done.parts.push(part);
+        done.reports.push(record.report);
+    }
+    Ok(done)
+}
+
+fn read_record(path: &Path) -> Result<LayerRecord> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            Error::Runtime(format!(
+                "{} is unreadable; rerun with --force to start over",
+                path.display()
+            ))
+        })
+}
+
+/// Quantizes decoder layer `i` fed with `hidden`, writes its part, and returns its record and
+/// the original layer's output (the next layer's input).
+fn quantize_layer(
+    opts: &QuantizeOptions,
+    prep: &Prepared,
+    rope: &Rope,
+    hidden: &Tensor,
+    i: usize,
+    part: &Path,
+) -> Result<(LayerRecord, Tensor)> {
+    let (model, seqlen) = (&prep.model, opts.calib.seqlen);
+    let spec = &model.spec;
+    let mut t = Timings::default();
+    let clock = Instant::now();
+    let mut layer = model.layer(i)?;
+    t.load = clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let (out, inputs) = layer.forward(spec, rope, hidden, seqlen, true)?;
+    let mut inputs = inputs.expect("captured");
+    let max_abs_activation = max_abs_activations(&out, &inputs)?;
+    t.forward = clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let mut groups = Vec::new();
+    let mut choices = Vec::new();
+    for g in scale_groups(spec) {
+        let clock = Instant::now();
+        let choice = search_group(&layer, g, &inputs, spec, rope, seqlen, opts)?;
+        groups.push(GroupReport {
+            group: g.name.to_string(),
+            // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
+            ratio: choice.ratio.map(|r| (r as f64 * 1e6).round() / 1e6),
+            loss: choice.loss,
+            identity_loss: choice.identity_loss,
+            seconds: clock.elapsed().as_secs_f64(),
+        });
+        choices.push((g, choice));
+    }
+    for (g, choice) in &choices {
+        apply_scales(&mut layer, &mut inputs, g, &choice.scales)?;
+    }
+    t.search = clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let clip_mean_shrink = if opts.clip {
+        clip_layer(&mut layer, &inputs, opts.group)?
+    } else {
+        Vec::new()
+    };
+    t.clip = clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let tensors = layer_tensors(&layer, i, opts)?;
+    t.quantize = clock.elapsed().as_secs_f64();
+    let clock = Instant::now();
+    writer::write_file(part, &tensors)?;
+    t.write = clock.elapsed().as_secs_f64();
+    let record = LayerRecord {
+        report: LayerReport {
+            layer: i,
+            groups,
+            clip_mean_shrink,
+            max_abs_activation,
+            max_abs_float_weight: max_abs_float_tensors(&tensors),
+            seconds: t,
+        },
+        tensors: tensors.into_iter().map(|t| t.name).collect(),
+    };
+    Ok((record, out))
+}
+
+/// Searches and applies the clipping of every clipped linear; returns the mean shrink
+/// (clip value / abs-max) per linear.
+fn clip_layer(
+    layer: &mut LayerWeights,
+    inputs: &LinearInputs,
+    group: usize,
+) -> Result<Vec<(String, f32)>> {
+    let mut shrinks = Vec::new();
+    for (name, lin) in layer.linears_mut() {
+        if !clipped(name) {
+            continue;
+        }
+        let x = clip::subsample(linear_input(inputs, name))?;
+        let max_val = clip::search(&lin.weight, &x, group)?;
+        let absmax = group_absmax(&lin.weight, group)?;
+        let shrink = max_val
+            .iter()
+            .zip(&absmax)
+            .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
+            .sum::<f32>()
+            / max_val.len() as f32;
+        shrinks.push((name.to_string(), shrink));
+        lin.weight = clip::apply(&lin.weight, &max_val, group)?;
+    }
+    Ok(shrinks)
+}
+
+/// Largest |value| of the layer's output and of every linear's input (what a float16 server
+/// would have to hold).
+fn max_abs_activations(out: &Tensor, inputs: &LinearInputs) -> Result<f32> {
+    let mut m = 0f32;
+    for t in [out, &inputs.attn, &inputs.o, &inputs.mlp, &inputs.down] {
+        m = m.max(t.abs()?.max_all()?.to_scalar::<f32>()?);
+    }
+    Ok(m)
+}
+
+/// Largest |value| among the float tensors staged in f32 (norms and biases after scaling).
+fn max_abs_float_tensors(tensors: &[writer::OutTensor]) -> f32 {
+    tensors
+        .iter()
+        .filter(|t| t.dtype == safetensors::Dtype::F32)
+        .flat_map(|t| {
+            t.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
+        })
+        .fold(0f32, f32::max)
+}

@@ -1,0 +1,144 @@
+//! Everything resolved and checked before layer 1, in the dry run too: the model and its value
+//! ranges, the options against its shapes, where the output goes, the calibration tokens, the
+//! quality-gate text, and what an earlier run left in the staging directory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tokenizers::Tokenizer;
+
+use super::report::make_plan;
+use super::resume::{decide, fingerprint};
+use super::{DtypeChoice, Plan, QualityGate, QuantizeOptions};
+use crate::calib::{self, Calibration};
+use crate::error::{Error, Result};
+use crate::io::output;
+use crate::io::writer::{Open, Staging};
+use crate::model::layer::layer_prefix;
+use crate::model::{Model, OutOfRange};
+use crate::quant::pack::{check_shape, group_hints, Layout};
+
+pub(super) struct Prepared {
+    /// The resolved model directory (a Hub id's snapshot).
+    pub dir: PathBuf,
+    pub model: Model,
+    pub cal: Calibration,
+    pub calibration_seconds: f64,
+    /// The quality gate's tokens, cut into windows.
+    pub gate_ids: Option<Vec<u32>>,
+    pub fingerprint: serde_json::Value,
+    /// What to do with the staging directory.
+    pub open: Open,
+    /// The first unquantized value beyond float16, if any (a bf16/f32 source).
+    pub beyond_f16: Option<OutOfRange>,
+    pub plan: Plan,
+}
+
+pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepared> {
+    let dir = crate::io::source::resolve(&opts.model, opts.revision.as_deref())?;
+    let model = Model::open(&dir)?;
+    if model.spec.awq.is_some() {
+        return Err(Error::Input(format!(
+            "{} is already AWQ-quantized",
+            dir.display()
+        )));
+    }
+    check_options(opts, &model)?;
+    check_output(opts, &dir)?;
+    let beyond_f16 = model.check_ranges()?;
+    if let (Some(b), DtypeChoice::Float16) = (&beyond_f16, opts.dtype) {
+        return Err(Error::Input(format!(
+            "tensor {} holds {:e} at index {}, which float16 cannot represent; --dtype float16 \
+             was given — use --dtype bfloat16 or auto",
+            b.tensor, b.value, b.index
+        )));
+    }
+    let tok = crate::tokenize::load(&dir)?;
+    let clock = Instant::now();
+    let cal = calib::build(&tok, &opts.calib, Some(&dir))?;
+    let calibration_seconds = clock.elapsed().as_secs_f64();
+    let gate_ids = opts
+        .quality_gate
+        .as_ref()
+        .map(|g| gate_tokens(g, &tok))
+        .transpose()?;
+    let fingerprint = fingerprint(opts, &model, &cal.ids)?;
+    let (staging_dir, found) = Staging::probe(&opts.output)?;
+    let (open, staging_note) = decide(opts, &staging_dir, &found, &fingerprint)?;
+    let mut plan = make_plan(opts, &dir, &model.spec, &cal.summary);
+    plan.staging = staging_note;
+    Ok(Prepared {
+        dir,
+        model,
+        cal,
+        calibration_seconds,
+        gate_ids,
+        fingerprint,
+        open,
+        beyond_f16,
+        plan,
+    })
+}
+
+/// Refuses unsupported settings and shapes (AWQ-SPEC §8, §10).
+fn check_options(opts: &QuantizeOptions, model: &Model) -> Result<()> {
+    if opts.w_bit != 4 {
+        return Err(Error::Usage(format!(
+            "--w-bit {} is not supported: the packed AWQ layouts (GEMM, GEMV) hold 4-bit codes only",
+            opts.w_bit
+        )));
+    }
+    if opts.group == 0 {
+        return Err(Error::Usage("--group must be positive".into()));
+    }
+    let s = &model.spec;
+    let inputs: Vec<usize> = s.linears().iter().map(|l| l.inp).collect();
+    let hints = group_hints(&inputs);
+    for l in s.linears() {
+        check_shape(
+            &format!("{}.{}.weight", layer_prefix(0), l.name),
+            l.out,
+            l.inp,
+            opts.group,
+            &hints,
+        )?;
+    }
+    if opts.layout == Layout::Gemv {
+        crate::quant::pack::gemv_zeros_width(s.hidden, opts.group)?;
+    }
+    Ok(())
+}
+
+/// The output must not touch an input, and may replace only an empty or earlier AWQ output.
+fn check_output(opts: &QuantizeOptions, model_dir: &std::path::Path) -> Result<()> {
+    let mut inputs = output::files_in(model_dir);
+    inputs.extend(opts.calib.files.iter().cloned());
+    inputs.extend(opts.quality_gate.iter().map(|g| g.text.clone()));
+    output::check_location(&opts.output, model_dir, &inputs)?;
+    output::check_replaceable(&opts.output, opts.force)
+}
+
+/// Window length of the quality gate: `awq eval`'s, or the whole budget when it is shorter.
+pub(super) fn gate_seqlen(gate: &QualityGate) -> usize {
+    crate::eval::DEFAULT_SEQLEN.min(gate.max_tokens)
+}
+
+/// Reads, tokenizes and windows the quality gate's text (so a missing or too short file fails
+/// before layer 1, not after the whole run).
+fn gate_tokens(gate: &QualityGate, tok: &Tokenizer) -> Result<Vec<u32>> {
+    let bytes = std::fs::read(&gate.text).map_err(|e| {
+        Error::Input(format!(
+            "--eval-text {}: cannot read it: {e}",
+            gate.text.display()
+        ))
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| crate::input_err!("--eval-text {} is not UTF-8: {e}", gate.text.display()))?;
+    let ids = crate::tokenize::encode(tok, &text, false)?;
+    let opts = crate::eval::EvalOptions {
+        seqlen: gate_seqlen(gate),
+        max_tokens: Some(gate.max_tokens),
+    };
+    crate::eval::windows(&ids, &opts)
+        .map_err(|e| crate::input_err!("--eval-text {}: {e}", gate.text.display()))
+}

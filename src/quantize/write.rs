@@ -1,0 +1,149 @@
+//! The end of a run: the float dtype of the unquantized tensors is chosen from what every layer
+//! saw, the head is written, the parts become shards, and the configs and companion files join
+//! them in the staging directory.
+
+use std::path::{Path, PathBuf};
+
+use super::report::LayerReport;
+use super::{DtypeChoice, QuantizeOptions};
+use crate::error::Result;
+use crate::events::{Event, Sink};
+use crate::io::reader::Checkpoint;
+use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
+use crate::model::{Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, LM_HEAD};
+
+/// The output's float dtype and why (for the report and the card).
+///
+/// `auto` picks bfloat16 when an unquantized source value (`beyond`), a scaled norm or bias, or
+/// a calibration activation exceeds float16's range — such a model overflows when served in
+/// float16 — and float16 otherwise (what AutoAWQ writes and vLLM's `awq` kernels require).
+/// A forced float16 with overflowing activations is written as asked, with a warning.
+pub(super) fn choose_dtype(
+    choice: DtypeChoice,
+    beyond: Option<&OutOfRange>,
+    layers: &[LayerReport],
+    events: Sink,
+) -> (FloatDtype, String) {
+    let act = layers
+        .iter()
+        .max_by(|a, b| a.max_abs_activation.total_cmp(&b.max_abs_activation));
+    let weight = layers.iter().find(|l| l.max_abs_float_weight > F16_MAX);
+    let overflow = match (beyond, weight, act) {
+        (Some(b), _, _) => Some(format!(
+            "tensor {} holds {:e} (index {})",
+            b.tensor, b.value, b.index
+        )),
+        (_, Some(l), _) => Some(format!(
+            "a norm or bias of layer {} reaches {:e} after scaling",
+            l.layer, l.max_abs_float_weight
+        )),
+        (_, _, Some(l)) if l.max_abs_activation > F16_MAX => Some(format!(
+            "calibration activations reach {:e} in layer {}",
+            l.max_abs_activation, l.layer
+        )),
+        _ => None,
+    };
+    match (choice, overflow) {
+        (DtypeChoice::Bfloat16, _) => (FloatDtype::Bfloat16, "--dtype bfloat16".into()),
+        (DtypeChoice::Float16, None) | (DtypeChoice::Auto, None) => (
+            FloatDtype::Float16,
+            "every value and calibration activation fits float16".into(),
+        ),
+        (DtypeChoice::Float16, Some(why)) => {
+            events(&Event::Warning {
+                message: format!(
+                    "{why}, beyond float16's ±{F16_MAX}; --dtype float16 was given, so the model \
+                     will produce inf/NaN when served in float16 — use --dtype auto or bfloat16"
+                ),
+            });
+            (FloatDtype::Float16, format!("--dtype float16 ({why})"))
+        }
+        (DtypeChoice::Auto, Some(why)) => {
+            let reason = format!(
+                "{why}, beyond float16's ±{F16_MAX}: unquantized tensors and torch_dtype are \
+                 bfloat16 (AWQ scales stay float16); serve it in bfloat16 (vLLM: awq_marlin)"
+            );
+            events(&Event::Notice {
+                message: reason.clone(),
+            });
+            (FloatDtype::Bfloat16, reason)
+        }
+    }
+}
+
+/// Writes the head part, the shards (from the parts), config.json, quant_config.json and the
+/// companion files into `staged`; removes the parts. Returns the shard file names.
+pub(super) fn write_checkpoint(
+    opts: &QuantizeOptions,
+    model: &Model,
+    staged: &Path,
+    mut parts: Vec<PathBuf>,
+    mut names: Vec<String>,
+    dtype: FloatDtype,
+) -> Result<Vec<String>> {
+    let parts_dir = staged.join(PARTS_DIR);
+    let head_part = parts_dir.join("head.safetensors");
+    writer::write_file(&head_part, &head_tensors(model, dtype, &mut names)?)?;
+    parts.push(head_part);
+    let part_ckpt = Checkpoint::open_files(parts)?;
+    let files = writer::write_shards(staged, &part_ckpt, &names, opts.shard_size, dtype)?;
+    drop(part_ckpt);
+    let remove = |p: &Path| {
+        std::fs::remove_dir_all(p)
+            .or_else(|_| std::fs::remove_file(p))
+            .map_err(|e| {
+                crate::error::Error::Runtime(format!("cannot remove {}: {e}", p.display()))
+            })
+    };
+    remove(&parts_dir)?;
+    remove(&staged.join(writer::FINGERPRINT_FILE))?;
+
+    let version = opts.layout.name();
+    let qcfg = serde_json::json!({
+        "quant_method": "awq",
+        "zero_point": true,
+        "group_size": opts.group,
+        "bits": opts.w_bit,
+        "version": version,
+        "modules_to_not_convert": null,
+    });
+    writer::write_json(
+        &staged.join("config.json"),
+        &writer::patch_config(&model.dir.join("config.json"), qcfg, dtype)?,
+    )?;
+    writer::write_json(
+        &staged.join("quant_config.json"),
+        &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
+    )?;
+    writer::copy_companions(&model.dir, staged)?;
+    Ok(files)
+}
+
+/// Embedding, final norm and (untied) head in `dtype`; their names are appended to `names`
+/// (the embedding's is already first).
+fn head_tensors(
+    model: &Model,
+    dtype: FloatDtype,
+    names: &mut Vec<String>,
+) -> Result<Vec<OutTensor>> {
+    let spec = &model.spec;
+    let shape = vec![spec.vocab, spec.hidden];
+    let embed = model.ckpt.f32(EMBED, &shape)?.flatten_all()?.to_vec1()?;
+    let mut head = vec![
+        OutTensor::float(EMBED.into(), shape.clone(), &embed, dtype)?,
+        OutTensor::float(
+            FINAL_NORM.into(),
+            vec![spec.hidden],
+            &model.final_norm()?.to_vec1()?,
+            dtype,
+        )?,
+    ];
+    drop(embed);
+    names.push(FINAL_NORM.into());
+    if !spec.tied_embeddings {
+        let w = model.lm_head()?.flatten_all()?.to_vec1()?;
+        head.push(OutTensor::float(LM_HEAD.into(), shape, &w, dtype)?);
+        names.push(LM_HEAD.into());
+    }
+    Ok(head)
+}

@@ -1,0 +1,431 @@
+//! Calibration input people have: JSON arrays, JSON lines, parquet (written here with the
+//! parquet crate), chat conversations rendered with the model's template, sniffed extensions,
+//! Hub datasets from a laid-out cache, and the errors for what cannot be used. Each test runs
+//! `awq quantize --dry-run --json` on a tiny model and reads the plan's calibration summary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use assert_cmd::Command;
+use common::tiny::{words, Tiny};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use serde_json::{json, Value};
+
+const COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    model: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    Tiny::llama64().write(&model);
+    Setup { tmp, model }
+}
+
+impl Setup {
+    fn file(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The calibration summary of the plan (the JSON `start` event).
+    fn calibration(&self) -> Value {
+        assert_eq!(self.code, 0, "{}", self.stderr);
+        self.stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|ev| ev.get("plan").map(|p| p["calibration"].clone()))
+            .unwrap_or_else(|| panic!("no plan event in {}", self.stdout))
+    }
+
+    fn fails(&self, needles: &[&str]) {
+        assert_eq!(
+            self.code, 3,
+            "stdout {}\nstderr {}",
+            self.stdout, self.stderr
+        );
+        for n in needles {
+            assert!(self.stderr.contains(n), "{n:?} not in: {}", self.stderr);
+        }
+    }
+}
+
+fn quantize(s: &Setup, calib: &[&Path], extra: &[&str], env: &[(&str, &Path)]) -> Run {
+    let mut cmd = Command::cargo_bin("awq").unwrap();
+    cmd.env_remove("HF_HOME")
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .args([
+            "quantize",
+            "--seqlen",
+            "16",
+            "--group",
+            "32",
+            "--dry-run",
+            "--json",
+        ])
+        .arg("--model")
+        .arg(&s.model)
+        .arg("-o")
+        .arg(s.tmp.path().join("out"));
+    for c in calib {
+        cmd.arg("--calib").arg(c);
+    }
+    cmd.args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    Run {
+        code: o.status.code().unwrap(),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
+}
+
+fn docs(n: usize, len: usize) -> Vec<String> {
+    (0..n as u64).map(|i| words(len, 64, i)).collect()
+}
+
+fn jsonl(rows: &[Value]) -> String {
+    rows.iter().map(|r| r.to_string() + "\n").collect()
+}
+
+/// A parquet file with a UTF-8 `text` column and an INT64 `id` column.
+fn write_parquet(path: &Path, texts: &[String], compression: Compression) {
+    let schema = parquet::schema::parser::parse_message_type(
+        "message m { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED INT64 id; }",
+    )
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(compression)
+        .build();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    let values: Vec<ByteArray> = texts.iter().map(|t| ByteArray::from(t.as_str())).collect();
+    let mut col = rg.next_column().unwrap().unwrap();
+    col.typed::<ByteArrayType>()
+        .write_batch(&values, None, None)
+        .unwrap();
+    col.close().unwrap();
+    let ids: Vec<i64> = (0..texts.len() as i64).collect();
+    let mut col = rg.next_column().unwrap().unwrap();
+    col.typed::<Int64Type>()
+        .write_batch(&ids, None, None)
+        .unwrap();
+    col.close().unwrap();
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+/// A parquet file with a `messages` column: list<struct<role, content>>.
+fn write_chat_parquet(path: &Path, convs: &[Vec<(&str, String)>]) {
+    let schema = parquet::schema::parser::parse_message_type(
+        "message m { REQUIRED group messages (LIST) { REPEATED group list { \
+         REQUIRED group element { REQUIRED BYTE_ARRAY role (UTF8); \
+         REQUIRED BYTE_ARRAY content (UTF8); } } } }",
+    )
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut w = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    let rep: Vec<i16> = convs
+        .iter()
+        .flat_map(|c| (0..c.len()).map(|i| i16::from(i > 0)))
+        .collect();
+    let def = vec![1i16; rep.len()];
+    for pick in [0, 1] {
+        let values: Vec<ByteArray> = convs
+            .iter()
+            .flatten()
+            .map(|(role, content)| {
+                ByteArray::from(if pick == 0 { *role } else { content.as_str() })
+            })
+            .collect();
+        let mut col = rg.next_column().unwrap().unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&values, Some(&def), Some(&rep))
+            .unwrap();
+        col.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+fn set_chat_template(model: &Path) {
+    let config = json!({
+        "bos_token": "w1",
+        "eos_token": {"content": "w2", "lstrip": false},
+        "chat_template": "{{ bos_token }} {% for m in messages %}{% if m['role'] == 'user' %}w3 {% else %}w4 {% endif %}{{ m.content.strip() }} {{ eos_token }} {% endfor %}"
+    });
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
+
+#[test]
+fn json_array_of_strings_and_of_objects() {
+    let s = setup();
+    let d = docs(20, 12);
+    let strings = s.file("strings.json", serde_json::to_string(&d).unwrap());
+    let cal = quantize(&s, &[&strings], &[], &[]).calibration();
+    assert_eq!(cal["documents_read"], 20, "{cal}");
+    assert_eq!(cal["documents_used"], 20);
+
+    let objects: Vec<Value> = d.iter().map(|t| json!({"id": 1, "content": t})).collect();
+    let objects = s.file("objects.json", Value::from(objects).to_string());
+    let cal = quantize(&s, &[&objects], &["--text-column", "content"], &[]).calibration();
+    assert_eq!(cal["documents_read"], 20, "{cal}");
+    // Both files at once: documents of every input.
+    let cal = quantize(
+        &s,
+        &[&strings, &objects],
+        &["--text-column", "content"],
+        &[],
+    )
+    .calibration();
+    assert_eq!(cal["documents_read"], 40, "{cal}");
+    assert_eq!(cal["source"], "strings.json, objects.json");
+}
+
+#[test]
+fn jsonl_and_missing_field_lists_found_keys() {
+    let s = setup();
+    let rows: Vec<Value> = docs(15, 12).iter().map(|t| json!({"text": t})).collect();
+    let p = s.file("calib.jsonl", jsonl(&rows));
+    assert_eq!(
+        quantize(&s, &[&p], &[], &[]).calibration()["documents_read"],
+        15
+    );
+
+    let rows = [
+        json!({"text": "w1 w2"}),
+        json!({"text": "w3"}),
+        json!({"content": "w4", "id": 3}),
+    ];
+    let p = s.file("calib.jsonl", jsonl(&rows));
+    quantize(&s, &[&p], &[], &[]).fails(&[
+        "calib.jsonl:3:",
+        "no string field \"text\"",
+        "found keys: \"content\", \"id\"",
+        "--text-column",
+    ]);
+    let p = s.file(
+        "array.json",
+        json!([{"text": "w1"}, {"body": "w2"}]).to_string(),
+    );
+    quantize(&s, &[&p], &[], &[]).fails(&["array.json: record 2", "found keys: \"body\""]);
+}
+
+#[test]
+fn parquet_snappy_and_zstd() {
+    let s = setup();
+    let snappy = s.tmp.path().join("snappy.parquet");
+    write_parquet(&snappy, &docs(25, 12), Compression::SNAPPY);
+    let cal = quantize(&s, &[&snappy], &[], &[]).calibration();
+    assert_eq!(cal["documents_read"], 25, "{cal}");
+    let zstd = s.tmp.path().join("zstd.parquet");
+    write_parquet(
+        &zstd,
+        &docs(7, 12),
+        Compression::ZSTD(ZstdLevel::try_new(3).unwrap()),
+    );
+    let cal = quantize(&s, &[&zstd], &[], &[]).calibration();
+    assert_eq!(cal["documents_read"], 7, "{cal}");
+    quantize(&s, &[&zstd], &["--text-column", "body"], &[])
+        .fails(&["zstd.parquet: row 1", "found keys: \"text\", \"id\""]);
+}
+
+#[test]
+fn chat_messages_use_the_model_template() {
+    let s = setup();
+    let conv = |i: u64| {
+        json!({"messages": [
+            {"role": "user", "content": format!(" {} ", words(5, 64, i))},
+            {"role": "assistant", "content": words(5, 64, i + 100)},
+        ]})
+    };
+    let rows: Vec<Value> = (0..12).map(conv).collect();
+    let p = s.file("chat.jsonl", jsonl(&rows));
+    // No template in the model: refused, naming the first conversation.
+    quantize(&s, &[&p], &[], &[]).fails(&["chat.jsonl:1", "chat template"]);
+
+    set_chat_template(&s.model);
+    let cal = quantize(&s, &[&p], &[], &[]).calibration();
+    assert_eq!(cal["documents_read"], 12, "{cal}");
+    // bos + 2 × (role + 5 words + eos) = 15 tokens a conversation, all used.
+    assert_eq!(cal["documents_used"], 12, "{cal}");
+    assert_eq!(cal["tokens"], 12 * 15 / 16 * 16, "{cal}");
+
+    // The same conversations from parquet (list<struct<role, content>>).
+    let convs: Vec<Vec<(&str, String)>> = (0..12)
+        .map(|i| {
+            vec![
+                ("user", words(5, 64, i)),
+                ("assistant", words(5, 64, i + 100)),
+            ]
+        })
+        .collect();
+    let pq = s.tmp.path().join("chat.parquet");
+    write_chat_parquet(&pq, &convs);
+    let cal2 = quantize(&s, &[&pq], &[], &[]).calibration();
+    assert_eq!(cal2["tokens"], cal["tokens"], "{cal2}");
+
+    // chat_template.jinja wins over tokenizer_config.json.
+    std::fs::write(
+        s.model.join("chat_template.jinja"),
+        "{{ raise_exception('no chat here') }}",
+    )
+    .unwrap();
+    quantize(&s, &[&p], &[], &[]).fails(&["chat.jsonl", "no chat here"]);
+}
+
+#[test]
+fn unknown_extensions_are_sniffed_or_refused() {
+    let s = setup();
+    let rows: Vec<Value> = docs(9, 12).iter().map(|t| json!({"text": t})).collect();
+    let lines = s.file("calib.data", jsonl(&rows));
+    assert_eq!(
+        quantize(&s, &[&lines], &[], &[]).calibration()["documents_read"],
+        9
+    );
+    let array = s.file("calib.dump", serde_json::to_string(&docs(6, 12)).unwrap());
+    assert_eq!(
+        quantize(&s, &[&array], &[], &[]).calibration()["documents_read"],
+        6
+    );
+    let text = s.file("calib.md", docs(5, 12).join("\n\n"));
+    assert_eq!(
+        quantize(&s, &[&text], &[], &[]).calibration()["documents_read"],
+        5
+    );
+    let pq = s.tmp.path().join("calib.bin");
+    write_parquet(&pq, &docs(4, 12), Compression::SNAPPY);
+    assert_eq!(
+        quantize(&s, &[&pq], &[], &[]).calibration()["documents_read"],
+        4
+    );
+
+    let binary = s.file("calib.gz", [0x1f, 0x8b, 0x08, 0x00, 0xff, 0xfe, 0x00, 0x41]);
+    quantize(&s, &[&binary], &[], &[]).fails(&[
+        "calib.gz",
+        "not UTF-8",
+        ".txt",
+        ".parquet",
+        "org/name",
+    ]);
+    let nul = s.file("calib.raw", b"w1 w2\0w3");
+    quantize(&s, &[&nul], &[], &[]).fails(&["calib.raw", "binary"]);
+    let broken = s.file("broken.parquet", b"PAR1 definitely not parquet PAR1");
+    quantize(&s, &[&broken], &[], &[]).fails(&["broken.parquet", "parquet"]);
+}
+
+#[test]
+fn too_long_documents_and_split_long() {
+    let s = setup();
+    let p = s.file("long.txt", docs(6, 40).join("\n\n"));
+    quantize(&s, &[&p], &[], &[]).fails(&[
+        "all 6",
+        "longer than --seqlen 16",
+        "larger --seqlen",
+        "--split-long",
+    ]);
+    let cal = quantize(&s, &[&p], &["--split-long"], &[]).calibration();
+    assert_eq!(cal["documents_split"], 6, "{cal}");
+    assert_eq!(cal["documents_too_long"], 0, "{cal}");
+    // 40 tokens → pieces of 16, 16, 8: three samples a document.
+    assert_eq!(cal["documents_used"], 18, "{cal}");
+    assert_eq!(cal["tokens"], 240 / 16 * 16, "{cal}");
+    let cal = quantize(&s, &[&p], &["--split-long", "--n-samples", "4"], &[]).calibration();
+    assert_eq!(cal["documents_used"], 4, "{cal}");
+}
+
+#[test]
+fn missing_file_exits_3_naming_it() {
+    let s = setup();
+    let missing = s.tmp.path().join("data/no-such-calib.txt");
+    quantize(&s, &[&missing], &[], &[]).fails(&["no-such-calib.txt", "does not exist"]);
+}
+
+fn lay_out_dataset(hub: &Path, name: &str, revision_ref: &str, files: &[(&str, usize)]) {
+    let repo = hub.join(format!("datasets--acme--{name}"));
+    let refs = repo.join("refs").join(revision_ref);
+    std::fs::create_dir_all(refs.parent().unwrap()).unwrap();
+    std::fs::write(refs, COMMIT).unwrap();
+    let snap = repo.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(snap.join("README.md"), "# dataset").unwrap();
+    for (i, (file, n)) in files.iter().enumerate() {
+        let texts: Vec<String> = (0..*n as u64)
+            .map(|j| words(12, 64, 1000 * i as u64 + j))
+            .collect();
+        write_parquet(&snap.join(file), &texts, Compression::SNAPPY);
+    }
+}
+
+#[test]
+fn hub_dataset_from_the_cache_offline() {
+    let s = setup();
+    let hub = s.tmp.path().join("hub");
+    lay_out_dataset(
+        &hub,
+        "calib",
+        "main",
+        &[
+            ("data/train-00000-of-00002.parquet", 10),
+            ("data/train-00001-of-00002.parquet", 5),
+            ("data/validation-00000-of-00001.parquet", 8),
+        ],
+    );
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    let cal = quantize(&s, &[Path::new("acme/calib")], &[], &env).calibration();
+    assert_eq!(cal["documents_read"], 15, "{cal}");
+    assert_eq!(cal["source"], "acme/calib:train");
+    let cal = quantize(&s, &[Path::new("acme/calib:validation")], &[], &env).calibration();
+    assert_eq!(cal["documents_read"], 8, "{cal}");
+
+    // Only the Hub's parquet conversion has the files; found through HF_HOME too.
+    let home = s.tmp.path().join("hf-home");
+    lay_out_dataset(
+        &home.join("hub"),
+        "converted",
+        "refs/convert/parquet",
+        &[("default/train/0000.parquet", 11)],
+    );
+    let env = [("HF_HOME", home.as_path())];
+    let cal = quantize(&s, &[Path::new("acme/converted")], &[], &env).calibration();
+    assert_eq!(cal["documents_read"], 11, "{cal}");
+
+    // Offline and not cached: exit 3 naming the dataset, the split and HF_HUB_OFFLINE.
+    quantize(&s, &[Path::new("acme/absent:test")], &[], &env).fails(&[
+        "acme/absent:test",
+        "HF_HUB_OFFLINE",
+        "split test",
+        "datasets--acme--absent",
+    ]);
+    quantize(
+        &s,
+        &[Path::new("acme/calib:test")],
+        &[],
+        &[("HF_HUB_CACHE", hub.as_path())],
+    )
+    .fails(&["acme/calib:test", "HF_HUB_OFFLINE"]);
+}

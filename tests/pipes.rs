@@ -1,0 +1,180 @@
+//! A closed stdout (`awq inspect DIR | head -1`) ends every command quietly with exit 0, as
+//! ripgrep and cargo do, instead of a `println!` panic (exit 101). Each command runs twice: its
+//! stdout read for one byte and then closed (`| head -c1`), and closed before it writes at all
+//! (every write fails with EPIPE).
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::tiny::{words, Tiny};
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    /// fp model with enough layers that `inspect` prints more than a pipe holds (64 KiB).
+    deep: PathBuf,
+    model: PathBuf,
+    calib: PathBuf,
+    text: PathBuf,
+    awq: PathBuf,
+}
+
+fn awq_bin() -> Command {
+    Command::new(assert_cmd::cargo::cargo_bin("awq"))
+}
+
+fn quantize_args<'a>(f: &'a Fixture, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "quantize",
+        "--seqlen",
+        "16",
+        "--group",
+        "32",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--calib",
+        f.calib.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = Tiny::llama64();
+    let model = tmp.path().join("model");
+    t.write(&model);
+    let deep = tmp.path().join("deep");
+    Tiny {
+        layers: 400,
+        ..Tiny::llama()
+    }
+    .write(&deep);
+    let calib = tmp.path().join("calib.txt");
+    let docs: Vec<String> = (0..40).map(|i| words(12, t.vocab, i)).collect();
+    std::fs::write(&calib, docs.join("\n\n")).unwrap();
+    let text = tmp.path().join("eval.txt");
+    std::fs::write(&text, words(64, t.vocab, 7)).unwrap();
+    let f = Fixture {
+        awq: tmp.path().join("awq"),
+        tmp,
+        deep,
+        model,
+        calib,
+        text,
+    };
+    let mut args = quantize_args(&f, &f.awq);
+    args.push("-q");
+    let o = awq_bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    f
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Close {
+    /// Read one byte, then close (`| head -c1`).
+    AfterOneByte,
+    /// Close before the command writes anything.
+    Immediately,
+}
+
+/// Runs `awq args` with stdout closed as `close` says; (exit code, stderr).
+fn piped(args: &[&str], close: Close) -> (Option<i32>, String) {
+    let mut child = awq_bin()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    if let Close::AfterOneByte = close {
+        let mut byte = [0u8; 1];
+        let _ = stdout.read(&mut byte).unwrap();
+    }
+    drop(stdout);
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_ends_quietly_when_stdout_closes() {
+    let f = fixture();
+    let (model, deep, awq) = (
+        f.model.to_str().unwrap(),
+        f.deep.to_str().unwrap(),
+        f.awq.to_str().unwrap(),
+    );
+    let text = f.text.to_str().unwrap();
+    let planned = f.tmp.path().join("planned");
+    let mut dry = quantize_args(&f, &planned);
+    dry.push("--dry-run");
+    let mut dry_json = dry.clone();
+    dry_json.push("--json");
+    let commands: Vec<Vec<&str>> = vec![
+        vec![
+            "eval", "--model", model, "--text", text, "--seqlen", "16", "-q",
+        ],
+        vec![
+            "eval", "--model", model, "--text", text, "--seqlen", "16", "-q", "--json",
+        ],
+        dry,
+        dry_json,
+        vec!["inspect", deep],
+        vec!["inspect", "--json", deep],
+        vec!["verify", awq],
+        vec!["verify", "--json", awq],
+        vec!["completions", "bash"],
+        vec!["--help"],
+        vec!["verify", "--help"],
+    ];
+    for args in &commands {
+        for close in [Close::AfterOneByte, Close::Immediately] {
+            let (code, stderr) = piped(args, close);
+            assert_eq!(
+                code,
+                Some(0),
+                "awq {} ({close:?}): {stderr}",
+                args.join(" ")
+            );
+            assert!(
+                !stderr.contains("panicked"),
+                "awq {} ({close:?}): {stderr}",
+                args.join(" ")
+            );
+            assert!(
+                !stderr.contains("error"),
+                "awq {} ({close:?}): {stderr}",
+                args.join(" ")
+            );
+        }
+    }
+    assert!(!planned.exists());
+}
+
+/// `awq quantize --json | head -1`: nobody reads the events any more, so the run stops as on
+/// SIGINT — the staging directory is removed, nothing is published — and exits 0.
+#[test]
+fn quantize_json_stops_cleanly_when_stdout_closes() {
+    let f = fixture();
+    let out = f.tmp.path().join("out");
+    let mut args = quantize_args(&f, &out);
+    args.extend(["--json", "-q"]);
+    for close in [Close::AfterOneByte, Close::Immediately] {
+        let (code, stderr) = piped(&args, close);
+        assert_eq!(code, Some(0), "{close:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{close:?}: {stderr}");
+        assert!(!out.exists(), "{close:?}: published although stopped");
+        let left: Vec<String> = std::fs::read_dir(f.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("staging"))
+            .collect();
+        assert!(left.is_empty(), "{close:?}: left {left:?}");
+    }
+}
