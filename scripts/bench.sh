@@ -3,6 +3,7 @@
 # peak RSS (awq measures and prints all of them; /usr/bin/time -v confirms RSS when present).
 #
 #   scripts/bench.sh smollm2 [awq quantize flags...]   # $AWQ_TEST_MODEL, group 64, 32 x 512 wikitext
+#   scripts/bench.sh smollm2-2l [flags...]              # its first 2 layers, 32 x 512 (vs AutoAWQ)
 #   scripts/bench.sh synth7b LAYERS [flags...]          # Llama-2-7B-shaped random model, 16 x 512
 #
 # Extra flags are appended (e.g. --fast, --max-blocks 8). Threads: RAYON_NUM_THREADS.
@@ -16,6 +17,17 @@ case $kind in
 smollm2)
     model=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
     # 128 documents of wiki.valid.calib.txt give only 16 blocks; 1000 reach 32 x 512.
+    args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 --max-blocks 32)
+    ;;
+smollm2-2l)
+    # The side-by-side case of the performance issue: the first two decoder layers of SmolLM2
+    # (the weights are shared through symlinks; only config.json differs).
+    src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
+    model=${TMPDIR:-/tmp}/awq-smollm2-2l
+    mkdir -p "$model"
+    for f in "$src"/*; do ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$model/"; done
+    rm -f "$model/config.json"
+    sed 's/"num_hidden_layers": *[0-9]*/"num_hidden_layers": 2/' "$src/config.json" >"$model/config.json"
     args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 --max-blocks 32)
     ;;
 synth7b)
@@ -35,7 +47,7 @@ synth7b)
 esac
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-cmd=(./target/release/awq quantize --model "$model" -o "$out/q" -q "${args[@]}" "$@")
+cmd=(${AWQ_BIN:-./target/release/awq} quantize --model "$model" -o "$out/q" -q "${args[@]}" "$@")
 echo "+ ${cmd[*]}"
 if [ -x /usr/bin/time ]; then
     /usr/bin/time -f "wall %e s, peak RSS %M KB (/usr/bin/time)" "${cmd[@]}"

@@ -77,6 +77,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Adds work done outside [`matmul`] (the fused attention's block products) to the totals.
+pub fn record_matmul(flop: u64, elapsed: std::time::Duration) {
+    MATMUL_FLOP.fetch_add(flop, Ordering::Relaxed);
+    MATMUL_NANOS.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+}
+
 /// `(GFLOP, seconds)` spent in [`matmul`] so far.
 pub fn matmul_totals() -> (f64, f64) {
     (

@@ -152,6 +152,29 @@ fn check_checkpoint(out: &Path) {
             );
         }
     }
+    // The chosen ratios are those recorded in the fixture: a change of the search's objective,
+    // or of the forward's numerics, shows up here (a near-tie that flips is then re-recorded
+    // with the reason in the commit).
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("smollm2-ci-ratios.json")).unwrap()).unwrap();
+    let chosen: Vec<Vec<serde_json::Value>> = report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["ratio"].clone())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        serde_json::to_value(&chosen).unwrap(),
+        recorded["ratios"],
+        "chosen ratios differ from tests/fixtures/smollm2-ci-ratios.json"
+    );
     assert!(std::fs::read_to_string(out.join("README.md"))
         .unwrap()
         .contains("group size | 64"));

@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::attention::{Attention, Rounding};
 use super::config::{AwqFormat, ModelSpec};
 use super::rope::Rope;
 use crate::quant::pack::{gemv_zeros_width, unpack, Layout, Packed};
@@ -14,12 +15,6 @@ use crate::quant::rtn::Quantized;
 
 use crate::error::Result;
 use crate::io::reader::Checkpoint;
-
-/// Queries per attention block.
-const QUERY_BLOCK: usize = 128;
-/// Sequences whose attention runs as one batch: few large ops instead of many small ones, with
-/// the score tensor bounded at `SEQ_BATCH × heads × QUERY_BLOCK × keys`.
-const SEQ_BATCH: usize = 16;
 
 /// Tensor names of decoder layer `i`, built from prefixes in one place.
 pub fn layer_prefix(i: usize) -> String {
@@ -213,7 +208,9 @@ impl LayerWeights {
         ]
     }
 
-    /// Attention context (the input of `o_proj`) for `x = input_layernorm(h)`.
+    /// Attention context (the input of `o_proj`) for `x = input_layernorm(h)`: the
+    /// projections, the optional per-head q/k norms, then [`Attention`] (rope, causal softmax,
+    /// grouped-query heads, sliding window) without materialised scores.
     pub fn attention_context(
         &self,
         spec: &ModelSpec,
@@ -222,58 +219,39 @@ impl LayerWeights {
         seq_len: usize,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
-        let n = tokens / seq_len;
         let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
-        let heads = |t: Tensor, nh: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let t = r(t)?.reshape((n, seq_len, nh, hd))?;
+        let project = |lin: &Linear, nh: usize, norm: &Option<Tensor>| -> Result<Vec<f32>> {
+            let t = r(lin.forward(x)?)?;
             let t = match norm {
                 Some(w) => r(candle_nn::ops::rms_norm(
-                    &t.contiguous()?,
+                    &t.reshape((tokens * nh, hd))?,
                     w,
                     spec.rms_eps as f32,
                 )?)?,
                 None => t,
             };
-            Ok(t.transpose(1, 2)?.contiguous()?)
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
         };
-        let q = heads(self.q.forward(x)?, h, &self.q_norm)?;
-        let k = heads(self.k.forward(x)?, kvh, &self.k_norm)?;
-        let v = heads(self.v.forward(x)?, kvh, &None)?;
-        let (cos, sin) = rope.prefix(seq_len)?;
-        let q = r(candle_nn::rotary_emb::rope(&q, &cos, &sin)?)?;
-        let k = r(candle_nn::rotary_emb::rope(&k, &cos, &sin)?)?;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let rep = h / kvh;
-        let mut out = Vec::with_capacity(n.div_ceil(SEQ_BATCH));
-        for s0 in (0..n).step_by(SEQ_BATCH) {
-            let b = SEQ_BATCH.min(n - s0);
-            let ks = repeat_kv(&k.narrow(0, s0, b)?, rep)?; // [b, h, t, hd]
-            let vs = repeat_kv(&v.narrow(0, s0, b)?, rep)?;
-            let qs = q.narrow(0, s0, b)?;
-            // Query blocks keep the score matrix small ([b, heads, block, keys]) and let each
-            // block look only at the keys it can see, which halves the work of a causal mask.
-            let mut blocks = Vec::with_capacity(seq_len.div_ceil(QUERY_BLOCK));
-            let mut r0 = 0;
-            while r0 < seq_len {
-                let r1 = (r0 + QUERY_BLOCK).min(seq_len);
-                let k0 = spec
-                    .sliding_window
-                    .map_or(0, |w| (r0 + 1).saturating_sub(w));
-                let keys = r1 - k0;
-                let qb = qs.narrow(2, r0, r1 - r0)?.contiguous()?;
-                let kb = ks.narrow(2, k0, keys)?.contiguous()?;
-                let vb = vs.narrow(2, k0, keys)?.contiguous()?;
-                let mask = block_mask(r0, r1, k0, spec.sliding_window)?;
-                let scores = r(crate::ops::matmul(&qb, &kb.t()?)?)?.broadcast_add(&mask)?;
-                let probs = r(candle_nn::ops::softmax_last_dim(&scores)?)?;
-                blocks.push(r(crate::ops::matmul(&probs, &vb)?)?); // [b, h, block, hd]
-                r0 = r1;
-            }
-            let ctx = Tensor::cat(&blocks, 2)?; // [b, h, t, hd]
-            out.push(ctx.transpose(1, 2)?.reshape((b * seq_len, h * hd))?);
-        }
-        Ok(Tensor::cat(&out, 0)?)
+        let q = project(&self.q, h, &self.q_norm)?;
+        let k = project(&self.k, kvh, &self.k_norm)?;
+        let v = project(&self.v, kvh, &None)?;
+        let attention = Attention {
+            seq_len,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: spec.sliding_window,
+            softcap: None,
+            cos: &rope.cos,
+            sin: &rope.sin,
+            round: Rounding::from_dtype(spec.serve_dtype),
+        };
+        let start = std::time::Instant::now();
+        let ctx = attention.forward(&q, &k, &v);
+        crate::ops::record_matmul(attention.flop(tokens), start.elapsed());
+        Ok(Tensor::from_vec(ctx, (tokens, h * hd), &Device::Cpu)?)
     }
 
     /// `o_proj(attention(x))` for `x = input_layernorm(h)`: AWQ's inspected attention module.
@@ -332,31 +310,6 @@ impl LayerWeights {
         });
         Ok((out, inputs))
     }
-}
-
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kvh, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, kvh, rep, t, hd))?
-        .reshape((b, kvh * rep, t, hd))?)
-}
-
-/// Additive mask for queries `r0..r1` against keys `k0..r1`: 0 where visible, -inf elsewhere
-/// (causal, and outside the sliding window when there is one).
-fn block_mask(r0: usize, r1: usize, k0: usize, window: Option<usize>) -> Result<Tensor> {
-    let keys = r1 - k0;
-    let mut m = vec![0f32; (r1 - r0) * keys];
-    for (row, i) in (r0..r1).enumerate() {
-        for (col, j) in (k0..r1).enumerate() {
-            if j > i || window.is_some_and(|w| i - j >= w) {
-                m[row * keys + col] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (r1 - r0, keys), &Device::Cpu)?)
 }
 
 /// `t` rounded to `dtype` and back to f32 (`None`: unchanged) — how a float16/bfloat16 server

@@ -1,15 +1,13 @@
 //! Rotary position tables, computed in f32 the way transformers does (`inv_freq` in f32, angle =
 //! position × inv_freq in f32), so positions match the reference to the last bits that matter.
 
-use candle_core::{Device, Tensor};
-
 use super::config::{ModelSpec, RopeKind};
 use crate::error::Result;
 
 pub struct Rope {
-    /// `[max_len, head_dim / 2]`, already multiplied by `attention_scaling`.
-    pub cos: Tensor,
-    pub sin: Tensor,
+    /// `[max_len, head_dim / 2]` row-major, already multiplied by `attention_scaling`.
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
     /// The factor cos and sin were multiplied by: transformers' `attention_scaling`, 1 except for
     /// `yarn` and `longrope`.
     pub attention_scaling: f32,
@@ -158,18 +156,10 @@ impl Rope {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_len, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (max_len, half), &Device::Cpu)?,
+            cos,
+            sin,
             attention_scaling: scale,
         })
-    }
-
-    /// Tables for the first `len` positions.
-    pub fn prefix(&self, len: usize) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.cos.narrow(0, 0, len)?.contiguous()?,
-            self.sin.narrow(0, 0, len)?.contiguous()?,
-        ))
     }
 }
 
@@ -283,8 +273,10 @@ mod tests {
         // cos and sin carry the attention factor: position 0 is (af, 0), position 1 is
         // af * (cos 1, sin 1) for the first frequency.
         let rope = Rope::new(&spec, 2).unwrap();
-        let cos = rope.cos.to_vec2::<f32>().unwrap();
-        let sin = rope.sin.to_vec2::<f32>().unwrap();
+        let half = rope.cos.len() / 2; // two positions
+        let row = |t: &[f32], p: usize| t[p * half..][..half].to_vec();
+        let cos = [row(&rope.cos, 0), row(&rope.cos, 1)];
+        let sin = [row(&rope.sin, 0), row(&rope.sin, 1)];
         assert!((cos[0][3] as f64 - af).abs() < 1e-6 && sin[0][3] == 0.0);
         assert!((cos[1][0] as f64 - af * 1f64.cos()).abs() < 1e-6);
         assert!((sin[1][0] as f64 - af * 1f64.sin()).abs() < 1e-6);
@@ -374,7 +366,7 @@ mod tests {
         assert_close(&inv_freq(&spec, 4097), &long);
         assert!((attention_scaling(&spec) as f64 - 1.1902380714238083).abs() < 1e-6);
         let rope = Rope::new(&spec, 1).unwrap();
-        let cos0 = rope.cos.to_vec2::<f32>().unwrap()[0][0] as f64;
+        let cos0 = rope.cos[0] as f64;
         assert!((cos0 - 1.1902380714238083).abs() < 1e-6);
     }
 

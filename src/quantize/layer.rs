@@ -106,8 +106,16 @@ pub(super) fn search_group(
             return search::search(&x_mean, &w_mean, grid, n_grid, loss);
         }
     }
-    let reference = inspect(layer, g, x, spec, rope, seqlen)?;
-    let mut scratch = layer.clone();
+    // The module runs on pieces of whole sequences: the candidates' intermediates (the MLP's
+    // gate/up/product, attention's q/k/v) then stay at piece size whatever the number of
+    // calibration tokens. The loss is the same sum of squares, divided once.
+    let pieces = pieces(x, seqlen)?;
+    let reference = pieces
+        .iter()
+        .map(|p| inspect(layer, g, p, spec, rope, seqlen))
+        .collect::<Result<Vec<_>>>()?;
+    let elements: usize = reference.iter().map(|r| r.elem_count()).sum();
+    let mut scratch = layer.clone(); // shares every tensor until a candidate replaces it
     let loss = |s: &[f32]| -> Result<f64> {
         crate::interrupt::check()?;
         if !fits(s) {
@@ -117,9 +125,27 @@ pub(super) fn search_group(
             linear_mut(&mut scratch, n).weight =
                 search::scaled_fake_quant(&linear(layer, n).weight, s, opts.group)?;
         }
-        reduce::mse(&reference, &inspect(&scratch, g, x, spec, rope, seqlen)?)
+        let mut sum = 0f64;
+        for (p, r) in pieces.iter().zip(&reference) {
+            let out = inspect(&scratch, g, p, spec, rope, seqlen)?;
+            sum += reduce::with_slice(r, |r| reduce::with_slice(&out, |o| reduce::sq_diff(r, o)))??;
+        }
+        Ok(sum / elements as f64)
     };
     search::search(&x_mean, &w_mean, grid, n_grid, loss)
+}
+
+/// Tokens per piece of the search's module runs (rounded to whole sequences).
+const PIECE_TOKENS: usize = 4096;
+
+/// `x: [blocks·seqlen, d]` as views of whole sequences, about [`PIECE_TOKENS`] tokens each.
+fn pieces(x: &Tensor, seqlen: usize) -> Result<Vec<Tensor>> {
+    let tokens = x.dim(0)?;
+    let step = (PIECE_TOKENS / seqlen).max(1) * seqlen;
+    (0..tokens)
+        .step_by(step)
+        .map(|t0| Ok(x.narrow(0, t0, step.min(tokens - t0))?))
+        .collect()
 }
 
 /// Blocks `0, k, 2k, …` of `x: [blocks·seqlen, d]`, at most `n` of them (`--search-blocks`):
