@@ -31,6 +31,10 @@ pub enum Error {
     /// The run was interrupted by a signal.
     #[error("interrupted")]
     Interrupted,
+    /// The reader of stdout went away (`awq inspect DIR | head -1`): the command ends quietly
+    /// with exit 0, as ripgrep and cargo do.
+    #[error("stdout was closed")]
+    StdoutClosed,
     /// Anything else that went wrong while working (I/O on the output, numerical failure, ...).
     #[error("{0}")]
     Runtime(String),
@@ -44,6 +48,7 @@ impl Error {
             Error::OutputExists(_) => exit::OUTPUT_EXISTS,
             Error::Quality(_) => exit::QUALITY,
             Error::Interrupted => exit::INTERRUPTED,
+            Error::StdoutClosed => exit::OK,
             Error::Runtime(_) => exit::RUNTIME,
         }
     }

@@ -92,9 +92,12 @@ pub fn windows(ids: &[u32], opts: &EvalOptions) -> Result<Vec<u32>> {
     }
     let n = ids.len() / opts.seqlen;
     if n == 0 {
+        let what = match opts.max_tokens {
+            Some(m) if m == ids.len() => format!("--max-tokens keeps {m} tokens"),
+            _ => format!("the evaluation text has {} tokens", ids.len()),
+        };
         return Err(input_err!(
-            "the evaluation text has {} tokens, fewer than one window of {}; use a longer text or a smaller --seqlen",
-            ids.len(),
+            "{what}, fewer than one window of {}; use a longer text, a larger --max-tokens or a smaller --seqlen",
             opts.seqlen
         ));
     }

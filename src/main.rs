@@ -35,8 +35,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK as u8),
         // stdout's reader went away (`awq inspect DIR | head -1`): end quietly, as ripgrep and
-        // cargo do.
-        Err(_) if stdout_closed() => ExitCode::from(exit::OK as u8),
+        // cargo do. Any other error keeps its exit code.
+        Err(Error::StdoutClosed) => ExitCode::from(exit::OK as u8),
         Err(e) => {
             eprintln!("error: {e}");
             if json_events {
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
 /// Set once a write to stdout failed because its reader went away (EPIPE).
 static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 
-/// Whether stdout's reader went away; `main` then exits 0 quietly whatever the command returned.
+/// Whether stdout's reader went away (later writes are skipped).
 fn stdout_closed() -> bool {
     STDOUT_CLOSED.load(Ordering::Relaxed)
 }
@@ -65,13 +65,12 @@ fn to_stdout(f: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<(
     f(&mut out).and_then(|()| out.flush()).map_err(stdout_error)
 }
 
-/// The error for a failed write to stdout. A closed stdout (EPIPE) is remembered for `main`,
-/// and whatever is still running (a quantize run emitting `--json` events) is asked to stop at
-/// its next unit of work and clean up, as on SIGINT: nobody reads its output any more.
+/// The error for a failed write to stdout. A closed stdout (EPIPE) is remembered, so that a
+/// quantize run emitting `--json` events goes on without them (the checkpoint is its result).
 fn stdout_error(e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::BrokenPipe {
         STDOUT_CLOSED.store(true, Ordering::Relaxed);
-        awq::interrupt::flag().store(true, Ordering::Relaxed);
+        return Error::StdoutClosed;
     }
     Error::Runtime(format!("cannot write to stdout: {e}"))
 }
@@ -100,6 +99,15 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
         max_tokens: args.max_tokens,
     };
     let ids = awq::eval::windows(&ids, &opts)?;
+    if let Some(max) = model.spec.max_positions.filter(|m| args.seqlen > *m) {
+        sink(&Event::Warning {
+            message: format!(
+                "--seqlen {} is longer than the model's max_position_embeddings {max}: the \
+                 perplexity measures positions it was never trained for",
+                args.seqlen
+            ),
+        });
+    }
     let res = awq::eval::perplexity(&model, &ids, args.seqlen, &sink)?;
     if args.json {
         let json = serde_json::json!({

@@ -19,15 +19,24 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
         plan.architecture,
         plan.layers
     )?;
+    let cal = &plan.calibration;
+    // With --split-long, documents_used counts pieces: say so rather than "89 of 20 documents".
+    let used = if cal.documents_split > 0 {
+        format!(
+            "{} pieces from {} documents, {} split by --split-long",
+            cal.documents_used, cal.documents_read, cal.documents_split
+        )
+    } else {
+        format!("{} of {} documents", cal.documents_used, cal.documents_read)
+    };
+    let skipped = match cal.documents_skipped {
+        0 => String::new(),
+        n => format!(", {n} null records skipped"),
+    };
     writeln!(
         w,
-        "calibration  {} ({} of {} documents, {} blocks of {} = {} tokens)",
-        plan.calibration.source,
-        plan.calibration.documents_used,
-        plan.calibration.documents_read,
-        plan.calibration.blocks,
-        plan.calibration.seqlen,
-        plan.calibration.tokens
+        "calibration  {} ({used}{skipped}, {} blocks of {} = {} tokens)",
+        cal.source, cal.blocks, cal.seqlen, cal.tokens
     )?;
     writeln!(
         w,

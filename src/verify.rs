@@ -194,6 +194,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let ckpt = Checkpoint::open_dir(dir)?;
     let mut v = Vec::new();
     let float_dtype = float_dtype(dir)?;
+    v.extend(failed_quality_gate(dir));
 
     let float = |name: &str, shape: &[usize], v: &mut Vec<String>| {
         if !ckpt.contains(name) {
@@ -331,11 +332,9 @@ fn target_support(
                 );
                 reasons.extend(at_tp.marlin_reasons.iter().cloned());
             }
-            Target::Tgi => reasons.push(
-                "torch_dtype bfloat16: TGI's AWQ kernels run float16 (the model's activations \
-                 overflow float16, which is why awq wrote bfloat16)"
-                    .into(),
-            ),
+            Target::Tgi => {
+                reasons.push("torch_dtype bfloat16: TGI's AWQ kernels run float16".into())
+            }
             _ => {}
         }
     }
@@ -345,6 +344,27 @@ fn target_support(
         loadable: reasons.is_empty(),
         reasons,
     }
+}
+
+/// A quality gate that failed when `awq quantize` wrote `dir` (the checkpoint is kept for
+/// inspection, not for shipping), from its `quantization_report.json`.
+fn failed_quality_gate(dir: &Path) -> Option<String> {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(crate::io::output::REPORT_FILE)).ok()?)
+            .ok()?;
+    let q = report.get("quality")?;
+    (!q.get("passed")?.as_bool()?).then(|| {
+        format!(
+            "the quality gate failed when this was quantized: perplexity rose {:.2}%, more than \
+             the allowed {}% (quantization_report.json)",
+            q.get("increase_pct")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN),
+            q.get("max_increase_pct")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN)
+        )
+    })
 }
 
 /// The dtype config.json's `torch_dtype` gives the unquantized tensors (float16 when absent).
@@ -448,7 +468,8 @@ fn check_linear(
 /// attention heads split across ranks (key/value heads split, or replicate when fewer than
 /// ranks); q/k/v/gate/up split their outputs (column parallel), o/down their inputs (row
 /// parallel). Per partition the `awq` kernels need `in % group == 0` and `out % 8 == 0` (the
-/// int32 pack factor); Marlin also needs `out % 64 == 0` over the merged qkv and gate_up
+/// int32 pack factor), and their fused GEMM `group % 32 == 0`, `out % 64 == 0` and
+/// `out % group == 0` over the merged modules; Marlin also needs `out % 64 == 0` over the merged qkv and gate_up
 /// projections, `in % 128 == 0` and a group in {32, 64, 128}. GEMV is not loadable at all.
 fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usize) -> TpSupport {
     let mut awq = Vec::new();
@@ -526,6 +547,24 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
         match merged.iter_mut().find(|m| m.0 == module) {
             Some(m) => m.1 += out,
             None => merged.push((module, out, inp)),
+        }
+    }
+    // The fused awq_gemm kernel (every step below 256 tokens, i.e. all of decoding) runs on the
+    // merged modules and throws unless g % 32 == 0, out % 64 == 0 and out % g == 0
+    // (AWQ-SPEC §10.1).
+    if !fmt.group.is_multiple_of(32) {
+        awq.push(format!(
+            "group {} is not a multiple of 32, which vLLM's awq_gemm kernel requires",
+            fmt.group
+        ));
+    }
+    for &(module, out, _) in &merged {
+        if !out.is_multiple_of(64) || !out.is_multiple_of(fmt.group) {
+            awq.push(format!(
+                "{module}: output partition {out} is not divisible by 64 and by group {} \
+                 (vLLM's awq_gemm kernel)",
+                fmt.group
+            ));
         }
     }
     for (module, out, inp) in merged {

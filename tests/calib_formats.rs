@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use assert_cmd::Command;
 use common::tiny::{words, Tiny};
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
 use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
@@ -68,19 +68,18 @@ impl Run {
 }
 
 fn quantize(s: &Setup, calib: &[&Path], extra: &[&str], env: &[(&str, &Path)]) -> Run {
+    let mut args = vec!["--json"];
+    args.extend_from_slice(extra);
+    quantize_human(s, calib, &args, env)
+}
+
+/// `awq quantize --dry-run` without `--json` unless `extra` has it: the human plan on stdout.
+fn quantize_human(s: &Setup, calib: &[&Path], extra: &[&str], env: &[(&str, &Path)]) -> Run {
     let mut cmd = Command::cargo_bin("awq").unwrap();
     cmd.env_remove("HF_HOME")
         .env_remove("HF_HUB_CACHE")
         .env("HF_HUB_OFFLINE", "1")
-        .args([
-            "quantize",
-            "--seqlen",
-            "16",
-            "--group",
-            "32",
-            "--dry-run",
-            "--json",
-        ])
+        .args(["quantize", "--seqlen", "16", "--group", "32", "--dry-run"])
         .arg("--model")
         .arg(&s.model)
         .arg("-o")
@@ -255,6 +254,102 @@ fn parquet_snappy_and_zstd() {
 }
 
 #[test]
+fn parquet_gzip_lz4_and_brotli() {
+    let s = setup();
+    for (name, codec, n) in [
+        ("gzip", Compression::GZIP(GzipLevel::default()), 9),
+        ("lz4", Compression::LZ4_RAW, 8),
+        ("brotli", Compression::BROTLI(BrotliLevel::default()), 6),
+    ] {
+        let p = s.tmp.path().join(format!("{name}.parquet"));
+        write_parquet(&p, &docs(n, 12), codec);
+        let cal = quantize(&s, &[&p], &[], &[]).calibration();
+        assert_eq!(cal["documents_read"], n, "{name}: {cal}");
+    }
+}
+
+#[test]
+fn null_text_is_skipped_and_counted_and_messages_column_wording() {
+    let s = setup();
+    let mut rows: Vec<Value> = docs(10, 12).iter().map(|t| json!({"text": t})).collect();
+    rows.insert(2, json!({"text": null}));
+    rows.push(json!({"text": null, "id": 7}));
+    let p = s.file("nulls.jsonl", jsonl(&rows));
+    let cal = quantize(&s, &[&p], &[], &[]).calibration();
+    assert_eq!(cal["documents_read"], 10, "{cal}");
+    assert_eq!(cal["documents_skipped"], 2, "{cal}");
+    let plan = quantize_human(&s, &[&p], &[], &[]);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("10 of 10 documents, 2 null records skipped"),
+        "{}",
+        plan.stdout
+    );
+    // Only nulls: no documents, said so.
+    let p = s.file("allnull.jsonl", jsonl(&[json!({"text": null})]));
+    quantize(&s, &[&p], &[], &[])
+        .fails(&["allnull.jsonl holds no documents", "1 record with a null"]);
+
+    // --text-column messages on a file without it: no "string field" wording.
+    let p = s.file("plain.jsonl", jsonl(&[json!({"text": "w1", "id": 1})]));
+    let run = quantize(&s, &[&p], &["--text-column", "messages"], &[]);
+    run.fails(&["plain.jsonl:1: no \"messages\" list; found keys: \"text\", \"id\""]);
+    assert!(!run.stderr.contains("string field"), "{}", run.stderr);
+}
+
+#[test]
+fn malformed_chat_messages_are_named() {
+    let s = setup();
+    set_chat_template(&s.model);
+    let good = json!({"messages": [{"role": "user", "content": "w1 w2"}]});
+    let rows = [
+        good.clone(),
+        good.clone(),
+        json!({"messages": [{"from": "human", "value": "hi"}]}),
+    ];
+    let p = s.file("calib.jsonl", jsonl(&rows));
+    quantize(&s, &[&p], &[], &[]).fails(&[
+        "calib.jsonl:3: message 1 has keys \"from\", \"value\"; expected \"role\" and \"content\" \
+         (ShareGPT's from/value is not read)",
+    ]);
+    let p = s.file(
+        "image.jsonl",
+        jsonl(&[json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})]),
+    );
+    quantize(&s, &[&p], &[], &[]).fails(&[
+        "image.jsonl:1: message 1, content part 1",
+        "\"image_url\"",
+        "text",
+    ]);
+
+    // OpenAI-style content lists of text parts are joined: the same tokens as plain strings.
+    let conv = |i: u64, parts: bool| {
+        let (u, a) = (words(5, 64, i), words(5, 64, i + 100));
+        let content = |t: String| {
+            if parts {
+                json!([{"type": "text", "text": t}])
+            } else {
+                json!(t)
+            }
+        };
+        json!({"messages": [
+            {"role": "user", "content": content(u)},
+            {"role": "assistant", "content": content(a)},
+        ]})
+    };
+    let strings: Vec<Value> = (0..12).map(|i| conv(i, false)).collect();
+    let parts: Vec<Value> = (0..12).map(|i| conv(i, true)).collect();
+    let a = quantize(&s, &[&s.file("strings.jsonl", jsonl(&strings))], &[], &[]).calibration();
+    let b = quantize(&s, &[&s.file("parts.jsonl", jsonl(&parts))], &[], &[]).calibration();
+    assert_eq!(b["documents_read"], 12, "{b}");
+    assert_eq!(
+        (a["tokens"].clone(), a["blocks"].clone()),
+        (b["tokens"].clone(), b["blocks"].clone())
+    );
+}
+
+#[test]
 fn chat_messages_use_the_model_template() {
     let s = setup();
     let conv = |i: u64| {
@@ -356,6 +451,15 @@ fn too_long_documents_and_split_long() {
     assert_eq!(cal["tokens"], 240 / 16 * 16, "{cal}");
     let cal = quantize(&s, &[&p], &["--split-long", "--n-samples", "4"], &[]).calibration();
     assert_eq!(cal["documents_used"], 4, "{cal}");
+    // The human plan says pieces, not "18 of 6 documents".
+    let plan = quantize_human(&s, &[&p], &["--split-long"], &[]);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("18 pieces from 6 documents, 6 split by --split-long"),
+        "{}",
+        plan.stdout
+    );
 }
 
 #[test]
@@ -428,4 +532,94 @@ fn hub_dataset_from_the_cache_offline() {
         &[("HF_HUB_CACHE", hub.as_path())],
     )
     .fails(&["acme/calib:test", "HF_HUB_OFFLINE"]);
+}
+
+/// A loopback stand-in for the Hub API: answers each request with `answer(path)` (status, JSON
+/// body) until `count` requests or 60 seconds, whichever comes first. Returns its endpoint.
+fn fake_hub(count: usize, answer: fn(&str) -> (u16, String)) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut served = 0;
+        while served < count && std::time::Instant::now() < deadline {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            served += 1;
+            stream.set_nonblocking(false).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                line.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (status, body) = answer(&path);
+            let mut stream = stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn hub_dataset_network_errors_are_reported_as_such() {
+    let s = setup();
+    let hub = s.tmp.path().join("hub");
+    std::fs::create_dir_all(&hub).unwrap();
+    let online = |endpoint: &str, spec: &str| {
+        quantize(
+            &s,
+            &[Path::new(spec)],
+            &[],
+            &[
+                ("HF_HUB_OFFLINE", Path::new("0")),
+                ("HF_HUB_CACHE", hub.as_path()),
+                ("HF_ENDPOINT", Path::new(endpoint)),
+            ],
+        )
+    };
+    // Nothing listens on port 9 (discard): a connection error, not "no parquet files".
+    let run = online(
+        "http://127.0.0.1:9",
+        "mit-han-lab/pile-val-backup:validation",
+    );
+    run.fails(&[
+        "mit-han-lab/pile-val-backup:validation",
+        "could not be listed",
+        "Connection",
+        "HF_HUB_OFFLINE=1",
+        "local file",
+    ]);
+    assert!(!run.stderr.contains("no parquet files"), "{}", run.stderr);
+
+    // The listing works but has no such split: then, and only then, "no parquet files".
+    let endpoint = fake_hub(2, |path| {
+        if path.ends_with("/revision/main") {
+            let body = r#"{"sha": "0", "siblings": [{"rfilename": "data/train-0.parquet"}]}"#;
+            (200, body.to_string())
+        } else {
+            (404, r#"{"error": "Revision not found"}"#.to_string())
+        }
+    });
+    online(&endpoint, "acme/data:validation").fails(&[
+        "acme/data:validation",
+        "no parquet files of split validation",
+    ]);
+    // No such dataset: 404 (or 401) at every revision.
+    let endpoint = fake_hub(2, |_| (404, r#"{"error": "Repository not found"}"#.into()));
+    online(&endpoint, "acme/none").fails(&["Hub has no dataset acme/none", "HTTP 404", "HF_TOKEN"]);
+    // A Hub failure is an error of its own, with its status.
+    let endpoint = fake_hub(1, |_| (500, "{}".into()));
+    online(&endpoint, "acme/data").fails(&["could not be listed", "500", "HF_HUB_OFFLINE=1"]);
 }

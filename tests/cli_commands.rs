@@ -324,6 +324,15 @@ fn quality_gate_records_both_perplexities_and_fails_with_5() {
     if increase > 0.5 {
         assert_eq!(r.code, 5, "{}", r.stderr);
         assert!(r.stderr.contains("quality gate failed"), "{}", r.stderr);
+        // `awq verify` does not let the kept checkpoint ship.
+        let o = Command::cargo_bin("awq")
+            .unwrap()
+            .args(["verify", "--for", "transformers"])
+            .arg(&out2)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(5));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("quality gate failed"));
     } else {
         assert_eq!(r.code, 0, "{}", r.stderr);
     }
@@ -421,11 +430,17 @@ fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
     assert_eq!(r.code, 2, "{}", r.stderr);
 
     // llama64: 4 heads of 16 (4 key/value heads), hidden 64, intermediate 128, group 32.
-    // tp 2 splits; tp 3 splits nothing; tp 4 leaves o_proj 16 inputs (< one group); tp 8
+    // tp 2 splits but is too narrow for the fused kernel; tp 3 splits nothing; tp 4 leaves o_proj 16 inputs (< one group); tp 8
     // splits no heads and leaves down_proj 16 inputs.
     for (tp, loadable, expect) in [
         ("1", true, vec![]),
-        ("2", true, vec![]),
+        // Per rank q, k and v are 32 wide: the merged qkv_proj (96) is no multiple of 64,
+        // which vLLM's fused awq_gemm kernel needs (AWQ-SPEC §10.1).
+        (
+            "2",
+            false,
+            vec!["self_attn.qkv_proj: output partition 96 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)"],
+        ),
         (
             "3",
             false,
@@ -440,7 +455,10 @@ fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
         (
             "4",
             false,
-            vec!["self_attn.o_proj: input partition 16 is not divisible by group 32"],
+            vec![
+                "self_attn.o_proj: input partition 16 is not divisible by group 32",
+                "self_attn.qkv_proj: output partition 48 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)",
+            ],
         ),
         (
             "8",
@@ -448,6 +466,8 @@ fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
             vec![
                 "4 attention heads do not split over 8 ranks",
                 "mlp.down_proj: input partition 16 is not divisible by group 32",
+                "self_attn.qkv_proj: output partition 32 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)",
+                "mlp.gate_up_proj: output partition 32 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)",
             ],
         ),
     ] {
@@ -641,7 +661,7 @@ fn model_card_front_matter_loading_and_quality() {
         "| scale search | robust",
         "| clipping search | yes |",
         "| group size | 32 |",
-        "vllm serve path/to/this-directory --quantization awq",
+        "vllm serve path/to/this-directory\n",
         "pip install transformers autoawq",
         "AutoModelForCausalLM.from_pretrained(",
         "## Quality",

@@ -143,7 +143,7 @@ fn existing_output_needs_force() {
     let (code, err) = quantize(tmp.path(), &calib, &out, &["--group", "32", "--force"]);
     assert_eq!(code, 4, "{err}");
     assert!(
-        err.contains("not an awq output") && out.join("keep").exists(),
+        err.contains("--force replaces only") && out.join("keep").exists(),
         "{err}"
     );
     std::fs::remove_file(out.join("keep")).unwrap();

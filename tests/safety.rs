@@ -109,7 +109,7 @@ fn force_replaces_only_an_earlier_awq_output_or_an_empty_directory() {
     eprintln!("non-awq directory with --force → {code}: {}", err.trim());
     assert_eq!(code, 4, "{err}");
     assert!(
-        err.contains("notes.txt") && err.contains("not an awq output"),
+        err.contains("notes.txt") && err.contains("--force replaces only"),
         "{err}"
     );
     assert_eq!(std::fs::read(c.out.join("notes.txt")).unwrap(), b"mine");
@@ -123,6 +123,15 @@ fn force_replaces_only_an_earlier_awq_output_or_an_empty_directory() {
     // Without --force an existing output is refused (exit 4).
     let (code, err) = quantize(&c, &[], &[]);
     assert_eq!(code, 4, "{err}");
+    // A file someone added to our output is never deleted by --force.
+    std::fs::write(c.out.join("my-notes.txt"), "keep me").unwrap();
+    let (code, err) = quantize(&c, &["--force"], &[]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("my-notes.txt"), "{err}");
+    assert_eq!(
+        std::fs::read(c.out.join("my-notes.txt")).unwrap(),
+        b"keep me"
+    );
 }
 
 /// A staging directory as a killed run leaves it: a fingerprint and one finished layer record.
@@ -461,4 +470,49 @@ fn group_hints_divide_every_linear_of_the_model() {
     assert_eq!(code, 2, "{err}");
     // hidden 576 and intermediate 1536: 128 and 256 do not divide 576.
     assert!(err.contains("use --group 64 or 32"), "{err}");
+}
+
+#[test]
+fn a_group_that_is_not_a_multiple_of_32_is_flagged_for_vllm() {
+    let c = case();
+    let (code, err) = quantize(&c, &["--group", "16"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("not a multiple of 32"),
+        "{err}"
+    );
+    let (code, out, _) = awq(&["verify", path(&c.out)]);
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("awq_gemm"), "{out}");
+    let (code, out, _) = awq(&["verify", path(&c.out), "--for", "transformers"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn layers_beyond_num_hidden_layers_are_refused() {
+    let c = case();
+    let cfg_path = c.model.join("config.json");
+    let mut cfg = config(&c.model);
+    cfg["num_hidden_layers"] = 1.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (code, err) = quantize(&c, &["--dry-run"], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("model.layers.1") && err.contains("num_hidden_layers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn resume_insists_and_conflicts_with_force() {
+    let c = case();
+    let (code, err) = quantize(&c, &["--resume"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no interrupted run found"), "{err}");
+    assert_nothing_written(&c);
+    let (code, err) = quantize(&c, &["--resume", "--force"], &[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, err) = quantize(&c, &["--max-ppl-increase", "5%"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs --eval-text"), "{err}");
 }

@@ -134,6 +134,98 @@ fn config_template(config: &Value, path: &Path) -> Result<Option<String>> {
     }
 }
 
+/// A conversation checked before any template sees it, so a malformed record is an input error
+/// naming it rather than a Jinja error. Every message must be an object with a string `role` and
+/// a `content`; other keys (`name`, `tool_calls`, ...) are passed through. `content` is a string,
+/// or an OpenAI-style list of parts `{"type": "text", "text": "..."}`, which is **joined** into
+/// one string (parts separated by a newline, as vLLM does) because transformers' chat templates
+/// mostly expect a string; a part of any other type (`image_url`, `input_audio`, ...) is refused,
+/// calibration being text only. ShareGPT's `{from, value}` messages are refused, not converted.
+pub fn conversation(messages: &[Value], origin: &str) -> Result<Value> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| message(m, origin, i + 1).map(Value::Object))
+        .collect::<Result<Vec<Value>>>()
+        .map(Value::Array)
+}
+
+/// Message `n` (1-based) of a conversation at `origin`, its content a string.
+fn message(m: &Value, origin: &str, n: usize) -> Result<serde_json::Map<String, Value>> {
+    use super::formats::{key_list, kind};
+    let Value::Object(map) = m else {
+        return Err(input_err!(
+            "{origin}: message {n} is {}; expected an object {{\"role\": ..., \"content\": ...}}",
+            kind(m)
+        ));
+    };
+    if !map.contains_key("role") || !map.contains_key("content") {
+        let keys = match key_list(map) {
+            k if k.is_empty() => "no keys".to_string(),
+            k => format!("keys {k}"),
+        };
+        let sharegpt = if map.contains_key("from") && map.contains_key("value") {
+            " (ShareGPT's from/value is not read)"
+        } else {
+            ""
+        };
+        return Err(input_err!(
+            "{origin}: message {n} has {keys}; expected \"role\" and \"content\"{sharegpt}"
+        ));
+    }
+    if !map["role"].is_string() {
+        return Err(input_err!(
+            "{origin}: message {n}: \"role\" is {}, not a string",
+            kind(&map["role"])
+        ));
+    }
+    let content = match &map["content"] {
+        Value::String(_) => return Ok(map.clone()),
+        Value::Array(parts) => text_parts(parts, origin, n)?,
+        other => {
+            return Err(input_err!(
+                "{origin}: message {n}: \"content\" is {}; expected a string or a list of \
+                 {{\"type\": \"text\", \"text\": ...}} parts",
+                kind(other)
+            ))
+        }
+    };
+    let mut map = map.clone();
+    map.insert("content".into(), Value::String(content));
+    Ok(map)
+}
+
+/// The text parts of an OpenAI-style content list, joined by newlines.
+fn text_parts(parts: &[Value], origin: &str, n: usize) -> Result<String> {
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let at = || format!("{origin}: message {n}, content part {}", j + 1);
+        match (part.get("type").and_then(Value::as_str), part.get("text")) {
+            (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
+            (Some("text"), _) => {
+                return Err(input_err!(
+                    "{}: a \"text\" part needs a string \"text\"",
+                    at()
+                ))
+            }
+            (Some(other), _) => {
+                return Err(input_err!(
+                    "{}: a part of type {other:?}; only {{\"type\": \"text\", \"text\": ...}} \
+                     parts are read (calibration is text only)",
+                    at()
+                ))
+            }
+            (None, _) => {
+                return Err(input_err!(
+                    "{}: expected an object {{\"type\": \"text\", \"text\": ...}}",
+                    at()
+                ))
+            }
+        }
+    }
+    Ok(texts.join("\n"))
+}
+
 /// A special token of the tokenizer config: a string or an added-token object `{content}`.
 fn token(config: &Value, key: &str) -> String {
     match config.get(key) {
@@ -264,6 +356,40 @@ mod tests {
         assert!(matches!(err, Error::Input(_)) && err.to_string().contains("chat_template"));
         let broken = model_dir(serde_json::json!({"chat_template": "{% for %}"}), None);
         assert!(ChatTemplate::load(broken.path()).is_err());
+    }
+
+    #[test]
+    fn conversations_are_checked_and_text_parts_joined() {
+        let check = |v: Value| conversation(v.as_array().unwrap(), "c.jsonl:3");
+        let ok = check(serde_json::json!([
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c", "name": "x"}
+        ]))
+        .unwrap();
+        assert_eq!(
+            ok,
+            serde_json::json!([{"role": "user", "content": "a\nb"},
+                {"role": "assistant", "content": "c", "name": "x"}])
+        );
+        let err = |v: Value| check(v).unwrap_err().to_string();
+        assert_eq!(
+            err(serde_json::json!([{"from": "human", "value": "hi"}])),
+            "c.jsonl:3: message 1 has keys \"from\", \"value\"; expected \"role\" and \"content\" \
+             (ShareGPT's from/value is not read)"
+        );
+        let e = err(serde_json::json!([{"role": "user", "content": "a"}, "b"]));
+        assert!(e.contains("message 2 is a string"), "{e}");
+        let e = err(serde_json::json!([{"role": 1, "content": "a"}]));
+        assert!(e.contains("\"role\" is a number"), "{e}");
+        let e = err(serde_json::json!([{"role": "user", "content": null}]));
+        assert!(e.contains("\"content\" is null"), "{e}");
+        let e = err(serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]));
+        assert!(
+            e.contains("message 1, content part 1") && e.contains("\"image_url\""),
+            "{e}"
+        );
+        let e = err(serde_json::json!([{"role": "user", "content": ["x"]}]));
+        assert!(e.contains("content part 1: expected an object"), "{e}");
     }
 
     #[test]

@@ -7,11 +7,14 @@
 //! | JSON lines | `.jsonl`/`.ndjson`, `.json` not starting with `[` | one object (or string) per line |
 //! | parquet | `.parquet` or the `PAR1` magic | one row |
 //!
-//! An object's text is its `--text-column` field (a string; `null` counts as empty); when that
-//! field is absent and a `messages` list (`{role, content}`) is present, the record is a
-//! conversation rendered later with the model's chat template. Other extensions are sniffed; binary
-//! content is refused with the list of supported formats. Every error is [`Error::Input`] naming the
-//! file and the line, record or row.
+//! An object's text is its `--text-column` field, a string. A `null` there (a missing value, as
+//! parquet and pandas write it) makes the record [`Record::Skipped`]: it is not a document and is
+//! counted apart (`documents_skipped`); an empty string is a document (AutoAWQ encodes it as the
+//! tokenizer's special tokens alone); any other type is an error. When that field is absent and a
+//! `messages` list (`{role, content}`, checked by [`super::chat::conversation`]) is present, or
+//! the field *is* `messages`, the record is a conversation rendered later with the model's chat
+//! template. Other extensions are sniffed; binary content is refused with the list of supported
+//! formats. Every error is [`Error::Input`] naming the file and the line, record or row.
 
 use std::io::Read;
 use std::path::Path;
@@ -37,6 +40,8 @@ pub enum Record {
     /// A conversation, rendered with the model's chat template; `origin` (`file:line` or
     /// `file: record N`) locates it in error messages.
     Chat { messages: Value, origin: String },
+    /// A record whose text field is `null`: read, but not a document.
+    Skipped,
 }
 
 /// A calibration file format.
@@ -170,7 +175,8 @@ pub fn json_array_records(name: &str, text: &str, column: &str) -> Result<Vec<Re
         .collect()
 }
 
-/// A string, or an object's `column` field, or its `messages` conversation.
+/// A string, or an object's `column` field, or its `messages` conversation (validated, OpenAI
+/// content lists joined); a `null` field is [`Record::Skipped`].
 pub fn record(v: &Value, column: &str, origin: &dyn Fn() -> String) -> Result<Record> {
     match v {
         Value::String(s) => Ok(Record::Text(s.clone())),
@@ -190,7 +196,8 @@ fn object_record(
 ) -> Result<Record> {
     match map.get(column) {
         Some(Value::String(s)) => return Ok(Record::Text(s.clone())),
-        Some(Value::Null) => return Ok(Record::Text(String::new())),
+        Some(Value::Null) => return Ok(Record::Skipped),
+        Some(Value::Array(_)) if column == MESSAGES => {}
         Some(other) => {
             return Err(input_err!(
             "{}: field {column:?} is {}, not a string (choose the text field with --text-column)",
@@ -201,26 +208,39 @@ fn object_record(
         None => {}
     }
     match map.get(MESSAGES) {
-        Some(m @ Value::Array(_)) => Ok(Record::Chat {
-            messages: m.clone(),
-            origin: origin(),
-        }),
+        Some(Value::Array(list)) => {
+            let origin = origin();
+            Ok(Record::Chat {
+                messages: super::chat::conversation(list, &origin)?,
+                origin,
+            })
+        }
         _ => {
-            let keys: Vec<String> = map.keys().map(|k| format!("{k:?}")).collect();
-            let found = if keys.is_empty() {
-                "no keys".to_string()
+            let found = match key_list(map) {
+                keys if keys.is_empty() => "no keys".to_string(),
+                keys => format!("keys: {keys}"),
+            };
+            let missing = if column == MESSAGES {
+                format!("no {MESSAGES:?} list")
             } else {
-                format!("keys: {}", keys.join(", "))
+                format!("no string field {column:?} and no {MESSAGES:?} list")
             };
             Err(input_err!(
-                "{}: no string field {column:?} and no {MESSAGES:?} list; found {found} (choose with --text-column)",
+                "{}: {missing}; found {found} (choose with --text-column)",
                 origin()
             ))
         }
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// The keys of an object, quoted and comma separated, in file order (empty when none).
+pub fn key_list(map: &Map<String, Value>) -> String {
+    let keys: Vec<String> = map.keys().map(|k| format!("{k:?}")).collect();
+    keys.join(", ")
+}
+
+/// The JSON type of a value, with its article, for error messages ("a number", "null").
+pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -231,8 +251,12 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// One record per row of a parquet file (any codec among snappy, zstd and uncompressed). A
-/// malformed file is an error, never a panic (the reader runs under `catch_unwind`).
+/// The parquet compression codecs this build reads.
+pub const PARQUET_CODECS: &str = "uncompressed, snappy, gzip, lz4, zstd and brotli";
+
+/// One record per row of a parquet file (any codec of [`PARQUET_CODECS`]; LZO or a codec of a
+/// newer format is an error naming the file and the supported codecs). A malformed file is an
+/// error, never a panic (the reader runs under `catch_unwind`).
 pub fn parquet_records(path: &Path, column: &str) -> Result<Vec<Record>> {
     let read = std::panic::AssertUnwindSafe(|| parquet_rows(path, column));
     std::panic::catch_unwind(read).unwrap_or_else(|_| {
@@ -245,9 +269,7 @@ pub fn parquet_records(path: &Path, column: &str) -> Result<Vec<Record>> {
 
 fn parquet_rows(path: &Path, column: &str) -> Result<Vec<Record>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bad = |e: parquet::errors::ParquetError| {
-        input_err!("{}: not a readable parquet file: {e}", path.display())
-    };
+    let bad = |e| parquet_error(path, e);
     let file = std::fs::File::open(path).map_err(|e| Error::input_io(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(bad)?;
     let name = path.display().to_string();
@@ -260,6 +282,22 @@ fn parquet_rows(path: &Path, column: &str) -> Result<Vec<Record>> {
         })?);
     }
     Ok(records)
+}
+
+/// A parquet reader error as an input error naming the file; a codec this build lacks (LZO, or
+/// a feature left out) names the supported codecs.
+fn parquet_error(path: &Path, e: parquet::errors::ParquetError) -> Error {
+    let msg = e.to_string();
+    if msg.contains("Disabled feature") || msg.contains("codec") {
+        input_err!(
+            "{}: the parquet file uses a compression codec this build cannot read ({msg}); \
+             supported: {PARQUET_CODECS}; rewrite it with one of them \
+             (e.g. pyarrow.parquet.write_table(table, path, compression=\"zstd\"))",
+            path.display()
+        )
+    } else {
+        input_err!("{}: not a readable parquet file: {msg}", path.display())
+    }
 }
 
 /// A row as a JSON object: every column's key, values only for `wanted` columns (others null).
@@ -340,9 +378,23 @@ mod tests {
             text(serde_json::json!({"body": "b", "messages": []})),
             Record::Text("b".into())
         );
+        assert_eq!(text(serde_json::json!({"body": null})), Record::Skipped);
         assert_eq!(
-            text(serde_json::json!({"body": null})),
+            text(serde_json::json!({"body": ""})),
             Record::Text(String::new())
+        );
+        // --text-column messages: the conversation, or an error without the string-field part.
+        let chat = record(
+            &serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+            MESSAGES,
+            &origin,
+        )
+        .unwrap();
+        assert!(matches!(chat, Record::Chat { .. }));
+        let err = record(&serde_json::json!({"text": "t"}), MESSAGES, &origin).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f:1: no \"messages\" list; found keys: \"text\" (choose with --text-column)"
         );
         let chat = text(serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}));
         assert!(matches!(chat, Record::Chat { ref origin, .. } if origin == "f:1"));
@@ -356,6 +408,26 @@ mod tests {
         assert!(record(&serde_json::json!(3), "body", &origin).is_err());
         let err = record(&serde_json::json!({}), "body", &origin).unwrap_err();
         assert!(err.to_string().contains("found no keys"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_parquet_codecs_name_the_supported_ones() {
+        use parquet::errors::ParquetError;
+        for e in [
+            ParquetError::NYI("The codec type LZO is not supported yet".into()),
+            ParquetError::General("Disabled feature at compile time: flate2".into()),
+        ] {
+            let err = parquet_error(Path::new("d/x.parquet"), e);
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Input(_)), "{msg}");
+            assert!(
+                msg.starts_with("d/x.parquet: the parquet file uses a compression codec")
+                    && msg.contains(PARQUET_CODECS),
+                "{msg}"
+            );
+        }
+        let msg = parquet_error(Path::new("x.parquet"), ParquetError::EOF("short".into()));
+        assert!(msg.to_string().contains("not a readable parquet file"));
     }
 
     #[test]

@@ -44,9 +44,12 @@ pub struct CalibOptions {
 pub struct CalibSummary {
     /// The files, or "embedded corpus".
     pub source: String,
-    /// Records read from every input.
+    /// Documents read from every input (records skipped as null not included).
     pub documents_read: usize,
-    /// Samples concatenated (documents, or pieces of split documents).
+    /// Records skipped because their text field was `null` (see [`formats`]).
+    pub documents_skipped: usize,
+    /// Samples concatenated: documents, or with `--split-long` pieces of documents (so it may
+    /// exceed `documents_read`).
     pub documents_used: usize,
     /// Documents dropped as longer than `seqlen` (AutoAWQ's rule).
     pub documents_too_long: usize,
@@ -79,7 +82,8 @@ pub struct Document {
 
 /// The records of all calibration inputs, in input order. A path that exists is a file; a
 /// value that does not and looks like `org/name[:split]` is a Hub dataset; anything else is an
-/// [`crate::error::Error::Input`] naming it. With no inputs, the embedded corpus.
+/// [`crate::error::Error::Input`] naming it. With no inputs, the embedded corpus. Records whose
+/// text field is null come back as [`Record::Skipped`] (an input of nothing else is an error).
 pub fn read_records(opts: &CalibOptions) -> Result<Vec<Record>> {
     if opts.files.is_empty() {
         return Ok(corpus::documents()
@@ -93,9 +97,15 @@ pub fn read_records(opts: &CalibOptions) -> Result<Vec<Record>> {
         for file in input_files(input)? {
             records.extend(formats::read_file(&file, &opts.text_column)?);
         }
-        if records.len() == before {
+        let added = &records[before..];
+        if added.iter().all(|r| *r == Record::Skipped) {
+            let nulls = match added.len() {
+                0 => String::new(),
+                1 => format!(" (1 record with a null {:?} field)", opts.text_column),
+                n => format!(" ({n} records with a null {:?} field)", opts.text_column),
+            };
             return Err(input_err!(
-                "calibration input {} holds no documents",
+                "calibration input {} holds no documents{nulls}",
                 input.display()
             ));
         }
@@ -118,12 +128,24 @@ fn input_files(input: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// All documents, conversations rendered with the chat template of the model in `model_dir`
-/// (loaded only when a conversation is present).
+/// (loaded only when a conversation is present); records skipped as null are left out.
 pub fn load_documents(opts: &CalibOptions, model_dir: Option<&Path>) -> Result<Vec<Document>> {
+    Ok(documents_and_skipped(opts, model_dir)?.0)
+}
+
+/// [`load_documents`] and the number of records skipped as null.
+fn documents_and_skipped(
+    opts: &CalibOptions,
+    model_dir: Option<&Path>,
+) -> Result<(Vec<Document>, usize)> {
     let mut template: Option<chat::ChatTemplate> = None;
-    let mut docs = Vec::new();
+    let (mut docs, mut skipped) = (Vec::new(), 0);
     for record in read_records(opts)? {
         docs.push(match record {
+            Record::Skipped => {
+                skipped += 1;
+                continue;
+            }
             Record::Text(text) => Document { text, chat: false },
             Record::Chat { messages, origin } => {
                 let t = match &template {
@@ -137,7 +159,7 @@ pub fn load_documents(opts: &CalibOptions, model_dir: Option<&Path>) -> Result<V
             }
         });
     }
-    Ok(docs)
+    Ok((docs, skipped))
 }
 
 /// The documents' texts without a model (conversations are an error: they need its template).
@@ -222,7 +244,7 @@ pub fn build(
             "--seqlen must be at least 1".into(),
         ));
     }
-    let mut docs = load_documents(opts, model_dir)?;
+    let (mut docs, documents_skipped) = documents_and_skipped(opts, model_dir)?;
     let documents_read = docs.len();
     shuffle(&mut docs, opts.seed);
     let Selection {
@@ -244,6 +266,7 @@ pub fn build(
         summary: CalibSummary {
             source: source_label(opts),
             documents_read,
+            documents_skipped,
             documents_used: used,
             documents_too_long: too_long,
             documents_split: split,

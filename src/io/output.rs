@@ -93,6 +93,9 @@ pub fn files_in(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// The report every awq output holds; its `output_files` lists what the run wrote.
+pub const REPORT_FILE: &str = "quantization_report.json";
+
 /// What an existing output path holds, for the decision to replace it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Existing {
@@ -127,7 +130,21 @@ pub fn existing(output: &Path) -> Existing {
     if names.is_empty() {
         return Existing::Empty;
     }
-    if output.join("quantization_report.json").is_file() || is_awq_config(output) {
+    if let Some(written) = files_written(output) {
+        let extra: Vec<&String> = names.iter().filter(|n| !written.contains(n)).collect();
+        if extra.is_empty() {
+            return Existing::AwqOutput;
+        }
+        return Existing::Other(format!(
+            "an earlier awq output with files it did not write: {}",
+            extra
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if output.join(REPORT_FILE).is_file() || is_awq_config(output) {
         return Existing::AwqOutput;
     }
     names.sort();
@@ -142,6 +159,18 @@ pub fn existing(output: &Path) -> Existing {
             String::new()
         }
     ))
+}
+
+/// `output_files` of the report in `dir` (absent in outputs of older versions and other tools).
+fn files_written(dir: &Path) -> Option<Vec<String>> {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(REPORT_FILE)).ok()?).ok()?;
+    report
+        .get("output_files")?
+        .as_array()?
+        .iter()
+        .map(|v| v.as_str().map(str::to_string))
+        .collect()
 }
 
 fn is_awq_config(dir: &Path) -> bool {
@@ -169,9 +198,9 @@ pub fn check_replaceable(output: &Path, force: bool) -> Result<()> {
             output.display()
         ))),
         (Existing::Other(what), _) => Err(Error::OutputExists(format!(
-            "{} already exists and is {what}, not an awq output; --force only replaces an empty \
-             directory or an earlier awq output (one with quantization_report.json or an AWQ \
-             quantization_config) — choose another -o or remove it yourself",
+            "{} already exists and is {what}; --force replaces only an empty directory or an \
+             earlier awq output holding just the files it wrote (it never deletes anything \
+             else) — choose another -o, or move those files away",
             output.display()
         ))),
     }
@@ -223,7 +252,7 @@ mod tests {
         std::fs::write(out.join("notes.txt"), "mine").unwrap();
         let err = check_replaceable(&out, true).unwrap_err().to_string();
         assert!(
-            err.contains("notes.txt") && err.contains("not an awq output"),
+            err.contains("notes.txt") && err.contains("--force replaces only"),
             "{err}"
         );
         std::fs::write(
@@ -232,5 +261,19 @@ mod tests {
         )
         .unwrap();
         assert!(check_replaceable(&out, true).is_ok());
+        // Our own output, plus a file the user added: refused, naming it.
+        std::fs::remove_file(out.join("notes.txt")).unwrap();
+        std::fs::write(
+            out.join(REPORT_FILE),
+            r#"{"output_files": ["config.json", "quantization_report.json"]}"#,
+        )
+        .unwrap();
+        assert!(check_replaceable(&out, true).is_ok());
+        std::fs::write(out.join("my-notes.txt"), "keep me").unwrap();
+        let err = check_replaceable(&out, true).unwrap_err().to_string();
+        assert!(
+            err.contains("files it did not write: my-notes.txt"),
+            "{err}"
+        );
     }
 }

@@ -358,35 +358,89 @@ fn relative_files(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The ways out of a Hub dataset that cannot be fetched, for error messages.
+const DATASET_WAYS_OUT: &str = "set HF_HUB_OFFLINE=1 to use only the local Hub cache, \
+     or pass a local file (--calib data.jsonl, .parquet, .txt)";
+
+/// Why a dataset revision's file listing failed.
+enum ListingError {
+    /// HTTP 401 or 404: no such repository or revision (the Hub answers 401 for a repository
+    /// that does not exist, or is private, without a token).
+    NotFound(u16),
+    /// Anything else (DNS, connection, TLS, another HTTP status, a bad answer), as text.
+    Failed(String),
+}
+
+fn listing_error(e: hf_hub::api::sync::ApiError) -> ListingError {
+    let text = e.to_string();
+    match e {
+        hf_hub::api::sync::ApiError::RequestError(err) => match (*err).into_response() {
+            Some(r) if matches!(r.status(), 401 | 404) => ListingError::NotFound(r.status()),
+            _ => ListingError::Failed(text),
+        },
+        _ => ListingError::Failed(text),
+    }
+}
+
+/// Downloads the parquet files of a dataset split. A failed listing that is not "not found"
+/// (no network, a Hub error) is reported as such; "no parquet files of split X" only when a
+/// listing succeeded and had none.
 fn download_dataset(cache: &Path, spec: &DatasetSpec) -> Result<Vec<PathBuf>> {
     use hf_hub::{Repo, RepoType};
     let api = hub_api(cache)?;
+    let mut listed = Vec::new();
+    let mut not_found = Vec::new();
     for revision in DATASET_REVISIONS {
         let repo = api.repo(Repo::with_revision(
             spec.id.clone(),
             RepoType::Dataset,
             revision.to_string(),
         ));
-        let Ok(info) = repo.info() else {
-            continue;
+        let info = match repo.info().map_err(listing_error) {
+            Ok(info) => info,
+            Err(ListingError::NotFound(status)) => {
+                not_found.push(format!("{revision}: HTTP {status}"));
+                continue;
+            }
+            Err(ListingError::Failed(e)) => {
+                return Err(input_err!(
+                    "{spec}: no such file, and the Hub dataset {} could not be listed \
+                     (revision {revision}): {e}; check the network (and HF_ENDPOINT), \
+                     or {DATASET_WAYS_OUT}",
+                    spec.id
+                ))
+            }
         };
+        listed.push(revision);
         let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
         if let Some(files) = spec.pick(&names)? {
             return files
                 .iter()
                 .map(|f| {
                     repo.get(f).map_err(|e| {
-                        input_err!("cannot download {f} of dataset {}@{revision}: {e}", spec.id)
+                        input_err!(
+                            "cannot download {f} of dataset {}@{revision}: {e}; {DATASET_WAYS_OUT}",
+                            spec.id
+                        )
                     })
                 })
                 .collect();
         }
     }
+    if listed.is_empty() {
+        return Err(input_err!(
+            "{spec}: no such file, and the Hub has no dataset {} ({}): check the id, \
+             or set HF_TOKEN if it is private or gated",
+            spec.id,
+            not_found.join(", ")
+        ));
+    }
     Err(input_err!(
-        "{spec}: no such file, and the Hub dataset has no parquet files of split {} (looked at revisions {}); \
+        "{spec}: no such file, and the Hub dataset has no parquet files of split {} (looked at revision{} {}); \
          check the id and the split (org/name:split)",
         spec.split,
-        DATASET_REVISIONS.join(" and ")
+        if listed.len() > 1 { "s" } else { "" },
+        listed.join(" and ")
     ))
 }
 

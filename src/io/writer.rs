@@ -383,7 +383,7 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<Vec<String>> {
 pub struct Staging {
     pub dir: PathBuf,
     target: PathBuf,
-    /// Set once published.
+    /// Set once published, or when an interrupted run's finished layers must survive.
     keep: bool,
 }
 
@@ -426,6 +426,21 @@ fn alive(pid: u32) -> bool {
     pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// Layer records (`.parts/layer-N.json`, written after their part) in staging directory `dir`.
+fn layers_done(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join(PARTS_DIR))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.starts_with("layer-") && n.ends_with(".json")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// `.NAME.awq-staging` beside `target`.
 pub fn staging_path(target: &Path) -> Result<PathBuf> {
     let parent = match target.parent() {
@@ -461,17 +476,7 @@ impl Staging {
         let fingerprint = std::fs::read(dir.join(FINGERPRINT_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let layers_done = std::fs::read_dir(dir.join(PARTS_DIR))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| {
-                        let n = e.file_name();
-                        let n = n.to_string_lossy();
-                        n.starts_with("layer-") && n.ends_with(".json")
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
+        let layers_done = layers_done(&dir);
         Ok((
             dir,
             Found::Stale {
@@ -479,6 +484,11 @@ impl Staging {
                 layers_done,
             },
         ))
+    }
+
+    /// Finished layers recorded in this staging directory.
+    pub fn layers_done(&self) -> usize {
+        layers_done(&self.dir)
     }
 
     /// Opens the staging directory of `target` as decided (`how`) and marks it as ours.
@@ -503,6 +513,12 @@ impl Staging {
         std::fs::write(staging.dir.join(OWNER_FILE), std::process::id().to_string())
             .map_err(|e| write_err(&staging.dir, e))?;
         Ok(staging)
+    }
+
+    /// Leaves the directory in place when this value is dropped without publishing (an
+    /// interrupted run's finished layers, kept for the next run to continue).
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// Puts the staging directory at the target. An existing target (which the caller checked

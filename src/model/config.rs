@@ -183,6 +183,8 @@ pub struct ModelSpec {
     /// activation to this dtype after each op, as a server running in it would (f32 math in
     /// between). `None`: plain f32.
     pub serve_dtype: Option<candle_core::DType>,
+    /// `max_position_embeddings`: the longest sequence the model was trained for, if given.
+    pub max_positions: Option<usize>,
 }
 
 /// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a bias.
@@ -272,6 +274,7 @@ impl HfConfig {
             sliding_window: None,
             awq: self.awq_format()?,
             serve_dtype: None,
+            max_positions: self.max_position_embeddings,
         })
     }
 

@@ -4,6 +4,7 @@
 //! callers ask for the embedding of some ids, for decoder layer `i` (converted to f32 on demand
 //! and dropped by the caller), and for the head. That is what keeps memory at one layer.
 
+pub mod attention;
 pub mod config;
 pub mod groups;
 pub mod layer;
@@ -92,7 +93,12 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
         });
     };
     let mut spec = spec_fn(&cfg).map_err(|e| match e {
-        Error::Input(msg) => Error::Input(format!("{}: {msg}", config_path.display())),
+        // The family rules say "config.json: …"; the full path replaces that prefix.
+        Error::Input(msg) => Error::Input(format!(
+            "{}: {}",
+            config_path.display(),
+            msg.strip_prefix("config.json: ").unwrap_or(&msg)
+        )),
         other => other,
     })?;
     spec.architecture = arch.unwrap_or_default();
@@ -128,6 +134,27 @@ impl Model {
 
     fn check_tensors(&self) -> Result<()> {
         let s = &self.spec;
+        // A layer beyond num_hidden_layers would be dropped silently from the output.
+        if let Some(extra) = self
+            .ckpt
+            .names()
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .find(|i| *i >= s.layers)
+        {
+            return Err(input_err!(
+                "{}: the weights hold model.layers.{extra}, but config.json says num_hidden_layers \
+                 is {}; the config does not match the weights (fix num_hidden_layers)",
+                self.dir.display(),
+                s.layers
+            ));
+        }
         self.ckpt.expect_shape(EMBED, &[s.vocab, s.hidden])?;
         self.ckpt.expect_shape(FINAL_NORM, &[s.hidden])?;
         if !s.tied_embeddings {

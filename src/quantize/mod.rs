@@ -111,6 +111,10 @@ pub enum Outcome {
 }
 
 pub const TOOL: &str = concat!("awq ", env!("CARGO_PKG_VERSION"));
+/// The model card written into the output.
+const CARD: &str = "README.md";
+/// The run's report, written last; also how an earlier awq output is recognised.
+pub const REPORT: &str = crate::io::output::REPORT_FILE;
 
 /// Quantizes `opts.model` into `opts.output` (or, with `dry_run`, validates and plans only).
 ///
@@ -122,6 +126,30 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let start = Instant::now();
     let (flop0, mm0) = crate::ops::matmul_totals();
     let prep = prepare::prepare(opts)?;
+    if let Some(max) = prep
+        .model
+        .spec
+        .max_positions
+        .filter(|m| opts.calib.seqlen > *m)
+    {
+        events(&Event::Warning {
+            message: format!(
+                "--seqlen {} is longer than the model's max_position_embeddings {max}: positions \
+                 beyond it were never trained, so the calibration does not look like real use",
+                opts.calib.seqlen
+            ),
+        });
+    }
+    if !opts.group.is_multiple_of(32) {
+        events(&Event::Warning {
+            message: format!(
+                "group {} is not a multiple of 32: vLLM and TGI cannot run it (their awq kernel \
+                 needs one; Marlin takes 32, 64, 128), only transformers with autoawq can — \
+                 prefer 128, 64 or 32",
+                opts.group
+            ),
+        });
+    }
     if let Some(note) = &prep.plan.staging {
         events(&Event::Notice {
             message: note.clone(),
@@ -131,7 +159,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     if opts.dry_run {
         return Ok(Outcome::DryRun(Box::new(prep.plan)));
     }
-    let staging = Staging::open(&opts.output, prep.open)?;
+    let mut staging = Staging::open(&opts.output, prep.open)?;
     if prep.open != Open::Resume {
         writer::write_json(&staging.dir.join(FINGERPRINT_FILE), &prep.fingerprint)?;
     }
@@ -143,13 +171,16 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         calibration_seconds: prep.calibration_seconds,
         ..Work::default()
     };
-    let done = layers::run_layers(opts, &prep, &parts_dir, events, &mut work)?;
+    let done = match layers::run_layers(opts, &prep, &parts_dir, events, &mut work) {
+        Err(Error::Interrupted) => return Err(keep_finished_layers(&mut staging, events)),
+        other => other?,
+    };
 
     events(&Event::Phase { name: "write" });
     let clock = Instant::now();
     let (float_dtype, dtype_reason) =
         write::choose_dtype(opts.dtype, prep.beyond_f16.as_ref(), &done.reports, events);
-    let files = write::write_checkpoint(
+    let (files, mut output_files) = write::write_checkpoint(
         opts,
         &prep.model,
         &staging.dir,
@@ -184,15 +215,38 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         dtype_reason,
         layers: done.reports,
         files,
+        output_files: {
+            output_files.extend([CARD.to_string(), REPORT.to_string()]);
+            output_files.sort();
+            output_files
+        },
         seconds_total,
         work,
     };
-    std::fs::write(staging.dir.join("README.md"), model_card(&report))
+    std::fs::write(staging.dir.join(CARD), model_card(&report))
         .map_err(|e| Error::Runtime(format!("cannot write the model card: {e}")))?;
     let json = serde_json::to_value(&report).map_err(|e| Error::Runtime(e.to_string()))?;
-    writer::write_json(&staging.dir.join("quantization_report.json"), &json)?;
+    writer::write_json(&staging.dir.join(REPORT), &json)?;
     staging.publish(opts.force)?;
     Ok(Outcome::Done(Box::new(report)))
+}
+
+/// On SIGINT/SIGTERM: finished layers are work that a rerun of the same command continues
+/// from, so the staging directory is kept when it holds any (and said so even with `-q`);
+/// with none it is removed. Returns the error to exit with (130).
+fn keep_finished_layers(staging: &mut Staging, events: Sink) -> Error {
+    let done = staging.layers_done();
+    if done > 0 {
+        staging.keep();
+        events(&Event::Warning {
+            message: format!(
+                "interrupted: {done} finished layer(s) are kept in {d}; rerun the same command to \
+                 continue, or remove {d}",
+                d = staging.dir.display()
+            ),
+        });
+    }
+    Error::Interrupted
 }
 
 /// Perplexity of the source and of the finished (staged) checkpoint on the gate's tokens

@@ -132,7 +132,11 @@ pub struct Report {
     pub architecture: String,
     pub calibration: CalibSummary,
     pub layers: Vec<LayerReport>,
+    /// The shard files.
     pub files: Vec<String>,
+    /// Every file written into the output directory, sorted: `--force` replaces an earlier
+    /// output only while it holds nothing else.
+    pub output_files: Vec<String>,
     pub seconds_total: f64,
     pub work: Work,
 }
@@ -268,7 +272,7 @@ pub(super) fn model_card(r: &Report) -> String {
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
          | scale search | {search} |\n| clipping search | {clip} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
-         | calibration | {files} |\n| documents / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
+         | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
         why = r.dtype_reason,
         tool = r.tool,
@@ -310,16 +314,18 @@ pub(super) fn model_card(r: &Report) -> String {
         Layout::Gemm if r.float_dtype == crate::io::writer::FloatDtype::Bfloat16 => {
             let _ = write!(
                 c,
-                "This checkpoint runs in bfloat16 (its activations overflow float16). vLLM serves \
-                 it with the `awq_marlin` kernels (compute capability 8.0+, chosen by itself; \
-                 `awq verify {dir}` says whether Marlin applies); vLLM's `awq` kernels and TGI run \
-                 float16 only:\n\n```sh\nvllm serve {dir} --dtype bfloat16\n```\n\n"
+                "The unquantized tensors are bfloat16 ({why}). vLLM serves that with its \
+                 `awq_marlin` kernels only (compute capability 8.0+, chosen by itself; \
+                 `awq verify {dir}` says whether Marlin applies to this model); vLLM's `awq` \
+                 kernels and TGI run float16 only:\n\n```sh\nvllm serve {dir} --dtype bfloat16\n```\n\n",
+                why = r.dtype_reason
             );
         }
         Layout::Gemm => {
             let _ = write!(
                 c,
-                "vLLM, or TGI:\n\n```sh\nvllm serve {dir} --quantization awq\n\
+                "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply; \
+                 `--quantization awq` would force the slower ones), or TGI:\n\n```sh\nvllm serve {dir}\n\
                  text-generation-launcher --model-id {dir} --quantize awq\n```\n\n"
             );
         }

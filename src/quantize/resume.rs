@@ -51,7 +51,8 @@ pub(super) fn fingerprint(
 /// What to do with what [`crate::io::writer::Staging::probe`] found at `dir`, and a sentence
 /// for the plan and the notices.
 ///
-/// - nothing there: create it;
+/// - nothing there: create it (with `--resume`: refuse, exit 2 — a mistyped `-o` must not
+///   restart a long run silently);
 /// - a running owner: refuse (exit 1), naming the pid;
 /// - left by a killed run with no finished layer, or without a fingerprint and no layer:
 ///   replace it (nothing is lost);
@@ -66,10 +67,11 @@ pub(super) fn decide(
 ) -> Result<(Open, Option<String>)> {
     let d = dir.display();
     match found {
-        Found::Fresh if opts.resume => Ok((
-            Open::Create,
-            Some("--resume: no interrupted run to resume; starting from layer 1".into()),
-        )),
+        Found::Fresh if opts.resume => Err(Error::Usage(format!(
+            "--resume: no interrupted run found for {} (its staging directory {d} does not \
+             exist); check -o, or drop --resume to start from layer 1",
+            opts.output.display()
+        ))),
         Found::Fresh => Ok((Open::Create, None)),
         Found::Busy { pid } => Err(Error::Runtime(format!(
             "another awq process (pid {pid}) is writing {}; wait for it, or remove {d} if it is not awq",

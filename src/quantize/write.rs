@@ -72,7 +72,8 @@ pub(super) fn choose_dtype(
 }
 
 /// Writes the head part, the shards (from the parts), config.json, quant_config.json and the
-/// companion files into `staged`; removes the parts. Returns the shard file names.
+/// companion files into `staged`; removes the parts. Returns the shard file names and every
+/// file name written (shards, index, configs, companions; the caller adds the card and report).
 pub(super) fn write_checkpoint(
     opts: &QuantizeOptions,
     model: &Model,
@@ -80,7 +81,7 @@ pub(super) fn write_checkpoint(
     mut parts: Vec<PathBuf>,
     mut names: Vec<String>,
     dtype: FloatDtype,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<String>)> {
     let parts_dir = staged.join(PARTS_DIR);
     let head_part = parts_dir.join("head.safetensors");
     writer::write_file(&head_part, &head_tensors(model, dtype, &mut names)?)?;
@@ -115,8 +116,14 @@ pub(super) fn write_checkpoint(
         &staged.join("quant_config.json"),
         &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
     )?;
-    writer::copy_companions(&model.dir, staged)?;
-    Ok(files)
+    let companions = writer::copy_companions(&model.dir, staged)?;
+    let mut written = files.clone();
+    if files.len() > 1 {
+        written.push(crate::io::reader::INDEX_FILE.to_string());
+    }
+    written.extend(["config.json".to_string(), "quant_config.json".to_string()]);
+    written.extend(companions);
+    Ok((files, written))
 }
 
 /// Embedding, final norm and (untied) head in `dtype`; their names are appended to `names`
