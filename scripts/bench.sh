@@ -21,13 +21,37 @@ smollm2)
     ;;
 smollm2-2l)
     # The side-by-side case of the performance issue: the first two decoder layers of SmolLM2
-    # (the weights are shared through symlinks; only config.json differs).
+    # (their tensors copied into a smaller safetensors file; tokenizer files shared by symlink).
     src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
     model=${TMPDIR:-/tmp}/awq-smollm2-2l
-    mkdir -p "$model"
-    for f in "$src"/*; do ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$model/"; done
-    rm -f "$model/config.json"
-    sed 's/"num_hidden_layers": *[0-9]*/"num_hidden_layers": 2/' "$src/config.json" >"$model/config.json"
+    if [ ! -f "$model/model.safetensors" ]; then
+        mkdir -p "$model"
+        for f in "$src"/*; do ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$model/"; done
+        rm -f "$model/config.json" "$model/model.safetensors"
+        sed 's/"num_hidden_layers": *[0-9]*/"num_hidden_layers": 2/' "$src/config.json" >"$model/config.json"
+        python3 - "$src/model.safetensors" "$model/model.safetensors" <<'PY'
+import json, re, struct, sys
+src, dst = sys.argv[1:]
+with open(src, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+    base = 8 + n
+    keep = {k: v for k, v in header.items()
+            if k != "__metadata__" and not (re.match(r"model\.layers\.(\d+)\.", k)
+                                             and int(k.split(".")[2]) >= 2)}
+    out, data, off = {}, [], 0
+    for k, v in sorted(keep.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        a, b = v["data_offsets"]
+        f.seek(base + a)
+        data.append(f.read(b - a))
+        out[k] = {**v, "data_offsets": [off, off + b - a]}
+        off += b - a
+text = json.dumps(out).encode()
+text += b" " * (-len(text) % 8)
+with open(dst, "wb") as g:
+    g.write(struct.pack("<Q", len(text)) + text + b"".join(data))
+PY
+    fi
     args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 --max-blocks 32)
     ;;
 synth7b)

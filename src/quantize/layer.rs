@@ -135,11 +135,12 @@ pub(super) fn search_group(
     search::search(&x_mean, &w_mean, grid, n_grid, loss)
 }
 
-/// Tokens per piece of the search's module runs (rounded to whole sequences).
-const PIECE_TOKENS: usize = 4096;
+/// Tokens per piece of the capturing forward and of the search's module runs (rounded to whole
+/// sequences).
+pub(super) const PIECE_TOKENS: usize = 4096;
 
 /// `x: [blocks·seqlen, d]` as views of whole sequences, about [`PIECE_TOKENS`] tokens each.
-fn pieces(x: &Tensor, seqlen: usize) -> Result<Vec<Tensor>> {
+pub(super) fn pieces(x: &Tensor, seqlen: usize) -> Result<Vec<Tensor>> {
     let tokens = x.dim(0)?;
     let step = (PIECE_TOKENS / seqlen).max(1) * seqlen;
     (0..tokens)

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::layer::{apply_scales, group_absmax, layer_tensors, linear_input, search_group};
+use super::layer::{
+    apply_scales, group_absmax, layer_tensors, linear_input, pieces, search_group,
+};
 use super::prepare::Prepared;
 use super::report::{GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
@@ -114,8 +116,7 @@ fn quantize_layer(
     t.load = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let (out, inputs) = layer.forward(spec, rope, hidden, seqlen, true)?;
-    let mut inputs = inputs.expect("captured");
+    let (out, mut inputs) = forward_captured(&layer, spec, rope, hidden, seqlen)?;
     let max_abs_activation = max_abs_activations(&out, &inputs)?;
     t.forward = clock.elapsed().as_secs_f64();
 
@@ -168,6 +169,49 @@ fn quantize_layer(
     Ok((record, out))
 }
 
+/// The layer's output and every linear's input over all calibration tokens, computed piece by
+/// piece (whole sequences, see [`pieces`]) into buffers of the final size: the MLP's gate/up
+/// intermediates exist for one piece at a time, and nothing is held twice.
+fn forward_captured(
+    layer: &LayerWeights,
+    spec: &crate::model::config::ModelSpec,
+    rope: &Rope,
+    hidden: &Tensor,
+    seqlen: usize,
+) -> Result<(Tensor, LinearInputs)> {
+    let mut bufs: [Vec<f32>; 5] = Default::default();
+    let mut widths = [0usize; 5];
+    for piece in pieces(hidden, seqlen)? {
+        let (out, inputs) = layer.forward(spec, rope, &piece, seqlen, true)?;
+        let inputs = inputs.expect("captured");
+        for ((buf, width), t) in bufs.iter_mut().zip(&mut widths).zip([
+            &out,
+            &inputs.attn,
+            &inputs.o,
+            &inputs.mlp,
+            &inputs.down,
+        ]) {
+            if buf.is_empty() {
+                *width = t.dim(1)?;
+                buf.reserve_exact(hidden.dim(0)? * *width);
+            }
+            buf.extend(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    let tokens = hidden.dim(0)?;
+    let [out, attn, o, mlp, down] = bufs;
+    let t = |v: Vec<f32>, w: usize| Tensor::from_vec(v, (tokens, w), &candle_core::Device::Cpu);
+    Ok((
+        t(out, widths[0])?,
+        LinearInputs {
+            attn: t(attn, widths[1])?,
+            o: t(o, widths[2])?,
+            mlp: t(mlp, widths[3])?,
+            down: t(down, widths[4])?,
+        },
+    ))
+}
+
 /// Searches and applies the clipping of every clipped linear; returns the mean shrink
 /// (clip value / abs-max) per linear.
 fn clip_layer(
@@ -200,7 +244,10 @@ fn clip_layer(
 fn max_abs_activations(out: &Tensor, inputs: &LinearInputs) -> Result<f32> {
     let mut m = 0f32;
     for t in [out, &inputs.attn, &inputs.o, &inputs.mlp, &inputs.down] {
-        m = m.max(t.abs()?.max_all()?.to_scalar::<f32>()?);
+        // Read in place: an `abs()` tensor would double the largest activation for a moment.
+        m = m.max(crate::quant::reduce::with_slice(t, |v| {
+            v.iter().fold(0f32, |a, x| a.max(x.abs()))
+        })?);
     }
     Ok(m)
 }
