@@ -201,7 +201,7 @@ pub struct QuantizeArgs {
     /// (statistics still use all blocks). Default: all blocks (AutoAWQ's exact objective).
     #[arg(long, value_name = "N", value_parser = at_least(1), help_heading = "Quantization")]
     pub search_blocks: Option<usize>,
-    /// Preset: --search-blocks 4. Measured on SmolLM2 at 32 x 512: 6.8x faster, perplexity 0.5% lower than the exact run's (README).
+    /// Preset: --search-blocks 4. Measured on SmolLM2 at 32 x 512: 5.4x faster, perplexity 0.5% lower than the exact run's (README).
     #[arg(long, conflicts_with = "search_blocks", help_heading = "Quantization")]
     pub fast: bool,
     /// Skip the clipping search.

@@ -69,6 +69,9 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
         "memory       about {:.0} MB peak",
         plan.peak_memory_estimate_mb
     )?;
+    if let Some(staging) = &plan.staging {
+        writeln!(w, "staging      {staging}")?;
+    }
     Ok(())
 }
 

@@ -7,9 +7,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::layer::{
-    apply_scales, group_absmax, layer_tensors, linear_input, pieces, search_group,
-};
+use super::layer::{apply_scales, group_absmax, layer_tensors, linear_input, pieces, search_group};
 use super::prepare::Prepared;
 use super::report::{GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
