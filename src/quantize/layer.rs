@@ -13,13 +13,12 @@ use crate::quant::pack::pack;
 use crate::quant::search::{self, Gram, Grid, ScaleChoice};
 use crate::quant::{reduce, rtn};
 
-/// The captured input of a linear: the same activation as the group that scales it.
-pub(super) fn linear_input<'a>(inputs: &'a LinearInputs, linear: &str) -> &'a Tensor {
-    let input = LLAMA_GROUPS
+/// Which captured activation feeds a linear: the same as the group that scales it.
+pub(super) fn input_of(linear: &str) -> Input {
+    LLAMA_GROUPS
         .iter()
         .find(|g| g.linears.contains(&linear))
-        .map_or(Input::Attn, |g| g.input);
-    group_input(inputs, input)
+        .map_or(Input::Attn, |g| g.input)
 }
 
 fn group_input(inputs: &LinearInputs, input: Input) -> &Tensor {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::layer::{apply_scales, group_absmax, layer_tensors, linear_input, pieces, search_group};
+use super::layer::{apply_scales, group_absmax, input_of, layer_tensors, pieces, search_group};
 use super::prepare::Prepared;
 use super::report::{GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
@@ -15,6 +15,7 @@ use super::QuantizeOptions;
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::io::writer;
+use crate::model::groups::Input;
 use crate::model::groups::{clipped, scale_groups};
 use crate::model::layer::{LayerWeights, LinearInputs};
 use crate::model::rope::Rope;
@@ -141,7 +142,7 @@ fn quantize_layer(
 
     let clock = Instant::now();
     let clip_mean_shrink = if opts.clip {
-        clip_layer(&mut layer, &inputs, opts.group)?
+        clip_layer(&mut layer, inputs, opts.group)?
     } else {
         Vec::new()
     };
@@ -211,28 +212,37 @@ fn forward_captured(
 }
 
 /// Searches and applies the clipping of every clipped linear; returns the mean shrink
-/// (clip value / abs-max) per linear.
+/// (clip value / abs-max) per linear. Consumes the captured activations: each is dropped as soon
+/// as the last linear that reads it is clipped.
 fn clip_layer(
     layer: &mut LayerWeights,
-    inputs: &LinearInputs,
+    inputs: LinearInputs,
     group: usize,
 ) -> Result<Vec<(String, f32)>> {
+    let LinearInputs { attn, o, mlp, down } = inputs;
     let mut shrinks = Vec::new();
-    for (name, lin) in layer.linears_mut() {
-        if !clipped(name) {
-            continue;
+    for (x, input) in [
+        (attn, Input::Attn),
+        (o, Input::O),
+        (mlp, Input::Mlp),
+        (down, Input::Down),
+    ] {
+        for (name, lin) in layer.linears_mut() {
+            if !clipped(name) || input_of(name) != input {
+                continue;
+            }
+            let max_val = clip::search(&lin.weight, &clip::subsample(&x)?, group)?;
+            let absmax = group_absmax(&lin.weight, group)?;
+            let shrink = max_val
+                .iter()
+                .zip(&absmax)
+                .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
+                .sum::<f32>()
+                / max_val.len() as f32;
+            shrinks.push((name.to_string(), shrink));
+            lin.weight = clip::apply(&lin.weight, &max_val, group)?;
         }
-        let x = clip::subsample(linear_input(inputs, name))?;
-        let max_val = clip::search(&lin.weight, &x, group)?;
-        let absmax = group_absmax(&lin.weight, group)?;
-        let shrink = max_val
-            .iter()
-            .zip(&absmax)
-            .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
-            .sum::<f32>()
-            / max_val.len() as f32;
-        shrinks.push((name.to_string(), shrink));
-        lin.weight = clip::apply(&lin.weight, &max_val, group)?;
+        drop(x);
     }
     Ok(shrinks)
 }
