@@ -52,19 +52,7 @@ fn quantize(s: &Setup, out: &Path, extra: &[&str]) -> Run {
 }
 
 fn quantize_env(s: &Setup, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut args = vec![
-        "quantize",
-        "--seqlen",
-        "16",
-        "--group",
-        "32",
-        "--model",
-        s.model.to_str().unwrap(),
-        "--calib",
-        s.calib.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
+    let mut args = common::case::quantize_args(&s.model, &s.calib, out);
     args.extend_from_slice(extra);
     awq(&args, env)
 }

@@ -26,19 +26,7 @@ fn awq_bin() -> Command {
 }
 
 fn quantize_args<'a>(f: &'a Fixture, out: &'a Path) -> Vec<&'a str> {
-    vec![
-        "quantize",
-        "--seqlen",
-        "16",
-        "--group",
-        "32",
-        "--model",
-        f.model.to_str().unwrap(),
-        "--calib",
-        f.calib.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]
+    common::case::quantize_args(&f.model, &f.calib, out)
 }
 
 fn fixture() -> Fixture {

@@ -1,7 +1,7 @@
 //! A tiny model, a calibration file and an output path in one temporary directory, and the
 //! `awq quantize` run on them that most CLI tests start from.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 
@@ -64,4 +64,21 @@ pub fn assert_nothing_written(c: &Case) {
         .filter(|e| e.file_name().to_string_lossy().contains("awq-staging"))
         .collect();
     assert!(staging.is_empty(), "staging left: {staging:?}");
+}
+
+/// `awq quantize` arguments for a tiny model (`--seqlen 16 --group 32`) writing to `out`.
+pub fn quantize_args<'a>(model: &'a Path, calib: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "quantize",
+        "--seqlen",
+        "16",
+        "--group",
+        "32",
+        "--model",
+        model.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]
 }
