@@ -48,17 +48,51 @@ pub struct LayoutChoice {
     pub warning: Option<String>,
 }
 
-/// GPUs listed by `nvidia-smi`; none when it is missing or fails (no driver, no GPU).
-pub fn detect() -> Vec<Gpu> {
+/// What `nvidia-smi` said.
+#[derive(Debug, Clone, Default)]
+pub struct Detection {
+    pub gpus: Vec<Gpu>,
+    /// Why no GPU could be listed although `nvidia-smi` was found (it failed, or printed
+    /// nothing it could parse): worth a warning, since a GPU may be there.
+    pub problem: Option<String>,
+}
+
+impl Detection {
+    /// A detection that listed `gpus` without trouble.
+    pub fn listed(gpus: Vec<Gpu>) -> Self {
+        Self {
+            gpus,
+            problem: None,
+        }
+    }
+}
+
+/// GPUs listed by `nvidia-smi` (or the program in `AWQ_NVIDIA_SMI`). A missing program means no
+/// driver, no GPU; one that fails or prints nothing parseable is reported as a problem.
+pub fn detect() -> Detection {
     let program = std::env::var(NVIDIA_SMI_ENV).unwrap_or_else(|_| "nvidia-smi".into());
-    let out = std::process::Command::new(program)
+    let out = std::process::Command::new(&program)
         .args(["--query-gpu=name,compute_cap", "--format=csv,noheader"])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .output();
+    let problem = |what: String| Detection {
+        gpus: Vec::new(),
+        problem: Some(format!("{program} {what}")),
+    };
     match out {
-        Ok(o) if o.status.success() => parse(&String::from_utf8_lossy(&o.stdout)),
-        _ => Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Detection::default(),
+        Err(e) => problem(format!("could not run: {e}")),
+        Ok(o) if !o.status.success() => problem(format!("failed ({})", o.status)),
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let gpus = parse(&text);
+            if gpus.is_empty() && !text.trim().is_empty() {
+                problem("printed no GPU line it could read".into())
+            } else {
+                Detection::listed(gpus)
+            }
+        }
     }
 }
 
@@ -76,14 +110,20 @@ pub fn parse(csv: &str) -> Vec<Gpu> {
         .collect()
 }
 
-pub fn choose(gpus: Vec<Gpu>, workload: Workload) -> Result<LayoutChoice> {
+pub fn choose(detection: Detection, workload: Workload) -> Result<LayoutChoice> {
+    let gpus = detection.gpus;
     if gpus.is_empty() {
+        let gemm = "GEMM, the portable layout and the only one vLLM loads";
         return Ok(LayoutChoice {
             gpus,
             layout: Layout::Gemm,
-            reason: "no NVIDIA GPU visible: GEMM, the portable layout and the only one vLLM loads"
-                .into(),
-            warning: None,
+            reason: match &detection.problem {
+                None => format!("no NVIDIA GPU visible: {gemm}"),
+                Some(p) => format!("no GPU listed ({p}): {gemm}"),
+            },
+            warning: detection.problem.map(|p| {
+                format!("{p}, so --version auto could not see the GPUs and chose GEMM; pass --version explicitly if that is wrong")
+            }),
         });
     }
     for g in &gpus {
@@ -144,17 +184,24 @@ mod tests {
     #[test]
     fn rule() {
         assert_eq!(
-            choose(vec![], Workload::Single).unwrap().layout,
+            choose(Detection::default(), Workload::Single)
+                .unwrap()
+                .layout,
             Layout::Gemm
         );
         let old = parse("Tesla P4, 6.1");
-        assert!(matches!(choose(old, Workload::Batch), Err(Error::Usage(_))));
+        assert!(matches!(
+            choose(Detection::listed(old), Workload::Batch),
+            Err(Error::Usage(_))
+        ));
         let h100 = parse("NVIDIA H100, 9.0");
         assert_eq!(
-            choose(h100.clone(), Workload::Batch).unwrap().layout,
+            choose(Detection::listed(h100.clone()), Workload::Batch)
+                .unwrap()
+                .layout,
             Layout::Gemm
         );
-        let c = choose(h100, Workload::Single).unwrap();
+        let c = choose(Detection::listed(h100), Workload::Single).unwrap();
         assert_eq!(c.layout, Layout::Gemv);
         assert!(c.warning.is_some());
     }

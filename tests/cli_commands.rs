@@ -367,6 +367,24 @@ fn version_auto_with_fake_gpus() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(layout(&r), "gemm");
     assert!(r.stderr.contains("no NVIDIA GPU"), "{}", r.stderr);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+
+    // An nvidia-smi that is there but fails is not "no GPU": GEMM, with a warning.
+    let broken = s.tmp.path().join("broken-smi");
+    std::fs::write(&broken, "#!/bin/sh\nexit 9\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let r = plan(&broken, "single");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(layout(&r), "gemm");
+    assert!(
+        r.stderr.contains("warning:") && r.stderr.contains("failed"),
+        "{}",
+        r.stderr
+    );
 
     let p61 = fake_smi(s.tmp.path(), "smi61", "Tesla P4, 6.1\\n");
     let r = plan(&p61, "batch");

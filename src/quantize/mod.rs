@@ -140,6 +140,17 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
             ),
         });
     }
+    let shards = prep.plan.output_bytes_estimate / opts.shard_size.max(1);
+    if shards > 100 {
+        events(&Event::Warning {
+            message: format!(
+                "--shard-size {} bytes splits the about {:.0} MB output into about {shards} files; \
+                 Hub checkpoints use 5GB (the default)",
+                opts.shard_size,
+                prep.plan.output_bytes_estimate as f64 / 1e6
+            ),
+        });
+    }
     if !opts.group.is_multiple_of(32) {
         events(&Event::Warning {
             message: format!(
