@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use assert_cmd::Command;
+use common::case::Run;
 use common::tiny::{words, Tiny};
 use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
 use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
@@ -38,13 +39,13 @@ impl Setup {
     }
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+/// What the calibration tests read from a run.
+trait CalibRun {
+    fn calibration(&self) -> Value;
+    fn fails(&self, needles: &[&str]);
 }
 
-impl Run {
+impl CalibRun for Run {
     /// The calibration summary of the plan (the JSON `start` event).
     fn calibration(&self) -> Value {
         assert_eq!(self.code, 0, "{}", self.stderr);
@@ -91,12 +92,7 @@ fn quantize_human(s: &Setup, calib: &[&Path], extra: &[&str], env: &[(&str, &Pat
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let o = cmd.output().unwrap();
-    Run {
-        code: o.status.code().unwrap(),
-        stdout: String::from_utf8_lossy(&o.stdout).into(),
-        stderr: String::from_utf8_lossy(&o.stderr).into(),
-    }
+    Run::of(&mut cmd)
 }
 
 fn docs(n: usize, len: usize) -> Vec<String> {

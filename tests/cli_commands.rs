@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
+use common::case::Run;
 use common::tiny::{words, Tiny};
 
 struct Setup {
@@ -27,24 +28,13 @@ fn setup() -> Setup {
     Setup { tmp, model, calib }
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 fn awq(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::cargo_bin("awq").unwrap();
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let o = cmd.output().unwrap();
-    Run {
-        code: o.status.code().unwrap(),
-        stdout: String::from_utf8(o.stdout).unwrap(),
-        stderr: String::from_utf8(o.stderr).unwrap(),
-    }
+    Run::of(&mut cmd)
 }
 
 fn quantize(s: &Setup, out: &Path, extra: &[&str]) -> Run {

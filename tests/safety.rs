@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use assert_cmd::Command;
-use common::case::{assert_nothing_written, case, quantize, Case};
+use common::case::{assert_nothing_written, case, quantize, Case, Run};
 use common::poke_f32;
 
 /// Every file under `dir` with its bytes, sorted by path.
@@ -32,16 +32,8 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn awq(args: &[&str]) -> (i32, String, String) {
-    let o = Command::cargo_bin("awq")
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let r = Run::of(Command::cargo_bin("awq").unwrap().args(args));
+    (r.code, r.stdout, r.stderr)
 }
 
 fn path(p: &Path) -> &str {

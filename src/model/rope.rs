@@ -5,12 +5,9 @@ use super::config::{ModelSpec, RopeKind};
 use crate::error::Result;
 
 pub struct Rope {
-    /// `[max_len, head_dim / 2]` row-major, already multiplied by `attention_scaling`.
+    /// `[max_len, head_dim / 2]` row-major, already multiplied by [`attention_scaling`].
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
-    /// The factor cos and sin were multiplied by: transformers' `attention_scaling`, 1 except for
-    /// `yarn` and `longrope`.
-    pub attention_scaling: f32,
 }
 
 /// `theta^(2i / dim)` for `i < dim / 2`, in f32 as transformers computes it (positions per radian).
@@ -155,11 +152,7 @@ impl Rope {
                 sin.push(angle.sin() * scale);
             }
         }
-        Ok(Self {
-            cos,
-            sin,
-            attention_scaling: scale,
-        })
+        Ok(Self { cos, sin })
     }
 }
 

@@ -126,40 +126,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let start = Instant::now();
     let (flop0, mm0) = crate::ops::matmul_totals();
     let prep = prepare::prepare(opts)?;
-    if let Some(max) = prep
-        .model
-        .spec
-        .max_positions
-        .filter(|m| opts.calib.seqlen > *m)
-    {
-        events(&Event::Warning {
-            message: format!(
-                "--seqlen {} is longer than the model's max_position_embeddings {max}: positions \
-                 beyond it were never trained, so the calibration does not look like real use",
-                opts.calib.seqlen
-            ),
-        });
-    }
-    let shards = prep.plan.output_bytes_estimate / opts.shard_size.max(1);
-    if shards > 100 {
-        events(&Event::Warning {
-            message: format!(
-                "--shard-size {} bytes splits the about {:.0} MB output into about {shards} files; \
-                 Hub checkpoints use 5GB (the default)",
-                opts.shard_size,
-                prep.plan.output_bytes_estimate as f64 / 1e6
-            ),
-        });
-    }
-    if !opts.group.is_multiple_of(32) {
-        events(&Event::Warning {
-            message: format!(
-                "group {} is not a multiple of 32: vLLM and TGI cannot run it (their awq kernel \
-                 needs one; Marlin takes 32, 64, 128), only transformers with autoawq can — \
-                 prefer 128, 64 or 32",
-                opts.group
-            ),
-        });
+    for message in prepare::warnings(opts, &prep) {
+        events(&Event::Warning { message });
     }
     if let Some(note) = &prep.plan.staging {
         events(&Event::Notice {

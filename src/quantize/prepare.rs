@@ -142,3 +142,41 @@ fn gate_tokens(gate: &QualityGate, tok: &Tokenizer) -> Result<Vec<u32>> {
     crate::eval::windows(&ids, &opts)
         .map_err(|e| crate::input_err!("--eval-text {}: {e}", gate.text.display()))
 }
+
+/// Settings that work but that the user should hear about (shown even with `-q`): a block
+/// longer than the model was trained for, a shard size that makes a crowd of files, a group
+/// size vLLM and TGI cannot run.
+pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(max) = prep
+        .model
+        .spec
+        .max_positions
+        .filter(|m| opts.calib.seqlen > *m)
+    {
+        out.push(format!(
+            "--seqlen {} is longer than the model's max_position_embeddings {max}: positions \
+             beyond it were never trained, so the calibration does not look like real use",
+            opts.calib.seqlen
+        ));
+    }
+    let bytes = prep.plan.output_bytes_estimate;
+    let shards = bytes / opts.shard_size.max(1);
+    if shards > 100 {
+        out.push(format!(
+            "--shard-size {} bytes splits the about {:.0} MB output into about {shards} files; \
+             Hub checkpoints use 5GB (the default)",
+            opts.shard_size,
+            bytes as f64 / 1e6
+        ));
+    }
+    if !opts.group.is_multiple_of(32) {
+        out.push(format!(
+            "group {} is not a multiple of 32: vLLM and TGI cannot run it (their awq kernel \
+             needs one; Marlin takes 32, 64, 128), only transformers with autoawq can — \
+             prefer 128, 64 or 32",
+            opts.group
+        ));
+    }
+    out
+}

@@ -82,3 +82,22 @@ pub fn quantize_args<'a>(model: &'a Path, calib: &'a Path, out: &'a Path) -> Vec
         out.to_str().unwrap(),
     ]
 }
+
+/// A finished `awq` run: its exit code and both streams.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Runs `cmd` to completion.
+    pub fn of(cmd: &mut Command) -> Self {
+        let o = cmd.output().unwrap();
+        Run {
+            code: o.status.code().unwrap(),
+            stdout: String::from_utf8(o.stdout).unwrap(),
+            stderr: String::from_utf8(o.stderr).unwrap(),
+        }
+    }
+}
