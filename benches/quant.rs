@@ -39,19 +39,26 @@ fn spec() -> awq::model::config::ModelSpec {
     awq::model::llama::spec(&cfg).unwrap()
 }
 
-fn layer() -> LayerWeights {
+fn layer(spec: &awq::model::config::ModelSpec) -> LayerWeights {
+    let ones = |n| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
     LayerWeights {
-        input_norm: Tensor::ones(HIDDEN, candle_core::DType::F32, &Device::Cpu).unwrap(),
-        post_norm: Tensor::ones(HIDDEN, candle_core::DType::F32, &Device::Cpu).unwrap(),
-        q: linear(HIDDEN, HIDDEN),
-        k: linear(192, HIDDEN),
-        v: linear(192, HIDDEN),
-        o: linear(HIDDEN, HIDDEN),
-        gate: linear(INTER, HIDDEN),
-        up: linear(INTER, HIDDEN),
-        down: linear(HIDDEN, INTER),
-        q_norm: None,
-        k_norm: None,
+        index: 0,
+        norms: spec
+            .layer_norms()
+            .into_iter()
+            .map(|(name, width)| {
+                let norm = awq::model::layer::Norm {
+                    weight: ones(width),
+                    bias: None,
+                };
+                (name, norm)
+            })
+            .collect(),
+        linears: spec
+            .linears()
+            .into_iter()
+            .map(|l| (l.name, linear(l.out, l.inp)))
+            .collect(),
     }
 }
 
@@ -92,7 +99,7 @@ fn benches(c: &mut Criterion) {
 
     let spec = spec();
     let rope = Rope::new(&spec, SEQLEN).unwrap();
-    let l = layer();
+    let l = layer(&spec);
     let h = randn((TOKENS, HIDDEN), 1.0);
     let mut g = c.benchmark_group("decoder layer");
     g.sample_size(10);
@@ -101,7 +108,7 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("mlp candidate 4x512 tokens", |b| {
         let x = randn((TOKENS, HIDDEN), 1.0);
-        b.iter(|| l.mlp(&x).unwrap())
+        b.iter(|| l.mlp(&spec, &x).unwrap())
     });
     g.finish();
 }

@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::input_err;
-use crate::model::layer::{rms_norm, round_to};
+use crate::model::layer::round_to;
 use crate::model::rope::Rope;
 use crate::model::Model;
 
@@ -136,8 +136,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         });
     }
     events(&Event::Phase { name: "head" });
-    let norm = model.final_norm()?;
-    let head_t = model.lm_head()?.t()?;
+    let head = model.head()?;
     let n_windows = ids.len() / seqlen;
     let mut window_nll = Vec::with_capacity(n_windows);
     for w in 0..n_windows {
@@ -147,7 +146,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         while row < seqlen - 1 {
             let rows = HEAD_ROWS.min(seqlen - 1 - row);
             let h = hidden.narrow(0, w * seqlen + row, rows)?;
-            let logits = r(r(rms_norm(&h, &norm, spec.rms_eps)?)?.matmul(&head_t)?)?;
+            let logits = head.logits(spec, &h)?;
             let targets = &ids[w * seqlen + row + 1..w * seqlen + row + 1 + rows];
             sum += nll_sum(&logits, targets)?;
             row += rows;

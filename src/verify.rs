@@ -17,9 +17,11 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
-use crate::model::config::{AwqFormat, LinearShape, ModelSpec};
+use crate::model::config::{
+    AwqFormat, LinearShape, ModelSpec, C_PROJ, DOWN_PROJ, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ,
+};
 use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
-use crate::model::{load_spec, EMBED, FINAL_NORM, LM_HEAD};
+use crate::model::{load_spec, EMBED, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
 use crate::quant::pack::{unpack, Layout};
 
 /// Tensor-parallel degrees always reported (a `--tp N` outside them is added).
@@ -220,6 +222,9 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     };
     float(EMBED, &[spec.vocab, spec.hidden], &mut v);
     float(FINAL_NORM, &[spec.hidden], &mut v);
+    if spec.norm_bias {
+        float(FINAL_NORM_BIAS, &[spec.hidden], &mut v);
+    }
     if spec.tied_embeddings {
         if ckpt.contains(LM_HEAD) {
             v.push(format!(
@@ -234,13 +239,8 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let mut checked = 0;
     for i in 0..spec.layers {
         let p = layer_prefix(i);
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            float(&format!("{p}.{norm}.weight"), &[spec.hidden], &mut v);
-        }
-        if spec.qk_norm {
-            for norm in ["self_attn.q_norm", "self_attn.k_norm"] {
-                float(&format!("{p}.{norm}.weight"), &[spec.head_dim], &mut v);
-            }
+        for (name, width) in spec.layer_floats() {
+            float(&format!("{p}.{name}"), &[width], &mut v);
         }
         for l in &linears {
             let prefix = format!("{p}.{}", l.name);
@@ -504,12 +504,17 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
     // Marlin checks the merged modules vLLM builds: (name, summed out, in) per rank.
     let mut merged: Vec<(&str, usize, usize)> = Vec::new();
     for l in linears {
-        let row_parallel = l.name.ends_with("o_proj") || l.name.ends_with("down_proj");
-        let split = if l.name.ends_with("k_proj") || l.name.ends_with("v_proj") {
+        let row_parallel = [O_PROJ, DOWN_PROJ, C_PROJ].contains(&l.name);
+        let split = if l.name == K_PROJ || l.name == V_PROJ {
             // Reported above when the key/value heads do not split.
             kv_per_rank.map(|h| h * spec.head_dim)
-        } else if l.name.ends_with("q_proj") || l.name.ends_with("o_proj") {
+        } else if l.name == Q_PROJ || l.name == O_PROJ {
             heads_split.then(|| spec.heads / tp * spec.head_dim)
+        } else if l.name == QKV_PROJ {
+            // vLLM's QKVParallelLinear: this rank's q heads plus its k and v heads.
+            kv_per_rank
+                .filter(|_| heads_split)
+                .map(|kv| (spec.heads / tp + 2 * kv) * spec.head_dim)
         } else {
             let whole = if row_parallel { l.inp } else { l.out };
             if !whole.is_multiple_of(tp) {

@@ -28,9 +28,10 @@ fn check(t: Tiny) {
             .unwrap()
             .0;
     }
-    let norm = awq::model::layer::rms_norm(&h, &model.final_norm().unwrap(), spec.rms_eps).unwrap();
-    let got = norm
-        .matmul(&model.lm_head().unwrap().t().unwrap())
+    let got = model
+        .head()
+        .unwrap()
+        .logits(spec, &h)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

@@ -49,7 +49,7 @@ fn forward_matches_transformers() {
         );
     }
 
-    let norm = awq::model::layer::rms_norm(&h, &model.final_norm().unwrap(), spec.rms_eps).unwrap();
+    let norm = model.final_norm().unwrap().apply(spec, &h).unwrap();
     let (want, _) = read_f32(&golden, "hidden.final_norm");
     let got = norm.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(

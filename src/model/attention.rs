@@ -46,6 +46,43 @@ impl Rounding {
     }
 }
 
+/// Rotary position embedding of q and k: tables `[positions ≥ seq_len, dim / 2]`, row-major,
+/// applied to the first `dim` features of every head (`partial_rotary_factor`: Phi-3, StableLM),
+/// the rest passing unchanged.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotary<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    /// Rotated features per head (even, ≤ head_dim).
+    pub dim: usize,
+    /// Pairs `(2i, 2i+1)` rotate together (Cohere's `rotate_half` over even/odd features)
+    /// instead of `(i, i + dim/2)` (transformers' and candle's default "rotate half").
+    pub interleaved: bool,
+}
+
+impl Rotary<'_> {
+    /// `row` ← `src` rotated to position `p`.
+    fn apply(&self, src: &[f32], row: &mut [f32], p: usize) {
+        let half = self.dim / 2;
+        let (cos, sin) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
+        if self.interleaved {
+            for i in 0..half {
+                let (x1, x2) = (src[2 * i], src[2 * i + 1]);
+                row[2 * i] = x1 * cos[i] - x2 * sin[i];
+                row[2 * i + 1] = x2 * cos[i] + x1 * sin[i];
+            }
+        } else {
+            for i in 0..half {
+                let (x1, x2) = (src[i], src[i + half]);
+                // candle's `rope`, operation for operation.
+                row[i] = x1 * cos[i] - x2 * sin[i];
+                row[i + half] = x1 * sin[i] + x2 * cos[i];
+            }
+        }
+        row[self.dim..].copy_from_slice(&src[self.dim..]);
+    }
+}
+
 /// One causal self-attention over `n` sequences of `seq_len` tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct Attention<'a> {
@@ -59,10 +96,8 @@ pub struct Attention<'a> {
     pub window: Option<usize>,
     /// Logit soft-capping: scores become `cap · tanh(score / cap)` (Gemma 2).
     pub softcap: Option<f32>,
-    /// Rotary tables `[positions ≥ seq_len, head_dim / 2]`, row-major (the "rotate half"
-    /// convention of transformers and candle's `rope`).
-    pub cos: &'a [f32],
-    pub sin: &'a [f32],
+    /// Rotary position embedding applied to q and k.
+    pub rotary: Rotary<'a>,
     /// Round q and k after rope, the scores and the output (`awq eval --dtype`).
     pub round: Option<Rounding>,
 }
@@ -74,12 +109,13 @@ impl Attention<'_> {
     /// build them from the same spec).
     pub fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (hd, h, kvh, l) = (self.head_dim, self.heads, self.kv_heads, self.seq_len);
-        assert!(h % kvh == 0 && hd % 2 == 0 && l > 0);
+        let rot = self.rotary.dim;
+        assert!(h % kvh == 0 && rot % 2 == 0 && rot <= hd && l > 0);
         let tokens = q.len() / (h * hd);
         assert_eq!(q.len(), tokens * h * hd);
         assert_eq!(k.len(), tokens * kvh * hd);
         assert_eq!(v.len(), tokens * kvh * hd);
-        assert!(self.cos.len() >= l * hd / 2 && self.sin.len() >= l * hd / 2);
+        assert!(self.rotary.cos.len() >= l * rot / 2 && self.rotary.sin.len() >= l * rot / 2);
         let n = tokens / l;
         let q_blocks = l.div_ceil(BLOCK_Q);
         let tasks: Vec<(usize, usize, usize)> = (0..n)
@@ -152,17 +188,11 @@ impl Attention<'_> {
         pos: std::ops::Range<usize>,
         scale: f32,
     ) -> Vec<f32> {
-        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        let hd = self.head_dim;
         let mut out = vec![0f32; pos.len() * hd];
         for (row, p) in out.chunks_exact_mut(hd).zip(pos) {
             let src = &x[((s * self.seq_len + p) * n_heads + head) * hd..][..hd];
-            let (cos, sin) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
-            for i in 0..half {
-                let (x1, x2) = (src[i], src[i + half]);
-                // candle's `rope`, operation for operation.
-                row[i] = x1 * cos[i] - x2 * sin[i];
-                row[i + half] = x1 * sin[i] + x2 * cos[i];
-            }
+            self.rotary.apply(src, row, p);
             if let Some(r) = self.round {
                 row.iter_mut().for_each(|x| *x = r.apply(*x));
             }
@@ -360,14 +390,16 @@ mod tests {
     /// Straightforward attention in f64: rope, scores, mask, softmax, weighted values.
     fn naive(a: &Attention, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
         let (hd, h, kvh, l) = (a.head_dim, a.heads, a.kv_heads, a.seq_len);
-        let half = hd / 2;
+        let r = a.rotary;
+        let half = r.dim / 2;
         let tokens = q.len() / (h * hd);
         let rope = |x: &[f32], p: usize| -> Vec<f64> {
-            let mut out = vec![0f64; hd];
+            let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
             for i in 0..half {
-                let (c, s) = (a.cos[p * half + i] as f64, a.sin[p * half + i] as f64);
-                out[i] = x[i] as f64 * c - x[i + half] as f64 * s;
-                out[i + half] = x[i] as f64 * s + x[i + half] as f64 * c;
+                let (c, s) = (r.cos[p * half + i] as f64, r.sin[p * half + i] as f64);
+                let (a, b) = if r.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                out[a] = x[a] as f64 * c - x[b] as f64 * s;
+                out[b] = x[a] as f64 * s + x[b] as f64 * c;
             }
             out
         };
@@ -432,13 +464,15 @@ mod tests {
             n in 1usize..3, seq_len in 1usize..300, kvh in 1usize..3, rep in 1usize..4,
             half in 1usize..9, window in proptest::option::of(1usize..200),
             softcap in proptest::option::of(5f32..50.0), seed in 0u64..1000,
+            unrotated in 0usize..3, interleaved: bool,
         ) {
-            let (hd, h) = (2 * half, kvh * rep);
-            let (cos, sin) = tables(seq_len, hd);
+            let (hd, h) = (2 * half + 2 * unrotated, kvh * rep);
+            let (cos, sin) = tables(seq_len, 2 * half);
             let a = Attention {
                 seq_len, heads: h, kv_heads: kvh, head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(), window, softcap,
-                cos: &cos, sin: &sin, round: None,
+                rotary: Rotary { cos: &cos, sin: &sin, dim: 2 * half, interleaved },
+                round: None,
             };
             let tokens = n * seq_len;
             let q = values(tokens * h * hd, seed);
@@ -479,8 +513,12 @@ mod tests {
             scale: 1.0,
             window: None,
             softcap: None,
-            cos: &cos,
-            sin: &sin,
+            rotary: Rotary {
+                cos: &cos,
+                sin: &sin,
+                dim: 4,
+                interleaved: false,
+            },
             round: None,
         };
         // Blocks of 128 queries: 128·128 + 128·256 score entries per head and sequence.

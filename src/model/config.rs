@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use crate::error::Result;
 use crate::input_err;
+use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
 use crate::quant::pack::Layout;
 
 /// Serde mirror of the keys we read from `config.json`. Defaults follow transformers.
@@ -42,8 +43,56 @@ pub struct HfConfig {
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
     pub hidden_act: Option<String>,
+    /// Gemma's name for the MLP activation (wins over `hidden_act` there).
+    pub hidden_activation: Option<String>,
     #[serde(default)]
     pub quantization_config: Option<serde_json::Value>,
+    /// LayerNorm epsilon (StableLM, Cohere).
+    pub layer_norm_eps: Option<f64>,
+    /// LayerNorm epsilon (Starcoder2).
+    pub norm_epsilon: Option<f64>,
+    /// Share of each head that rotary embedding covers (Phi-3, StableLM); 1 when absent.
+    pub partial_rotary_factor: Option<f64>,
+    /// StableLM: biases on q/k/v.
+    pub use_qkv_bias: Option<bool>,
+    /// StableLM: per-head LayerNorm on q and k (not supported).
+    pub qk_layernorm: Option<bool>,
+    /// StableLM: attention and MLP read the same norm's output.
+    pub use_parallel_residual: Option<bool>,
+    /// Starcoder2: biases on every linear.
+    pub use_bias: Option<bool>,
+    /// Cohere: logits are multiplied by this.
+    pub logit_scale: Option<f64>,
+    /// Cohere: per-head LayerNorm on q and k (not supported).
+    pub use_qk_norm: Option<bool>,
+    /// Granite: embeddings are multiplied by this.
+    pub embedding_multiplier: Option<f64>,
+    /// Granite: both residual branches are multiplied by this.
+    pub residual_multiplier: Option<f64>,
+    /// Granite: the attention scale (instead of head_dim^-0.5).
+    pub attention_multiplier: Option<f64>,
+    /// Granite: logits are divided by this.
+    pub logits_scaling: Option<f64>,
+    /// Gemma 2: attention scores become `cap · tanh(score / cap)`. Outer `None`: absent (the
+    /// family default applies); `Some(None)`: an explicit null (off).
+    #[serde(default, deserialize_with = "present")]
+    pub attn_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 2/3: logits become `cap · tanh(logit / cap)` (absent vs null as above).
+    #[serde(default, deserialize_with = "present")]
+    pub final_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 2/3: the attention scale is `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: every n-th layer is global, the others slide.
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3: rope base of the sliding layers (no scaling there).
+    pub rope_local_base_freq: Option<f64>,
+    /// Newer configs: `"sliding_attention"` / `"full_attention"` per layer.
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// A key that is present (possibly null), as opposed to absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 fn default_eps() -> f64 {
@@ -152,7 +201,9 @@ pub enum RopeKind {
     },
 }
 
-/// Everything the forward pass and the quantizer need to know about a model, resolved.
+/// Everything the forward pass and the quantizer need to know about a model, resolved. The
+/// component fields (`norm`, `block`, `attn_proj`, `mlp`, `act`, …) are what a family chooses;
+/// see `arch.rs`.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     /// `architectures[0]` of config.json, e.g. `LlamaForCausalLM`.
@@ -164,9 +215,38 @@ pub struct ModelSpec {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub vocab: usize,
-    pub rms_eps: f64,
+    /// Epsilon of every norm of the model.
+    pub norm_eps: f64,
+    pub norm: NormKind,
+    /// LayerNorms carry a bias (`.bias` next to every norm `.weight`).
+    pub norm_bias: bool,
+    pub block: Block,
+    pub attn_proj: AttnProj,
+    pub mlp: Mlp,
+    pub act: Act,
     pub rope_theta: f64,
     pub rope: RopeKind,
+    /// Rotated features per head: `head_dim × partial_rotary_factor` (even).
+    pub rotary_dim: usize,
+    /// Rotary pairs are interleaved (Cohere) instead of split in halves.
+    pub rope_interleaved: bool,
+    /// Multiplies q·kᵀ: head_dim^-0.5, Gemma 2/3 `query_pre_attn_scalar^-0.5`, Granite
+    /// `attention_multiplier`.
+    pub attn_scale: f64,
+    /// Attention-score soft-capping (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Final-logit soft-capping (Gemma 2/3), applied after `logit_mult`.
+    pub final_softcap: Option<f64>,
+    /// Multiplies the embedding rows: Gemma √hidden, Granite `embedding_multiplier`.
+    pub embed_scale: Option<f64>,
+    /// Multiplies both residual branches (Granite).
+    pub residual_mult: f64,
+    /// Multiplies the logits: Cohere `logit_scale`, Granite `1 / logits_scaling`.
+    pub logit_mult: f64,
+    /// Which layers use `sliding_window` (`None`: all of them, when a window is set).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// Rope base of the sliding layers, unscaled (Gemma 3 `rope_local_base_freq`).
+    pub local_rope_theta: Option<f64>,
     pub tied_embeddings: bool,
     /// Biases on q/k/v (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,
@@ -175,7 +255,8 @@ pub struct ModelSpec {
     pub mlp_bias: bool,
     /// Per-head RMSNorm on q and k before RoPE (Qwen3).
     pub qk_norm: bool,
-    /// Tokens further back than this are not attended to (Mistral); `None` = full causal.
+    /// Tokens further back than this are not attended to (Mistral; per layer with
+    /// `sliding_layers`); `None` = full causal.
     pub sliding_window: Option<usize>,
     /// Set when the checkpoint is already AWQ-packed: linears are read by dequantizing.
     pub awq: Option<AwqFormat>,
@@ -187,35 +268,130 @@ pub struct ModelSpec {
     pub max_positions: Option<usize>,
 }
 
-/// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a bias.
+/// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a
+/// bias, and which captured activation is its input.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearShape {
     pub name: &'static str,
     pub out: usize,
     pub inp: usize,
     pub bias: bool,
+    pub input: Input,
 }
 
+pub const Q_PROJ: &str = "self_attn.q_proj";
+pub const K_PROJ: &str = "self_attn.k_proj";
+pub const V_PROJ: &str = "self_attn.v_proj";
+pub const QKV_PROJ: &str = "self_attn.qkv_proj";
+pub const O_PROJ: &str = "self_attn.o_proj";
+pub const GATE_PROJ: &str = "mlp.gate_proj";
+pub const UP_PROJ: &str = "mlp.up_proj";
+pub const GATE_UP_PROJ: &str = "mlp.gate_up_proj";
+pub const DOWN_PROJ: &str = "mlp.down_proj";
+pub const C_FC: &str = "mlp.c_fc";
+pub const C_PROJ: &str = "mlp.c_proj";
+pub const INPUT_NORM: &str = "input_layernorm";
+pub const POST_ATTN_NORM: &str = "post_attention_layernorm";
+pub const PRE_FFN_NORM: &str = "pre_feedforward_layernorm";
+pub const POST_FFN_NORM: &str = "post_feedforward_layernorm";
+pub const Q_NORM: &str = "self_attn.q_norm";
+pub const K_NORM: &str = "self_attn.k_norm";
+
 impl ModelSpec {
-    /// The seven linears of every decoder layer, in checkpoint order.
-    pub fn linears(&self) -> [LinearShape; 7] {
+    /// The linears of every decoder layer, in checkpoint order.
+    pub fn linears(&self) -> Vec<LinearShape> {
+        let (d, i) = (self.hidden, self.intermediate);
         let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let l = |name, out, inp, bias| LinearShape {
+        let l = |name, out, inp, bias, input| LinearShape {
             name,
             out,
             inp,
             bias,
+            input,
         };
-        use super::layer::LINEARS as N;
-        [
-            l(N[0], qd, self.hidden, self.qkv_bias),
-            l(N[1], kvd, self.hidden, self.qkv_bias),
-            l(N[2], kvd, self.hidden, self.qkv_bias),
-            l(N[3], self.hidden, qd, self.o_bias),
-            l(N[4], self.intermediate, self.hidden, self.mlp_bias),
-            l(N[5], self.intermediate, self.hidden, self.mlp_bias),
-            l(N[6], self.hidden, self.intermediate, self.mlp_bias),
-        ]
+        let mut v = match self.attn_proj {
+            AttnProj::Separate => vec![
+                l(Q_PROJ, qd, d, self.qkv_bias, Input::Attn),
+                l(K_PROJ, kvd, d, self.qkv_bias, Input::Attn),
+                l(V_PROJ, kvd, d, self.qkv_bias, Input::Attn),
+            ],
+            AttnProj::Fused => vec![l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn)],
+        };
+        v.push(l(O_PROJ, d, qd, self.o_bias, Input::O));
+        let mlp_in = match self.block {
+            Block::Parallel => Input::Attn,
+            _ => Input::Mlp,
+        };
+        let b = self.mlp_bias;
+        match self.mlp {
+            Mlp::Gated => v.extend([
+                l(GATE_PROJ, i, d, b, mlp_in),
+                l(UP_PROJ, i, d, b, mlp_in),
+                l(DOWN_PROJ, d, i, b, Input::Down),
+            ]),
+            Mlp::FusedGated => v.extend([
+                l(GATE_UP_PROJ, 2 * i, d, b, mlp_in),
+                l(DOWN_PROJ, d, i, b, Input::Down),
+            ]),
+            Mlp::Plain => v.extend([l(C_FC, i, d, b, mlp_in), l(C_PROJ, d, i, b, Input::Down)]),
+        }
+        v
+    }
+
+    /// The norm whose output feeds the MLP (`None` in a parallel block).
+    pub fn mlp_norm(&self) -> Option<&'static str> {
+        match self.block {
+            Block::Sequential => Some(POST_ATTN_NORM),
+            Block::Sandwich => Some(PRE_FFN_NORM),
+            Block::Parallel => None,
+        }
+    }
+
+    /// The norms of every decoder layer with their width, in checkpoint order.
+    pub fn layer_norms(&self) -> Vec<(&'static str, usize)> {
+        let d = self.hidden;
+        let mut v = vec![(INPUT_NORM, d)];
+        match self.block {
+            Block::Sequential => v.push((POST_ATTN_NORM, d)),
+            Block::Sandwich => v.extend([(POST_ATTN_NORM, d), (PRE_FFN_NORM, d), (POST_FFN_NORM, d)]),
+            Block::Parallel => {}
+        }
+        if self.qk_norm {
+            v.extend([(Q_NORM, self.head_dim), (K_NORM, self.head_dim)]);
+        }
+        v
+    }
+
+    /// Whether a norm named `name` (relative to its layer) carries a bias: LayerNorms with bias,
+    /// never the per-head q/k norms.
+    pub fn norm_has_bias(&self, name: &str) -> bool {
+        self.norm_bias && name != Q_NORM && name != K_NORM
+    }
+
+    /// The float tensors of every decoder layer (norm weights and biases) with their shapes,
+    /// names relative to the layer.
+    pub fn layer_floats(&self) -> Vec<(String, usize)> {
+        let mut v = Vec::new();
+        for (name, width) in self.layer_norms() {
+            v.push((format!("{name}.weight"), width));
+            if self.norm_has_bias(name) {
+                v.push((format!("{name}.bias"), width));
+            }
+        }
+        v
+    }
+
+    /// The sliding window of layer `i` (`None`: full causal attention).
+    pub fn window(&self, i: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(layers) if !layers.get(i).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `i` uses the local rope base (Gemma 3's sliding layers).
+    pub fn local_rope(&self, i: usize) -> bool {
+        self.local_rope_theta.is_some() && self.window(i).is_some()
     }
 }
 
@@ -247,13 +423,7 @@ impl HfConfig {
                 "config.json: head_dim {head_dim} must be even and positive"
             ));
         }
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
-                return Err(input_err!(
-                    "config.json: hidden_act {act:?} is not supported (only \"silu\")"
-                ));
-            }
-        }
+        let rotary_dim = self.rotary_dim(head_dim)?;
         Ok(ModelSpec {
             architecture: self.architectures.first().cloned().unwrap_or_default(),
             hidden: self.hidden_size,
@@ -263,9 +433,25 @@ impl HfConfig {
             kv_heads,
             head_dim,
             vocab: self.vocab_size,
-            rms_eps: self.rms_norm_eps,
+            norm_eps: self.rms_norm_eps,
+            norm: NormKind::Rms,
+            norm_bias: false,
+            block: Block::Sequential,
+            attn_proj: AttnProj::Separate,
+            mlp: Mlp::Gated,
+            act: Act::parse(self.hidden_act.as_deref().unwrap_or("silu"))?,
             rope_theta: self.rope_theta,
-            rope: self.rope_kind(head_dim)?,
+            rope: self.rope_kind(rotary_dim)?,
+            rotary_dim,
+            rope_interleaved: false,
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            embed_scale: None,
+            residual_mult: 1.0,
+            logit_mult: 1.0,
+            sliding_layers: None,
+            local_rope_theta: None,
             tied_embeddings: self.tie_word_embeddings.unwrap_or(tie_default),
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
@@ -276,6 +462,64 @@ impl HfConfig {
             serve_dtype: None,
             max_positions: self.max_position_embeddings,
         })
+    }
+
+    /// `head_dim × partial_rotary_factor`, truncated as transformers' `int()` does; must be even.
+    fn rotary_dim(&self, head_dim: usize) -> Result<usize> {
+        let factor = self.partial_rotary_factor.unwrap_or(1.0);
+        if !(factor > 0.0 && factor <= 1.0) {
+            return Err(input_err!(
+                "config.json: partial_rotary_factor {factor} must be in (0, 1]"
+            ));
+        }
+        let dim = (head_dim as f64 * factor) as usize;
+        if dim == 0 || !dim.is_multiple_of(2) {
+            return Err(input_err!(
+                "config.json: partial_rotary_factor {factor} of head_dim {head_dim} gives {dim} \
+                 rotary features; it must be even and positive"
+            ));
+        }
+        Ok(dim)
+    }
+
+    /// The LayerNorm epsilon under whichever key the family uses (default 1e-5).
+    pub fn layer_norm_eps(&self) -> f64 {
+        self.layer_norm_eps.or(self.norm_epsilon).unwrap_or(1e-5)
+    }
+
+    /// `sliding_window`, refused when zero.
+    pub fn window(&self) -> Result<Option<usize>> {
+        match self.sliding_window {
+            Some(0) => Err(input_err!(
+                "config.json: sliding_window 0 would hide every token; use null for none"
+            )),
+            w => Ok(w),
+        }
+    }
+
+    /// Per-layer sliding flags from `layer_types`, when the config has them.
+    pub fn sliding_from_layer_types(&self) -> Result<Option<Vec<bool>>> {
+        let Some(types) = &self.layer_types else {
+            return Ok(None);
+        };
+        if types.len() != self.num_hidden_layers {
+            return Err(input_err!(
+                "config.json: layer_types has {} entries for {} layers",
+                types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(input_err!(
+                    "config.json: layer_types entry {other:?} is not supported (sliding_attention, full_attention)"
+                )),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     fn awq_format(&self) -> Result<Option<AwqFormat>> {
@@ -322,6 +566,7 @@ impl HfConfig {
         }
     }
 
+    /// The rope scaling; `head_dim` here is the rotated width (`rotary_dim`).
     fn rope_kind(&self, head_dim: usize) -> Result<RopeKind> {
         let Some(rs) = &self.rope_scaling else {
             return Ok(RopeKind::Default);

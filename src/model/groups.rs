@@ -1,14 +1,24 @@
-//! AWQ scale groups of the Llama family as data (AWQ-SPEC §4.3, §12.2): which op absorbs 1/s,
-//! which linears get ·s on their input columns, whose captured input is X, and which module's
-//! output the search compares. Qwen2 biases and Qwen3 q/k norms need no entry: biases are
-//! untouched by norm scaling and q/k norms sit inside the inspected attention block.
+//! AWQ scale groups as data (AWQ-SPEC §4.3, §12.2): which op absorbs 1/s, which linears get ·s
+//! on their input columns, whose captured input is X, and which module's output the search
+//! compares.
+//!
+//! The groups follow from a family's components by AutoAWQ's rule (`get_layers_for_scaling` in
+//! `awq/models/<family>.py`): a norm or a linear directly before a set of linears that share its
+//! output. So they are derived here from the spec rather than listed per family; the tests pin
+//! each family's table against AutoAWQ's. Biases need no entry (norm scaling leaves them alone;
+//! a scaled previous linear divides its bias rows too) and q/k norms sit inside the inspected
+//! attention.
+
+use super::arch::{AttnProj, Block, Input, Mlp};
+use super::config::{self as names, ModelSpec};
 
 /// The op before the scaled linears, which absorbs `1/s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrevOp {
-    InputNorm,
-    PostNorm,
-    /// A linear whose output rows are divided by `s` (and its bias, if any).
+    /// A norm of the layer, by name (`input_layernorm`, …).
+    Norm(&'static str),
+    /// A linear whose last `s.len()` output rows (and bias entries) are divided by `s`: all of
+    /// `v_proj` / `up_proj`, the v rows of a fused `qkv_proj`, the up rows of `gate_up_proj`.
     Linear(&'static str),
 }
 
@@ -17,73 +27,108 @@ pub enum PrevOp {
 pub enum Inspect {
     SelfAttn,
     Mlp,
+    /// Attention plus MLP on the same input (a parallel block: AutoAWQ inspects the layer).
+    Block,
     /// The single scaled linear itself.
     Linear,
 }
 
-/// Which captured activation is X (the input of the group's first linear).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Input {
-    Attn,
-    O,
-    Mlp,
-    Down,
+impl Inspect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Inspect::SelfAttn => "self_attn",
+            Inspect::Mlp => "mlp",
+            Inspect::Block => "layer",
+            Inspect::Linear => "linear",
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ScaleGroup {
     pub name: &'static str,
     pub prev: PrevOp,
-    pub linears: &'static [&'static str],
+    pub linears: Vec<&'static str>,
     pub input: Input,
     pub inspect: Inspect,
-    /// Only when `v_proj` and `o_proj` weights have the same shape (MHA): the v→o group.
-    pub needs_v_o_match: bool,
 }
 
-pub const LLAMA_GROUPS: [ScaleGroup; 4] = [
-    ScaleGroup {
-        name: "qkv",
-        prev: PrevOp::InputNorm,
-        linears: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+/// The groups searched for a model, in AutoAWQ's order.
+///
+/// The v→o group exists only when v's rows match o exactly (`v` part `[o.in, o.out]`), which is
+/// AutoAWQ's `v_proj.weight.shape == o_proj.weight.shape`: with grouped-query attention there
+/// are fewer v rows than o inputs and the scales cannot fold. (AutoAWQ's phi3.py adds the
+/// qkv→o group unconditionally, which with GQA would divide k and q rows; we do not.)
+///
+/// Starcoder2's `c_fc → gelu → c_proj` has an activation between the linears, so there is no
+/// linear directly before `c_proj`: AutoAWQ folds into the activation instead and stores
+/// `mlp.act.scales`, which not every loader reads. We leave that pair unscaled (`c_proj` is still
+/// clipped and quantized), so the checkpoint is plain AWQ for every loader.
+pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
+    let (qd, kvd) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+    let attn_linears: Vec<&'static str> = match spec.attn_proj {
+        AttnProj::Separate => vec![names::Q_PROJ, names::K_PROJ, names::V_PROJ],
+        AttnProj::Fused => vec![names::QKV_PROJ],
+    };
+    let mlp_in: Vec<&'static str> = match spec.mlp {
+        Mlp::Gated => vec![names::GATE_PROJ, names::UP_PROJ],
+        Mlp::FusedGated => vec![names::GATE_UP_PROJ],
+        Mlp::Plain => vec![names::C_FC],
+    };
+    let mut groups = Vec::new();
+    let first = |name, linears, inspect| ScaleGroup {
+        name,
+        prev: PrevOp::Norm(names::INPUT_NORM),
+        linears,
         input: Input::Attn,
-        inspect: Inspect::SelfAttn,
-        needs_v_o_match: false,
-    },
-    ScaleGroup {
-        name: "o",
-        prev: PrevOp::Linear("self_attn.v_proj"),
-        linears: &["self_attn.o_proj"],
-        input: Input::O,
-        inspect: Inspect::Linear,
-        needs_v_o_match: true,
-    },
-    ScaleGroup {
-        name: "gate_up",
-        prev: PrevOp::PostNorm,
-        linears: &["mlp.gate_proj", "mlp.up_proj"],
-        input: Input::Mlp,
-        inspect: Inspect::Mlp,
-        needs_v_o_match: false,
-    },
-    ScaleGroup {
-        name: "down",
-        prev: PrevOp::Linear("mlp.up_proj"),
-        linears: &["mlp.down_proj"],
-        input: Input::Down,
-        inspect: Inspect::Linear,
-        needs_v_o_match: false,
-    },
-];
-
-/// The groups searched for a model: the v→o group only when v_proj and o_proj have the same
-/// shape (no grouped-query attention), as AutoAWQ does.
-pub fn scale_groups(spec: &super::config::ModelSpec) -> impl Iterator<Item = &'static ScaleGroup> {
-    let [_, _, v, o, ..] = spec.linears();
-    let v_o_match = (v.out, v.inp) == (o.out, o.inp);
-    LLAMA_GROUPS
-        .iter()
-        .filter(move |g| !g.needs_v_o_match || v_o_match)
+        inspect,
+    };
+    if spec.block == Block::Parallel {
+        groups.push(first(
+            "qkv_mlp",
+            [attn_linears.clone(), mlp_in.clone()].concat(),
+            Inspect::Block,
+        ));
+    } else {
+        groups.push(first("qkv", attn_linears.clone(), Inspect::SelfAttn));
+    }
+    if kvd == qd && spec.hidden == qd {
+        let v = match spec.attn_proj {
+            AttnProj::Separate => names::V_PROJ,
+            AttnProj::Fused => names::QKV_PROJ,
+        };
+        groups.push(ScaleGroup {
+            name: "o",
+            prev: PrevOp::Linear(v),
+            linears: vec![names::O_PROJ],
+            input: Input::O,
+            inspect: Inspect::Linear,
+        });
+    }
+    if let Some(norm) = spec.mlp_norm() {
+        groups.push(ScaleGroup {
+            name: "gate_up",
+            prev: PrevOp::Norm(norm),
+            linears: mlp_in,
+            input: Input::Mlp,
+            inspect: Inspect::Mlp,
+        });
+    }
+    let up = match spec.mlp {
+        Mlp::Gated => Some(names::UP_PROJ),
+        Mlp::FusedGated => Some(names::GATE_UP_PROJ),
+        Mlp::Plain => None,
+    };
+    if let Some(up) = up {
+        groups.push(ScaleGroup {
+            name: "down",
+            prev: PrevOp::Linear(up),
+            linears: vec![names::DOWN_PROJ],
+            input: Input::Down,
+            inspect: Inspect::Linear,
+        });
+    }
+    groups
 }
 
 /// Linears excluded from clipping: names containing these substrings (AWQ-SPEC §6.1).
@@ -106,5 +151,109 @@ mod tests {
         assert!(clipped("self_attn.o_proj"));
         assert!(clipped("mlp.down_proj"));
         assert!(clipped("mlp.gate_proj"));
+        // AutoAWQ's substrings miss the fused and Starcoder2 names: they are clipped.
+        assert!(clipped("self_attn.qkv_proj"));
+        assert!(clipped("mlp.c_fc"));
+    }
+
+    fn spec(arch: &str, extra: serde_json::Value) -> ModelSpec {
+        let mut v = serde_json::json!({
+            "architectures": [arch], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 8, "head_dim": 16
+        });
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, v.to_string()).unwrap();
+        super::super::load_spec(&path).unwrap()
+    }
+
+    /// (name, prev, linears, inspect) of each group, for comparing with AutoAWQ's tables.
+    fn table(spec: &ModelSpec) -> Vec<(&'static str, PrevOp, Vec<&'static str>, Inspect)> {
+        scale_groups(spec)
+            .into_iter()
+            .map(|g| (g.name, g.prev, g.linears, g.inspect))
+            .collect()
+    }
+
+
+    #[test]
+    fn llama_like_families_match_autoawq() {
+        // awq/models/{llama,gemma,gemma2,stablelm}.py; Granite and Gemma 3 by the same rule.
+        for (arch, mlp_norm) in [
+            ("LlamaForCausalLM", "post_attention_layernorm"),
+            ("GemmaForCausalLM", "post_attention_layernorm"),
+            ("StableLmForCausalLM", "post_attention_layernorm"),
+            ("GraniteForCausalLM", "post_attention_layernorm"),
+            ("Gemma2ForCausalLM", "pre_feedforward_layernorm"),
+            ("Gemma3ForCausalLM", "pre_feedforward_layernorm"),
+        ] {
+            let mha = spec(arch, serde_json::json!({}));
+            assert_eq!(
+                table(&mha),
+                vec![
+                    ("qkv", PrevOp::Norm("input_layernorm"), vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], Inspect::SelfAttn),
+                    ("o", PrevOp::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
+                    ("gate_up", PrevOp::Norm(mlp_norm), vec!["mlp.gate_proj", "mlp.up_proj"], Inspect::Mlp),
+                    ("down", PrevOp::Linear("mlp.up_proj"), vec!["mlp.down_proj"], Inspect::Linear),
+                ],
+                "{arch}"
+            );
+            // Grouped-query attention: no v→o group.
+            let gqa = spec(arch, serde_json::json!({"num_key_value_heads": 2}));
+            assert!(scale_groups(&gqa).iter().all(|g| g.name != "o"), "{arch}");
+        }
+    }
+
+    #[test]
+    fn phi3_fused_groups_scale_only_the_v_and_up_rows() {
+        // awq/models/phi3.py, with the qkv→o group only where v's rows match o (MHA).
+        let mha = spec("Phi3ForCausalLM", serde_json::json!({}));
+        assert_eq!(
+            table(&mha),
+            vec![
+                ("qkv", PrevOp::Norm("input_layernorm"), vec!["self_attn.qkv_proj"], Inspect::SelfAttn),
+                ("o", PrevOp::Linear("self_attn.qkv_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
+                ("gate_up", PrevOp::Norm("post_attention_layernorm"), vec!["mlp.gate_up_proj"], Inspect::Mlp),
+                ("down", PrevOp::Linear("mlp.gate_up_proj"), vec!["mlp.down_proj"], Inspect::Linear),
+            ]
+        );
+        let gqa = spec("Phi3ForCausalLM", serde_json::json!({"num_key_value_heads": 2}));
+        assert!(scale_groups(&gqa).iter().all(|g| g.name != "o"));
+    }
+
+    #[test]
+    fn starcoder2_leaves_the_activation_pair_unscaled() {
+        let s = spec("Starcoder2ForCausalLM", serde_json::json!({}));
+        assert_eq!(
+            table(&s),
+            vec![
+                ("qkv", PrevOp::Norm("input_layernorm"), vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], Inspect::SelfAttn),
+                ("o", PrevOp::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
+                ("gate_up", PrevOp::Norm("post_attention_layernorm"), vec!["mlp.c_fc"], Inspect::Mlp),
+            ]
+        );
+    }
+
+    #[test]
+    fn cohere_parallel_block_scales_attention_and_mlp_inputs_together() {
+        // awq/models/cohere.py: one group from input_layernorm over q/k/v/gate/up, inspecting
+        // the whole layer.
+        let s = spec("CohereForCausalLM", serde_json::json!({}));
+        assert_eq!(
+            table(&s),
+            vec![
+                (
+                    "qkv_mlp",
+                    PrevOp::Norm("input_layernorm"),
+                    vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
+                    Inspect::Block
+                ),
+                ("o", PrevOp::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
+                ("down", PrevOp::Linear("mlp.up_proj"), vec!["mlp.down_proj"], Inspect::Linear),
+            ]
+        );
     }
 }

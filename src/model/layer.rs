@@ -1,14 +1,17 @@
-//! The Llama-family decoder layer on candle ops, written so that AWQ can see inside it: the input
-//! of every linear can be captured, and the attention block and the MLP can be run on their own
-//! (they are AWQ's "modules to inspect").
+//! The one decoder layer every family runs, built from the components the spec chooses
+//! (`arch.rs`): norm kind, sequential / sandwich / parallel block, separate or fused projections,
+//! gated or plain MLP. It is written so that AWQ can see inside it: the input of every linear
+//! can be captured, and the attention block and the MLP can be run on their own (AWQ's "modules
+//! to inspect").
 //!
 //! Activations are 2-D `[tokens, features]` (all sequences of a batch stacked, each `seq_len`
 //! long); only attention reshapes per sequence. Everything is f32.
 
 use candle_core::{Device, Tensor};
 
-use super::attention::{Attention, Rounding};
-use super::config::{AwqFormat, ModelSpec};
+use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
+use super::attention::{Attention, Rotary, Rounding};
+use super::config::{self as names, AwqFormat, ModelSpec};
 use super::rope::Rope;
 use crate::quant::pack::{gemv_zeros_width, unpack, Layout, Packed};
 use crate::quant::rtn::Quantized;
@@ -20,17 +23,6 @@ use crate::io::reader::Checkpoint;
 pub fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}")
 }
-
-/// The seven projections of a Llama-family layer, in AWQ/checkpoint order.
-pub const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -123,94 +115,178 @@ pub fn read_packed_tensors(
     })
 }
 
-/// Inputs of every linear of one layer forward, `[tokens, in]` each.
-#[derive(Debug)]
+/// The input of every linear of one layer forward, `[tokens, in]` each, by [`Input`] kind
+/// (a parallel block has no separate MLP input).
+#[derive(Debug, Default)]
 pub struct LinearInputs {
-    /// `input_layernorm` output: the input of q/k/v (and of the attention block).
-    pub attn: Tensor,
-    /// Attention context: the input of `o_proj`.
-    pub o: Tensor,
-    /// `post_attention_layernorm` output: the input of gate/up (and of the MLP).
-    pub mlp: Tensor,
-    /// `silu(gate) * up`: the input of `down_proj`.
-    pub down: Tensor,
+    slots: [Option<Tensor>; 4],
+}
+
+impl LinearInputs {
+    pub fn get(&self, input: Input) -> &Tensor {
+        self.slots[input.index()]
+            .as_ref()
+            .expect("the layer captures every input its linears read")
+    }
+
+    pub fn get_mut(&mut self, input: Input) -> &mut Tensor {
+        self.slots[input.index()]
+            .as_mut()
+            .expect("the layer captures every input its linears read")
+    }
+
+    /// Removes and returns one input (dropping it frees its memory).
+    pub fn take(&mut self, input: Input) -> Option<Tensor> {
+        self.slots[input.index()].take()
+    }
+
+    pub fn set(&mut self, input: Input, t: Tensor) {
+        self.slots[input.index()] = Some(t);
+    }
+
+    /// The captured inputs with their kinds.
+    pub fn iter(&self) -> impl Iterator<Item = (Input, &Tensor)> {
+        Input::ALL
+            .into_iter()
+            .filter_map(|i| self.slots[i.index()].as_ref().map(|t| (i, t)))
+    }
+}
+
+/// A norm's parameters: `weight: [width]` and, for LayerNorms with bias, `bias: [width]`.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Norm {
+    /// Normalises each row of `x: [rows, width]` the way `spec.norm` says, in f32.
+    pub fn apply(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
+        let eps = spec.norm_eps as f32;
+        Ok(match spec.norm {
+            NormKind::Rms => candle_nn::ops::rms_norm(x, &self.weight, eps)?,
+            NormKind::RmsOnePlus => candle_nn::ops::rms_norm(x, &(&self.weight + 1.0)?, eps)?,
+            NormKind::Layer => {
+                let bias = match &self.bias {
+                    Some(b) => b.clone(),
+                    None => self.weight.zeros_like()?,
+                };
+                candle_nn::ops::layer_norm(x, &self.weight, &bias, eps)?
+            }
+        })
+    }
+
+    /// Folds `1/s` into the norm so that its output columns are divided by `s` (AWQ-SPEC §5):
+    /// `w/s` (and `b/s`); for `(1 + w)` norms `(1 + w)/s − 1`.
+    pub fn divide(&mut self, kind: NormKind, s: &Tensor) -> Result<()> {
+        self.weight = match kind {
+            NormKind::RmsOnePlus => ((&self.weight + 1.0)?.broadcast_div(s)? - 1.0)?,
+            NormKind::Rms | NormKind::Layer => self.weight.broadcast_div(s)?,
+        };
+        if let Some(b) = &self.bias {
+            self.bias = Some(b.broadcast_div(s)?);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
-    pub input_norm: Tensor,
-    pub post_norm: Tensor,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
+    /// Decoder layer index (its window and rope base depend on it).
+    pub index: usize,
+    /// Norms by name relative to the layer, in [`ModelSpec::layer_norms`] order.
+    pub norms: Vec<(&'static str, Norm)>,
+    /// Linears by name relative to the layer, in [`ModelSpec::linears`] order.
+    pub linears: Vec<(&'static str, Linear)>,
 }
 
 impl LayerWeights {
     pub fn load(ckpt: &Checkpoint, spec: &ModelSpec, i: usize) -> Result<Self> {
         let p = layer_prefix(i);
-        let (d, hd) = (spec.hidden, spec.head_dim);
-        let (qd, kvd) = (spec.heads * hd, spec.kv_heads * hd);
-        let lin = |name: &str, out, inp, bias| {
-            Linear::load(ckpt, spec, &format!("{p}.{name}"), out, inp, bias)
-        };
-        let norm = |name: &str, n| ckpt.f32(&format!("{p}.{name}.weight"), &[n]);
+        let norms = spec
+            .layer_norms()
+            .into_iter()
+            .map(|(name, width)| {
+                let t = |part: &str| ckpt.f32(&format!("{p}.{name}.{part}"), &[width]);
+                let bias = match spec.norm_has_bias(name) {
+                    true => Some(t("bias")?),
+                    false => None,
+                };
+                Ok((name, Norm { weight: t("weight")?, bias }))
+            })
+            .collect::<Result<_>>()?;
+        let linears = spec
+            .linears()
+            .into_iter()
+            .map(|l| {
+                let lin = Linear::load(ckpt, spec, &format!("{p}.{}", l.name), l.out, l.inp, l.bias)?;
+                Ok((l.name, lin))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
-            input_norm: norm("input_layernorm", d)?,
-            post_norm: norm("post_attention_layernorm", d)?,
-            q: lin("self_attn.q_proj", qd, d, spec.qkv_bias)?,
-            k: lin("self_attn.k_proj", kvd, d, spec.qkv_bias)?,
-            v: lin("self_attn.v_proj", kvd, d, spec.qkv_bias)?,
-            o: lin("self_attn.o_proj", d, qd, spec.o_bias)?,
-            gate: lin("mlp.gate_proj", spec.intermediate, d, spec.mlp_bias)?,
-            up: lin("mlp.up_proj", spec.intermediate, d, spec.mlp_bias)?,
-            down: lin("mlp.down_proj", d, spec.intermediate, spec.mlp_bias)?,
-            q_norm: if spec.qk_norm {
-                Some(norm("self_attn.q_norm", hd)?)
-            } else {
-                None
-            },
-            k_norm: if spec.qk_norm {
-                Some(norm("self_attn.k_norm", hd)?)
-            } else {
-                None
-            },
+            index: i,
+            norms,
+            linears,
         })
     }
 
-    /// The linears with their names relative to the layer, in [`LINEARS`] order.
-    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
-        [
-            (LINEARS[0], &self.q),
-            (LINEARS[1], &self.k),
-            (LINEARS[2], &self.v),
-            (LINEARS[3], &self.o),
-            (LINEARS[4], &self.gate),
-            (LINEARS[5], &self.up),
-            (LINEARS[6], &self.down),
-        ]
+    /// The linear `name` (relative to the layer). Panics for a name the spec does not list.
+    pub fn linear(&self, name: &str) -> &Linear {
+        let found = self.linears.iter().find(|(n, _)| *n == name);
+        &found.unwrap_or_else(|| panic!("no linear {name}")).1
     }
 
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
-        [
-            (LINEARS[0], &mut self.q),
-            (LINEARS[1], &mut self.k),
-            (LINEARS[2], &mut self.v),
-            (LINEARS[3], &mut self.o),
-            (LINEARS[4], &mut self.gate),
-            (LINEARS[5], &mut self.up),
-            (LINEARS[6], &mut self.down),
-        ]
+    pub fn linear_mut(&mut self, name: &str) -> &mut Linear {
+        let found = self.linears.iter_mut().find(|(n, _)| *n == name);
+        &mut found.unwrap_or_else(|| panic!("no linear {name}")).1
+    }
+
+    /// The norm `name` (relative to the layer). Panics for a name the spec does not list.
+    pub fn norm(&self, name: &str) -> &Norm {
+        let found = self.norms.iter().find(|(n, _)| *n == name);
+        &found.unwrap_or_else(|| panic!("no norm {name}")).1
+    }
+
+    pub fn norm_mut(&mut self, name: &str) -> &mut Norm {
+        let found = self.norms.iter_mut().find(|(n, _)| *n == name);
+        &mut found.unwrap_or_else(|| panic!("no norm {name}")).1
+    }
+
+    /// q, k and v `[tokens, heads · head_dim]` row-major (rope not applied), after the optional
+    /// per-head q/k norms.
+    fn qkv(&self, spec: &ModelSpec, x: &Tensor) -> Result<[Vec<f32>; 3]> {
+        let tokens = x.dim(0)?;
+        let (hd, qd, kvd) = (spec.head_dim, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let [q, k, v] = match spec.attn_proj {
+            AttnProj::Separate => [names::Q_PROJ, names::K_PROJ, names::V_PROJ]
+                .map(|n| self.linear(n).forward(x)),
+            AttnProj::Fused => {
+                let y = self.linear(names::QKV_PROJ).forward(x)?;
+                [(0, qd), (qd, kvd), (qd + kvd, kvd)].map(|(at, len)| Ok(y.narrow(1, at, len)?))
+            }
+        };
+        let head_norm = |t: Tensor, norm: &str| -> Result<Tensor> {
+            let t = r(t)?;
+            if !spec.qk_norm {
+                return Ok(t);
+            }
+            let width = t.dim(1)?;
+            let rows = t.contiguous()?.reshape((tokens * width / hd, hd))?;
+            r(self.norm(norm).apply(spec, &rows)?.reshape((tokens, width))?)
+        };
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        Ok([
+            flat(head_norm(q?, names::Q_NORM)?)?,
+            flat(head_norm(k?, names::K_NORM)?)?,
+            flat(r(v?)?)?,
+        ])
     }
 
     /// Attention context (the input of `o_proj`) for `x = input_layernorm(h)`: the
     /// projections, the optional per-head q/k norms, then [`Attention`] (rope, causal softmax,
-    /// grouped-query heads, sliding window) without materialised scores.
+    /// grouped-query heads, this layer's sliding window, soft-capping) without materialised
+    /// scores.
     pub fn attention_context(
         &self,
         spec: &ModelSpec,
@@ -219,33 +295,23 @@ impl LayerWeights {
         seq_len: usize,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
-        let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
-        let r = |t: Tensor| round_to(t, spec.serve_dtype);
-        let project = |lin: &Linear, nh: usize, norm: &Option<Tensor>| -> Result<Vec<f32>> {
-            let t = r(lin.forward(x)?)?;
-            let t = match norm {
-                Some(w) => r(candle_nn::ops::rms_norm(
-                    &t.reshape((tokens * nh, hd))?,
-                    w,
-                    spec.rms_eps as f32,
-                )?)?,
-                None => t,
-            };
-            Ok(t.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let q = project(&self.q, h, &self.q_norm)?;
-        let k = project(&self.k, kvh, &self.k_norm)?;
-        let v = project(&self.v, kvh, &None)?;
+        let (h, hd) = (spec.heads, spec.head_dim);
+        let [q, k, v] = self.qkv(spec, x)?;
+        let (cos, sin) = rope.tables(spec.local_rope(self.index));
         let attention = Attention {
             seq_len,
             heads: h,
-            kv_heads: kvh,
+            kv_heads: spec.kv_heads,
             head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-            window: spec.sliding_window,
-            softcap: None,
-            cos: &rope.cos,
-            sin: &rope.sin,
+            scale: spec.attn_scale as f32,
+            window: spec.window(self.index),
+            softcap: spec.attn_softcap.map(|c| c as f32),
+            rotary: Rotary {
+                cos,
+                sin,
+                dim: spec.rotary_dim,
+                interleaved: spec.rope_interleaved,
+            },
             round: Rounding::from_dtype(spec.serve_dtype),
         };
         let start = std::time::Instant::now();
@@ -262,22 +328,53 @@ impl LayerWeights {
         x: &Tensor,
         seq_len: usize,
     ) -> Result<Tensor> {
-        self.o
+        self.linear(names::O_PROJ)
             .forward(&self.attention_context(spec, rope, x, seq_len)?)
     }
 
-    /// Input of `down_proj` for `x = post_attention_layernorm(h)`.
-    pub fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)
+    /// The MLP's hidden activation (the input of `down_proj` / `c_proj`) for its input `x`.
+    pub fn mlp_hidden(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let act = |t: &Tensor| -> Result<Tensor> {
+            Ok(match spec.act {
+                Act::Silu => candle_nn::ops::silu(t)?,
+                Act::GeluTanh => t.gelu()?,
+                Act::Gelu => t.gelu_erf()?,
+            })
+        };
+        let (gate, up) = match spec.mlp {
+            Mlp::Plain => return r(act(&r(self.linear(names::C_FC).forward(x)?)?)?),
+            Mlp::Gated => (
+                self.linear(names::GATE_PROJ).forward(x)?,
+                self.linear(names::UP_PROJ).forward(x)?,
+            ),
+            Mlp::FusedGated => {
+                let y = self.linear(names::GATE_UP_PROJ).forward(x)?;
+                let i = y.dim(1)? / 2;
+                (y.narrow(1, 0, i)?.contiguous()?, y.narrow(1, i, i)?.contiguous()?)
+            }
+        };
+        match (spec.act, spec.serve_dtype) {
+            (Act::Silu, None) => crate::ops::silu_mul(&gate, &up),
+            // Each op rounded on its own, as a server does: act(gate), then the product.
+            _ => r((r(act(&r(gate)?)?)? * r(up)?)?),
+        }
     }
 
-    /// `down(silu(gate(x)) * up(x))`: AWQ's inspected MLP module.
-    pub fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&self.mlp_hidden(x)?)
+    /// The MLP's output projection (`down_proj` / `c_proj`).
+    pub fn mlp_out(&self, spec: &ModelSpec) -> &Linear {
+        self.linear(match spec.mlp {
+            Mlp::Plain => names::C_PROJ,
+            Mlp::Gated | Mlp::FusedGated => names::DOWN_PROJ,
+        })
     }
 
-    /// The full layer: `h + attn(norm(h))`, then `+ mlp(norm(·))`. With `capture`, also the input
-    /// of every linear.
+    /// The whole MLP for its input `x`: AWQ's inspected MLP module.
+    pub fn mlp(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
+        self.mlp_out(spec).forward(&self.mlp_hidden(spec, x)?)
+    }
+
+    /// The full layer for `h: [tokens, hidden]`. With `capture`, also the input of every linear.
     pub fn forward(
         &self,
         spec: &ModelSpec,
@@ -286,29 +383,48 @@ impl LayerWeights {
         seq_len: usize,
         capture: bool,
     ) -> Result<(Tensor, Option<LinearInputs>)> {
-        let eps = spec.rms_eps as f32;
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
-        let attn_in = r(candle_nn::ops::rms_norm(h, &self.input_norm, eps)?)?;
-        let ctx = self.attention_context(spec, rope, &attn_in, seq_len)?;
-        let h = r((h + r(self.o.forward(&ctx)?)?)?)?;
-        let mlp_in = r(candle_nn::ops::rms_norm(&h, &self.post_norm, eps)?)?;
-        let down_in = match spec.serve_dtype {
-            None => self.mlp_hidden(&mlp_in)?,
-            // Each op rounded on its own, as a server does: silu(gate), then the product.
-            Some(_) => {
-                let gate = r(self.gate.forward(&mlp_in)?)?;
-                let up = r(self.up.forward(&mlp_in)?)?;
-                r((r(candle_nn::ops::silu(&gate)?)? * up)?)?
+        let residual = |t: Tensor| -> Result<Tensor> {
+            if spec.residual_mult == 1.0 {
+                return Ok(t);
+            }
+            r((t * spec.residual_mult)?)
+        };
+        let norm = |name: &str, t: &Tensor| r(self.norm(name).apply(spec, t)?);
+        let x = norm(names::INPUT_NORM, h)?;
+        let ctx = self.attention_context(spec, rope, &x, seq_len)?;
+        let attn = r(self.linear(names::O_PROJ).forward(&ctx)?)?;
+        let mut inputs = LinearInputs::default();
+        let out = match spec.block {
+            Block::Parallel => {
+                let hidden = self.mlp_hidden(spec, &x)?;
+                let mlp = r(self.mlp_out(spec).forward(&hidden)?)?;
+                let out = r((r((h + residual(attn)?)?)? + residual(mlp)?)?)?;
+                inputs.set(Input::Down, hidden);
+                out
+            }
+            Block::Sequential | Block::Sandwich => {
+                let sandwich = spec.block == Block::Sandwich;
+                let attn = match sandwich {
+                    true => norm(names::POST_ATTN_NORM, &attn)?,
+                    false => attn,
+                };
+                let h = r((h + residual(attn)?)?)?;
+                let mlp_in = norm(spec.mlp_norm().expect("sequential blocks have one"), &h)?;
+                let hidden = self.mlp_hidden(spec, &mlp_in)?;
+                let mlp = r(self.mlp_out(spec).forward(&hidden)?)?;
+                let mlp = match sandwich {
+                    true => norm(names::POST_FFN_NORM, &mlp)?,
+                    false => mlp,
+                };
+                inputs.set(Input::Mlp, mlp_in);
+                inputs.set(Input::Down, hidden);
+                r((h + residual(mlp)?)?)?
             }
         };
-        let out = r((h + r(self.down.forward(&down_in)?)?)?)?;
-        let inputs = capture.then_some(LinearInputs {
-            attn: attn_in,
-            o: ctx,
-            mlp: mlp_in,
-            down: down_in,
-        });
-        Ok((out, inputs))
+        inputs.set(Input::Attn, x);
+        inputs.set(Input::O, ctx);
+        Ok((out, capture.then_some(inputs)))
     }
 }
 
@@ -319,9 +435,4 @@ pub fn round_to(t: Tensor, dtype: Option<candle_core::DType>) -> Result<Tensor> 
         Some(dt) => t.to_dtype(dt)?.to_dtype(candle_core::DType::F32)?,
         None => t,
     })
-}
-
-/// Final RMSNorm helper shared by the model head.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
 }

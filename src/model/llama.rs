@@ -5,6 +5,7 @@ use super::config::{HfConfig, ModelSpec};
 use crate::error::Result;
 
 pub const ARCHITECTURE: &str = "LlamaForCausalLM";
+pub const MODEL_TYPE: &str = "llama";
 
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     // transformers' LlamaConfig: tie_word_embeddings defaults to false; attention_bias covers

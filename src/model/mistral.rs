@@ -4,6 +4,7 @@ use super::config::{HfConfig, ModelSpec};
 use crate::error::Result;
 
 pub const ARCHITECTURE: &str = "MistralForCausalLM";
+pub const MODEL_TYPE: &str = "mistral";
 
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     let mut spec = cfg.base_spec(false)?;
@@ -11,6 +12,6 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     spec.qkv_bias = false;
     spec.o_bias = false;
     spec.mlp_bias = false;
-    spec.sliding_window = cfg.sliding_window;
+    spec.sliding_window = cfg.window()?;
     Ok(spec)
 }

@@ -4,15 +4,24 @@
 //! callers ask for the embedding of some ids, for decoder layer `i` (converted to f32 on demand
 //! and dropped by the caller), and for the head. That is what keeps memory at one layer.
 
+pub mod arch;
 pub mod attention;
+pub mod cohere;
 pub mod config;
+pub mod gemma;
+pub mod gemma2;
+pub mod gemma3;
+pub mod granite;
 pub mod groups;
 pub mod layer;
 pub mod llama;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
+pub mod stablelm;
+pub mod starcoder2;
 
 use std::path::{Path, PathBuf};
 
@@ -22,30 +31,48 @@ use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
 use config::{HfConfig, ModelSpec};
-use layer::{layer_prefix, LayerWeights};
+use layer::{layer_prefix, LayerWeights, Norm};
 
 type SpecFn = fn(&HfConfig) -> Result<ModelSpec>;
 
-/// Supported `architectures[0]` values and the family rules that resolve their spec.
-const FAMILIES: [(&str, SpecFn); 4] = [
-    (llama::ARCHITECTURE, llama::spec),
-    (mistral::ARCHITECTURE, mistral::spec),
-    (qwen2::ARCHITECTURE, qwen2::spec),
-    (qwen3::ARCHITECTURE, qwen3::spec),
+/// One supported family: `architectures[0]`, the `model_type` transformers'
+/// `AutoModelForCausalLM` maps to it (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, for configs without
+/// `architectures`), and the rules that resolve its spec.
+struct Family {
+    architecture: &'static str,
+    model_type: &'static str,
+    spec: SpecFn,
+}
+
+macro_rules! family {
+    ($m:ident) => {
+        Family {
+            architecture: $m::ARCHITECTURE,
+            model_type: $m::MODEL_TYPE,
+            spec: $m::spec,
+        }
+    };
+}
+
+/// Every supported family: adding one is a file in this folder and a row here.
+const FAMILIES: [Family; 12] = [
+    family!(llama),
+    family!(mistral),
+    family!(qwen2),
+    family!(qwen3),
+    family!(gemma),
+    family!(gemma2),
+    family!(gemma3),
+    family!(phi3),
+    family!(stablelm),
+    family!(starcoder2),
+    family!(cohere),
+    family!(granite),
 ];
 
 pub fn supported_architectures() -> Vec<&'static str> {
-    FAMILIES.iter().map(|(name, _)| *name).collect()
+    FAMILIES.iter().map(|f| f.architecture).collect()
 }
-
-/// `model_type` → the class transformers' `AutoModelForCausalLM` picks for it
-/// (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), for configs that have no `architectures`.
-const MODEL_TYPES: [(&str, &str); 4] = [
-    ("llama", llama::ARCHITECTURE),
-    ("mistral", mistral::ARCHITECTURE),
-    ("qwen2", qwen2::ARCHITECTURE),
-    ("qwen3", qwen3::ARCHITECTURE),
-];
 
 /// The architecture a config names: `architectures[0]`, or, when `architectures` is missing or
 /// empty, the class transformers maps `model_type` to (`None` for an unknown or absent
@@ -55,10 +82,10 @@ pub fn resolve_architecture(cfg: &HfConfig) -> Option<String> {
         return Some(arch.clone());
     }
     let model_type = cfg.model_type.as_deref()?;
-    MODEL_TYPES
+    FAMILIES
         .iter()
-        .find(|(t, _)| *t == model_type)
-        .map(|(_, arch)| arch.to_string())
+        .find(|f| f.model_type == model_type)
+        .map(|f| f.architecture.to_string())
 }
 
 /// Reads and resolves `config.json`.
@@ -71,8 +98,8 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
     let arch = resolve_architecture(&cfg);
     let family = arch
         .as_deref()
-        .and_then(|a| FAMILIES.iter().find(|(name, _)| *name == a));
-    let Some((_, spec_fn)) = family else {
+        .and_then(|a| FAMILIES.iter().find(|f| f.architecture == a));
+    let Some(Family { spec: spec_fn, .. }) = family else {
         let supported = supported_architectures().join(", ");
         return Err(match (&arch, &cfg.model_type) {
             (Some(a), _) => input_err!(
@@ -83,7 +110,7 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
                 "{}: \"architectures\" is missing and model_type {t:?} is not supported; \
                  supported: {supported} (model_type {})",
                 config_path.display(),
-                MODEL_TYPES.map(|(t, _)| t).join(", ")
+                FAMILIES.map(|f| f.model_type).join(", ")
             ),
             (None, None) => input_err!(
                 "{}: \"architectures\" and \"model_type\" are both missing; add \"architectures\" \
@@ -157,6 +184,9 @@ impl Model {
         }
         self.ckpt.expect_shape(EMBED, &[s.vocab, s.hidden])?;
         self.ckpt.expect_shape(FINAL_NORM, &[s.hidden])?;
+        if s.norm_bias {
+            self.ckpt.expect_shape(FINAL_NORM_BIAS, &[s.hidden])?;
+        }
         if !s.tied_embeddings {
             self.ckpt.expect_shape(LM_HEAD, &[s.vocab, s.hidden])?;
         }
@@ -164,13 +194,15 @@ impl Model {
             let p = layer_prefix(i);
             let expect =
                 |name: &str, shape: &[usize]| self.ckpt.expect_shape(&format!("{p}.{name}"), shape);
-            expect("input_layernorm.weight", &[s.hidden])?;
-            expect("post_attention_layernorm.weight", &[s.hidden])?;
+            for (name, width) in s.layer_floats() {
+                expect(&name, &[width])?;
+            }
             for config::LinearShape {
                 name,
                 out,
                 inp,
                 bias,
+                ..
             } in s.linears()
             {
                 match s.awq {
@@ -186,10 +218,6 @@ impl Model {
                     expect(&format!("{name}.bias"), &[out])?;
                 }
             }
-            if s.qk_norm {
-                expect("self_attn.q_norm.weight", &[s.head_dim])?;
-                expect("self_attn.k_norm.weight", &[s.head_dim])?;
-            }
         }
         Ok(())
     }
@@ -199,16 +227,19 @@ impl Model {
     pub fn tensor_roles(&self) -> Vec<(String, bool)> {
         let s = &self.spec;
         let mut out = vec![(EMBED.to_string(), false), (FINAL_NORM.to_string(), false)];
+        if s.norm_bias {
+            out.push((FINAL_NORM_BIAS.to_string(), false));
+        }
         if !s.tied_embeddings {
             out.push((LM_HEAD.to_string(), false));
         }
         for i in 0..s.layers {
             let p = layer_prefix(i);
-            let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
-            if s.qk_norm {
-                norms.extend(["self_attn.q_norm", "self_attn.k_norm"]);
-            }
-            out.extend(norms.iter().map(|n| (format!("{p}.{n}.weight"), false)));
+            out.extend(
+                s.layer_floats()
+                    .into_iter()
+                    .map(|(n, _)| (format!("{p}.{n}"), false)),
+            );
             for l in s.linears() {
                 out.push((format!("{p}.{}.weight", l.name), true));
                 if l.bias {
@@ -255,11 +286,16 @@ impl Model {
         Ok(beyond)
     }
 
-    /// Embedding rows for `ids`: `[ids.len(), hidden]`.
+    /// Embedding rows for `ids`, times the family's embedding scale: `[ids.len(), hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        self.ckpt
+        let rows = self
+            .ckpt
             .rows_f32(EMBED, &[self.spec.vocab, self.spec.hidden], ids)
-            .inspect(|_| self.ckpt.release(EMBED))
+            .inspect(|_| self.ckpt.release(EMBED))?;
+        Ok(match self.spec.embed_scale {
+            Some(scale) => (rows * scale)?,
+            None => rows,
+        })
     }
 
     /// Decoder layer `i` converted to f32.
@@ -269,8 +305,24 @@ impl Model {
         Ok(layer)
     }
 
-    pub fn final_norm(&self) -> Result<Tensor> {
-        self.ckpt.f32(FINAL_NORM, &[self.spec.hidden])
+    /// The final norm `model.norm` (weight, and bias for LayerNorms with bias).
+    pub fn final_norm(&self) -> Result<Norm> {
+        let d = self.spec.hidden;
+        Ok(Norm {
+            weight: self.ckpt.f32(FINAL_NORM, &[d])?,
+            bias: match self.spec.norm_bias {
+                true => Some(self.ckpt.f32(FINAL_NORM_BIAS, &[d])?),
+                false => None,
+            },
+        })
+    }
+
+    /// The final norm and the output projection, ready to turn hidden states into logits.
+    pub fn head(&self) -> Result<Head> {
+        Ok(Head {
+            norm: self.final_norm()?,
+            weight_t: self.lm_head()?.t()?,
+        })
     }
 
     /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
@@ -295,8 +347,32 @@ pub struct OutOfRange {
     pub value: f32,
 }
 
+/// The final norm and the transposed output projection `[hidden, vocab]`.
+pub struct Head {
+    pub norm: Norm,
+    pub weight_t: Tensor,
+}
+
+impl Head {
+    /// Logits `[tokens, vocab]` for hidden states `h: [tokens, hidden]`: final norm, projection,
+    /// the family's logit multiplier (Cohere, Granite) and soft-capping (Gemma 2/3), each op
+    /// rounded to `spec.serve_dtype` when set.
+    pub fn logits(&self, spec: &ModelSpec, h: &Tensor) -> Result<Tensor> {
+        let r = |t: Tensor| layer::round_to(t, spec.serve_dtype);
+        let mut logits = r(r(self.norm.apply(spec, h)?)?.matmul(&self.weight_t)?)?;
+        if spec.logit_mult != 1.0 {
+            logits = r((logits * spec.logit_mult)?)?;
+        }
+        if let Some(cap) = spec.final_softcap {
+            logits = r(((logits / cap)?.tanh()? * cap)?)?;
+        }
+        Ok(logits)
+    }
+}
+
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
+pub const FINAL_NORM_BIAS: &str = "model.norm.bias";
 pub const LM_HEAD: &str = "lm_head.weight";
 
 #[cfg(test)]
@@ -319,9 +395,9 @@ mod tests {
 
     #[test]
     fn missing_architectures_falls_back_to_model_type() {
-        for (model_type, arch) in MODEL_TYPES {
-            let spec = spec_for(serde_json::json!({"model_type": model_type})).unwrap();
-            assert_eq!(spec.architecture, arch);
+        for f in FAMILIES {
+            let spec = spec_for(serde_json::json!({"model_type": f.model_type})).unwrap();
+            assert_eq!(spec.architecture, f.architecture);
         }
         // The family rules apply, not just the name: Qwen2 has q/k/v biases, Qwen3 q/k norms.
         assert!(

@@ -4,6 +4,7 @@ use super::config::{HfConfig, ModelSpec};
 use crate::error::Result;
 
 pub const ARCHITECTURE: &str = "Qwen2ForCausalLM";
+pub const MODEL_TYPE: &str = "qwen2";
 
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     let mut spec = cfg.base_spec(false)?;

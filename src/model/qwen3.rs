@@ -5,6 +5,7 @@ use super::config::{HfConfig, ModelSpec};
 use crate::error::Result;
 
 pub const ARCHITECTURE: &str = "Qwen3ForCausalLM";
+pub const MODEL_TYPE: &str = "qwen3";
 
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     let mut spec = cfg.base_spec(false)?;

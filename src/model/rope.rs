@@ -5,9 +5,12 @@ use super::config::{ModelSpec, RopeKind};
 use crate::error::Result;
 
 pub struct Rope {
-    /// `[max_len, head_dim / 2]` row-major, already multiplied by [`attention_scaling`].
+    /// `[max_len, rotary_dim / 2]` row-major, already multiplied by [`attention_scaling`].
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    /// The tables of the sliding layers when they use their own base (Gemma 3's
+    /// `rope_local_base_freq`, unscaled).
+    pub local: Option<Box<Rope>>,
 }
 
 /// `theta^(2i / dim)` for `i < dim / 2`, in f32 as transformers computes it (positions per radian).
@@ -23,7 +26,7 @@ fn wavelength_terms(theta: f64, dim: usize) -> impl Iterator<Item = f32> {
 /// from the longest position it has seen; every sequence we run has the length the tables are
 /// built for, so `seq_len` is that length ([`Rope::new`]'s `max_len`).
 pub fn inv_freq(spec: &ModelSpec, seq_len: usize) -> Vec<f32> {
-    let dim = spec.head_dim;
+    let dim = spec.rotary_dim;
     let raw = wavelength_terms(spec.rope_theta, dim).map(|p| 1.0f32 / p);
     match &spec.rope {
         RopeKind::Default => raw.collect(),
@@ -152,7 +155,27 @@ impl Rope {
                 sin.push(angle.sin() * scale);
             }
         }
-        Ok(Self { cos, sin })
+        let local = match spec.local_rope_theta {
+            Some(theta) => {
+                let local_spec = ModelSpec {
+                    rope_theta: theta,
+                    rope: RopeKind::Default,
+                    local_rope_theta: None,
+                    ..spec.clone()
+                };
+                Some(Box::new(Self::new(&local_spec, max_len)?))
+            }
+            None => None,
+        };
+        Ok(Self { cos, sin, local })
+    }
+
+    /// The (cos, sin) tables for a global layer, or for a sliding layer that uses the local base.
+    pub fn tables(&self, local: bool) -> (&[f32], &[f32]) {
+        match (&self.local, local) {
+            (Some(l), true) => (&l.cos, &l.sin),
+            _ => (&self.cos, &self.sin),
+        }
     }
 }
 

@@ -6,60 +6,27 @@ use candle_core::Tensor;
 use super::QuantizeOptions;
 use crate::error::{Error, Result};
 use crate::io::writer::OutTensor;
-use crate::model::groups::{Input, Inspect, PrevOp, ScaleGroup, LLAMA_GROUPS};
-use crate::model::layer::{layer_prefix, LayerWeights, Linear, LinearInputs};
+use crate::model::config::ModelSpec;
+use crate::model::groups::{Inspect, PrevOp, ScaleGroup};
+use crate::model::layer::{layer_prefix, LayerWeights, LinearInputs};
 use crate::model::rope::Rope;
 use crate::quant::pack::pack;
 use crate::quant::search::{self, Gram, Grid, ScaleChoice};
 use crate::quant::{reduce, rtn};
 
-/// Which captured activation feeds a linear: the same as the group that scales it.
-pub(super) fn input_of(linear: &str) -> Input {
-    LLAMA_GROUPS
-        .iter()
-        .find(|g| g.linears.contains(&linear))
-        .map_or(Input::Attn, |g| g.input)
-}
-
-fn group_input(inputs: &LinearInputs, input: Input) -> &Tensor {
-    match input {
-        Input::Attn => &inputs.attn,
-        Input::O => &inputs.o,
-        Input::Mlp => &inputs.mlp,
-        Input::Down => &inputs.down,
-    }
-}
-
-fn linear<'a>(layer: &'a LayerWeights, name: &str) -> &'a Linear {
-    layer
-        .linears()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, l)| l)
-        .expect("linear from the group table")
-}
-
-fn linear_mut<'a>(layer: &'a mut LayerWeights, name: &str) -> &'a mut Linear {
-    layer
-        .linears_mut()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, l)| l)
-        .expect("linear from the group table")
-}
-
 fn inspect(
     layer: &LayerWeights,
     g: &ScaleGroup,
     x: &Tensor,
-    spec: &crate::model::config::ModelSpec,
+    spec: &ModelSpec,
     rope: &Rope,
     seqlen: usize,
 ) -> Result<Tensor> {
     match g.inspect {
         Inspect::SelfAttn => layer.self_attn(spec, rope, x, seqlen),
-        Inspect::Mlp => layer.mlp(x),
-        Inspect::Linear => linear(layer, g.linears[0]).forward(x),
+        Inspect::Mlp => layer.mlp(spec, x),
+        Inspect::Block => Ok((layer.self_attn(spec, rope, x, seqlen)? + layer.mlp(spec, x)?)?),
+        Inspect::Linear => layer.linear(g.linears[0]).forward(x),
     }
 }
 
@@ -67,13 +34,13 @@ pub(super) fn search_group(
     layer: &LayerWeights,
     g: &ScaleGroup,
     inputs: &LinearInputs,
-    spec: &crate::model::config::ModelSpec,
+    spec: &ModelSpec,
     rope: &Rope,
     seqlen: usize,
     opts: &QuantizeOptions,
 ) -> Result<ScaleChoice> {
-    let x_all = group_input(inputs, g.input);
-    let weights: Vec<&Tensor> = g.linears.iter().map(|n| &linear(layer, n).weight).collect();
+    let x_all = inputs.get(g.input);
+    let weights: Vec<&Tensor> = g.linears.iter().map(|n| &layer.linear(n).weight).collect();
     let x_mean = search::x_mean(x_all)?;
     let subset = match opts.search_blocks {
         Some(n) => Some(search_subset(x_all, seqlen, n)?),
@@ -120,9 +87,9 @@ pub(super) fn search_group(
         if !fits(s) {
             return Ok(f64::INFINITY);
         }
-        for n in g.linears {
-            linear_mut(&mut scratch, n).weight =
-                search::scaled_fake_quant(&linear(layer, n).weight, s, opts.group)?;
+        for n in &g.linears {
+            scratch.linear_mut(n).weight =
+                search::scaled_fake_quant(&layer.linear(n).weight, s, opts.group)?;
         }
         let mut sum = 0f64;
         for (p, r) in pieces.iter().zip(&reference) {
@@ -165,6 +132,7 @@ fn search_subset(x: &Tensor, seqlen: usize, n: usize) -> Result<Tensor> {
 
 /// AWQ-SPEC §5: prev op ÷ s, scaled linears' input columns × s, cached inputs ÷ s.
 pub(super) fn apply_scales(
+    spec: &ModelSpec,
     layer: &mut LayerWeights,
     inputs: &mut LinearInputs,
     g: &ScaleGroup,
@@ -176,10 +144,9 @@ pub(super) fn apply_scales(
     let n = s.len();
     let st = Tensor::from_slice(s, n, &candle_core::Device::Cpu)?;
     match g.prev {
-        PrevOp::InputNorm => layer.input_norm = layer.input_norm.broadcast_div(&st)?,
-        PrevOp::PostNorm => layer.post_norm = layer.post_norm.broadcast_div(&st)?,
+        PrevOp::Norm(name) => layer.norm_mut(name).divide(spec.norm, &st)?,
         PrevOp::Linear(name) => {
-            let prev = linear_mut(layer, name);
+            let prev = layer.linear_mut(name);
             // The last `n` output rows (all of them for v_proj / up_proj).
             let rows = prev.out_features();
             let col = st.reshape((n, 1))?;
@@ -195,16 +162,11 @@ pub(super) fn apply_scales(
             }
         }
     }
-    for name in g.linears {
-        let lin = linear_mut(layer, name);
+    for name in &g.linears {
+        let lin = layer.linear_mut(name);
         lin.weight = lin.weight.broadcast_mul(&st)?;
     }
-    let x = match g.input {
-        Input::Attn => &mut inputs.attn,
-        Input::O => &mut inputs.o,
-        Input::Mlp => &mut inputs.mlp,
-        Input::Down => &mut inputs.down,
-    };
+    let x = inputs.get_mut(g.input);
     *x = x.broadcast_div(&st)?;
     Ok(())
 }
@@ -228,7 +190,7 @@ pub(super) fn layer_tensors(
 ) -> Result<Vec<OutTensor>> {
     let p = layer_prefix(i);
     let mut out = Vec::new();
-    for (name, lin) in layer.linears() {
+    for (name, lin) in &layer.linears {
         let (rows, cols) = lin.weight.dims2()?;
         let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
         if let Some(bad) = w.iter().position(|v| !v.is_finite()) {
@@ -265,14 +227,10 @@ pub(super) fn layer_tensors(
             out.push(OutTensor::f32(format!("{prefix}.bias"), b)?);
         }
     }
-    for (name, t) in [
-        ("self_attn.q_norm", &layer.q_norm),
-        ("self_attn.k_norm", &layer.k_norm),
-        ("input_layernorm", &Some(layer.input_norm.clone())),
-        ("post_attention_layernorm", &Some(layer.post_norm.clone())),
-    ] {
-        if let Some(t) = t {
-            out.push(OutTensor::f32(format!("{p}.{name}.weight"), t)?);
+    for (name, norm) in &layer.norms {
+        out.push(OutTensor::f32(format!("{p}.{name}.weight"), &norm.weight)?);
+        if let Some(b) = &norm.bias {
+            out.push(OutTensor::f32(format!("{p}.{name}.bias"), b)?);
         }
     }
     Ok(out)

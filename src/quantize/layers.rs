@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::layer::{apply_scales, group_absmax, input_of, layer_tensors, pieces, search_group};
+use super::layer::{apply_scales, group_absmax, layer_tensors, pieces, search_group};
 use super::prepare::Prepared;
 use super::report::{GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
@@ -15,7 +15,7 @@ use super::QuantizeOptions;
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::io::writer;
-use crate::model::groups::Input;
+use crate::model::arch::Input;
 use crate::model::groups::{clipped, scale_groups};
 use crate::model::layer::{LayerWeights, LinearInputs};
 use crate::model::rope::Rope;
@@ -124,7 +124,7 @@ fn quantize_layer(
     let mut choices = Vec::new();
     for g in scale_groups(spec) {
         let clock = Instant::now();
-        let choice = search_group(&layer, g, &inputs, spec, rope, seqlen, opts)?;
+        let choice = search_group(&layer, &g, &inputs, spec, rope, seqlen, opts)?;
         groups.push(GroupReport {
             group: g.name.to_string(),
             // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
@@ -136,13 +136,13 @@ fn quantize_layer(
         choices.push((g, choice));
     }
     for (g, choice) in &choices {
-        apply_scales(&mut layer, &mut inputs, g, &choice.scales)?;
+        apply_scales(spec, &mut layer, &mut inputs, g, &choice.scales)?;
     }
     t.search = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
     let clip_mean_shrink = if opts.clip {
-        clip_layer(&mut layer, inputs, opts.group)?
+        clip_layer(spec, &mut layer, inputs, opts.group)?
     } else {
         Vec::new()
     };
@@ -178,59 +178,50 @@ fn forward_captured(
     hidden: &Tensor,
     seqlen: usize,
 ) -> Result<(Tensor, LinearInputs)> {
-    let mut bufs: [Vec<f32>; 5] = Default::default();
-    let mut widths = [0usize; 5];
+    let tokens = hidden.dim(0)?;
+    // Slot 0 is the output, then one per captured input kind.
+    let mut bufs: Vec<(Option<Input>, Vec<f32>, usize)> = Vec::new();
     for piece in pieces(hidden, seqlen)? {
         let (out, inputs) = layer.forward(spec, rope, &piece, seqlen, true)?;
         let inputs = inputs.expect("captured");
-        for ((buf, width), t) in bufs.iter_mut().zip(&mut widths).zip([
-            &out,
-            &inputs.attn,
-            &inputs.o,
-            &inputs.mlp,
-            &inputs.down,
-        ]) {
-            if buf.is_empty() {
-                *width = t.dim(1)?;
-                buf.reserve_exact(hidden.dim(0)? * *width);
+        let parts = std::iter::once((None, &out)).chain(inputs.iter().map(|(k, t)| (Some(k), t)));
+        for (n, (kind, t)) in parts.enumerate() {
+            if bufs.len() == n {
+                let width = t.dim(1)?;
+                bufs.push((kind, Vec::with_capacity(tokens * width), width));
             }
-            buf.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            bufs[n].1.extend(t.flatten_all()?.to_vec1::<f32>()?);
         }
     }
-    let tokens = hidden.dim(0)?;
-    let [out, attn, o, mlp, down] = bufs;
-    let t = |v: Vec<f32>, w: usize| Tensor::from_vec(v, (tokens, w), &candle_core::Device::Cpu);
-    Ok((
-        t(out, widths[0])?,
-        LinearInputs {
-            attn: t(attn, widths[1])?,
-            o: t(o, widths[2])?,
-            mlp: t(mlp, widths[3])?,
-            down: t(down, widths[4])?,
-        },
-    ))
+    let mut captured = LinearInputs::default();
+    let mut out = None;
+    for (kind, buf, width) in bufs {
+        let t = Tensor::from_vec(buf, (tokens, width), &candle_core::Device::Cpu)?;
+        match kind {
+            Some(k) => captured.set(k, t),
+            None => out = Some(t),
+        }
+    }
+    Ok((out.expect("the layer output"), captured))
 }
 
 /// Searches and applies the clipping of every clipped linear; returns the mean shrink
 /// (clip value / abs-max) per linear. Consumes the captured activations: each is dropped as soon
 /// as the last linear that reads it is clipped.
 fn clip_layer(
+    spec: &crate::model::config::ModelSpec,
     layer: &mut LayerWeights,
-    inputs: LinearInputs,
+    mut inputs: LinearInputs,
     group: usize,
 ) -> Result<Vec<(String, f32)>> {
-    let LinearInputs { attn, o, mlp, down } = inputs;
+    let linears = spec.linears();
     let mut shrinks = Vec::new();
-    for (x, input) in [
-        (attn, Input::Attn),
-        (o, Input::O),
-        (mlp, Input::Mlp),
-        (down, Input::Down),
-    ] {
-        for (name, lin) in layer.linears_mut() {
-            if !clipped(name) || input_of(name) != input {
-                continue;
-            }
+    for input in Input::ALL {
+        let Some(x) = inputs.take(input) else {
+            continue;
+        };
+        for l in linears.iter().filter(|l| l.input == input && clipped(l.name)) {
+            let lin = layer.linear_mut(l.name);
             let max_val = clip::search(&lin.weight, &clip::subsample(&x)?, group)?;
             let absmax = group_absmax(&lin.weight, group)?;
             let shrink = max_val
@@ -239,7 +230,7 @@ fn clip_layer(
                 .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
                 .sum::<f32>()
                 / max_val.len() as f32;
-            shrinks.push((name.to_string(), shrink));
+            shrinks.push((l.name.to_string(), shrink));
             lin.weight = clip::apply(&lin.weight, &max_val, group)?;
         }
         drop(x);
@@ -251,7 +242,7 @@ fn clip_layer(
 /// would have to hold).
 fn max_abs_activations(out: &Tensor, inputs: &LinearInputs) -> Result<f32> {
     let mut m = 0f32;
-    for t in [out, &inputs.attn, &inputs.o, &inputs.mlp, &inputs.down] {
+    for t in std::iter::once(out).chain(inputs.iter().map(|(_, t)| t)) {
         // Read in place: an `abs()` tensor would double the largest activation for a moment.
         m = m.max(crate::quant::reduce::with_slice(t, |v| {
             v.iter().fold(0f32, |a, x| a.max(x.abs()))

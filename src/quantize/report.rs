@@ -149,16 +149,12 @@ pub(super) fn make_plan(
 ) -> Plan {
     let linears = spec.linears();
     let scale_groups = scale_groups(spec)
+        .into_iter()
         .map(|g| {
             (
                 g.name.to_string(),
                 g.linears.iter().map(|l| l.to_string()).collect(),
-                match g.inspect {
-                    crate::model::groups::Inspect::SelfAttn => "self_attn",
-                    crate::model::groups::Inspect::Mlp => "mlp",
-                    crate::model::groups::Inspect::Linear => "linear",
-                }
-                .to_string(),
+                g.inspect.name().to_string(),
             )
         })
         .collect();

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
-use crate::model::{Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, LM_HEAD};
+use crate::model::{Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
 
 /// The output's float dtype and why (for the report and the card).
 ///
@@ -138,15 +138,16 @@ fn head_tensors(
     let embed = model.ckpt.f32(EMBED, &shape)?.flatten_all()?.to_vec1()?;
     let mut head = vec![
         OutTensor::float(EMBED.into(), shape.clone(), &embed, dtype)?,
-        OutTensor::float(
-            FINAL_NORM.into(),
-            vec![spec.hidden],
-            &model.final_norm()?.to_vec1()?,
-            dtype,
-        )?,
     ];
     drop(embed);
-    names.push(FINAL_NORM.into());
+    let norm = model.final_norm()?;
+    let final_norm = [(FINAL_NORM, Some(norm.weight)), (FINAL_NORM_BIAS, norm.bias)];
+    for (name, t) in final_norm {
+        if let Some(t) = t {
+            head.push(OutTensor::float(name.into(), vec![spec.hidden], &t.to_vec1()?, dtype)?);
+            names.push(name.into());
+        }
+    }
     if !spec.tied_embeddings {
         let w = model.lm_head()?.flatten_all()?.to_vec1()?;
         head.push(OutTensor::float(LM_HEAD.into(), shape, &w, dtype)?);

@@ -1,0 +1,95 @@
+//! The components a decoder layer is built from. A family (one small file per architecture) is a
+//! choice of these plus its config defaults; the one decoder in `layer.rs` reads the choice, so
+//! adding a family is data, not a copy of the forward.
+
+use crate::error::Result;
+use crate::input_err;
+
+/// How a norm normalises (`input_layernorm`, the final `model.norm`, q/k norms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / rms(x) · w` (Llama, Qwen, Mistral, Phi-3, Granite).
+    Rms,
+    /// `x / rms(x) · (1 + w)` (Gemma 1/2/3): folding a scale `s` stores `(1 + w)/s − 1`.
+    RmsOnePlus,
+    /// `(x − mean) / std · w (+ b)` (StableLM and Starcoder2 with bias, Cohere without).
+    Layer,
+}
+
+/// How a layer combines attention and MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// `h += attn(input_layernorm(h))`; `h += mlp(post_attention_layernorm(h))`.
+    Sequential,
+    /// Gemma 2/3: `h += post_attention_layernorm(attn(input_layernorm(h)))`;
+    /// `h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
+    Sandwich,
+    /// Cohere (and StableLM with `use_parallel_residual`): one norm feeds both,
+    /// `h + attn(x) + mlp(x)` with `x = input_layernorm(h)`.
+    Parallel,
+}
+
+/// The attention projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnProj {
+    /// `q_proj`, `k_proj`, `v_proj`.
+    Separate,
+    /// One `qkv_proj` whose output rows are `[q; k; v]` (Phi-3).
+    Fused,
+}
+
+/// The MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    /// `down_proj(act(gate_proj(x)) · up_proj(x))`.
+    Gated,
+    /// Phi-3: one `gate_up_proj` whose output rows are `[gate; up]`, then as [`Mlp::Gated`].
+    FusedGated,
+    /// Starcoder2: `c_proj(act(c_fc(x)))`.
+    Plain,
+}
+
+/// The MLP activation (`hidden_act` / `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    /// `gelu_pytorch_tanh`, `gelu_new`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+}
+
+impl Act {
+    /// transformers' `ACT2FN` names we support.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Act::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(Act::GeluTanh),
+            "gelu" => Ok(Act::Gelu),
+            other => Err(input_err!(
+                "config.json: activation {other:?} is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new)"
+            )),
+        }
+    }
+}
+
+/// Which captured activation a linear reads (the quantizer captures one tensor per kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// `input_layernorm` output: q/k/v (and, in a parallel block, the MLP's input linears).
+    Attn,
+    /// Attention context: `o_proj`.
+    O,
+    /// The MLP norm's output: gate/up, gate_up or c_fc.
+    Mlp,
+    /// The MLP's hidden activation: down_proj or c_proj.
+    Down,
+}
+
+impl Input {
+    pub const ALL: [Input; 4] = [Input::Attn, Input::O, Input::Mlp, Input::Down];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
