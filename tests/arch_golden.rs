@@ -44,18 +44,30 @@ fn check(family: &str) {
             .unwrap()
             .0;
         if i + 1 < spec.layers {
-            worst = worst.max(check(&format!("layer {i}"), &h, &format!("hidden.{}", i + 1)));
+            worst = worst.max(check(
+                &format!("layer {i}"),
+                &h,
+                &format!("hidden.{}", i + 1),
+            ));
         }
     }
     let head = model.head().unwrap();
     let normed = head.norm.apply(spec, &h).unwrap();
-    worst = worst.max(check("final norm", &normed, &format!("hidden.{}", spec.layers)));
+    worst = worst.max(check(
+        "final norm",
+        &normed,
+        &format!("hidden.{}", spec.layers),
+    ));
     let logits = head.logits(spec, &h).unwrap();
     worst = worst.max(check("logits", &logits, "logits"));
     let (want, _) = read_f32(&golden, "logits");
     let vocab = spec.vocab;
     for (pos, row) in logits.to_vec2::<f32>().unwrap().iter().enumerate() {
-        let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (j, &x)| if x > r[b] { j } else { b });
+        let argmax = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold(0, |b, (j, &x)| if x > r[b] { j } else { b })
+        };
         assert_eq!(
             argmax(row),
             argmax(&want[pos * vocab..][..vocab]),

@@ -397,7 +397,11 @@ mod tests {
             let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
             for i in 0..half {
                 let (c, s) = (r.cos[p * half + i] as f64, r.sin[p * half + i] as f64);
-                let (a, b) = if r.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (a, b) = if r.interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
                 out[a] = x[a] as f64 * c - x[b] as f64 * s;
                 out[b] = x[a] as f64 * s + x[b] as f64 * c;
             }

@@ -4,9 +4,9 @@
 
 use serde::Deserialize;
 
+use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
 use crate::error::Result;
 use crate::input_err;
-use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
 use crate::quant::pack::Layout;
 
 /// Serde mirror of the keys we read from `config.json`. Defaults follow transformers.
@@ -91,7 +91,9 @@ pub struct HfConfig {
 }
 
 /// A key that is present (possibly null), as opposed to absent.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f64>>, D::Error> {
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<f64>>, D::Error> {
     Option::<f64>::deserialize(d).map(Some)
 }
 
@@ -353,7 +355,9 @@ impl ModelSpec {
         let mut v = vec![(INPUT_NORM, d)];
         match self.block {
             Block::Sequential => v.push((POST_ATTN_NORM, d)),
-            Block::Sandwich => v.extend([(POST_ATTN_NORM, d), (PRE_FFN_NORM, d), (POST_FFN_NORM, d)]),
+            Block::Sandwich => {
+                v.extend([(POST_ATTN_NORM, d), (PRE_FFN_NORM, d), (POST_FFN_NORM, d)])
+            }
             Block::Parallel => {}
         }
         if self.qk_norm {

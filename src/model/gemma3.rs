@@ -25,7 +25,9 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
         None => {
             let pattern = cfg.sliding_window_pattern.unwrap_or(6);
             if pattern == 0 {
-                return Err(input_err!("config.json: sliding_window_pattern must be positive"));
+                return Err(input_err!(
+                    "config.json: sliding_window_pattern must be positive"
+                ));
             }
             // `is_sliding = bool((layer_idx + 1) % sliding_window_pattern)`.
             (0..spec.layers).map(|i| (i + 1) % pattern != 0).collect()

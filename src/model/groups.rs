@@ -178,7 +178,6 @@ mod tests {
             .collect()
     }
 
-
     #[test]
     fn llama_like_families_match_autoawq() {
         // awq/models/{llama,gemma,gemma2,stablelm}.py; Granite and Gemma 3 by the same rule.
@@ -194,10 +193,30 @@ mod tests {
             assert_eq!(
                 table(&mha),
                 vec![
-                    ("qkv", PrevOp::Norm("input_layernorm"), vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], Inspect::SelfAttn),
-                    ("o", PrevOp::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
-                    ("gate_up", PrevOp::Norm(mlp_norm), vec!["mlp.gate_proj", "mlp.up_proj"], Inspect::Mlp),
-                    ("down", PrevOp::Linear("mlp.up_proj"), vec!["mlp.down_proj"], Inspect::Linear),
+                    (
+                        "qkv",
+                        PrevOp::Norm("input_layernorm"),
+                        vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                        Inspect::SelfAttn
+                    ),
+                    (
+                        "o",
+                        PrevOp::Linear("self_attn.v_proj"),
+                        vec!["self_attn.o_proj"],
+                        Inspect::Linear
+                    ),
+                    (
+                        "gate_up",
+                        PrevOp::Norm(mlp_norm),
+                        vec!["mlp.gate_proj", "mlp.up_proj"],
+                        Inspect::Mlp
+                    ),
+                    (
+                        "down",
+                        PrevOp::Linear("mlp.up_proj"),
+                        vec!["mlp.down_proj"],
+                        Inspect::Linear
+                    ),
                 ],
                 "{arch}"
             );
@@ -214,13 +233,36 @@ mod tests {
         assert_eq!(
             table(&mha),
             vec![
-                ("qkv", PrevOp::Norm("input_layernorm"), vec!["self_attn.qkv_proj"], Inspect::SelfAttn),
-                ("o", PrevOp::Linear("self_attn.qkv_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
-                ("gate_up", PrevOp::Norm("post_attention_layernorm"), vec!["mlp.gate_up_proj"], Inspect::Mlp),
-                ("down", PrevOp::Linear("mlp.gate_up_proj"), vec!["mlp.down_proj"], Inspect::Linear),
+                (
+                    "qkv",
+                    PrevOp::Norm("input_layernorm"),
+                    vec!["self_attn.qkv_proj"],
+                    Inspect::SelfAttn
+                ),
+                (
+                    "o",
+                    PrevOp::Linear("self_attn.qkv_proj"),
+                    vec!["self_attn.o_proj"],
+                    Inspect::Linear
+                ),
+                (
+                    "gate_up",
+                    PrevOp::Norm("post_attention_layernorm"),
+                    vec!["mlp.gate_up_proj"],
+                    Inspect::Mlp
+                ),
+                (
+                    "down",
+                    PrevOp::Linear("mlp.gate_up_proj"),
+                    vec!["mlp.down_proj"],
+                    Inspect::Linear
+                ),
             ]
         );
-        let gqa = spec("Phi3ForCausalLM", serde_json::json!({"num_key_value_heads": 2}));
+        let gqa = spec(
+            "Phi3ForCausalLM",
+            serde_json::json!({"num_key_value_heads": 2}),
+        );
         assert!(scale_groups(&gqa).iter().all(|g| g.name != "o"));
     }
 
@@ -230,9 +272,24 @@ mod tests {
         assert_eq!(
             table(&s),
             vec![
-                ("qkv", PrevOp::Norm("input_layernorm"), vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], Inspect::SelfAttn),
-                ("o", PrevOp::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
-                ("gate_up", PrevOp::Norm("post_attention_layernorm"), vec!["mlp.c_fc"], Inspect::Mlp),
+                (
+                    "qkv",
+                    PrevOp::Norm("input_layernorm"),
+                    vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    Inspect::SelfAttn
+                ),
+                (
+                    "o",
+                    PrevOp::Linear("self_attn.v_proj"),
+                    vec!["self_attn.o_proj"],
+                    Inspect::Linear
+                ),
+                (
+                    "gate_up",
+                    PrevOp::Norm("post_attention_layernorm"),
+                    vec!["mlp.c_fc"],
+                    Inspect::Mlp
+                ),
             ]
         );
     }
@@ -248,11 +305,27 @@ mod tests {
                 (
                     "qkv_mlp",
                     PrevOp::Norm("input_layernorm"),
-                    vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
+                    vec![
+                        "self_attn.q_proj",
+                        "self_attn.k_proj",
+                        "self_attn.v_proj",
+                        "mlp.gate_proj",
+                        "mlp.up_proj"
+                    ],
                     Inspect::Block
                 ),
-                ("o", PrevOp::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"], Inspect::Linear),
-                ("down", PrevOp::Linear("mlp.up_proj"), vec!["mlp.down_proj"], Inspect::Linear),
+                (
+                    "o",
+                    PrevOp::Linear("self_attn.v_proj"),
+                    vec!["self_attn.o_proj"],
+                    Inspect::Linear
+                ),
+                (
+                    "down",
+                    PrevOp::Linear("mlp.up_proj"),
+                    vec!["mlp.down_proj"],
+                    Inspect::Linear
+                ),
             ]
         );
     }

@@ -212,14 +212,21 @@ impl LayerWeights {
                     true => Some(t("bias")?),
                     false => None,
                 };
-                Ok((name, Norm { weight: t("weight")?, bias }))
+                Ok((
+                    name,
+                    Norm {
+                        weight: t("weight")?,
+                        bias,
+                    },
+                ))
             })
             .collect::<Result<_>>()?;
         let linears = spec
             .linears()
             .into_iter()
             .map(|l| {
-                let lin = Linear::load(ckpt, spec, &format!("{p}.{}", l.name), l.out, l.inp, l.bias)?;
+                let lin =
+                    Linear::load(ckpt, spec, &format!("{p}.{}", l.name), l.out, l.inp, l.bias)?;
                 Ok((l.name, lin))
             })
             .collect::<Result<_>>()?;
@@ -256,11 +263,16 @@ impl LayerWeights {
     /// per-head q/k norms.
     fn qkv(&self, spec: &ModelSpec, x: &Tensor) -> Result<[Vec<f32>; 3]> {
         let tokens = x.dim(0)?;
-        let (hd, qd, kvd) = (spec.head_dim, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+        let (hd, qd, kvd) = (
+            spec.head_dim,
+            spec.heads * spec.head_dim,
+            spec.kv_heads * spec.head_dim,
+        );
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
         let [q, k, v] = match spec.attn_proj {
-            AttnProj::Separate => [names::Q_PROJ, names::K_PROJ, names::V_PROJ]
-                .map(|n| self.linear(n).forward(x)),
+            AttnProj::Separate => {
+                [names::Q_PROJ, names::K_PROJ, names::V_PROJ].map(|n| self.linear(n).forward(x))
+            }
             AttnProj::Fused => {
                 let y = self.linear(names::QKV_PROJ).forward(x)?;
                 [(0, qd), (qd, kvd), (qd + kvd, kvd)].map(|(at, len)| Ok(y.narrow(1, at, len)?))
@@ -273,9 +285,13 @@ impl LayerWeights {
             }
             let width = t.dim(1)?;
             let rows = t.contiguous()?.reshape((tokens * width / hd, hd))?;
-            r(self.norm(norm).apply(spec, &rows)?.reshape((tokens, width))?)
+            r(self
+                .norm(norm)
+                .apply(spec, &rows)?
+                .reshape((tokens, width))?)
         };
-        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        let flat =
+            |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
         Ok([
             flat(head_norm(q?, names::Q_NORM)?)?,
             flat(head_norm(k?, names::K_NORM)?)?,
@@ -351,7 +367,10 @@ impl LayerWeights {
             Mlp::FusedGated => {
                 let y = self.linear(names::GATE_UP_PROJ).forward(x)?;
                 let i = y.dim(1)? / 2;
-                (y.narrow(1, 0, i)?.contiguous()?, y.narrow(1, i, i)?.contiguous()?)
+                (
+                    y.narrow(1, 0, i)?.contiguous()?,
+                    y.narrow(1, i, i)?.contiguous()?,
+                )
             }
         };
         match (spec.act, spec.serve_dtype) {

@@ -235,3 +235,157 @@ pub(super) fn layer_tensors(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::groups::scale_groups;
+    use crate::model::layer::{Linear, Norm};
+    use candle_core::Device;
+
+    fn random(n: usize, rng: &mut crate::calib::SplitMix64, center: f32) -> Tensor {
+        let v: Vec<f32> = (0..n)
+            .map(|_| center + ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4)
+            .collect();
+        Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+    }
+
+    /// A layer of `spec` with random weights, biases and norm parameters (norm weights around
+    /// 1, or around 0 for `(1 + w)` norms).
+    fn random_layer(spec: &ModelSpec, seed: u64) -> LayerWeights {
+        let mut rng = crate::calib::SplitMix64::new(seed);
+        let center = match spec.norm {
+            crate::model::arch::NormKind::RmsOnePlus => 0.0,
+            _ => 1.0,
+        };
+        let norms = spec
+            .layer_norms()
+            .into_iter()
+            .map(|(name, w)| {
+                let weight = random(w, &mut rng, center);
+                let bias = spec.norm_has_bias(name).then(|| random(w, &mut rng, 0.0));
+                (name, Norm { weight, bias })
+            })
+            .collect();
+        let linears = spec
+            .linears()
+            .into_iter()
+            .map(|l| {
+                let weight = random(l.out * l.inp, &mut rng, 0.0)
+                    .reshape((l.out, l.inp))
+                    .unwrap();
+                let bias = l.bias.then(|| random(l.out, &mut rng, 0.0));
+                (l.name, Linear { weight, bias })
+            })
+            .collect();
+        LayerWeights {
+            index: 0,
+            norms,
+            linears,
+        }
+    }
+
+    fn spec_of(arch: &str, extra: serde_json::Value) -> ModelSpec {
+        let mut v = serde_json::json!({
+            "architectures": [arch], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8, "head_dim": 16,
+            "max_position_embeddings": 64
+        });
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, v.to_string()).unwrap();
+        crate::model::load_spec(&path).unwrap()
+    }
+
+    /// AWQ-SPEC §5: folding any positive scales into every group leaves the layer's function
+    /// unchanged, for every family — `(1 + w)` norms, LayerNorms with bias, biased v rows of
+    /// q/k/v or a fused qkv, the up rows of a fused gate_up, a parallel block.
+    #[test]
+    fn folding_scales_keeps_every_family_exact() {
+        for (arch, extra) in [
+            (
+                "LlamaForCausalLM",
+                serde_json::json!({"attention_bias": true, "mlp_bias": true}),
+            ),
+            ("Qwen3ForCausalLM", serde_json::json!({})),
+            ("GemmaForCausalLM", serde_json::json!({})),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"sliding_window": 8}),
+            ),
+            ("Gemma3ForCausalLM", serde_json::json!({})),
+            ("Phi3ForCausalLM", serde_json::json!({})),
+            (
+                "StableLmForCausalLM",
+                serde_json::json!({"use_qkv_bias": true}),
+            ),
+            (
+                "StableLmForCausalLM",
+                serde_json::json!({"use_parallel_residual": true}),
+            ),
+            ("Starcoder2ForCausalLM", serde_json::json!({})),
+            ("CohereForCausalLM", serde_json::json!({})),
+            (
+                "GraniteForCausalLM",
+                serde_json::json!({"residual_multiplier": 0.3}),
+            ),
+        ] {
+            let spec = spec_of(arch, extra);
+            let groups = scale_groups(&spec);
+            assert!(
+                groups.iter().any(|g| g.name == "o"),
+                "{arch}: MHA has the v→o group"
+            );
+            let mut layer = random_layer(&spec, 7);
+            let rope = Rope::new(&spec, 16).unwrap();
+            let h = random(32 * 64, &mut crate::calib::SplitMix64::new(3), 0.0)
+                .reshape((32, 64))
+                .unwrap();
+            let (before, inputs) = layer.forward(&spec, &rope, &h, 16, true).unwrap();
+            let mut inputs = inputs.unwrap();
+            let mut rng = crate::calib::SplitMix64::new(11);
+            for g in &groups {
+                let n = layer.linear(g.linears[0]).weight.dim(1).unwrap();
+                let s: Vec<f32> = random(n, &mut rng, 1.0)
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.powi(4)) // 0.4 .. 2.1
+                    .collect();
+                apply_scales(&spec, &mut layer, &mut inputs, g, &s).unwrap();
+            }
+            let (after, scaled) = layer.forward(&spec, &rope, &h, 16, true).unwrap();
+            let diff = (&after - &before)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            let scale = before.abs().unwrap().max_all().unwrap();
+            let (diff, scale) = (
+                diff.to_scalar::<f32>().unwrap(),
+                scale.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                diff <= 1e-5 * scale,
+                "{arch}: output moved by {diff} (max {scale})"
+            );
+            // The cached inputs were divided like the linears' inputs.
+            for (kind, x) in scaled.unwrap().iter() {
+                let d = (x - inputs.get(kind))
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert!(
+                    d.to_scalar::<f32>().unwrap() < 1e-4,
+                    "{arch}: {kind:?} input"
+                );
+            }
+        }
+    }
+}

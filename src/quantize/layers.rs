@@ -220,7 +220,10 @@ fn clip_layer(
         let Some(x) = inputs.take(input) else {
             continue;
         };
-        for l in linears.iter().filter(|l| l.input == input && clipped(l.name)) {
+        for l in linears
+            .iter()
+            .filter(|l| l.input == input && clipped(l.name))
+        {
             let lin = layer.linear_mut(l.name);
             let max_val = clip::search(&lin.weight, &clip::subsample(&x)?, group)?;
             let absmax = group_absmax(&lin.weight, group)?;

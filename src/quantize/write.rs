@@ -136,15 +136,26 @@ fn head_tensors(
     let spec = &model.spec;
     let shape = vec![spec.vocab, spec.hidden];
     let embed = model.ckpt.f32(EMBED, &shape)?.flatten_all()?.to_vec1()?;
-    let mut head = vec![
-        OutTensor::float(EMBED.into(), shape.clone(), &embed, dtype)?,
-    ];
+    let mut head = vec![OutTensor::float(
+        EMBED.into(),
+        shape.clone(),
+        &embed,
+        dtype,
+    )?];
     drop(embed);
     let norm = model.final_norm()?;
-    let final_norm = [(FINAL_NORM, Some(norm.weight)), (FINAL_NORM_BIAS, norm.bias)];
+    let final_norm = [
+        (FINAL_NORM, Some(norm.weight)),
+        (FINAL_NORM_BIAS, norm.bias),
+    ];
     for (name, t) in final_norm {
         if let Some(t) = t {
-            head.push(OutTensor::float(name.into(), vec![spec.hidden], &t.to_vec1()?, dtype)?);
+            head.push(OutTensor::float(
+                name.into(),
+                vec![spec.hidden],
+                &t.to_vec1()?,
+                dtype,
+            )?);
             names.push(name.into());
         }
     }
