@@ -59,6 +59,7 @@ fn layer(spec: &awq::model::config::ModelSpec) -> LayerWeights {
             .into_iter()
             .map(|l| (l.name, linear(l.out, l.inp)))
             .collect(),
+        routers: Vec::new(),
     }
 }
 

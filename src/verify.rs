@@ -17,8 +17,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
+use crate::model::arch::Input;
 use crate::model::config::{
-    AwqFormat, LinearShape, ModelSpec, C_PROJ, DOWN_PROJ, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ,
+    AwqFormat, LinearShape, ModelSpec, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ,
 };
 use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
 use crate::model::{load_spec, EMBED, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
@@ -197,6 +198,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let mut v = Vec::new();
     let float_dtype = float_dtype(dir)?;
     v.extend(failed_quality_gate(dir));
+    v.extend(not_converted(dir, &spec)?);
 
     let float = |name: &str, shape: &[usize], v: &mut Vec<String>| {
         if !ckpt.contains(name) {
@@ -241,6 +243,9 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         let p = layer_prefix(i);
         for (name, width) in spec.layer_floats() {
             float(&format!("{p}.{name}"), &[width], &mut v);
+        }
+        for r in spec.router_linears() {
+            float(&format!("{p}.{}.weight", r.name), &[r.out, r.inp], &mut v);
         }
         for l in &linears {
             let prefix = format!("{p}.{}", l.name);
@@ -365,6 +370,50 @@ fn failed_quality_gate(dir: &Path) -> Option<String> {
                 .unwrap_or(f64::NAN)
         )
     })
+}
+
+/// transformers and vLLM keep a linear unquantized when a `modules_to_not_convert` entry is a
+/// substring of its module name: every unquantized linear (a MoE router) must be matched, and
+/// no quantized linear may be (an entry like `gate` would also catch every `gate_proj`).
+fn not_converted(dir: &Path, spec: &ModelSpec) -> Result<Vec<String>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::input_io(&path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| input_err!("{} is not valid JSON: {e}", path.display()))?;
+    let entries: Vec<&str> = cfg["quantization_config"]["modules_to_not_convert"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e.as_str()).collect())
+        .unwrap_or_default();
+    let mut v = Vec::new();
+    let mut wrong: Vec<(&str, usize, String)> = Vec::new();
+    for i in 0..spec.layers {
+        let p = layer_prefix(i);
+        for r in spec.router_linears() {
+            let module = format!("{p}.{}", r.name);
+            if !entries.iter().any(|e| module.contains(e)) {
+                v.push(format!(
+                    "{module}: stays unquantized, but no modules_to_not_convert entry matches it \
+                     (loaders would build a quantized linear and find no qweight)"
+                ));
+            }
+        }
+        for l in spec.linears() {
+            let module = format!("{p}.{}", l.name);
+            if let Some(e) = entries.iter().find(|e| module.contains(*e)) {
+                match wrong.iter_mut().find(|w| w.0 == *e) {
+                    Some(w) => w.1 += 1,
+                    None => wrong.push((e, 1, module)),
+                }
+            }
+        }
+    }
+    for (entry, n, first) in wrong {
+        v.push(format!(
+            "modules_to_not_convert entry {entry:?} matches {n} quantized linear(s), e.g. {first} \
+             (loaders would expect a float weight there)"
+        ));
+    }
+    Ok(v)
 }
 
 /// The dtype config.json's `torch_dtype` gives the unquantized tensors (float16 when absent).
@@ -504,7 +553,8 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
     // Marlin checks the merged modules vLLM builds: (name, summed out, in) per rank.
     let mut merged: Vec<(&str, usize, usize)> = Vec::new();
     for l in linears {
-        let row_parallel = [O_PROJ, DOWN_PROJ, C_PROJ].contains(&l.name);
+        // Row-parallel: the linears that read attention context or an MLP's hidden activation.
+        let row_parallel = !matches!(l.input, Input::Attn | Input::Mlp);
         let split = if l.name == K_PROJ || l.name == V_PROJ {
             // Reported above when the key/value heads do not split.
             kv_per_rank.map(|h| h * spec.head_dim)
@@ -543,6 +593,11 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
                 "{}: output partition {out} is not divisible by 8",
                 l.name
             ));
+        }
+        // vLLM runs experts in its fused-MoE kernels (moe_wna16 / Marlin MoE), not awq_gemm:
+        // only the per-rank partition rules above apply to them.
+        if l.expert.is_some() {
+            continue;
         }
         let module = match l.name.rsplit_once('.') {
             Some(("self_attn", "q_proj" | "k_proj" | "v_proj")) => "self_attn.qkv_proj",

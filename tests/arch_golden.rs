@@ -121,3 +121,18 @@ fn cohere() {
 fn granite() {
     check("granite");
 }
+
+#[test]
+fn mixtral() {
+    check("mixtral");
+}
+
+#[test]
+fn qwen2_moe() {
+    check("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe() {
+    check("qwen3_moe");
+}

@@ -26,27 +26,27 @@ fn awq(args: &[&str], model: &Path) -> std::process::Output {
 
 fn quantize(model: &Path, out: &Path, extra: &[&str]) {
     let calib = data("wikitext-2-raw/wiki.valid.calib.txt");
-    let o = Command::cargo_bin("awq")
-        .unwrap()
-        .args([
-            "quantize",
-            "-q",
-            "--group",
-            "32",
-            "--seqlen",
-            "128",
-            "--n-samples",
-            "64",
-        ])
-        .args(["--split-long", "--calib"])
-        .arg(&calib)
-        .arg("--model")
-        .arg(model)
-        .arg("-o")
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap();
+    let mut cmd = Command::cargo_bin("awq").unwrap();
+    cmd.args([
+        "quantize",
+        "-q",
+        "--group",
+        "32",
+        "--n-samples",
+        "64",
+        "--split-long",
+    ])
+    .arg("--calib")
+    .arg(&calib)
+    .arg("--model")
+    .arg(model)
+    .arg("-o")
+    .arg(out)
+    .args(extra);
+    if !extra.contains(&"--seqlen") {
+        cmd.args(["--seqlen", "128"]);
+    }
+    let o = cmd.output().unwrap();
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -200,4 +200,195 @@ fn cohere() {
 #[test]
 fn granite() {
     check("granite");
+}
+
+#[test]
+fn mixtral() {
+    check("mixtral");
+    router_reads_what_it_read("mixtral", &["block_sparse_moe.gate"]);
+}
+
+#[test]
+fn qwen2_moe() {
+    check("qwen2_moe");
+    router_reads_what_it_read("qwen2_moe", &["mlp.gate", "mlp.shared_expert_gate"]);
+}
+
+#[test]
+fn qwen3_moe() {
+    check("qwen3_moe");
+    router_reads_what_it_read("qwen3_moe", &["mlp.gate"]);
+}
+
+/// A tensor of a model directory's single safetensors file as f32.
+fn tensor(dir: &Path, name: &str) -> Vec<f32> {
+    read_f32(&std::fs::read(dir.join("model.safetensors")).unwrap(), name).0
+}
+
+/// The router invariant: folding the experts' gate/up scales into post_attention_layernorm
+/// multiplies the routers' columns by the same scales, so router weight × norm weight is
+/// unchanged (to float16 rounding) and every token is routed as before. The routers stay float
+/// and `modules_to_not_convert` lists exactly them.
+fn router_reads_what_it_read(family: &str, routers: &[&str]) {
+    let model = fixture(&format!("arch/{family}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    quantize(&model, &out, &[]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["quantization_config"]["modules_to_not_convert"],
+        serde_json::json!(routers)
+    );
+    for layer in 0..2 {
+        let p = format!("model.layers.{layer}");
+        let norm = |dir: &Path| tensor(dir, &format!("{p}.post_attention_layernorm.weight"));
+        let (n0, n1) = (norm(&model), norm(&out));
+        assert!(
+            n0.iter().zip(&n1).any(|(a, b)| (a - b).abs() > 1e-3),
+            "{family}: scaled"
+        );
+        for router in routers {
+            let name = format!("{p}.{router}.weight");
+            let (r0, r1) = (tensor(&model, &name), tensor(&out, &name));
+            let hidden = n0.len();
+            let mut worst = 0f32;
+            for (i, (a, b)) in r0.iter().zip(&r1).enumerate() {
+                let (before, after) = (a * n0[i % hidden], b * n1[i % hidden]);
+                worst = worst.max((before - after).abs() / before.abs().max(1e-3));
+            }
+            assert!(worst < 2e-3, "{family} {name}: relative change {worst}");
+        }
+    }
+}
+
+/// One calibration token routed to 2 of 4 experts: the other two get no token, yet a defined
+/// result (identity scale, plain round-to-nearest), named in the report with their count.
+#[test]
+fn an_expert_without_calibration_tokens_gets_round_to_nearest() {
+    let model = fixture("arch/qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    quantize(&model, &out, &["--seqlen", "1", "--max-blocks", "1"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    for layer in report["layers"].as_array().unwrap() {
+        let experts = layer["experts"].as_array().unwrap();
+        let idle: Vec<_> = experts.iter().filter(|e| e["tokens"] == 0).collect();
+        assert_eq!(idle.len(), 2, "{layer:#}");
+        for e in &idle {
+            assert_eq!(e["round_to_nearest"], true);
+            let group = format!("experts.{}.down", e["expert"]);
+            let g = layer["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["group"] == group.as_str())
+                .unwrap();
+            assert!(g["ratio"].is_null(), "{g}");
+        }
+    }
+    let verify = awq(&["verify", "--json"], &out);
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+}
+
+/// Gemma checkpoints are bf16 and their activations can leave float16 while every weight fits
+/// it: the dtype rule (largest |activation| per layer, bf16 output under `--dtype auto`) holds.
+#[test]
+fn gemma3_activations_beyond_float16_choose_bfloat16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture("arch/gemma3"), &model);
+    // (1 + w) ≈ 60000 on a few features of the norm after the MLP: inside float16 as a weight,
+    // far beyond it once it multiplies the normalised MLP output.
+    for i in 0..8 {
+        let name = "model.layers.0.post_feedforward_layernorm.weight";
+        poke_bf16(&model.join("model.safetensors"), name, i, 60000.0);
+    }
+    let out = tmp.path().join("out");
+    quantize(&model, &out, &[]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    let act = report["layers"][0]["max_abs_activation"].as_f64().unwrap();
+    assert!(act > 65504.0, "{act}");
+    assert!(report["dtype_reason"]
+        .as_str()
+        .unwrap()
+        .contains("activations"));
+    let verify = awq(&["verify", "--json"], &out);
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+
+    let text = data("wikitext-2-raw/wiki.valid.raw");
+    let eval = |dir: &Path, dtype: &str| {
+        Command::cargo_bin("awq")
+            .unwrap()
+            .args([
+                "eval",
+                "-q",
+                "--seqlen",
+                "64",
+                "--max-tokens",
+                "512",
+                "--dtype",
+                dtype,
+            ])
+            .arg("--text")
+            .arg(&text)
+            .arg("--model")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let f16 = eval(&model, "float16");
+    assert_eq!(
+        f16.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&f16.stderr)
+    );
+    let bf16 = eval(&out, "bfloat16");
+    assert_eq!(
+        bf16.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&bf16.stderr)
+    );
+}
+
+/// `awq verify` checks `modules_to_not_convert` exactly: an entry that also matches quantized
+/// linears (`gate` catches every `gate_proj`) and a router no entry matches are both violations.
+#[test]
+fn verify_checks_modules_to_not_convert_against_routers() {
+    let model = fixture("arch/qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    quantize(&model, &out, &[]);
+    let config_path = out.join("config.json");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    for (entries, expect) in [
+        (serde_json::json!(["gate"]), "matches 8 quantized linear(s)"),
+        (
+            serde_json::json!(null),
+            "no modules_to_not_convert entry matches it",
+        ),
+    ] {
+        let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
+        config["quantization_config"]["modules_to_not_convert"] = entries;
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let o = awq(&["verify"], &out);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(o.status.code(), Some(5), "{text}");
+        assert!(text.contains(expect), "{text}");
+    }
 }

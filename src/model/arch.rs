@@ -47,6 +47,67 @@ pub enum Mlp {
     FusedGated,
     /// Starcoder2: `c_proj(act(c_fc(x)))`.
     Plain,
+    /// A sparse mixture of gated experts behind a router (Mixtral, Qwen2-MoE, Qwen3-MoE); see
+    /// [`Moe`].
+    Moe,
+}
+
+/// The mixture-of-experts block: a router (a linear `hidden → experts`, kept unquantized) picks
+/// `top_k` experts per token by softmax probability; each expert is a gated SiLU MLP; Qwen2-MoE
+/// adds a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moe {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub intermediate: usize,
+    /// Renormalise the top-k probabilities to sum to 1 (Mixtral, Qwen3-MoE).
+    pub norm_topk: bool,
+    /// The shared expert's intermediate size (Qwen2-MoE).
+    pub shared: Option<usize>,
+    /// The router's name relative to the layer (`block_sparse_moe.gate`, `mlp.gate`).
+    pub router: &'static str,
+    /// Expert `e`'s linears are `{experts}.{e}.{gate|up|down}`.
+    pub experts_prefix: &'static str,
+    /// Leaf names of an expert's gate, up and down projections (`w1`, `w3`, `w2` in Mixtral).
+    pub leaves: [&'static str; 3],
+}
+
+impl Moe {
+    /// Refuses counts the router cannot work with.
+    pub fn checked(self) -> Result<Self> {
+        if self.experts == 0
+            || self.top_k == 0
+            || self.top_k > self.experts
+            || self.intermediate == 0
+        {
+            return Err(input_err!(
+                "config.json: a mixture of experts needs 1 ≤ num_experts_per_tok ({}) ≤ experts ({}) \
+                 and a positive expert intermediate size",
+                self.top_k,
+                self.experts
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// Interns a name built at run time (an expert's linear) so that it can be used where the
+/// static names are: each distinct name is allocated once per process.
+pub fn intern(name: String) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("intern lock");
+    if let Some(&s) = names.get(name.as_str()) {
+        return s;
+    }
+    let s: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(s);
+    s
 }
 
 /// The MLP activation (`hidden_act` / `hidden_activation`).
@@ -84,12 +145,8 @@ pub enum Input {
     Mlp,
     /// The MLP's hidden activation: down_proj or c_proj.
     Down,
-}
-
-impl Input {
-    pub const ALL: [Input; 4] = [Input::Attn, Input::O, Input::Mlp, Input::Down];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
+    /// Expert `e`'s hidden activation on the tokens routed to it: its down projection.
+    Expert(usize),
+    /// The shared expert's hidden activation (Qwen2-MoE): its down projection.
+    SharedDown,
 }

@@ -110,7 +110,7 @@ impl Attention<'_> {
     pub fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (hd, h, kvh, l) = (self.head_dim, self.heads, self.kv_heads, self.seq_len);
         let rot = self.rotary.dim;
-        assert!(h % kvh == 0 && rot % 2 == 0 && rot <= hd && l > 0);
+        assert!(h % kvh == 0 && rot.is_multiple_of(2) && rot <= hd && l > 0);
         let tokens = q.len() / (h * hd);
         assert_eq!(q.len(), tokens * h * hd);
         assert_eq!(k.len(), tokens * kvh * hd);

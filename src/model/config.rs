@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
+use super::arch::{intern, Act, AttnProj, Block, Input, Mlp, Moe, NormKind};
 use crate::error::Result;
 use crate::input_err;
 use crate::quant::pack::Layout;
@@ -88,6 +88,22 @@ pub struct HfConfig {
     pub rope_local_base_freq: Option<f64>,
     /// Newer configs: `"sliding_attention"` / `"full_attention"` per layer.
     pub layer_types: Option<Vec<String>>,
+    /// Mixtral: experts per layer.
+    pub num_local_experts: Option<usize>,
+    /// Qwen2-MoE, Qwen3-MoE: experts per layer.
+    pub num_experts: Option<usize>,
+    /// Experts each token is routed to.
+    pub num_experts_per_tok: Option<usize>,
+    /// Qwen MoE: each expert's intermediate size.
+    pub moe_intermediate_size: Option<usize>,
+    /// Qwen2-MoE: the shared expert's intermediate size.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Qwen MoE: renormalise the top-k routing probabilities.
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen MoE: every n-th layer is sparse.
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen MoE: layers with a dense MLP instead of experts.
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// A key that is present (possibly null), as opposed to absent.
@@ -249,6 +265,8 @@ pub struct ModelSpec {
     pub sliding_layers: Option<Vec<bool>>,
     /// Rope base of the sliding layers, unscaled (Gemma 3 `rope_local_base_freq`).
     pub local_rope_theta: Option<f64>,
+    /// The experts when `mlp` is [`Mlp::Moe`].
+    pub moe: Option<Moe>,
     pub tied_embeddings: bool,
     /// Biases on q/k/v (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,
@@ -279,6 +297,8 @@ pub struct LinearShape {
     pub inp: usize,
     pub bias: bool,
     pub input: Input,
+    /// Expert `e`'s gate/up/down: the linear only sees the tokens routed to that expert.
+    pub expert: Option<usize>,
 }
 
 pub const Q_PROJ: &str = "self_attn.q_proj";
@@ -296,6 +316,10 @@ pub const INPUT_NORM: &str = "input_layernorm";
 pub const POST_ATTN_NORM: &str = "post_attention_layernorm";
 pub const PRE_FFN_NORM: &str = "pre_feedforward_layernorm";
 pub const POST_FFN_NORM: &str = "post_feedforward_layernorm";
+pub const SHARED_GATE_PROJ: &str = "mlp.shared_expert.gate_proj";
+pub const SHARED_UP_PROJ: &str = "mlp.shared_expert.up_proj";
+pub const SHARED_DOWN_PROJ: &str = "mlp.shared_expert.down_proj";
+pub const SHARED_EXPERT_GATE: &str = "mlp.shared_expert_gate";
 pub const Q_NORM: &str = "self_attn.q_norm";
 pub const K_NORM: &str = "self_attn.k_norm";
 
@@ -310,6 +334,7 @@ impl ModelSpec {
             inp,
             bias,
             input,
+            expert: None,
         };
         let mut v = match self.attn_proj {
             AttnProj::Separate => vec![
@@ -336,6 +361,77 @@ impl ModelSpec {
                 l(DOWN_PROJ, d, i, b, Input::Down),
             ]),
             Mlp::Plain => v.extend([l(C_FC, i, d, b, mlp_in), l(C_PROJ, d, i, b, Input::Down)]),
+            Mlp::Moe => {
+                let moe = self.moe.as_ref().expect("a MoE spec has experts");
+                for e in 0..moe.experts {
+                    let [gate, up, down] = self.expert_linears(e);
+                    let n = moe.intermediate;
+                    let routed = |l: LinearShape| LinearShape {
+                        expert: Some(e),
+                        ..l
+                    };
+                    v.extend([
+                        routed(l(gate, n, d, false, mlp_in)),
+                        routed(l(up, n, d, false, mlp_in)),
+                        routed(l(down, d, n, false, Input::Expert(e))),
+                    ]);
+                }
+                if let Some(n) = moe.shared {
+                    v.extend([
+                        l(SHARED_GATE_PROJ, n, d, false, mlp_in),
+                        l(SHARED_UP_PROJ, n, d, false, mlp_in),
+                        l(SHARED_DOWN_PROJ, d, n, false, Input::SharedDown),
+                    ]);
+                }
+            }
+        }
+        v
+    }
+
+    /// Expert `e`'s gate, up and down projections (names relative to the layer).
+    pub fn expert_linears(&self, e: usize) -> [&'static str; 3] {
+        let moe = self.moe.as_ref().expect("a MoE spec has experts");
+        moe.leaves
+            .map(|leaf| intern(format!("{}.{e}.{leaf}", moe.experts_prefix)))
+    }
+
+    /// Linears that stay unquantized (float weights, no bias): a MoE layer's router and
+    /// Qwen2-MoE's `shared_expert_gate`. Their names, as module names, are what
+    /// `modules_to_not_convert` must match.
+    pub fn router_linears(&self) -> Vec<LinearShape> {
+        let Some(moe) = &self.moe else {
+            return Vec::new();
+        };
+        let l = |name, out| LinearShape {
+            name,
+            out,
+            inp: self.hidden,
+            bias: false,
+            input: Input::Mlp,
+            expert: None,
+        };
+        let mut v = vec![l(moe.router, moe.experts)];
+        if moe.shared.is_some() {
+            v.push(l(SHARED_EXPERT_GATE, 1));
+        }
+        v
+    }
+
+    /// `quantization_config.modules_to_not_convert`: substrings that match the unquantized
+    /// linears' module names and no quantized one (transformers and vLLM match by substring,
+    /// so `gate` alone would also catch every `gate_proj`).
+    pub fn modules_to_not_convert(&self) -> Option<Vec<&'static str>> {
+        let routers = self.router_linears();
+        (!routers.is_empty()).then(|| routers.iter().map(|l| l.name).collect())
+    }
+
+    /// Every captured activation kind the layer's linears read, in clipping order.
+    pub fn inputs(&self) -> Vec<Input> {
+        let mut v: Vec<Input> = Vec::new();
+        for l in self.linears() {
+            if !v.contains(&l.input) {
+                v.push(l.input);
+            }
         }
         v
     }
@@ -456,6 +552,7 @@ impl HfConfig {
             logit_mult: 1.0,
             sliding_layers: None,
             local_rope_theta: None,
+            moe: None,
             tied_embeddings: self.tie_word_embeddings.unwrap_or(tie_default),
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
@@ -499,6 +596,19 @@ impl HfConfig {
             )),
             w => Ok(w),
         }
+    }
+
+    /// Qwen MoE: refuses dense-MLP layers among the sparse ones (`mlp_only_layers`,
+    /// `decoder_sparse_step` > 1), which no released checkpoint uses.
+    pub fn every_layer_sparse(&self) -> Result<()> {
+        let dense = self.mlp_only_layers.as_ref().is_some_and(|l| !l.is_empty());
+        if dense || self.decoder_sparse_step.is_some_and(|s| s != 1) {
+            return Err(input_err!(
+                "config.json: dense MLP layers inside a mixture-of-experts model (mlp_only_layers, \
+                 decoder_sparse_step > 1) are not supported"
+            ));
+        }
+        Ok(())
     }
 
     /// Per-layer sliding flags from `layer_types`, when the config has them.

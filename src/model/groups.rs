@@ -51,6 +51,10 @@ pub struct ScaleGroup {
     pub linears: Vec<&'static str>,
     pub input: Input,
     pub inspect: Inspect,
+    /// Unquantized linears that read the same norm output (a MoE router, `shared_expert_gate`):
+    /// when the norm absorbs `1/s`, their input columns are multiplied by `s` so that they
+    /// compute exactly what they did (AutoAWQ 0.2.9 omits this and changes the routing).
+    pub compensate: Vec<&'static str>,
 }
 
 /// The groups searched for a model, in AutoAWQ's order.
@@ -74,6 +78,14 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
         Mlp::Gated => vec![names::GATE_PROJ, names::UP_PROJ],
         Mlp::FusedGated => vec![names::GATE_UP_PROJ],
         Mlp::Plain => vec![names::C_FC],
+        // Every expert's gate and up (and the shared expert's) in one group, inspected over the
+        // whole MoE block (AutoAWQ's mixtral.py / qwen3_moe.py).
+        Mlp::Moe => spec
+            .linears()
+            .into_iter()
+            .filter(|l| l.input == Input::Mlp)
+            .map(|l| l.name)
+            .collect(),
     };
     let mut groups = Vec::new();
     let first = |name, linears, inspect| ScaleGroup {
@@ -82,6 +94,7 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
         linears,
         input: Input::Attn,
         inspect,
+        compensate: Vec::new(),
     };
     if spec.block == Block::Parallel {
         groups.push(first(
@@ -103,6 +116,7 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
             linears: vec![names::O_PROJ],
             input: Input::O,
             inspect: Inspect::Linear,
+            compensate: Vec::new(),
         });
     }
     if let Some(norm) = spec.mlp_norm() {
@@ -112,21 +126,43 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
             linears: mlp_in,
             input: Input::Mlp,
             inspect: Inspect::Mlp,
+            compensate: spec.router_linears().iter().map(|l| l.name).collect(),
         });
     }
-    let up = match spec.mlp {
-        Mlp::Gated => Some(names::UP_PROJ),
-        Mlp::FusedGated => Some(names::GATE_UP_PROJ),
-        Mlp::Plain => None,
+    let down = |name, up, down, input| ScaleGroup {
+        name,
+        prev: PrevOp::Linear(up),
+        linears: vec![down],
+        input,
+        inspect: Inspect::Linear,
+        compensate: Vec::new(),
     };
-    if let Some(up) = up {
-        groups.push(ScaleGroup {
-            name: "down",
-            prev: PrevOp::Linear(up),
-            linears: vec![names::DOWN_PROJ],
-            input: Input::Down,
-            inspect: Inspect::Linear,
-        });
+    match spec.mlp {
+        Mlp::Gated => groups.push(down("down", names::UP_PROJ, names::DOWN_PROJ, Input::Down)),
+        Mlp::FusedGated => groups.push(down(
+            "down",
+            names::GATE_UP_PROJ,
+            names::DOWN_PROJ,
+            Input::Down,
+        )),
+        Mlp::Plain => {}
+        // Each expert's down against its own up, on the tokens routed to it.
+        Mlp::Moe => {
+            let moe = spec.moe.as_ref().expect("a MoE spec has experts");
+            for e in 0..moe.experts {
+                let [_, up, dn] = spec.expert_linears(e);
+                let name = super::arch::intern(format!("experts.{e}.down"));
+                groups.push(down(name, up, dn, Input::Expert(e)));
+            }
+            if moe.shared.is_some() {
+                groups.push(down(
+                    "shared_expert.down",
+                    names::SHARED_UP_PROJ,
+                    names::SHARED_DOWN_PROJ,
+                    Input::SharedDown,
+                ));
+            }
+        }
     }
     groups
 }
@@ -328,5 +364,57 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn moe_groups_span_every_expert_and_compensate_the_routers() {
+        // awq/models/mixtral.py and qwen3_moe.py: every expert's gate/up in one group from
+        // post_attention_layernorm over the whole block; each expert's down against its up.
+        let s = spec(
+            "Qwen2MoeForCausalLM",
+            serde_json::json!({"num_experts": 2,
+            "num_experts_per_tok": 1, "num_key_value_heads": 2}),
+        );
+        let groups = scale_groups(&s);
+        let names: Vec<_> = groups.iter().map(|g| g.name).collect();
+        assert_eq!(
+            names,
+            [
+                "qkv",
+                "gate_up",
+                "experts.0.down",
+                "experts.1.down",
+                "shared_expert.down"
+            ]
+        );
+        let gate_up = &groups[1];
+        assert_eq!(
+            gate_up.linears,
+            [
+                "mlp.experts.0.gate_proj",
+                "mlp.experts.0.up_proj",
+                "mlp.experts.1.gate_proj",
+                "mlp.experts.1.up_proj",
+                "mlp.shared_expert.gate_proj",
+                "mlp.shared_expert.up_proj"
+            ]
+        );
+        assert_eq!(gate_up.compensate, ["mlp.gate", "mlp.shared_expert_gate"]);
+        assert_eq!(groups[3].prev, PrevOp::Linear("mlp.experts.1.up_proj"));
+        assert_eq!(groups[3].input, Input::Expert(1));
+        let mixtral = spec(
+            "MixtralForCausalLM",
+            serde_json::json!({"num_local_experts": 2}),
+        );
+        let g = scale_groups(&mixtral);
+        assert_eq!(
+            g[2].linears[..2],
+            [
+                "block_sparse_moe.experts.0.w1",
+                "block_sparse_moe.experts.0.w3"
+            ]
+        );
+        assert_eq!(g[2].compensate, ["block_sparse_moe.gate"]);
+        assert_eq!(g[3].prev, PrevOp::Linear("block_sparse_moe.experts.0.w3"));
     }
 }

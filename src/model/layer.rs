@@ -116,39 +116,100 @@ pub fn read_packed_tensors(
 }
 
 /// The input of every linear of one layer forward, `[tokens, in]` each, by [`Input`] kind
-/// (a parallel block has no separate MLP input).
+/// (a parallel block has no separate MLP input; an expert's down input holds only the tokens
+/// routed to it), and the routing of a MoE layer.
 #[derive(Debug, Default)]
 pub struct LinearInputs {
-    slots: [Option<Tensor>; 4],
+    slots: Vec<(Input, Tensor)>,
+    /// Which tokens each expert saw (MoE layers).
+    pub routing: Option<Routing>,
 }
 
 impl LinearInputs {
     pub fn get(&self, input: Input) -> &Tensor {
-        self.slots[input.index()]
-            .as_ref()
+        self.find(input)
             .expect("the layer captures every input its linears read")
     }
 
+    pub fn find(&self, input: Input) -> Option<&Tensor> {
+        self.slots.iter().find(|(k, _)| *k == input).map(|(_, t)| t)
+    }
+
     pub fn get_mut(&mut self, input: Input) -> &mut Tensor {
-        self.slots[input.index()]
-            .as_mut()
+        let slot = self.slots.iter_mut().find(|(k, _)| *k == input);
+        &mut slot
             .expect("the layer captures every input its linears read")
+            .1
     }
 
     /// Removes and returns one input (dropping it frees its memory).
     pub fn take(&mut self, input: Input) -> Option<Tensor> {
-        self.slots[input.index()].take()
+        let at = self.slots.iter().position(|(k, _)| *k == input)?;
+        Some(self.slots.remove(at).1)
     }
 
     pub fn set(&mut self, input: Input, t: Tensor) {
-        self.slots[input.index()] = Some(t);
+        match self.slots.iter_mut().find(|(k, _)| *k == input) {
+            Some(slot) => slot.1 = t,
+            None => self.slots.push((input, t)),
+        }
+    }
+
+    /// Moves every input (and the routing) of `other` into `self`.
+    pub fn absorb(&mut self, other: LinearInputs) {
+        for (k, t) in other.slots {
+            self.set(k, t);
+        }
+        if other.routing.is_some() {
+            self.routing = other.routing;
+        }
     }
 
     /// The captured inputs with their kinds.
     pub fn iter(&self) -> impl Iterator<Item = (Input, &Tensor)> {
-        Input::ALL
-            .into_iter()
-            .filter_map(|i| self.slots[i.index()].as_ref().map(|t| (i, t)))
+        self.slots.iter().map(|(k, t)| (*k, t))
+    }
+}
+
+/// A MoE layer's routing: for each expert, the tokens routed to it (ascending) and their
+/// routing weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub experts: Vec<Vec<(u32, f32)>>,
+}
+
+impl Routing {
+    /// Tokens per expert.
+    pub fn tokens(&self) -> Vec<usize> {
+        self.experts.iter().map(Vec::len).collect()
+    }
+
+    /// The token indices routed to expert `e`, as a `u32` index tensor.
+    pub fn index(&self, e: usize) -> Result<Tensor> {
+        let ids: Vec<u32> = self.experts[e].iter().map(|(t, _)| *t).collect();
+        let n = ids.len();
+        Ok(Tensor::from_vec(ids, n, &Device::Cpu)?)
+    }
+
+    /// Routes every row of `logits: [tokens, experts]`: softmax over all experts, the `top_k`
+    /// most probable (ties to the lower index), weights renormalised to sum 1 when `norm_topk`
+    /// (transformers' Mixtral / Qwen MoE blocks, in f32).
+    pub fn from_logits(logits: &[Vec<f32>], experts: usize, top_k: usize, norm_topk: bool) -> Self {
+        let mut routed = vec![Vec::new(); experts];
+        for (t, row) in logits.iter().enumerate() {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let exp: Vec<f32> = row.iter().map(|&x| (x - m).exp()).collect();
+            let z: f32 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+            let top = &order[..top_k];
+            let sum: f32 = top.iter().map(|&e| exp[e] / z).sum();
+            for &e in top {
+                let p = exp[e] / z;
+                routed[e].push((t as u32, if norm_topk { p / sum } else { p }));
+            }
+        }
+        Self { experts: routed }
     }
 }
 
@@ -198,6 +259,9 @@ pub struct LayerWeights {
     pub norms: Vec<(&'static str, Norm)>,
     /// Linears by name relative to the layer, in [`ModelSpec::linears`] order.
     pub linears: Vec<(&'static str, Linear)>,
+    /// Unquantized linears (a MoE router, `shared_expert_gate`), in
+    /// [`ModelSpec::router_linears`] order.
+    pub routers: Vec<(&'static str, Linear)>,
 }
 
 impl LayerWeights {
@@ -230,11 +294,31 @@ impl LayerWeights {
                 Ok((l.name, lin))
             })
             .collect::<Result<_>>()?;
+        let routers = spec
+            .router_linears()
+            .into_iter()
+            .map(|l| {
+                let weight = ckpt.f32(&format!("{p}.{}.weight", l.name), &[l.out, l.inp])?;
+                Ok((l.name, Linear { weight, bias: None }))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             index: i,
             norms,
             linears,
+            routers,
         })
+    }
+
+    /// The unquantized linear `name` (a router). Panics for a name the spec does not list.
+    pub fn router(&self, name: &str) -> &Linear {
+        let found = self.routers.iter().find(|(n, _)| *n == name);
+        &found.unwrap_or_else(|| panic!("no router {name}")).1
+    }
+
+    pub fn router_mut(&mut self, name: &str) -> &mut Linear {
+        let found = self.routers.iter_mut().find(|(n, _)| *n == name);
+        &mut found.unwrap_or_else(|| panic!("no router {name}")).1
     }
 
     /// The linear `name` (relative to the layer). Panics for a name the spec does not list.
@@ -348,49 +432,109 @@ impl LayerWeights {
             .forward(&self.attention_context(spec, rope, x, seq_len)?)
     }
 
-    /// The MLP's hidden activation (the input of `down_proj` / `c_proj`) for its input `x`.
+    /// The MLP's hidden activation (the input of `down_proj` / `c_proj`) for its input `x`
+    /// (dense MLPs).
     pub fn mlp_hidden(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
-        let act = |t: &Tensor| -> Result<Tensor> {
-            Ok(match spec.act {
-                Act::Silu => candle_nn::ops::silu(t)?,
-                Act::GeluTanh => t.gelu()?,
-                Act::Gelu => t.gelu_erf()?,
-            })
-        };
-        let (gate, up) = match spec.mlp {
-            Mlp::Plain => return r(act(&r(self.linear(names::C_FC).forward(x)?)?)?),
-            Mlp::Gated => (
-                self.linear(names::GATE_PROJ).forward(x)?,
-                self.linear(names::UP_PROJ).forward(x)?,
-            ),
+        match spec.mlp {
+            Mlp::Plain => r(act(spec, &r(self.linear(names::C_FC).forward(x)?)?)?),
+            Mlp::Gated => self.gated(spec, names::GATE_PROJ, names::UP_PROJ, x),
             Mlp::FusedGated => {
                 let y = self.linear(names::GATE_UP_PROJ).forward(x)?;
                 let i = y.dim(1)? / 2;
-                (
+                let (gate, up) = (
                     y.narrow(1, 0, i)?.contiguous()?,
                     y.narrow(1, i, i)?.contiguous()?,
-                )
+                );
+                gate_product(spec, gate, up)
             }
-        };
-        match (spec.act, spec.serve_dtype) {
-            (Act::Silu, None) => crate::ops::silu_mul(&gate, &up),
-            // Each op rounded on its own, as a server does: act(gate), then the product.
-            _ => r((r(act(&r(gate)?)?)? * r(up)?)?),
+            Mlp::Moe => unreachable!("a MoE layer has no single hidden activation"),
         }
     }
 
-    /// The MLP's output projection (`down_proj` / `c_proj`).
+    /// `act(gate(x)) · up(x)` for the linears `gate` and `up`.
+    fn gated(&self, spec: &ModelSpec, gate: &str, up: &str, x: &Tensor) -> Result<Tensor> {
+        gate_product(
+            spec,
+            self.linear(gate).forward(x)?,
+            self.linear(up).forward(x)?,
+        )
+    }
+
+    /// The MLP's output projection (`down_proj` / `c_proj`) of a dense MLP.
     pub fn mlp_out(&self, spec: &ModelSpec) -> &Linear {
         self.linear(match spec.mlp {
             Mlp::Plain => names::C_PROJ,
-            Mlp::Gated | Mlp::FusedGated => names::DOWN_PROJ,
+            _ => names::DOWN_PROJ,
         })
     }
 
-    /// The whole MLP for its input `x`: AWQ's inspected MLP module.
+    /// The whole MLP (or MoE block) for its input `x`: AWQ's inspected MLP module.
     pub fn mlp(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
-        self.mlp_out(spec).forward(&self.mlp_hidden(spec, x)?)
+        Ok(self.mlp_captured(spec, x, false)?.0)
+    }
+
+    /// The MLP's output for its input `x` and (with `capture`) the inputs of its output
+    /// projections, with a MoE block's routing.
+    fn mlp_captured(
+        &self,
+        spec: &ModelSpec,
+        x: &Tensor,
+        capture: bool,
+    ) -> Result<(Tensor, LinearInputs)> {
+        if spec.mlp == Mlp::Moe {
+            return self.moe(spec, x, capture);
+        }
+        let hidden = self.mlp_hidden(spec, x)?;
+        let out = round_to(self.mlp_out(spec).forward(&hidden)?, spec.serve_dtype)?;
+        let mut captured = LinearInputs::default();
+        if capture {
+            captured.set(Input::Down, hidden);
+        }
+        Ok((out, captured))
+    }
+
+    /// A MoE block: route every token, run each expert on the tokens routed to it only (cost
+    /// grows with routed tokens, not experts × tokens), add the weighted outputs in expert order
+    /// (transformers' `index_add_`), then the gated shared expert.
+    fn moe(&self, spec: &ModelSpec, x: &Tensor, capture: bool) -> Result<(Tensor, LinearInputs)> {
+        let moe = spec.moe.as_ref().expect("a MoE spec has experts");
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let logits = self.router(moe.router).forward(x)?.to_vec2::<f32>()?;
+        let routing = Routing::from_logits(&logits, moe.experts, moe.top_k, moe.norm_topk);
+        let (tokens, d) = x.dims2()?;
+        let mut out = vec![0f32; tokens * d];
+        let mut captured = LinearInputs::default();
+        for (e, routed) in routing.experts.iter().enumerate() {
+            let [gate, up, down] = spec.expert_linears(e);
+            let hidden = if routed.is_empty() {
+                Tensor::zeros((0, moe.intermediate), candle_core::DType::F32, &Device::Cpu)?
+            } else {
+                let xe = x.index_select(&routing.index(e)?, 0)?;
+                let hidden = self.gated(spec, gate, up, &xe)?;
+                let y = r(self.linear(down).forward(&hidden)?)?.to_vec2::<f32>()?;
+                for ((t, w), row) in routed.iter().zip(&y) {
+                    let dst = &mut out[*t as usize * d..][..d];
+                    dst.iter_mut().zip(row).for_each(|(o, v)| *o += w * v);
+                }
+                hidden
+            };
+            if capture {
+                captured.set(Input::Expert(e), hidden);
+            }
+        }
+        let mut out = Tensor::from_vec(out, (tokens, d), &Device::Cpu)?;
+        if moe.shared.is_some() {
+            let hidden = self.gated(spec, names::SHARED_GATE_PROJ, names::SHARED_UP_PROJ, x)?;
+            let y = r(self.linear(names::SHARED_DOWN_PROJ).forward(&hidden)?)?;
+            let g = candle_nn::ops::sigmoid(&self.router(names::SHARED_EXPERT_GATE).forward(x)?)?;
+            out = (out + y.broadcast_mul(&g)?)?;
+            if capture {
+                captured.set(Input::SharedDown, hidden);
+            }
+        }
+        captured.routing = Some(routing);
+        Ok((r(out)?, captured))
     }
 
     /// The full layer for `h: [tokens, hidden]`. With `capture`, also the input of every linear.
@@ -416,11 +560,9 @@ impl LayerWeights {
         let mut inputs = LinearInputs::default();
         let out = match spec.block {
             Block::Parallel => {
-                let hidden = self.mlp_hidden(spec, &x)?;
-                let mlp = r(self.mlp_out(spec).forward(&hidden)?)?;
-                let out = r((r((h + residual(attn)?)?)? + residual(mlp)?)?)?;
-                inputs.set(Input::Down, hidden);
-                out
+                let (mlp, captured) = self.mlp_captured(spec, &x, capture)?;
+                inputs.absorb(captured);
+                r((r((h + residual(attn)?)?)? + residual(mlp)?)?)?
             }
             Block::Sequential | Block::Sandwich => {
                 let sandwich = spec.block == Block::Sandwich;
@@ -430,20 +572,37 @@ impl LayerWeights {
                 };
                 let h = r((h + residual(attn)?)?)?;
                 let mlp_in = norm(spec.mlp_norm().expect("sequential blocks have one"), &h)?;
-                let hidden = self.mlp_hidden(spec, &mlp_in)?;
-                let mlp = r(self.mlp_out(spec).forward(&hidden)?)?;
+                let (mlp, captured) = self.mlp_captured(spec, &mlp_in, capture)?;
                 let mlp = match sandwich {
                     true => norm(names::POST_FFN_NORM, &mlp)?,
                     false => mlp,
                 };
                 inputs.set(Input::Mlp, mlp_in);
-                inputs.set(Input::Down, hidden);
+                inputs.absorb(captured);
                 r((h + residual(mlp)?)?)?
             }
         };
         inputs.set(Input::Attn, x);
         inputs.set(Input::O, ctx);
         Ok((out, capture.then_some(inputs)))
+    }
+}
+
+/// The MLP activation of `spec` applied to `t`.
+fn act(spec: &ModelSpec, t: &Tensor) -> Result<Tensor> {
+    Ok(match spec.act {
+        Act::Silu => candle_nn::ops::silu(t)?,
+        Act::GeluTanh => t.gelu()?,
+        Act::Gelu => t.gelu_erf()?,
+    })
+}
+
+/// `act(gate) · up`; with a serving dtype each op is rounded on its own, as a server does.
+fn gate_product(spec: &ModelSpec, gate: Tensor, up: Tensor) -> Result<Tensor> {
+    let r = |t: Tensor| round_to(t, spec.serve_dtype);
+    match (spec.act, spec.serve_dtype) {
+        (Act::Silu, None) => crate::ops::silu_mul(&gate, &up),
+        _ => r((r(act(spec, &r(gate)?)?)? * r(up)?)?),
     }
 }
 
@@ -454,4 +613,25 @@ pub fn round_to(t: Tensor, dtype: Option<candle_core::DType>) -> Result<Tensor> 
         Some(dt) => t.to_dtype(dt)?.to_dtype(candle_core::DType::F32)?,
         None => t,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_picks_top_k_by_softmax_and_renormalises_on_request() {
+        // Token 0 prefers experts 2 then 0; token 1 ties experts 1 and 3 (the lower index wins).
+        let logits = vec![vec![1.0, 0.0, 2.0, -1.0], vec![0.0, 1.0, 0.0, 1.0]];
+        let raw = Routing::from_logits(&logits, 4, 2, false);
+        let z0: f32 = logits[0].iter().map(|x| x.exp()).sum();
+        assert_eq!(raw.tokens(), vec![1, 1, 1, 1]);
+        assert_eq!(raw.experts[2][0].0, 0);
+        assert!((raw.experts[2][0].1 - 2f32.exp() / z0).abs() < 1e-6);
+        assert_eq!(raw.experts[1][0].0, 1);
+        assert_eq!(raw.experts[3][0].0, 1);
+        let norm = Routing::from_logits(&logits, 4, 2, true);
+        let (a, b) = (norm.experts[2][0].1, norm.experts[0][0].1);
+        assert!((a + b - 1.0).abs() < 1e-6 && (a / b - 1f32.exp()).abs() < 1e-5);
+    }
 }

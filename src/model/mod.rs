@@ -16,9 +16,12 @@ pub mod groups;
 pub mod layer;
 pub mod llama;
 pub mod mistral;
+pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod rope;
 pub mod stablelm;
 pub mod starcoder2;
@@ -55,7 +58,7 @@ macro_rules! family {
 }
 
 /// Every supported family: adding one is a file in this folder and a row here.
-const FAMILIES: [Family; 12] = [
+const FAMILIES: [Family; 15] = [
     family!(llama),
     family!(mistral),
     family!(qwen2),
@@ -68,6 +71,9 @@ const FAMILIES: [Family; 12] = [
     family!(starcoder2),
     family!(cohere),
     family!(granite),
+    family!(mixtral),
+    family!(qwen2_moe),
+    family!(qwen3_moe),
 ];
 
 pub fn supported_architectures() -> Vec<&'static str> {
@@ -218,6 +224,9 @@ impl Model {
                     expect(&format!("{name}.bias"), &[out])?;
                 }
             }
+            for r in s.router_linears() {
+                expect(&format!("{}.weight", r.name), &[r.out, r.inp])?;
+            }
         }
         Ok(())
     }
@@ -240,6 +249,9 @@ impl Model {
                     .into_iter()
                     .map(|(n, _)| (format!("{p}.{n}"), false)),
             );
+            for r in s.router_linears() {
+                out.push((format!("{p}.{}.weight", r.name), false));
+            }
             for l in s.linears() {
                 out.push((format!("{p}.{}.weight", l.name), true));
                 if l.bias {

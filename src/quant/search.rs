@@ -31,6 +31,19 @@ pub struct ScaleChoice {
     pub scales: Vec<f32>,
 }
 
+impl ScaleChoice {
+    /// No search: the identity scale over `n` input channels (an expert without enough
+    /// calibration tokens).
+    pub fn identity(n: usize) -> Self {
+        Self {
+            ratio: None,
+            loss: 0.0,
+            identity_loss: 0.0,
+            scales: vec![1.0; n],
+        }
+    }
+}
+
 /// `mean_t |X[t, c]|` per input channel.
 pub fn x_mean(x: &Tensor) -> Result<Vec<f32>> {
     Ok(x.abs()?.mean(0)?.to_vec1::<f32>()?)

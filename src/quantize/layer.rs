@@ -101,6 +101,11 @@ pub(super) fn search_group(
     search::search(&x_mean, &w_mean, grid, n_grid, loss)
 }
 
+/// An expert that sees fewer calibration tokens than this keeps the identity scale for its down
+/// group and is not clipped: plain round-to-nearest, named in the report. A handful of tokens
+/// would fit the scales and clip values to noise (and none would divide by zero).
+pub(super) const MIN_EXPERT_TOKENS: usize = 16;
+
 /// Tokens per piece of the capturing forward and of the search's module runs (rounded to whole
 /// sequences).
 pub(super) const PIECE_TOKENS: usize = 4096;
@@ -144,7 +149,13 @@ pub(super) fn apply_scales(
     let n = s.len();
     let st = Tensor::from_slice(s, n, &candle_core::Device::Cpu)?;
     match g.prev {
-        PrevOp::Norm(name) => layer.norm_mut(name).divide(spec.norm, &st)?,
+        PrevOp::Norm(name) => {
+            layer.norm_mut(name).divide(spec.norm, &st)?;
+            for router in &g.compensate {
+                let r = layer.router_mut(router);
+                r.weight = r.weight.broadcast_mul(&st)?;
+            }
+        }
         PrevOp::Linear(name) => {
             let prev = layer.linear_mut(name);
             // The last `n` output rows (all of them for v_proj / up_proj).
@@ -227,6 +238,12 @@ pub(super) fn layer_tensors(
             out.push(OutTensor::f32(format!("{prefix}.bias"), b)?);
         }
     }
+    for (name, router) in &layer.routers {
+        out.push(OutTensor::f32(
+            format!("{p}.{name}.weight"),
+            &router.weight,
+        )?);
+    }
     for (name, norm) in &layer.norms {
         out.push(OutTensor::f32(format!("{p}.{name}.weight"), &norm.weight)?);
         if let Some(b) = &norm.bias {
@@ -278,10 +295,21 @@ mod tests {
                 (l.name, Linear { weight, bias })
             })
             .collect();
+        let routers = spec
+            .router_linears()
+            .into_iter()
+            .map(|l| {
+                let weight = random(l.out * l.inp, &mut rng, 0.0)
+                    .reshape((l.out, l.inp))
+                    .unwrap();
+                (l.name, Linear { weight, bias: None })
+            })
+            .collect();
         LayerWeights {
             index: 0,
             norms,
             linears,
+            routers,
         }
     }
 
@@ -302,7 +330,8 @@ mod tests {
 
     /// AWQ-SPEC §5: folding any positive scales into every group leaves the layer's function
     /// unchanged, for every family — `(1 + w)` norms, LayerNorms with bias, biased v rows of
-    /// q/k/v or a fused qkv, the up rows of a fused gate_up, a parallel block.
+    /// q/k/v or a fused qkv, the up rows of a fused gate_up, a parallel block, and MoE routers
+    /// (the routing stays the same only because the routers absorb the scales too).
     #[test]
     fn folding_scales_keeps_every_family_exact() {
         for (arch, extra) in [
@@ -358,6 +387,8 @@ mod tests {
                 apply_scales(&spec, &mut layer, &mut inputs, g, &s).unwrap();
             }
             let (after, scaled) = layer.forward(&spec, &rope, &h, 16, true).unwrap();
+            let scaled = scaled.unwrap();
+            assert_eq!(scaled.routing, inputs.routing, "{arch}: routing changed");
             let diff = (&after - &before)
                 .unwrap()
                 .abs()
@@ -374,7 +405,7 @@ mod tests {
                 "{arch}: output moved by {diff} (max {scale})"
             );
             // The cached inputs were divided like the linears' inputs.
-            for (kind, x) in scaled.unwrap().iter() {
+            for (kind, x) in scaled.iter() {
                 let d = (x - inputs.get(kind))
                     .unwrap()
                     .abs()

@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::layer::{apply_scales, group_absmax, layer_tensors, pieces, search_group};
+use super::layer::{
+    apply_scales, group_absmax, layer_tensors, pieces, search_group, MIN_EXPERT_TOKENS,
+};
 use super::prepare::Prepared;
-use super::report::{GroupReport, LayerReport, Timings, Work};
+use super::report::{ExpertReport, GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
 use super::QuantizeOptions;
 use crate::error::{Error, Result};
@@ -17,10 +19,11 @@ use crate::events::{Event, Sink};
 use crate::io::writer;
 use crate::model::arch::Input;
 use crate::model::groups::{clipped, scale_groups};
-use crate::model::layer::{LayerWeights, LinearInputs};
+use crate::model::layer::{LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
 use crate::model::EMBED;
 use crate::quant::clip;
+use crate::quant::search::ScaleChoice;
 
 /// What the loop produced: per-layer reports, the part files and the tensor names in
 /// checkpoint order (starting with the embedding, which the head part holds).
@@ -124,7 +127,12 @@ fn quantize_layer(
     let mut choices = Vec::new();
     for g in scale_groups(spec) {
         let clock = Instant::now();
-        let choice = search_group(&layer, &g, &inputs, spec, rope, seqlen, opts)?;
+        let x = inputs.get(g.input);
+        let choice = if matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS {
+            ScaleChoice::identity(x.dim(1)?)
+        } else {
+            search_group(&layer, &g, &inputs, spec, rope, seqlen, opts)?
+        };
         groups.push(GroupReport {
             group: g.name.to_string(),
             // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
@@ -140,6 +148,17 @@ fn quantize_layer(
     }
     t.search = clock.elapsed().as_secs_f64();
 
+    let experts = inputs.routing.as_ref().map(|r| {
+        r.tokens()
+            .into_iter()
+            .enumerate()
+            .map(|(expert, tokens)| ExpertReport {
+                expert,
+                tokens,
+                round_to_nearest: tokens < MIN_EXPERT_TOKENS,
+            })
+            .collect()
+    });
     let clock = Instant::now();
     let clip_mean_shrink = if opts.clip {
         clip_layer(spec, &mut layer, inputs, opts.group)?
@@ -160,6 +179,7 @@ fn quantize_layer(
             groups,
             clip_mean_shrink,
             max_abs_activation,
+            experts,
             max_abs_float_weight: max_abs_float_tensors(&tensors),
             seconds: t,
         },
@@ -170,7 +190,9 @@ fn quantize_layer(
 
 /// The layer's output and every linear's input over all calibration tokens, computed piece by
 /// piece (whole sequences, see [`pieces`]) into buffers of the final size: the MLP's gate/up
-/// intermediates exist for one piece at a time, and nothing is held twice.
+/// intermediates exist for one piece at a time, and nothing is held twice. A MoE layer's
+/// routing is merged across pieces (token indices offset by each piece's start), so each
+/// expert's captured rows stay in the order of its routed tokens.
 fn forward_captured(
     layer: &LayerWeights,
     spec: &crate::model::config::ModelSpec,
@@ -181,6 +203,8 @@ fn forward_captured(
     let tokens = hidden.dim(0)?;
     // Slot 0 is the output, then one per captured input kind.
     let mut bufs: Vec<(Option<Input>, Vec<f32>, usize)> = Vec::new();
+    let mut routing: Option<Routing> = None;
+    let mut start = 0u32;
     for piece in pieces(hidden, seqlen)? {
         let (out, inputs) = layer.forward(spec, rope, &piece, seqlen, true)?;
         let inputs = inputs.expect("captured");
@@ -188,15 +212,31 @@ fn forward_captured(
         for (n, (kind, t)) in parts.enumerate() {
             if bufs.len() == n {
                 let width = t.dim(1)?;
-                bufs.push((kind, Vec::with_capacity(tokens * width), width));
+                let rows = if matches!(kind, Some(Input::Expert(_))) {
+                    0
+                } else {
+                    tokens
+                };
+                bufs.push((kind, Vec::with_capacity(rows * width), width));
             }
             bufs[n].1.extend(t.flatten_all()?.to_vec1::<f32>()?);
         }
+        if let Some(piece_routing) = inputs.routing {
+            let merged = routing.get_or_insert_with(|| Routing {
+                experts: vec![Vec::new(); piece_routing.experts.len()],
+            });
+            for (all, part) in merged.experts.iter_mut().zip(piece_routing.experts) {
+                all.extend(part.into_iter().map(|(t, w)| (t + start, w)));
+            }
+        }
+        start += piece.dim(0)? as u32;
     }
     let mut captured = LinearInputs::default();
+    captured.routing = routing;
     let mut out = None;
     for (kind, buf, width) in bufs {
-        let t = Tensor::from_vec(buf, (tokens, width), &candle_core::Device::Cpu)?;
+        let rows = buf.len() / width;
+        let t = Tensor::from_vec(buf, (rows, width), &candle_core::Device::Cpu)?;
         match kind {
             Some(k) => captured.set(k, t),
             None => out = Some(t),
@@ -207,7 +247,9 @@ fn forward_captured(
 
 /// Searches and applies the clipping of every clipped linear; returns the mean shrink
 /// (clip value / abs-max) per linear. Consumes the captured activations: each is dropped as soon
-/// as the last linear that reads it is clipped.
+/// as the last linear that reads it is clipped. An expert's gate/up are clipped against the
+/// tokens routed to it (AutoAWQ hooks the expert's own linears), and an expert with fewer than
+/// [`MIN_EXPERT_TOKENS`] tokens is not clipped.
 fn clip_layer(
     spec: &crate::model::config::ModelSpec,
     layer: &mut LayerWeights,
@@ -216,7 +258,7 @@ fn clip_layer(
 ) -> Result<Vec<(String, f32)>> {
     let linears = spec.linears();
     let mut shrinks = Vec::new();
-    for input in Input::ALL {
+    for input in spec.inputs() {
         let Some(x) = inputs.take(input) else {
             continue;
         };
@@ -224,8 +266,19 @@ fn clip_layer(
             .iter()
             .filter(|l| l.input == input && clipped(l.name))
         {
+            let routed;
+            let x = match (l.expert, &inputs.routing) {
+                (Some(e), Some(routing)) if input == Input::Mlp => {
+                    routed = x.index_select(&routing.index(e)?, 0)?;
+                    &routed
+                }
+                _ => &x,
+            };
+            if l.expert.is_some() && x.dim(0)? < MIN_EXPERT_TOKENS {
+                continue;
+            }
             let lin = layer.linear_mut(l.name);
-            let max_val = clip::search(&lin.weight, &clip::subsample(&x)?, group)?;
+            let max_val = clip::search(&lin.weight, &clip::subsample(x)?, group)?;
             let absmax = group_absmax(&lin.weight, group)?;
             let shrink = max_val
                 .iter()

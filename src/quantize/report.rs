@@ -63,9 +63,23 @@ pub struct LayerReport {
     /// Largest |activation| seen in this layer during calibration (its output and every
     /// linear's input, f32): above 65504 the model overflows when served in float16.
     pub max_abs_activation: f32,
+    /// MoE layers: calibration tokens routed to each expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<Vec<ExpertReport>>,
     /// Largest |value| of the layer's float tensors (norms, biases) after scaling.
     pub max_abs_float_weight: f32,
     pub seconds: Timings,
+}
+
+/// One expert of a MoE layer in the report.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExpertReport {
+    pub expert: usize,
+    /// Calibration tokens routed to it.
+    pub tokens: usize,
+    /// Too few tokens to search or clip: identity scale for its down projection and plain
+    /// round-to-nearest (see `MIN_EXPERT_TOKENS`).
+    pub round_to_nearest: bool,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]

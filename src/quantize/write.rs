@@ -106,7 +106,7 @@ pub(super) fn write_checkpoint(
         "group_size": opts.group,
         "bits": opts.w_bit,
         "version": version,
-        "modules_to_not_convert": null,
+        "modules_to_not_convert": model.spec.modules_to_not_convert(),
     });
     writer::write_json(
         &staged.join("config.json"),

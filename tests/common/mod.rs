@@ -138,3 +138,24 @@ pub fn poke_f32(path: &Path, name: &str, index: usize, value: f32) {
         bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
     });
 }
+
+/// Sets element `index` of tensor `name` (BF16, as the Gemma goldens store it) to `value`.
+pub fn poke_bf16(path: &Path, name: &str, index: usize, value: f32) {
+    rewrite_safetensors(path, |bytes| {
+        let n = header_len(bytes);
+        let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        assert_eq!(h[name]["dtype"], "BF16", "{name}");
+        let start = h[name]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n + 2 * index;
+        let bits = half::bf16::from_f32(value).to_bits();
+        bytes[start..start + 2].copy_from_slice(&bits.to_le_bytes());
+    });
+}
+
+/// A copy of a directory's files (one level) in `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
