@@ -1,9 +1,10 @@
-//! Writes a random-weight Llama checkpoint with the dimensions of Llama-2-7B (hidden 4096,
-//! intermediate 11008, 32 heads) and a chosen depth, for the memory and speed benchmarks of
-//! `scripts/bench.sh`. The tokenizer (and therefore the vocabulary size) is copied from an
-//! existing model directory. One safetensors shard per layer plus an index, fp16.
+//! Writes a random-weight checkpoint of a chosen depth for the memory and speed benchmarks of
+//! `scripts/bench.sh`: Llama-2-7B-shaped (hidden 4096, intermediate 11008, 32 heads) by default,
+//! or Qwen3-30B-A3B-shaped (`qwen3-moe`) and its dense twin (`qwen3-dense`). The tokenizer (and
+//! therefore the vocabulary size) is copied from an existing model directory. One safetensors
+//! shard per layer plus an index, fp16.
 //!
-//! `cargo run --release --example synth_model -- OUT_DIR LAYERS TOKENIZER_DIR [HIDDEN INTER HEADS]`
+//! `cargo run --release --example synth_model -- OUT_DIR LAYERS TOKENIZER_DIR [PRESET [HIDDEN INTER HEADS]]`
 
 use std::path::Path;
 
@@ -26,35 +27,71 @@ fn random(n: usize, amp: f32, seed: u64) -> Vec<f32> {
     v
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() < 3 {
-        eprintln!("usage: synth_model OUT_DIR LAYERS TOKENIZER_DIR [HIDDEN INTER HEADS]");
-        std::process::exit(2);
-    }
-    let out = Path::new(&args[0]);
-    let layers: usize = args[1].parse().expect("LAYERS");
-    let tok_dir = Path::new(&args[2]);
-    let num = |i: usize, d: usize| args.get(i).map_or(d, |s| s.parse().expect("number"));
-    let (hidden, inter, heads) = (num(3, 4096), num(4, 11008), num(5, 32));
-    std::fs::create_dir_all(out).unwrap();
-    std::fs::copy(tok_dir.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
-    let tok: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tok_dir.join("tokenizer.json")).unwrap()).unwrap();
-    let vocab = tok["model"]["vocab"].as_object().map_or(32000, |v| v.len())
-        + tok["added_tokens"].as_array().map_or(0, |a| a.len());
-    let config = serde_json::json!({
+/// `config.json` of a preset: Llama-2-7B-shaped (`llama`, optionally with other
+/// hidden/intermediate/heads), Qwen3-30B-A3B-shaped (`qwen3-moe`: 128 experts, top-8, expert
+/// intermediate 768, 32 heads / 4 kv heads of 128) or its dense twin with the same active
+/// parameters (`qwen3-dense`: intermediate 8 × 768 = 6144).
+fn preset(name: &str, layers: usize, vocab: usize, dims: [usize; 3]) -> serde_json::Value {
+    let [hidden, inter, heads] = dims;
+    let mut c = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
         "tie_word_embeddings": false, "hidden_act": "silu", "torch_dtype": "float16"
     });
+    let qwen3 = serde_json::json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048,
+        "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0
+    });
+    let moe = serde_json::json!({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": true
+    });
+    let overrides: Vec<&serde_json::Value> = match name {
+        "llama" => vec![],
+        "qwen3-dense" => vec![&qwen3],
+        "qwen3-moe" => vec![&qwen3, &moe],
+        other => panic!("unknown preset {other} (llama, qwen3-dense, qwen3-moe)"),
+    };
+    for o in overrides {
+        for (k, v) in o.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 3 {
+        eprintln!(
+            "usage: synth_model OUT_DIR LAYERS TOKENIZER_DIR [llama [HIDDEN INTER HEADS] | qwen3-moe | qwen3-dense]"
+        );
+        std::process::exit(2);
+    }
+    let out = Path::new(&args[0]);
+    let layers: usize = args[1].parse().expect("LAYERS");
+    let tok_dir = Path::new(&args[2]);
+    let kind = args.get(3).map_or("llama", |s| s.as_str());
+    let num = |i: usize, d: usize| args.get(i).map_or(d, |s| s.parse().expect("number"));
+    let dims = [num(4, 4096), num(5, 11008), num(6, 32)];
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(tok_dir.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tok_dir.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object().map_or(32000, |v| v.len())
+        + tok["added_tokens"].as_array().map_or(0, |a| a.len());
+    let config = preset(kind, layers, vocab, dims);
     std::fs::write(
         out.join("config.json"),
         serde_json::to_string_pretty(&config).unwrap(),
     )
     .unwrap();
+    // Every tensor name and shape comes from the spec, as the quantizer will read them.
+    let spec = awq::model::load_spec(&out.join("config.json")).unwrap();
+    let hidden = spec.hidden;
 
     let mut map = serde_json::Map::new();
     let mut shard = |name: &str, tensors: Vec<OutTensor>| {
@@ -82,22 +119,14 @@ fn main() {
     for i in 0..layers {
         let p = format!("model.layers.{i}");
         let mut ts = Vec::new();
-        for (name, shape) in [
-            ("self_attn.q_proj", [hidden, hidden]),
-            ("self_attn.k_proj", [hidden, hidden]),
-            ("self_attn.v_proj", [hidden, hidden]),
-            ("self_attn.o_proj", [hidden, hidden]),
-            ("mlp.gate_proj", [inter, hidden]),
-            ("mlp.up_proj", [inter, hidden]),
-            ("mlp.down_proj", [hidden, inter]),
-        ] {
-            ts.push(t(format!("{p}.{name}.weight"), shape.to_vec()));
+        for l in spec.linears().into_iter().chain(spec.router_linears()) {
+            ts.push(t(format!("{p}.{}.weight", l.name), vec![l.out, l.inp]));
         }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
+        for (name, width) in spec.layer_floats() {
             ts.push(OutTensor::f16(
-                format!("{p}.{norm}.weight"),
-                vec![hidden],
-                &ones(hidden),
+                format!("{p}.{name}"),
+                vec![width],
+                &ones(width),
             ));
         }
         shard(&format!("model-layer-{i:03}.safetensors"), ts);
@@ -109,7 +138,7 @@ fn main() {
     )
     .unwrap();
     eprintln!(
-        "wrote {} ({layers} layers, hidden {hidden}, intermediate {inter}, vocab {vocab})",
+        "wrote {} ({kind}, {layers} layers, hidden {hidden}, vocab {vocab})",
         out.display()
     );
 }

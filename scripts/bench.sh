@@ -5,11 +5,13 @@
 #   scripts/bench.sh smollm2 [awq quantize flags...]   # $AWQ_TEST_MODEL, group 64, 32 x 512 wikitext
 #   scripts/bench.sh smollm2-2l [flags...]              # its first 2 layers, 32 x 512 (vs AutoAWQ)
 #   scripts/bench.sh synth7b LAYERS [flags...]          # Llama-2-7B-shaped random model, 16 x 512
+#   scripts/bench.sh synth-moe LAYERS [flags...]        # Qwen3-30B-A3B-shaped MoE, 16 x 512
+#   scripts/bench.sh synth-dense LAYERS [flags...]      # its dense twin (same active parameters)
 #
 # Extra flags are appended (e.g. --fast, --max-blocks 8). Threads: RAYON_NUM_THREADS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kind=${1:?usage: scripts/bench.sh smollm2|synth7b [LAYERS] [flags...]}
+kind=${1:?usage: scripts/bench.sh smollm2|smollm2-2l|synth7b|synth-moe|synth-dense [LAYERS] [flags...]}
 shift
 data=data/wikitext-2-raw
 cargo build --release --quiet --bin awq
@@ -61,6 +63,17 @@ synth7b)
     if [ ! -f "$model/config.json" ]; then
         cargo run --release --quiet --example synth_model -- "$model" "$layers" \
             "${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL (its tokenizer is reused)}"
+    fi
+    args=(--group 128 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --max-blocks 16)
+    ;;
+synth-moe | synth-dense)
+    layers=${1:?LAYERS}
+    shift
+    preset=qwen3-${kind#synth-}
+    model=${TMPDIR:-/tmp}/awq-$preset-$layers
+    if [ ! -f "$model/config.json" ]; then
+        cargo run --release --quiet --example synth_model -- "$model" "$layers" \
+            "${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL (its tokenizer is reused)}" "$preset"
     fi
     args=(--group 128 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --max-blocks 16)
     ;;

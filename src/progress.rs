@@ -151,11 +151,44 @@ impl Progress {
     }
 }
 
+/// `  experts.*.down ×128 mean r=0.32 -11.0% (2 s=1)`.
+fn experts_summary(experts: &[&GroupReport]) -> String {
+    let searched: Vec<&&GroupReport> = experts.iter().filter(|g| g.ratio.is_some()).collect();
+    let n = searched.len().max(1) as f64;
+    let ratio = searched.iter().filter_map(|g| g.ratio).sum::<f64>() / n;
+    let change = searched
+        .iter()
+        .filter(|g| g.identity_loss > 0.0)
+        .map(|g| 100.0 * (g.loss / g.identity_loss - 1.0))
+        .sum::<f64>()
+        / n;
+    let mut out = format!(
+        "  experts.*.down ×{} mean r={ratio:.2} {change:+.1}%",
+        experts.len()
+    );
+    if searched.len() < experts.len() {
+        out += &format!(" ({} s=1)", experts.len() - searched.len());
+    }
+    out
+}
+
 /// `  qkv r=0.45 -12.3%  o s=1` — the chosen ratio and the loss reduction against plain
 /// round-to-nearest (s = 1) per group.
+/// A MoE layer's per-expert down groups are summarised in one entry where the first of them
+/// stands: their count, mean ratio and mean loss change, and how many kept s = 1.
 fn group_summary(groups: &[GroupReport], verbose: bool) -> String {
     let mut out = String::new();
+    let is_expert = |g: &GroupReport| g.group.starts_with("experts.");
+    let experts: Vec<&GroupReport> = groups.iter().filter(|g| is_expert(g)).collect();
+    let mut experts_done = false;
     for g in groups {
+        if is_expert(g) {
+            if !experts_done {
+                out += &experts_summary(&experts);
+                experts_done = true;
+            }
+            continue;
+        }
         let change = if g.identity_loss > 0.0 {
             100.0 * (g.loss / g.identity_loss - 1.0)
         } else {

@@ -10,6 +10,31 @@ use awq::quantize::{Plan, Report};
 use awq::verify::VerifyReport;
 
 /// `--dry-run`: the resolved plan.
+/// Lines that differ only in an expert index (`experts.7.` → `experts.*.`) become one line with
+/// `×count`, in first-seen order.
+fn collapse_experts(lines: impl Iterator<Item = String>) -> Vec<String> {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for line in lines {
+        let key = match line.split_once("experts.") {
+            Some((head, tail)) => match tail.split_once('.') {
+                Some((index, rest)) if index.parse::<usize>().is_ok() => {
+                    format!("{head}experts.*.{rest}")
+                }
+                _ => line,
+            },
+            None => line,
+        };
+        match kinds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((key, 1)),
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|(k, n)| if n > 1 { format!("{k} ×{n}") } else { k })
+        .collect()
+}
+
 pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
     writeln!(w, "dry run: nothing written")?;
     writeln!(
@@ -48,15 +73,21 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
             .as_ref()
             .map_or(String::new(), |r| format!(" ({r})"))
     )?;
-    for (name, [out, inp]) in &plan.linears {
-        writeln!(w, "  linear     {name} [{out}, {inp}]")?;
+    // A MoE layer's experts are listed once each kind, with their count.
+    let linears = collapse_experts(
+        plan.linears
+            .iter()
+            .map(|(name, [out, inp])| format!("{name} [{out}, {inp}]")),
+    );
+    for line in linears {
+        writeln!(w, "  linear     {line}")?;
     }
-    for (name, linears, inspect) in &plan.scale_groups {
-        writeln!(
-            w,
-            "  group      {name}: {} (inspects {inspect})",
-            linears.join(", ")
-        )?;
+    let groups = collapse_experts(plan.scale_groups.iter().map(|(name, linears, inspect)| {
+        let linears = collapse_experts(linears.iter().cloned()).join(", ");
+        format!("{name}: {linears} (inspects {inspect})")
+    }));
+    for line in groups {
+        writeln!(w, "  group      {line}")?;
     }
     writeln!(
         w,

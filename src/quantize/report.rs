@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use super::QuantizeOptions;
 use crate::calib::CalibSummary;
+use crate::model::arch::Input;
 use crate::model::groups::scale_groups;
 use crate::quant::pack::Layout;
 
@@ -184,7 +185,16 @@ pub(super) fn make_plan(
                 + if l.bias { l.out * 2 } else { 0 }
         })
         .sum::<usize>()
-        + 2 * spec.hidden * 2;
+        + spec
+            .layer_floats()
+            .iter()
+            .map(|(_, w)| w * 2)
+            .sum::<usize>()
+        + spec
+            .router_linears()
+            .iter()
+            .map(|l| l.out * l.inp * 2)
+            .sum::<usize>();
     let heads = if spec.tied_embeddings { 1 } else { 2 };
     let output = spec.layers * per_layer + heads * spec.vocab * spec.hidden * 2 + spec.hidden * 2;
     // One layer in f32 three times (weights, the search's scratch copy, a candidate), the
@@ -192,7 +202,27 @@ pub(super) fn make_plan(
     // (tokenizer, embedding rows, runtime) measured on SmolLM2.
     let layer_params: usize = linears.iter().map(|l| l.out * l.inp).sum();
     let t = cal.tokens;
-    let activations = t * (5 * spec.hidden + 4 * spec.intermediate);
+    // Per token: the layer's input and output, every captured input (an expert's only for
+    // the tokens routed to it) and three MLP-wide intermediates of one candidate.
+    let mlp_width = match &spec.moe {
+        Some(m) => m.top_k * m.intermediate + m.shared.unwrap_or(0),
+        None => spec.intermediate,
+    };
+    let captured: usize = spec
+        .inputs()
+        .iter()
+        .map(|input| {
+            let l = linears
+                .iter()
+                .find(|l| l.input == *input)
+                .expect("read by a linear");
+            match (input, &spec.moe) {
+                (Input::Expert(_), Some(m)) => l.inp * m.top_k / m.experts,
+                _ => l.inp,
+            }
+        })
+        .sum();
+    let activations = t * (2 * spec.hidden + captured + 3 * mlp_width);
     let peak = 4 * (3 * layer_params + activations) + 4 * t * spec.hidden + 250 * (1 << 20);
     Plan {
         model_dir: dir.to_path_buf(),
