@@ -207,6 +207,20 @@ pub struct QuantizeArgs {
     /// Skip the clipping search.
     #[arg(long, help_heading = "Quantization")]
     pub no_clip: bool,
+    /// How the 4-bit codes are chosen once scales and clipping are fixed: rtn (round to
+    /// nearest, AutoAWQ's) or gptq (error feedback through the calibration input's XᵀX, same
+    /// scales and zero points; kept per linear only where it lowers the calibration loss).
+    #[arg(
+        long,
+        default_value = "rtn",
+        value_name = "METHOD",
+        help_heading = "Quantization"
+    )]
+    pub rounding: awq::quantize::Rounding,
+    /// Skip the layer-output guard, which keeps each layer no worse than round-to-nearest on
+    /// its own output (dropping a clip or a group's scales where they hurt; README).
+    #[arg(long, help_heading = "Quantization")]
+    pub no_guard: bool,
     /// Skip the scale search (round-to-nearest; with --no-clip, plain RTN).
     #[arg(long, conflicts_with_all = ["n_grid", "grid", "fast", "search_blocks"], help_heading = "Quantization")]
     pub no_search: bool,
@@ -392,6 +406,9 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             },
             n_grid: args.n_grid,
             clip: !args.no_clip,
+            // Plain RTN has nothing to guard.
+            guard: !(args.no_guard || (args.no_search && args.no_clip)),
+            rounding: args.rounding,
             no_search: args.no_search,
             search_blocks: args
                 .search_blocks

@@ -154,7 +154,10 @@ impl Progress {
 /// `  experts.*.down ×128 mean r=0.32 -11.0% (2 s=1)`.
 fn experts_summary(experts: &[&GroupReport]) -> String {
     let searched: Vec<&&GroupReport> = experts.iter().filter(|g| g.ratio.is_some()).collect();
-    let n = searched.len().max(1) as f64;
+    if searched.is_empty() {
+        return format!("  experts.*.down ×{} s=1", experts.len());
+    }
+    let n = searched.len() as f64;
     let ratio = searched.iter().filter_map(|g| g.ratio).sum::<f64>() / n;
     let change = searched
         .iter()

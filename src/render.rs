@@ -15,15 +15,7 @@ use awq::verify::VerifyReport;
 fn collapse_experts(lines: impl Iterator<Item = String>) -> Vec<String> {
     let mut kinds: Vec<(String, usize)> = Vec::new();
     for line in lines {
-        let key = match line.split_once("experts.") {
-            Some((head, tail)) => match tail.split_once('.') {
-                Some((index, rest)) if index.parse::<usize>().is_ok() => {
-                    format!("{head}experts.*.{rest}")
-                }
-                _ => line,
-            },
-            None => line,
-        };
+        let key = awq::model::arch::expert_pattern(&line);
         match kinds.iter_mut().find(|(k, _)| *k == key) {
             Some((_, n)) => *n += 1,
             None => kinds.push((key, 1)),
@@ -112,7 +104,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     let p = &w.seconds;
     writeln!(out,
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
-             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
+             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
              matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
             output.display(),
             report.layers.len(),
@@ -124,6 +116,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             p.forward,
             p.search,
             p.clip,
+            p.guard,
             p.quantize,
             p.write,
             w.matmul_gflop,

@@ -372,6 +372,12 @@ fn failed_quality_gate(dir: &Path) -> Option<String> {
     })
 }
 
+/// Drops repeated lines, keeping the first of each.
+fn dedup_in_order(lines: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    lines.retain(|l| seen.insert(l.clone()));
+}
+
 /// transformers and vLLM keep a linear unquantized when a `modules_to_not_convert` entry is a
 /// substring of its module name: every unquantized linear (a MoE router) must be matched, and
 /// no quantized linear may be (an entry like `gate` would also catch every `gate_proj`).
@@ -553,6 +559,8 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
     // Marlin checks the merged modules vLLM builds: (name, summed out, in) per rank.
     let mut merged: Vec<(&str, usize, usize)> = Vec::new();
     for l in linears {
+        // Experts share their shapes: one line per kind of expert linear, not per expert.
+        let shown = crate::model::arch::expert_pattern(l.name);
         // Row-parallel: the linears that read attention context or an MLP's hidden activation.
         let row_parallel = !matches!(l.input, Input::Attn | Input::Mlp);
         let split = if l.name == K_PROJ || l.name == V_PROJ {
@@ -570,7 +578,7 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
             if !whole.is_multiple_of(tp) {
                 awq.push(format!(
                     "{}: {whole} {} do not split over {tp} ranks",
-                    l.name,
+                    shown,
                     if row_parallel { "inputs" } else { "outputs" }
                 ));
             }
@@ -585,13 +593,13 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
         if !inp.is_multiple_of(fmt.group) {
             awq.push(format!(
                 "{}: input partition {inp} is not divisible by group {}",
-                l.name, fmt.group
+                shown, fmt.group
             ));
         }
         if !out.is_multiple_of(8) {
             awq.push(format!(
                 "{}: output partition {out} is not divisible by 8",
-                l.name
+                shown
             ));
         }
         // vLLM runs experts in its fused-MoE kernels (moe_wna16 / Marlin MoE), not awq_gemm:
@@ -645,6 +653,8 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
             fmt.group
         ));
     }
+    dedup_in_order(&mut awq);
+    dedup_in_order(&mut marlin);
     let vllm_awq = awq.is_empty();
     TpSupport {
         tp,

@@ -92,6 +92,20 @@ impl Moe {
     }
 }
 
+/// `name` with an expert index replaced by `*` (`mlp.experts.7.down_proj` →
+/// `mlp.experts.*.down_proj`), for messages that would otherwise repeat once per expert.
+pub fn expert_pattern(name: &str) -> String {
+    match name.split_once("experts.") {
+        Some((head, tail)) => match tail.split_once('.') {
+            Some((index, rest)) if index.parse::<usize>().is_ok() => {
+                format!("{head}experts.*.{rest}")
+            }
+            _ => name.to_string(),
+        },
+        None => name.to_string(),
+    }
+}
+
 /// Interns a name built at run time (an expert's linear) so that it can be used where the
 /// static names are: each distinct name is allocated once per process.
 pub fn intern(name: String) -> &'static str {

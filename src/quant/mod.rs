@@ -1,7 +1,9 @@
 //! Pure quantization functions: round-to-nearest (AutoAWQ-exact), the AWQ scale search, the
-//! clipping search and the packed layouts. No I/O, no model knowledge.
+//! clipping search, error-feedback (GPTQ) rounding and the packed layouts. No I/O, no model
+//! knowledge.
 
 pub mod clip;
+pub mod gptq;
 pub mod pack;
 pub mod reduce;
 pub mod rtn;

@@ -135,11 +135,11 @@ fn search_subset(x: &Tensor, seqlen: usize, n: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&picked, 0)?)
 }
 
-/// AWQ-SPEC §5: prev op ÷ s, scaled linears' input columns × s, cached inputs ÷ s.
+/// AWQ-SPEC §5: prev op ÷ s, scaled linears' input columns × s, cached inputs (when given) ÷ s.
 pub(super) fn apply_scales(
     spec: &ModelSpec,
     layer: &mut LayerWeights,
-    inputs: &mut LinearInputs,
+    inputs: Option<&mut LinearInputs>,
     g: &ScaleGroup,
     s: &[f32],
 ) -> Result<()> {
@@ -177,8 +177,10 @@ pub(super) fn apply_scales(
         let lin = layer.linear_mut(name);
         lin.weight = lin.weight.broadcast_mul(&st)?;
     }
-    let x = inputs.get_mut(g.input);
-    *x = x.broadcast_div(&st)?;
+    if let Some(inputs) = inputs {
+        let x = inputs.get_mut(g.input);
+        *x = x.broadcast_div(&st)?;
+    }
     Ok(())
 }
 
@@ -190,7 +192,9 @@ pub(super) fn group_absmax(w: &Tensor, group: usize) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// The layer's output tensors in checkpoint order: packed linears (+bias), q/k norms, norms.
+/// The layer's output tensors in checkpoint order: packed linears (+bias), routers, norms.
+/// Linears with precomputed `codes` (error-feedback rounding) are packed from those, the others
+/// with round-to-nearest.
 /// Float tensors are staged in f32 and converted to the output dtype when the shards are
 /// written (the dtype is decided once every layer's activations are known: `--dtype auto`).
 /// A non-finite weight or `scales` value after scaling is refused here, never written.
@@ -198,6 +202,7 @@ pub(super) fn layer_tensors(
     layer: &LayerWeights,
     i: usize,
     opts: &QuantizeOptions,
+    codes: &mut std::collections::HashMap<&'static str, rtn::Quantized>,
 ) -> Result<Vec<OutTensor>> {
     let p = layer_prefix(i);
     let mut out = Vec::new();
@@ -210,7 +215,10 @@ pub(super) fn layer_tensors(
                  written — rerun with --no-search to quantize without AWQ scales"
             )));
         }
-        let q = rtn::quantize_f16(&w, rows, cols, opts.group);
+        let q = match codes.remove(name) {
+            Some(q) => q,
+            None => rtn::quantize_f16(&w, rows, cols, opts.group),
+        };
         let packed = pack(&q, opts.layout)?;
         let prefix = format!("{p}.{name}");
         if let Some(bad) = packed.scales.iter().position(|v| !v.is_finite()) {
@@ -384,7 +392,7 @@ mod tests {
                     .iter()
                     .map(|x| x.powi(4)) // 0.4 .. 2.1
                     .collect();
-                apply_scales(&spec, &mut layer, &mut inputs, g, &s).unwrap();
+                apply_scales(&spec, &mut layer, Some(&mut inputs), g, &s).unwrap();
             }
             let (after, scaled) = layer.forward(&spec, &rope, &h, 16, true).unwrap();
             let scaled = scaled.unwrap();

@@ -7,18 +7,20 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::guard::{guard_blocks, Guard, Searched};
 use super::layer::{
     apply_scales, group_absmax, layer_tensors, pieces, search_group, MIN_EXPERT_TOKENS,
 };
 use super::prepare::Prepared;
 use super::report::{ExpertReport, GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
-use super::QuantizeOptions;
+use super::rounding;
+use super::{QuantizeOptions, Rounding};
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::io::writer;
 use crate::model::arch::Input;
-use crate::model::groups::{clipped, scale_groups};
+use crate::model::groups::{clipped, ScaleGroup};
 use crate::model::layer::{LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
 use crate::model::EMBED;
@@ -125,7 +127,7 @@ fn quantize_layer(
     let clock = Instant::now();
     let mut groups = Vec::new();
     let mut choices = Vec::new();
-    for g in scale_groups(spec) {
+    for g in crate::model::groups::scale_groups(spec) {
         let clock = Instant::now();
         let x = inputs.get(g.input);
         let choice = if matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS {
@@ -144,9 +146,18 @@ fn quantize_layer(
         choices.push((g, choice));
     }
     for (g, choice) in &choices {
-        apply_scales(spec, &mut layer, &mut inputs, g, &choice.scales)?;
+        apply_scales(spec, &mut layer, Some(&mut inputs), g, &choice.scales)?;
     }
     t.search = clock.elapsed().as_secs_f64();
+    // The guard compares on every 4th block; taken now, before clipping consumes the inputs.
+    let guard_io = match opts.guard {
+        true => Some((guard_blocks(hidden, seqlen)?, guard_blocks(&out, seqlen)?)),
+        false => None,
+    };
+    let grams = match opts.rounding {
+        Rounding::Gptq => Some(rounding::grams(spec, &inputs)?),
+        Rounding::Rtn => None,
+    };
 
     let experts = inputs.routing.as_ref().map(|r| {
         r.tokens()
@@ -160,15 +171,62 @@ fn quantize_layer(
             .collect()
     });
     let clock = Instant::now();
-    let clip_mean_shrink = if opts.clip {
+    let clips = if opts.clip {
         clip_layer(spec, &mut layer, inputs, opts.group)?
     } else {
         Vec::new()
     };
+    let clip_mean_shrink = clips
+        .iter()
+        .map(|(name, _, shrink)| (name.to_string(), *shrink))
+        .collect();
     t.clip = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let tensors = layer_tensors(&layer, i, opts)?;
+    let mut guard_report = None;
+    let (scale_groups, scales): (Vec<ScaleGroup>, Vec<Vec<f32>>) =
+        choices.into_iter().map(|(g, c)| (g, c.scales)).unzip();
+    let mut applied = vec![true; scale_groups.len()];
+    if let Some((input, reference)) = guard_io {
+        let searched = Searched {
+            groups: &scale_groups,
+            scales: scales.clone(),
+            clips: clips.into_iter().map(|(n, v, _)| (n, v)).collect(),
+        };
+        let load = || model.layer(i);
+        let guard = Guard {
+            spec,
+            rope,
+            seqlen,
+            group: opts.group,
+            input,
+            reference,
+            load: &load,
+        };
+        let (chosen, report, on) = guard.choose(&searched, layer)?;
+        layer = chosen;
+        guard_report = Some(report);
+        applied = on;
+    }
+    t.guard = clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let (mut codes, rounding) = match grams {
+        Some(grams) => {
+            let (codes, reports) = rounding::gptq_codes(
+                spec,
+                &layer,
+                &grams,
+                &scale_groups,
+                &scales,
+                &applied,
+                opts.group,
+            )?;
+            (codes, Some(reports))
+        }
+        None => Default::default(),
+    };
+    let tensors = layer_tensors(&layer, i, opts, &mut codes)?;
     t.quantize = clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     writer::write_file(part, &tensors)?;
@@ -180,6 +238,8 @@ fn quantize_layer(
             clip_mean_shrink,
             max_abs_activation,
             experts,
+            guard: guard_report,
+            rounding,
             max_abs_float_weight: max_abs_float_tensors(&tensors),
             seconds: t,
         },
@@ -245,8 +305,8 @@ fn forward_captured(
     Ok((out.expect("the layer output"), captured))
 }
 
-/// Searches and applies the clipping of every clipped linear; returns the mean shrink
-/// (clip value / abs-max) per linear. Consumes the captured activations: each is dropped as soon
+/// Searches and applies the clipping of every clipped linear; returns per linear its clip
+/// values and mean shrink (clip value / abs-max). Consumes the captured activations: each is dropped as soon
 /// as the last linear that reads it is clipped. An expert's gate/up are clipped against the
 /// tokens routed to it (AutoAWQ hooks the expert's own linears), and an expert with fewer than
 /// [`MIN_EXPERT_TOKENS`] tokens is not clipped.
@@ -255,7 +315,7 @@ fn clip_layer(
     layer: &mut LayerWeights,
     mut inputs: LinearInputs,
     group: usize,
-) -> Result<Vec<(String, f32)>> {
+) -> Result<Vec<(&'static str, Vec<f32>, f32)>> {
     let linears = spec.linears();
     let mut shrinks = Vec::new();
     for input in spec.inputs() {
@@ -286,8 +346,8 @@ fn clip_layer(
                 .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
                 .sum::<f32>()
                 / max_val.len() as f32;
-            shrinks.push((l.name.to_string(), shrink));
             lin.weight = clip::apply(&lin.weight, &max_val, group)?;
+            shrinks.push((l.name, max_val, shrink));
         }
         drop(x);
     }

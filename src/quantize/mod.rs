@@ -22,11 +22,13 @@ use crate::model::Model;
 use crate::quant::pack::Layout;
 use crate::quant::search::Grid;
 
+mod guard;
 mod layer;
 mod layers;
 mod prepare;
 mod report;
 mod resume;
+mod rounding;
 mod write;
 
 use report::{model_card, peak_rss_mb};
@@ -35,6 +37,28 @@ pub use report::{GroupReport, LayerReport, Plan, Quality, Report, Timings, Work}
 /// `--fast`: score the scale search on this many evenly spaced blocks (see README for its
 /// measured quality cost).
 pub const FAST_SEARCH_BLOCKS: usize = 4;
+
+/// `--rounding`: how the integer codes are chosen once scales and clipping are fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rounding {
+    /// Round-to-nearest, AutoAWQ's.
+    Rtn,
+    /// Error feedback (GPTQ) with the same group scales and zero points; per linear, kept only
+    /// where its calibration loss is lower than round-to-nearest's (`quant::gptq`).
+    Gptq,
+}
+
+impl FromStr for Rounding {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "rtn" => Ok(Self::Rtn),
+            "gptq" => Ok(Self::Gptq),
+            _ => Err(format!("{s:?} is not one of rtn, gptq")),
+        }
+    }
+}
 
 /// `--dtype`: the float dtype of the tensors that stay unquantized (embeddings, norms, biases,
 /// head) and of `torch_dtype`. AWQ `scales` are float16 in every case (the loaders' kernels
@@ -75,6 +99,10 @@ pub struct QuantizeOptions {
     /// Ratios in the scale grid (≥ 2: ratio 0 alone is the identity).
     pub n_grid: usize,
     pub clip: bool,
+    /// Run the layer-output guard (never worse than round-to-nearest on each layer's output).
+    pub guard: bool,
+    /// How the codes are chosen once scales and clipping are fixed.
+    pub rounding: Rounding,
     /// Skip the scale search (plain round-to-nearest, still clipped unless `clip` is false).
     pub no_search: bool,
     /// Score search candidates on at most this many evenly spaced calibration blocks (the
@@ -155,6 +183,9 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         other => other?,
     };
 
+    if let Some(message) = report::quiet_experts(&done.reports) {
+        events(&Event::Warning { message });
+    }
     events(&Event::Phase { name: "write" });
     let clock = Instant::now();
     let (float_dtype, dtype_reason) =

@@ -67,6 +67,12 @@ pub struct LayerReport {
     /// MoE layers: calibration tokens routed to each expert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experts: Option<Vec<ExpertReport>>,
+    /// The layer-output guard (`None` with `--no-guard`).
+    #[serde(default)]
+    pub guard: Option<super::guard::GuardReport>,
+    /// `--rounding gptq`: per linear, both calibration losses and which rounding was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounding: Option<Vec<super::rounding::RoundingReport>>,
     /// Largest |value| of the layer's float tensors (norms, biases) after scaling.
     pub max_abs_float_weight: f32,
     pub seconds: Timings,
@@ -89,13 +95,15 @@ pub struct Timings {
     pub forward: f64,
     pub search: f64,
     pub clip: f64,
+    #[serde(default)]
+    pub guard: f64,
     pub quantize: f64,
     pub write: f64,
 }
 
 impl Timings {
     pub fn total(&self) -> f64 {
-        self.load + self.forward + self.search + self.clip + self.quantize + self.write
+        self.load + self.forward + self.search + self.clip + self.guard + self.quantize + self.write
     }
 
     pub(super) fn add(&mut self, o: &Timings) {
@@ -103,8 +111,59 @@ impl Timings {
         self.forward += o.forward;
         self.search += o.search;
         self.clip += o.clip;
+        self.guard += o.guard;
         self.quantize += o.quantize;
         self.write += o.write;
+    }
+}
+
+/// A warning naming the MoE experts that saw too few calibration tokens to search or clip
+/// (plain round-to-nearest), per layer; `None` when every expert had enough.
+pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
+    let per_layer: Vec<String> = layers
+        .iter()
+        .filter_map(|l| {
+            let quiet: Vec<String> = l
+                .experts
+                .as_ref()?
+                .iter()
+                .filter(|e| e.round_to_nearest)
+                .map(|e| format!("{} ({} tokens)", e.expert, e.tokens))
+                .collect();
+            (!quiet.is_empty()).then(|| format!("layer {}: experts {}", l.layer, quiet.join(", ")))
+        })
+        .collect();
+    (!per_layer.is_empty()).then(|| {
+        format!(
+            "{} saw fewer than {} calibration tokens and were quantized with plain \
+             round-to-nearest (no scale search, no clipping); more or more varied calibration text \
+             (--n-samples, --calib) reaches more experts",
+            per_layer.join("; "),
+            super::layer::MIN_EXPERT_TOKENS
+        )
+    })
+}
+
+/// The model card's guard row: off, or how many layers it changed and how.
+fn guard_summary(r: &Report) -> String {
+    if !r.options.guard {
+        return "no".into();
+    }
+    let changed: Vec<String> = r
+        .layers
+        .iter()
+        .filter_map(|l| {
+            let g = l.guard.as_ref()?;
+            (!g.fallbacks.is_empty())
+                .then(|| format!("layer {}: {}", l.layer, g.fallbacks.join(", ")))
+        })
+        .collect();
+    match changed.len() {
+        0 => "yes (AWQ as searched was best on every layer's output)".into(),
+        n => format!(
+            "yes; {n} layer(s) kept closer to round-to-nearest where AWQ's choice hurt the layer's output ({})",
+            changed.join("; ")
+        ),
     }
 }
 
@@ -310,7 +369,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         | scale search | {search} |\n| clipping search | {clip} |\n\
+         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -319,6 +378,7 @@ pub(super) fn model_card(r: &Report) -> String {
         bits = o.w_bit,
         group = o.group,
         clip = if o.clip { "yes" } else { "no" },
+        guard = guard_summary(r),
         files = r.calibration.source,
         docs = r.calibration.documents_used,
         blocks = r.calibration.blocks,

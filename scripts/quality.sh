@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The quality matrix: SmolLM2-135M at group 64 and 32, plus a requantized copy (its linears
+# first rounded to a group-32 RTN grid, as a model dequantized from an earlier 4-bit checkpoint
+# is) quantized at group 64; each method on 32 x 512 blocks of wiki.valid.calib.txt, perplexity
+# on the first 8192 tokens of wiki.valid.raw (windows of 2048). Prints one table: perplexity,
+# % of the RTN -> fp16 gap closed, wall seconds, peak RSS.
+#
+#   AWQ_TEST_MODEL=... scripts/quality.sh [METHOD...]     # default: every method
+#
+# Methods: rtn (--no-search --no-clip), awq (the default), awq-noguard (--no-guard, the
+# objective as AutoAWQ has it), fast (--fast). Extra methods are names of flag sets below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
+data=data/wikitext-2-raw
+bin=${AWQ_BIN:-./target/release/awq}
+work=${QUALITY_DIR:-${TMPDIR:-/tmp}/awq-quality}
+cargo build --release --quiet --bin awq --example rtn_grid
+mkdir -p "$work"
+requant=$work/smollm2-rtn32
+[ -f "$requant/model.safetensors" ] || ./target/release/examples/rtn_grid "$src" "$requant" 32
+
+methods=("$@")
+[ ${#methods[@]} -gt 0 ] || methods=(rtn awq awq-noguard fast)
+flags() {
+    case $1 in
+    rtn) echo "--no-search --no-clip" ;;
+    awq) echo "" ;;
+    awq-noguard) echo "--no-guard" ;;
+    fast) echo "--fast" ;;
+    gptq) echo "--rounding gptq" ;;
+    *) echo "unknown method $1" >&2; exit 2 ;;
+    esac
+}
+ppl() {
+    "$bin" eval -q --json --model "$1" --text "$data/wiki.valid.raw" --max-tokens 8192 |
+        python3 -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["perplexity"])'
+}
+printf '%-14s %-5s %-12s %9s %8s %8s %9s\n' model group method ppl gap% wall_s rss_MB
+for case in "smollm2 64 $src" "smollm2 32 $src" "requant32 64 $requant"; do
+    set -- $case
+    name=$1 group=$2 model=$3
+    fp=$(ppl "$model")
+    declare -A result=()
+    for m in rtn "${methods[@]}"; do
+        [ -n "${result[$m]:-}" ] && continue
+        out=$work/$name-g$group-$m
+        rm -rf "$out"
+        # shellcheck disable=SC2046
+        /usr/bin/time -f "%e %M" -o "$work/time" "$bin" quantize -q --model "$model" -o "$out" \
+            --group "$group" --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 \
+            --max-blocks 32 $(flags "$m")
+        read -r wall rss <"$work/time"
+        result[$m]="$(ppl "$out") $wall $((rss / 1024))"
+    done
+    read -r rtn _ <<<"${result[rtn]}"
+    printf '%-14s %-5s %-12s %9s %8s %8s %9s\n' "$name" "$group" fp16 "$fp" 100.0 - -
+    for m in rtn "${methods[@]}"; do
+        [ "$m" = rtn ] && [ "${printed_rtn:-}" = "$name$group" ] && continue
+        [ "$m" = rtn ] && printed_rtn=$name$group
+        read -r p wall rss <<<"${result[$m]}"
+        gap=$(python3 -c "print('%.1f' % (100 * ($rtn - $p) / ($rtn - $fp)))")
+        printf '%-14s %-5s %-12s %9s %8s %8s %9s\n' "$name" "$group" "$m" "$p" "$gap" "$wall" "$rss"
+    done
+    unset result
+done

@@ -1,0 +1,245 @@
+//! Error-feedback rounding (GPTQ/OPTQ, Frantar et al. 2022) inside the AWQ format.
+//!
+//! Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns of a linear
+//! one at a time and pushes each column's rounding error onto the columns not yet rounded,
+//! weighted by the inverse of `H = XᵀX` of the linear's calibration input, so that the errors
+//! cancel on the calibration data instead of adding up. Here the group parameters (scale, zero
+//! point) are those round-to-nearest computes from the same weights (AutoAWQ's recipe), fixed
+//! before the column walk: only the integer codes change, so the output is the AutoAWQ layout
+//! byte for byte in shape and semantics. Columns go in their natural order (activation ordering
+//! would reorder groups), in blocks of 128 with the lazy batch update of the paper.
+//!
+//! [`loss`] measures `Σ_rows (w − ŵ) H (w − ŵ)ᵀ`, the calibration loss both roundings are judged
+//! by: callers keep whichever is lower, so error feedback is never worse than round-to-nearest
+//! on the linear's own calibration input.
+
+use candle_core::{Device, Tensor};
+
+use super::rtn::{magic, quantize_f16, rne, Quantized, QMAX};
+use crate::error::{Error, Result};
+
+/// Columns per block of the lazy batch update.
+const BLOCK: usize = 128;
+
+/// Dampening added to H's diagonal, as a share of its mean (GPTQ's `percdamp`).
+pub const DAMP: f64 = 0.01;
+
+/// GPTQ codes for `w: [rows, cols]` row-major with the group parameters of
+/// [`quantize_f16`]`(w)`, given `h = XᵀX: [cols, cols]` row-major (f64). Fails only when H
+/// is not positive definite even after dampening (a calibration input with NaN).
+pub fn quantize(w: &[f32], rows: usize, cols: usize, group: usize, h: &[f64]) -> Result<Quantized> {
+    let mut q = quantize_f16(w, rows, cols, group);
+    let u = inverse_factor(h, cols)?;
+    let gs = cols / group;
+    // Wᵀ: the column being rounded is contiguous, and so is every update.
+    let mut wt = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            wt[c * rows + r] = w[r * cols + c];
+        }
+    }
+    let m = magic();
+    for i1 in (0..cols).step_by(BLOCK) {
+        let i2 = (i1 + BLOCK).min(cols);
+        let mut errs = vec![0f32; (i2 - i1) * rows];
+        for i in i1..i2 {
+            let d = u[i * cols + i] as f32;
+            let (done, rest) = wt.split_at_mut((i + 1) * rows);
+            let col = &done[i * rows..];
+            let err = &mut errs[(i - i1) * rows..][..rows];
+            for r in 0..rows {
+                let s = q.scales[r * gs + i / group].to_f32();
+                let z = q.zeros[r * gs + i / group] as f32;
+                let code = (rne(col[r] / s, m) + z).clamp(0.0, QMAX);
+                q.codes[r * cols + i] = code as u8;
+                err[r] = (col[r] - (code - z) * s) / d;
+            }
+            for j in i + 1..i2 {
+                let f = u[i * cols + j] as f32;
+                let target = &mut rest[(j - i - 1) * rows..][..rows];
+                target
+                    .iter_mut()
+                    .zip(err.iter())
+                    .for_each(|(t, e)| *t -= f * e);
+            }
+        }
+        if i2 < cols {
+            // W[:, i2..] -= Err · U[i1..i2, i2..], as Wᵀ[i2.., :] -= U[i1..i2, i2..]ᵀ · Errᵀ.
+            let n = i2 - i1;
+            let ub: Vec<f32> = (i1..i2)
+                .flat_map(|i| u[i * cols + i2..(i + 1) * cols].iter().map(|&x| x as f32))
+                .collect();
+            let ub = Tensor::from_vec(ub, (n, cols - i2), &Device::Cpu)?;
+            let e = Tensor::from_vec(errs, (n, rows), &Device::Cpu)?;
+            let update = crate::ops::matmul(&ub.t()?.contiguous()?, &e)?;
+            let update = update.flatten_all()?.to_vec1::<f32>()?;
+            wt[i2 * rows..]
+                .iter_mut()
+                .zip(update)
+                .for_each(|(w, u)| *w -= u);
+        }
+    }
+    Ok(q)
+}
+
+/// `Σ_rows (w − ŵ) H (w − ŵ)ᵀ` for `w, w_hat: [rows, cols]` and `h: [cols, cols]`.
+pub fn loss(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, h: &[f64]) -> Result<f64> {
+    let e: Vec<f32> = w.iter().zip(w_hat).map(|(a, b)| a - b).collect();
+    let hf: Vec<f32> = h.iter().map(|&x| x as f32).collect();
+    let e_t = Tensor::from_vec(e.clone(), (rows, cols), &Device::Cpu)?;
+    let h_t = Tensor::from_vec(hf, (cols, cols), &Device::Cpu)?;
+    let eh = crate::ops::matmul(&e_t, &h_t)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(eh.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum())
+}
+
+/// The upper Cholesky factor `U` of `(H + λI)⁻¹` (so `(H + λI)⁻¹ = UᵀU`), row-major, with
+/// λ = [`DAMP`] × mean(diag H) and dead inputs (zero diagonal) set to 1.
+fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
+    let mut a = h.to_vec();
+    let mean = (0..n).map(|i| a[i * n + i]).sum::<f64>() / n as f64;
+    let damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
+    for i in 0..n {
+        if a[i * n + i] == 0.0 {
+            a[i * n + i] = 1.0;
+        }
+        a[i * n + i] += damp;
+    }
+    let l = cholesky(&a, n)?;
+    // (LLᵀ)⁻¹ = L⁻ᵀL⁻¹ = TTᵀ with T = L⁻ᵀ (upper): rows of T are contiguous.
+    let t = inverse_lower_transposed(&l, n);
+    let mut inv = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let s: f64 = (i..n).map(|k| t[i * n + k] * t[j * n + k]).sum();
+            inv[i * n + j] = s;
+            inv[j * n + i] = s;
+        }
+    }
+    let l2 = cholesky(&inv, n)?;
+    // U = L2ᵀ.
+    let mut u = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            u[j * n + i] = l2[i * n + j];
+        }
+    }
+    Ok(u)
+}
+
+/// Lower Cholesky factor of a symmetric positive definite `a: [n, n]`.
+fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
+    let mut l = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+            if i == j {
+                let d = a[i * n + i] - dot;
+                if d.is_nan() || d <= 0.0 {
+                    return Err(Error::Runtime(format!(
+                        "GPTQ: the calibration input's Gram matrix is not positive definite at \
+                         column {i} (a non-finite activation?); rerun with --rounding rtn"
+                    )));
+                }
+                l[i * n + i] = d.sqrt();
+            } else {
+                l[i * n + j] = (a[i * n + j] - dot) / l[j * n + j];
+            }
+        }
+    }
+    Ok(l)
+}
+
+/// `(L⁻¹)ᵀ` for a lower-triangular `l: [n, n]`: row `j` is column `j` of `L⁻¹`, found by
+/// forward substitution of `L x = e_j` (contiguous reads of `l`'s rows and of `x`).
+fn inverse_lower_transposed(l: &[f64], n: usize) -> Vec<f64> {
+    let mut t = vec![0f64; n * n];
+    for j in 0..n {
+        let x = &mut t[j * n..(j + 1) * n];
+        x[j] = 1.0 / l[j * n + j];
+        for i in j + 1..n {
+            let s: f64 = (j..i).map(|k| l[i * n + k] * x[k]).sum();
+            x[i] = -s / l[i * n + i];
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+        let mut rng = crate::calib::SplitMix64::new(seed);
+        (0..n)
+            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+            .collect()
+    }
+
+    /// XᵀX of `x: [tokens, cols]` with correlated columns (a shared component), as real
+    /// activations have.
+    fn gram(tokens: usize, cols: usize, seed: u64) -> (Vec<f32>, Vec<f64>) {
+        let base = values(tokens, seed, 1.0);
+        let noise = values(tokens * cols, seed + 1, 1.0);
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|i| base[i / cols] * (1.0 + (i % cols) as f32 / cols as f32) + 0.3 * noise[i])
+            .collect();
+        let mut h = vec![0f64; cols * cols];
+        for t in 0..tokens {
+            let row = &x[t * cols..][..cols];
+            for i in 0..cols {
+                for j in 0..cols {
+                    h[i * cols + j] += row[i] as f64 * row[j] as f64;
+                }
+            }
+        }
+        (x, h)
+    }
+
+    #[test]
+    fn the_inverse_factor_inverts() {
+        let (_, h) = gram(64, 12, 5);
+        let u = inverse_factor(&h, 12).unwrap();
+        // UᵀU (H + λI) = I.
+        let mean = (0..12).map(|i| h[i * 12 + i]).sum::<f64>() / 12.0;
+        for i in 0..12 {
+            for j in 0..12 {
+                let mut s = 0.0;
+                for k in 0..12 {
+                    let uu: f64 = (0..12).map(|m| u[m * 12 + i] * u[m * 12 + k]).sum();
+                    let hk = h[k * 12 + j] + if k == j { DAMP * mean } else { 0.0 };
+                    s += uu * hk;
+                }
+                assert!(
+                    (s - if i == j { 1.0 } else { 0.0 }).abs() < 1e-9,
+                    "{i},{j}: {s}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Error feedback lowers the calibration loss against round-to-nearest, keeps RTN's
+        /// scales and zero points, and every code stays in 0..=15.
+        #[test]
+        fn error_feedback_beats_round_to_nearest(
+            rows in 1usize..12, groups in 1usize..4, seed in 0u64..500,
+        ) {
+            let (group, tokens) = (32, 256);
+            let cols = groups * group;
+            let w = values(rows * cols, seed, 0.05);
+            let (_, h) = gram(tokens, cols, seed + 7);
+            let rtn = quantize_f16(&w, rows, cols, group);
+            let g = quantize(&w, rows, cols, group, &h).unwrap();
+            prop_assert_eq!(&g.scales, &rtn.scales);
+            prop_assert_eq!(&g.zeros, &rtn.zeros);
+            prop_assert!(g.codes.iter().all(|&c| c <= 15));
+            let l_rtn = loss(&w, &rtn.dequantize(), rows, cols, &h).unwrap();
+            let l_gptq = loss(&w, &g.dequantize(), rows, cols, &h).unwrap();
+            prop_assert!(l_gptq < l_rtn, "gptq {} vs rtn {}", l_gptq, l_rtn);
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The layer-output guard: whatever the scale and clip searches chose, the layer that is written
+//! is never worse than plain round-to-nearest on the layer's own output.
+//!
+//! Why: the scale search compares one module's output and the clip search one group's. Both
+//! can improve their own objective while the layer's output gets worse: seen on a model whose
+//! weights had been quantized before, where AWQ landed 4.9 % above round-to-nearest. So the
+//! guard runs the whole layer, with the weights exactly as they will be packed (quantized and
+//! dequantized), on every 4th calibration block, and compares its output with the fp layer's.
+//!
+//! Variants, each a choice of which scale groups are applied and which clips kept:
+//! - AWQ as searched, scales without clipping, and plain round-to-nearest. When AWQ is the best
+//!   of the three (the usual case), that is all: three layer runs on a quarter of the tokens.
+//! - Otherwise, starting from the best of them, each kept clip is dropped on its own and each
+//!   scale group reverted as a group (its linears then lose their clips too: the clip values
+//!   belong to the scaled weights), keeping every change that lowers the error.
+//!
+//! The guard blocks were also seen by the search: holding them out would cost the search a
+//! quarter of its tokens, and choosing among a handful of variants leaves little room for
+//! selection bias.
+//!
+//! Memory: variants are rebuilt from the checkpoint (the mmap) one at a time, so the guard holds
+//! the searched layer plus one variant, never a third copy.
+
+use candle_core::Tensor;
+
+use super::layer::{apply_scales, pieces};
+use crate::error::Result;
+use crate::model::config::ModelSpec;
+use crate::model::groups::{PrevOp, ScaleGroup};
+use crate::model::layer::LayerWeights;
+use crate::model::rope::Rope;
+use crate::quant::{clip, reduce, rtn};
+
+/// The guard's record for one layer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GuardReport {
+    /// Calibration tokens the layer's output was compared on.
+    pub tokens: usize,
+    /// Mean squared error of the layer's output against the fp layer's: AWQ as searched, scales
+    /// without clipping, plain round-to-nearest, and what was written.
+    pub awq: f64,
+    pub scales_only: f64,
+    pub rtn: f64,
+    pub chosen: f64,
+    /// How the written layer differs from AWQ as searched (`clip dropped: mlp.down_proj`,
+    /// `scales dropped: o`, `round-to-nearest`); empty when AWQ won.
+    pub fallbacks: Vec<String>,
+}
+
+/// What the searches chose for one layer.
+pub(super) struct Searched<'a> {
+    pub groups: &'a [ScaleGroup],
+    /// Per group, the chosen scales.
+    pub scales: Vec<Vec<f32>>,
+    /// Per clipped linear, its clip values (on the scaled weights).
+    pub clips: Vec<(&'static str, Vec<f32>)>,
+}
+
+/// Which groups are applied and which clips kept.
+#[derive(Debug, Clone, PartialEq)]
+struct Variant {
+    groups: Vec<bool>,
+    clips: Vec<bool>,
+}
+
+/// Everything a variant evaluation needs.
+pub(super) struct Guard<'a> {
+    pub spec: &'a ModelSpec,
+    pub rope: &'a Rope,
+    pub seqlen: usize,
+    pub group: usize,
+    /// The layer's input and its fp output on the guard blocks.
+    pub input: Tensor,
+    pub reference: Tensor,
+    /// Loads the layer as in the checkpoint.
+    pub load: &'a dyn Fn() -> Result<LayerWeights>,
+}
+
+impl Guard<'_> {
+    /// Chooses the variant to write. `searched_layer` is AWQ as searched (scaled and clipped,
+    /// not yet quantized); it is returned unchanged when it wins. Also returns which groups'
+    /// scales the chosen layer holds.
+    pub fn choose(
+        &self,
+        searched: &Searched,
+        searched_layer: LayerWeights,
+    ) -> Result<(LayerWeights, GuardReport, Vec<bool>)> {
+        let (ng, nc) = (searched.groups.len(), searched.clips.len());
+        let awq = Variant {
+            groups: vec![true; ng],
+            clips: vec![true; nc],
+        };
+        let scales_only = Variant {
+            groups: vec![true; ng],
+            clips: vec![false; nc],
+        };
+        let rtn = Variant {
+            groups: vec![false; ng],
+            clips: vec![false; nc],
+        };
+        let e_awq = self.error(quantized(searched_layer.clone(), self.group)?)?;
+        let e_scales = match nc {
+            0 => e_awq,
+            _ => self.error_of(searched, &scales_only)?,
+        };
+        let e_rtn = match ng {
+            0 if nc == 0 => e_awq,
+            _ => self.error_of(searched, &rtn)?,
+        };
+        let mut best = [(e_awq, &awq), (e_scales, &scales_only), (e_rtn, &rtn)]
+            .into_iter()
+            .fold((f64::INFINITY, &awq), |b, c| if c.0 < b.0 { c } else { b });
+        let mut chosen = best.1.clone();
+        if chosen != awq {
+            // Refine from the best: drop single clips, revert single groups, keep what helps.
+            for k in 0..nc + ng {
+                let mut v = chosen.clone();
+                match k < nc {
+                    true if v.clips[k] => v.clips[k] = false,
+                    false if v.groups[k - nc] => v.groups[k - nc] = false,
+                    _ => continue,
+                }
+                let e = self.error_of(searched, &v)?;
+                if e < best.0 {
+                    best.0 = e;
+                    chosen = v;
+                }
+            }
+        }
+        let report = GuardReport {
+            tokens: self.input.dim(0)?,
+            awq: e_awq,
+            scales_only: e_scales,
+            rtn: e_rtn,
+            chosen: best.0,
+            fallbacks: describe(searched, &chosen),
+        };
+        let layer = if chosen == awq {
+            searched_layer
+        } else {
+            drop(searched_layer);
+            self.build(searched, &chosen)?
+        };
+        Ok((layer, report, chosen.groups))
+    }
+
+    /// The layer of `v`, unquantized: the checkpoint's layer with the chosen groups' scales
+    /// folded and the kept clips applied.
+    fn build(&self, searched: &Searched, v: &Variant) -> Result<LayerWeights> {
+        let mut layer = (self.load)()?;
+        for ((g, s), on) in searched.groups.iter().zip(&searched.scales).zip(&v.groups) {
+            if *on {
+                apply_scales(self.spec, &mut layer, None, g, s)?;
+            }
+        }
+        for ((name, max_val), on) in searched.clips.iter().zip(&v.clips) {
+            let scaled =
+                |g: &ScaleGroup| g.linears.contains(name) || g.prev == PrevOp::Linear(name);
+            let reverted = searched
+                .groups
+                .iter()
+                .zip(&v.groups)
+                .any(|(g, on)| !on && scaled(g));
+            if *on && !reverted {
+                let lin = layer.linear_mut(name);
+                lin.weight = clip::apply(&lin.weight, max_val, self.group)?;
+            }
+        }
+        Ok(layer)
+    }
+
+    fn error_of(&self, searched: &Searched, v: &Variant) -> Result<f64> {
+        self.error(quantized(self.build(searched, v)?, self.group)?)
+    }
+
+    /// Mean squared difference of the layer's output from the fp output on the guard blocks.
+    fn error(&self, layer: LayerWeights) -> Result<f64> {
+        let mut sum = 0f64;
+        let mut at = 0;
+        for piece in pieces(&self.input, self.seqlen)? {
+            let n = piece.dim(0)?;
+            let (out, _) = layer.forward(self.spec, self.rope, &piece, self.seqlen, false)?;
+            let reference = self.reference.narrow(0, at, n)?;
+            sum += reduce::with_slice(&reference, |r| {
+                reduce::with_slice(&out, |o| reduce::sq_diff(r, o))
+            })??;
+            at += n;
+        }
+        Ok(sum / self.reference.elem_count().max(1) as f64)
+    }
+}
+
+/// `layer` with every linear replaced by what its packed form dequantizes to.
+fn quantized(mut layer: LayerWeights, group: usize) -> Result<LayerWeights> {
+    for (_, lin) in layer.linears.iter_mut() {
+        let (rows, cols) = lin.weight.dims2()?;
+        let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
+        let q = rtn::quantize_f16(&w, rows, cols, group).dequantize();
+        lin.weight = Tensor::from_vec(q, (rows, cols), &candle_core::Device::Cpu)?;
+    }
+    Ok(layer)
+}
+
+/// How `v` differs from AWQ as searched, in words.
+fn describe(searched: &Searched, v: &Variant) -> Vec<String> {
+    if v.groups.iter().all(|on| !on) && v.clips.iter().all(|on| !on) {
+        return vec!["round-to-nearest".into()];
+    }
+    let groups = searched.groups.iter().zip(&v.groups);
+    let clips = searched.clips.iter().zip(&v.clips);
+    groups
+        .filter(|(_, on)| !**on)
+        .map(|(g, _)| format!("scales dropped: {}", g.name))
+        .chain(
+            clips
+                .filter(|(_, on)| !**on)
+                .map(|((name, _), _)| format!("clip dropped: {name}")),
+        )
+        .collect()
+}
+
+/// Blocks `3, 7, 11, …` of `x: [blocks·seqlen, d]` (every 4th), or every block when there are
+/// fewer than 4.
+pub(super) fn guard_blocks(x: &Tensor, seqlen: usize) -> Result<Tensor> {
+    let blocks = x.dim(0)? / seqlen;
+    if blocks < 4 {
+        return Ok(x.clone());
+    }
+    let picked: Vec<Tensor> = (3..blocks)
+        .step_by(4)
+        .map(|b| x.narrow(0, b * seqlen, seqlen))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&picked, 0)?)
+}

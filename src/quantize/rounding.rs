@@ -1,0 +1,111 @@
+//! `--rounding gptq`: error-feedback codes for the layer that the scales, clipping and guard
+//! chose (see `quant::gptq`). Each linear's `H = XᵀX` comes from its captured input after
+//! scaling; where the guard reverted a group, the linear saw `X·diag(s)` and H becomes
+//! `diag(s)·H·diag(s)`. Per linear, error feedback is kept only when its calibration loss is
+//! lower than round-to-nearest's: never worse than today's codes on the linear's own input.
+//! Experts of a MoE layer keep round-to-nearest (a Gram matrix per expert would cost more
+//! memory than the layer).
+
+use std::collections::HashMap;
+
+use crate::error::Result;
+use crate::model::arch::Input;
+use crate::model::config::ModelSpec;
+use crate::model::groups::ScaleGroup;
+use crate::model::layer::{LayerWeights, LinearInputs};
+use crate::quant::gptq;
+use crate::quant::rtn::{quantize_f16, Quantized};
+
+/// Per linear: the calibration loss `Σ (w − ŵ) H (w − ŵ)ᵀ` of both roundings and which was kept.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RoundingReport {
+    pub linear: String,
+    pub rtn_loss: f64,
+    pub gptq_loss: f64,
+    pub gptq_kept: bool,
+}
+
+/// `XᵀX` (f64, `[in, in]` row-major) of every captured input a non-expert linear reads.
+pub(super) fn grams(spec: &ModelSpec, inputs: &LinearInputs) -> Result<Vec<(Input, Vec<f64>)>> {
+    let mut out = Vec::new();
+    for input in spec.inputs() {
+        let dense = spec
+            .linears()
+            .iter()
+            .any(|l| l.input == input && l.expert.is_none());
+        let Some(x) = inputs.find(input).filter(|_| dense) else {
+            continue;
+        };
+        let g = crate::ops::matmul(&x.t()?.contiguous()?, x)?;
+        out.push((
+            input,
+            g.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Error-feedback codes for the non-expert linears of `layer` where they beat round-to-nearest.
+/// `applied[k]` says whether group `k`'s scales are in `layer` (the guard may revert some).
+pub(super) fn gptq_codes(
+    spec: &ModelSpec,
+    layer: &LayerWeights,
+    grams: &[(Input, Vec<f64>)],
+    groups: &[ScaleGroup],
+    scales: &[Vec<f32>],
+    applied: &[bool],
+    group: usize,
+) -> Result<(HashMap<&'static str, Quantized>, Vec<RoundingReport>)> {
+    let mut codes = HashMap::new();
+    let mut reports = Vec::new();
+    for l in spec.linears().iter().filter(|l| l.expert.is_none()) {
+        let Some((_, h)) = grams.iter().find(|(k, _)| *k == l.input) else {
+            continue;
+        };
+        let reverted = groups
+            .iter()
+            .zip(scales)
+            .zip(applied)
+            .find(|((g, _), on)| !**on && g.linears.contains(&l.name));
+        let h = match reverted {
+            Some(((_, s), _)) => rescaled(h, s),
+            None => h.clone(),
+        };
+        let w = layer
+            .linear(l.name)
+            .weight
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let rtn = quantize_f16(&w, l.out, l.inp, group);
+        let q = gptq::quantize(&w, l.out, l.inp, group, &h)?;
+        let rtn_loss = gptq::loss(&w, &rtn.dequantize(), l.out, l.inp, &h)?;
+        let gptq_loss = gptq::loss(&w, &q.dequantize(), l.out, l.inp, &h)?;
+        let kept = gptq_loss < rtn_loss;
+        if kept {
+            codes.insert(l.name, q);
+        }
+        reports.push(RoundingReport {
+            linear: l.name.to_string(),
+            rtn_loss,
+            gptq_loss,
+            gptq_kept: kept,
+        });
+    }
+    Ok((codes, reports))
+}
+
+/// `diag(s)·H·diag(s)`.
+fn rescaled(h: &[f64], s: &[f32]) -> Vec<f64> {
+    let n = s.len();
+    let mut out = h.to_vec();
+    for i in 0..n {
+        for j in 0..n {
+            out[i * n + j] *= s[i] as f64 * s[j] as f64;
+        }
+    }
+    out
+}
