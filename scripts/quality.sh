@@ -7,8 +7,9 @@
 #
 #   AWQ_TEST_MODEL=... scripts/quality.sh [METHOD...]     # default: every method
 #
-# Methods: rtn (--no-search --no-clip), awq (the default), awq-noguard (--no-guard, the
-# objective as AutoAWQ has it), fast (--fast). Extra methods are names of flag sets below.
+# Methods (flag sets below): rtn (--no-search --no-clip), awq (the default), awq-noguard
+# (--no-guard: AutoAWQ's objective alone), gptq (--rounding gptq), and the same three with
+# --fast: fast, fast-noguard, fast-gptq. rtn is always run (the gap is measured from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
@@ -21,14 +22,16 @@ requant=$work/smollm2-rtn32
 [ -f "$requant/model.safetensors" ] || ./target/release/examples/rtn_grid "$src" "$requant" 32
 
 methods=("$@")
-[ ${#methods[@]} -gt 0 ] || methods=(rtn awq awq-noguard fast)
+[ ${#methods[@]} -gt 0 ] || methods=(awq awq-noguard gptq fast fast-noguard fast-gptq)
 flags() {
     case $1 in
     rtn) echo "--no-search --no-clip" ;;
     awq) echo "" ;;
     awq-noguard) echo "--no-guard" ;;
-    fast) echo "--fast" ;;
     gptq) echo "--rounding gptq" ;;
+    fast) echo "--fast" ;;
+    fast-noguard) echo "--fast --no-guard" ;;
+    fast-gptq) echo "--fast --rounding gptq" ;;
     *) echo "unknown method $1" >&2; exit 2 ;;
     esac
 }
@@ -36,14 +39,14 @@ ppl() {
     "$bin" eval -q --json --model "$1" --text "$data/wiki.valid.raw" --max-tokens 8192 |
         python3 -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["perplexity"])'
 }
-printf '%-14s %-5s %-12s %9s %8s %8s %9s\n' model group method ppl gap% wall_s rss_MB
+printf '%-14s %-5s %-13s %9s %8s %8s %9s\n' model group method ppl gap% wall_s rss_MB
 for case in "smollm2 64 $src" "smollm2 32 $src" "requant32 64 $requant"; do
-    set -- $case
-    name=$1 group=$2 model=$3
+    read -r name group model <<<"$case"
     fp=$(ppl "$model")
-    declare -A result=()
+    printf '%-14s %-5s %-13s %9s %8s %8s %9s\n' "$name" "$group" fp16 "$fp" 100.0 - -
+    rtn=
     for m in rtn "${methods[@]}"; do
-        [ -n "${result[$m]:-}" ] && continue
+        [ "$m" = rtn ] && [ -n "$rtn" ] && continue
         out=$work/$name-g$group-$m
         rm -rf "$out"
         # shellcheck disable=SC2046
@@ -51,16 +54,9 @@ for case in "smollm2 64 $src" "smollm2 32 $src" "requant32 64 $requant"; do
             --group "$group" --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 \
             --max-blocks 32 $(flags "$m")
         read -r wall rss <"$work/time"
-        result[$m]="$(ppl "$out") $wall $((rss / 1024))"
-    done
-    read -r rtn _ <<<"${result[rtn]}"
-    printf '%-14s %-5s %-12s %9s %8s %8s %9s\n' "$name" "$group" fp16 "$fp" 100.0 - -
-    for m in rtn "${methods[@]}"; do
-        [ "$m" = rtn ] && [ "${printed_rtn:-}" = "$name$group" ] && continue
-        [ "$m" = rtn ] && printed_rtn=$name$group
-        read -r p wall rss <<<"${result[$m]}"
+        p=$(ppl "$out")
+        [ "$m" = rtn ] && rtn=$p
         gap=$(python3 -c "print('%.1f' % (100 * ($rtn - $p) / ($rtn - $fp)))")
-        printf '%-14s %-5s %-12s %9s %8s %8s %9s\n' "$name" "$group" "$m" "$p" "$gap" "$wall" "$rss"
+        printf '%-14s %-5s %-13s %9s %8s %8s %9s\n' "$name" "$group" "$m" "$p" "$gap" "$wall" "$((rss / 1024))"
     done
-    unset result
 done

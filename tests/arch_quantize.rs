@@ -110,6 +110,7 @@ fn check(family: &str) {
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
     assert_eq!(report["ok"], true, "{family}: {report:#}");
     assert_eq!(report["violations"], serde_json::json!([]), "{family}");
+    never_worse_than_rtn_on_each_layer(&out);
 
     let text = data("wikitext-2-raw/wiki.valid.raw");
     let eval = Command::cargo_bin("awq")
@@ -218,6 +219,69 @@ fn qwen2_moe() {
 fn qwen3_moe() {
     check("qwen3_moe");
     router_reads_what_it_read("qwen3_moe", &["mlp.gate"]);
+}
+
+/// The guard's record of every layer: what was written is no worse than plain round-to-nearest
+/// (nor than AWQ as searched) on the layer's output.
+fn never_worse_than_rtn_on_each_layer(out: &Path) {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    for layer in report["layers"].as_array().unwrap() {
+        let g = &layer["guard"];
+        let f = |k: &str| g[k].as_f64().unwrap();
+        assert!(f("tokens") > 0.0, "{g}");
+        assert!(f("chosen") <= f("rtn") && f("chosen") <= f("awq"), "{g}");
+    }
+}
+
+/// `--rounding gptq` keeps error feedback only where it lowers a linear's calibration loss, and
+/// the packed output stays valid AWQ.
+#[test]
+fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
+    let model = fixture("arch/phi3");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    quantize(&model, &out, &["--rounding", "gptq"]);
+    let verify = awq(&["verify", "--json"], &out);
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["options"]["rounding"], "gptq");
+    let mut kept = 0;
+    for layer in report["layers"].as_array().unwrap() {
+        let rounding = layer["rounding"].as_array().unwrap();
+        assert_eq!(
+            rounding.len(),
+            4,
+            "qkv_proj, o_proj, gate_up_proj, down_proj: {layer:#}"
+        );
+        for r in rounding {
+            let (rtn, gptq) = (
+                r["rtn_loss"].as_f64().unwrap(),
+                r["gptq_loss"].as_f64().unwrap(),
+            );
+            assert_eq!(r["gptq_kept"], gptq < rtn, "{r}");
+            kept += (gptq < rtn) as usize;
+        }
+    }
+    assert!(kept > 0);
+    // Same model, round-to-nearest codes: the outputs differ only where error feedback was kept.
+    let rtn = tmp.path().join("rtn");
+    quantize(&model, &rtn, &[]);
+    let ids = {
+        let tok = awq::tokenize::load(&model).unwrap();
+        let raw = std::fs::read_to_string(data("wikitext-2-raw/wiki.valid.raw")).unwrap();
+        awq::tokenize::encode(&tok, &raw[..40_000], false).unwrap()[..HELD_OUT_TOKENS].to_vec()
+    };
+    let fp = log_probs(&model, &ids);
+    let (kl_gptq, kl_rtn) = (
+        kl(&fp, &log_probs(&out, &ids)),
+        kl(&fp, &log_probs(&rtn, &ids)),
+    );
+    eprintln!("phi3: KL to fp: gptq {kl_gptq:.3e}, rtn rounding {kl_rtn:.3e}");
 }
 
 /// A tensor of a model directory's single safetensors file as f32.

@@ -121,7 +121,11 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
     }
     if let Some(norm) = spec.mlp_norm() {
         groups.push(ScaleGroup {
-            name: "gate_up",
+            name: if spec.mlp == Mlp::Plain {
+                "fc"
+            } else {
+                "gate_up"
+            },
             prev: PrevOp::Norm(norm),
             linears: mlp_in,
             input: Input::Mlp,
@@ -321,7 +325,7 @@ mod tests {
                     Inspect::Linear
                 ),
                 (
-                    "gate_up",
+                    "fc",
                     PrevOp::Norm("post_attention_layernorm"),
                     vec!["mlp.c_fc"],
                     Inspect::Mlp

