@@ -52,7 +52,7 @@ for case in "smollm2 64 $src" "smollm2 32 $src" "requant32 64 $requant"; do
         # shellcheck disable=SC2046
         /usr/bin/time -f "%e %M" -o "$work/time" "$bin" quantize -q --model "$model" -o "$out" \
             --group "$group" --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 \
-            --max-blocks 32 $(flags "$m")
+            --max-blocks 32 $(flags "$m") >/dev/null
         read -r wall rss <"$work/time"
         p=$(ppl "$out")
         [ "$m" = rtn ] && rtn=$p

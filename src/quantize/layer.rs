@@ -11,7 +11,7 @@ use crate::model::groups::{Inspect, PrevOp, ScaleGroup};
 use crate::model::layer::{layer_prefix, LayerWeights, LinearInputs};
 use crate::model::rope::Rope;
 use crate::quant::pack::pack;
-use crate::quant::search::{self, Gram, Grid, ScaleChoice};
+use crate::quant::search::{self, Gram, ScaleChoice};
 use crate::quant::{reduce, rtn};
 
 fn inspect(
@@ -51,12 +51,7 @@ pub(super) fn search_group(
     // A candidate whose scaled weights leave float16 is rejected (infinite loss).
     let col_absmax = search::col_absmax(&weights)?;
     let fits = |s: &[f32]| search::fits_f16(&col_absmax, s);
-    let n_grid = if opts.no_search { 0 } else { opts.n_grid };
-    let grid = if opts.no_search {
-        Grid::Robust
-    } else {
-        opts.grid
-    };
+    let (n_grid, grid) = (opts.n_grid, opts.grid);
     if g.inspect == Inspect::Linear {
         let w = weights[0];
         let (out, inp) = w.dims2()?;

@@ -127,8 +127,10 @@ fn quantize_layer(
     let clock = Instant::now();
     let (groups, searched) = search_layer(opts, spec, rope, &mut layer, &mut inputs)?;
     t.search = clock.elapsed().as_secs_f64();
-    // The guard compares on every 4th block; taken now, before clipping consumes the inputs.
-    let guard = match opts.guard {
+    // The guard compares on every 4th block; taken now, before clipping consumes the inputs. It
+    // holds a second copy of the layer, which a MoE layer's memory bound has no room for: MoE
+    // layers are not guarded.
+    let guard = match opts.guard && spec.moe.is_none() {
         true => {
             let next_norm = model.next_norm(i)?;
             let reference = next_norm.apply(spec, &guard_blocks(&out, seqlen)?)?;
@@ -209,8 +211,8 @@ fn quantize_layer(
 }
 
 /// Searches every scale group of the layer, then folds the chosen scales into `layer` and the
-/// captured `inputs` (AutoAWQ searches all groups before applying any). An expert with too few
-/// routed tokens keeps the identity for its down group.
+/// captured `inputs` (AutoAWQ searches all groups before applying any). With `--no-search`,
+/// and for an expert with too few routed tokens, the group keeps the identity unscored.
 fn search_layer(
     opts: &QuantizeOptions,
     spec: &crate::model::config::ModelSpec,
@@ -227,7 +229,9 @@ fn search_layer(
     for g in &searched.groups {
         let clock = Instant::now();
         let x = inputs.get(g.input);
-        let choice = if matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS {
+        let quiet = matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS;
+        // --no-search: nothing to compare, so no module runs at all.
+        let choice = if quiet || opts.no_search {
             ScaleChoice::identity(x.dim(1)?)
         } else {
             search_group(layer, g, inputs, spec, rope, opts.calib.seqlen, opts)?
