@@ -217,8 +217,9 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub rounding: awq::quantize::Rounding,
-    /// Skip the layer-output guard, which keeps each layer no worse than round-to-nearest on
-    /// its own output (dropping a clip or a group's scales where they hurt; README).
+    /// Skip the layer-output guard, which falls back toward round-to-nearest (dropping a clip
+    /// or a group's scales) on a dense layer where AWQ's choice is at least 10 % worse on the
+    /// layer's own output (README, "Quality"). Plain RTN (--no-search --no-clip) is never guarded.
     #[arg(long, help_heading = "Quantization")]
     pub no_guard: bool,
     /// Skip the scale search (round-to-nearest; with --no-clip, plain RTN).

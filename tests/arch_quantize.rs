@@ -221,14 +221,19 @@ fn qwen3_moe() {
     router_reads_what_it_read("qwen3_moe", &["mlp.gate"]);
 }
 
-/// The guard's record of every layer: what was written is no worse than plain round-to-nearest
-/// (nor than AWQ as searched) on the layer's output.
+/// The guard's record of every dense layer: what was written is no worse than plain
+/// round-to-nearest (nor than AWQ as searched) on the layer's output.
 fn never_worse_than_rtn_on_each_layer(out: &Path) {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
             .unwrap();
     for layer in report["layers"].as_array().unwrap() {
         let g = &layer["guard"];
+        if layer.get("experts").is_some() {
+            // MoE layers are not guarded (a second copy of the layer breaks the memory bound).
+            assert!(g.is_null(), "{g}");
+            continue;
+        }
         let f = |k: &str| g[k].as_f64().unwrap();
         assert!(f("tokens") > 0.0, "{g}");
         assert!(f("chosen") <= f("rtn") && f("chosen") <= f("awq"), "{g}");

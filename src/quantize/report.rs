@@ -144,10 +144,14 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
     })
 }
 
-/// The model card's guard row: off, or how many layers it changed and how.
+/// The model card's guard row: off, or how many layers it checked and changed, and how.
 fn guard_summary(r: &Report) -> String {
-    if !r.options.guard {
-        return "no".into();
+    let guarded = r.layers.iter().filter(|l| l.guard.is_some()).count();
+    if guarded == 0 {
+        return match r.options.guard && r.layers.iter().any(|l| l.experts.is_some()) {
+            true => "no (MoE layers are not guarded: a second copy of the layer would break the one-layer memory bound)".into(),
+            false => "no".into(),
+        };
     }
     let changed: Vec<String> = r
         .layers
@@ -159,12 +163,33 @@ fn guard_summary(r: &Report) -> String {
         })
         .collect();
     match changed.len() {
-        0 => "yes (AWQ as searched was best on every layer's output)".into(),
+        0 => format!(
+            "yes, {guarded} of {} layers checked; AWQ as searched was kept on every one",
+            r.layers.len()
+        ),
         n => format!(
-            "yes; {n} layer(s) kept closer to round-to-nearest where AWQ's choice hurt the layer's output ({})",
+            "yes, {guarded} of {} layers checked; {n} moved toward round-to-nearest where AWQ's choice was clearly worse on the layer's output ({})",
+            r.layers.len(),
             changed.join("; ")
         ),
     }
+}
+
+/// The model card's rounding row.
+fn rounding_summary(r: &Report) -> String {
+    let records: Vec<_> = r
+        .layers
+        .iter()
+        .flat_map(|l| l.rounding.iter().flatten())
+        .collect();
+    if records.is_empty() {
+        return "round-to-nearest".into();
+    }
+    let kept = records.iter().filter(|x| x.gptq_kept).count();
+    format!(
+        "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the calibration loss; MoE experts round to nearest",
+        records.len()
+    )
 }
 
 /// Where the time went, over the whole run.
@@ -369,7 +394,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n\
+         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -379,6 +404,7 @@ pub(super) fn model_card(r: &Report) -> String {
         group = o.group,
         clip = if o.clip { "yes" } else { "no" },
         guard = guard_summary(r),
+        rounding = rounding_summary(r),
         files = r.calibration.source,
         docs = r.calibration.documents_used,
         blocks = r.calibration.blocks,
