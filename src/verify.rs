@@ -18,10 +18,9 @@ use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
 use crate::model::arch::Input;
-use crate::model::config::{
-    AwqFormat, LinearShape, ModelSpec, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ,
-};
+use crate::model::config::{AwqFormat, ModelSpec};
 use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
+use crate::model::shapes::{LinearShape, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ};
 use crate::model::{load_spec, EMBED, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
 use crate::quant::pack::{unpack, Layout};
 

@@ -10,7 +10,8 @@
 //! attention.
 
 use super::arch::{AttnProj, Block, Input, Mlp};
-use super::config::{self as names, ModelSpec};
+use super::config::ModelSpec;
+use super::shapes as names;
 
 /// The op before the scaled linears, which absorbs `1/s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,9 @@ use candle_core::{Device, Tensor};
 
 use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
 use super::attention::{Attention, Rotary, Rounding};
-use super::config::{self as names, AwqFormat, ModelSpec};
+use super::config::{AwqFormat, ModelSpec};
 use super::rope::Rope;
+use super::shapes as names;
 use crate::quant::pack::{gemv_zeros_width, unpack, Layout, Packed};
 use crate::quant::rtn::Quantized;
 

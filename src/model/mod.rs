@@ -23,6 +23,7 @@ pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
 pub mod rope;
+pub mod shapes;
 pub mod stablelm;
 pub mod starcoder2;
 
@@ -203,7 +204,7 @@ impl Model {
             for (name, width) in s.layer_floats() {
                 expect(&name, &[width])?;
             }
-            for config::LinearShape {
+            for shapes::LinearShape {
                 name,
                 out,
                 inp,
@@ -335,7 +336,7 @@ impl Model {
         if i + 1 >= self.spec.layers {
             return self.final_norm();
         }
-        let p = format!("{}.{}", layer_prefix(i + 1), config::INPUT_NORM);
+        let p = format!("{}.{}", layer_prefix(i + 1), shapes::INPUT_NORM);
         let d = self.spec.hidden;
         Ok(Norm {
             weight: self.ckpt.f32(&format!("{p}.weight"), &[d])?,

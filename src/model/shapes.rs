@@ -1,0 +1,214 @@
+//! What tensors a decoder layer of a [`ModelSpec`] holds: the linears (with their shapes,
+//! biases and the captured activation each reads), the unquantized routers, the norms, and the
+//! per-layer attention window — derived from the family's components, so that the loader, the
+//! writer, `verify` and the plan all agree on one list.
+
+use super::arch::{intern, AttnProj, Block, Input, Mlp};
+use super::config::ModelSpec;
+
+/// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a
+/// bias, and which captured activation is its input.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearShape {
+    pub name: &'static str,
+    pub out: usize,
+    pub inp: usize,
+    pub bias: bool,
+    pub input: Input,
+    /// Expert `e`'s gate/up/down: the linear only sees the tokens routed to that expert.
+    pub expert: Option<usize>,
+}
+
+pub const Q_PROJ: &str = "self_attn.q_proj";
+pub const K_PROJ: &str = "self_attn.k_proj";
+pub const V_PROJ: &str = "self_attn.v_proj";
+pub const QKV_PROJ: &str = "self_attn.qkv_proj";
+pub const O_PROJ: &str = "self_attn.o_proj";
+pub const GATE_PROJ: &str = "mlp.gate_proj";
+pub const UP_PROJ: &str = "mlp.up_proj";
+pub const GATE_UP_PROJ: &str = "mlp.gate_up_proj";
+pub const DOWN_PROJ: &str = "mlp.down_proj";
+pub const C_FC: &str = "mlp.c_fc";
+pub const C_PROJ: &str = "mlp.c_proj";
+pub const INPUT_NORM: &str = "input_layernorm";
+pub const POST_ATTN_NORM: &str = "post_attention_layernorm";
+pub const PRE_FFN_NORM: &str = "pre_feedforward_layernorm";
+pub const POST_FFN_NORM: &str = "post_feedforward_layernorm";
+pub const SHARED_GATE_PROJ: &str = "mlp.shared_expert.gate_proj";
+pub const SHARED_UP_PROJ: &str = "mlp.shared_expert.up_proj";
+pub const SHARED_DOWN_PROJ: &str = "mlp.shared_expert.down_proj";
+pub const SHARED_EXPERT_GATE: &str = "mlp.shared_expert_gate";
+pub const Q_NORM: &str = "self_attn.q_norm";
+pub const K_NORM: &str = "self_attn.k_norm";
+
+impl ModelSpec {
+    /// The linears of every decoder layer, in checkpoint order.
+    pub fn linears(&self) -> Vec<LinearShape> {
+        let (d, i) = (self.hidden, self.intermediate);
+        let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let l = |name, out, inp, bias, input| LinearShape {
+            name,
+            out,
+            inp,
+            bias,
+            input,
+            expert: None,
+        };
+        let mut v = match self.attn_proj {
+            AttnProj::Separate => vec![
+                l(Q_PROJ, qd, d, self.qkv_bias, Input::Attn),
+                l(K_PROJ, kvd, d, self.qkv_bias, Input::Attn),
+                l(V_PROJ, kvd, d, self.qkv_bias, Input::Attn),
+            ],
+            AttnProj::Fused => vec![l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn)],
+        };
+        v.push(l(O_PROJ, d, qd, self.o_bias, Input::O));
+        let mlp_in = match self.block {
+            Block::Parallel => Input::Attn,
+            _ => Input::Mlp,
+        };
+        let b = self.mlp_bias;
+        match self.mlp {
+            Mlp::Gated => v.extend([
+                l(GATE_PROJ, i, d, b, mlp_in),
+                l(UP_PROJ, i, d, b, mlp_in),
+                l(DOWN_PROJ, d, i, b, Input::Down),
+            ]),
+            Mlp::FusedGated => v.extend([
+                l(GATE_UP_PROJ, 2 * i, d, b, mlp_in),
+                l(DOWN_PROJ, d, i, b, Input::Down),
+            ]),
+            Mlp::Plain => v.extend([l(C_FC, i, d, b, mlp_in), l(C_PROJ, d, i, b, Input::Down)]),
+            Mlp::Moe => {
+                let moe = self.moe.as_ref().expect("a MoE spec has experts");
+                for e in 0..moe.experts {
+                    let [gate, up, down] = self.expert_linears(e);
+                    let n = moe.intermediate;
+                    let routed = |l: LinearShape| LinearShape {
+                        expert: Some(e),
+                        ..l
+                    };
+                    v.extend([
+                        routed(l(gate, n, d, false, mlp_in)),
+                        routed(l(up, n, d, false, mlp_in)),
+                        routed(l(down, d, n, false, Input::Expert(e))),
+                    ]);
+                }
+                if let Some(n) = moe.shared {
+                    v.extend([
+                        l(SHARED_GATE_PROJ, n, d, false, mlp_in),
+                        l(SHARED_UP_PROJ, n, d, false, mlp_in),
+                        l(SHARED_DOWN_PROJ, d, n, false, Input::SharedDown),
+                    ]);
+                }
+            }
+        }
+        v
+    }
+
+    /// Expert `e`'s gate, up and down projections (names relative to the layer).
+    pub fn expert_linears(&self, e: usize) -> [&'static str; 3] {
+        let moe = self.moe.as_ref().expect("a MoE spec has experts");
+        moe.leaves
+            .map(|leaf| intern(format!("{}.{e}.{leaf}", moe.experts_prefix)))
+    }
+
+    /// Linears that stay unquantized (float weights, no bias): a MoE layer's router and
+    /// Qwen2-MoE's `shared_expert_gate`. Their names, as module names, are what
+    /// `modules_to_not_convert` must match.
+    pub fn router_linears(&self) -> Vec<LinearShape> {
+        let Some(moe) = &self.moe else {
+            return Vec::new();
+        };
+        let l = |name, out| LinearShape {
+            name,
+            out,
+            inp: self.hidden,
+            bias: false,
+            input: Input::Mlp,
+            expert: None,
+        };
+        let mut v = vec![l(moe.router, moe.experts)];
+        if moe.shared.is_some() {
+            v.push(l(SHARED_EXPERT_GATE, 1));
+        }
+        v
+    }
+
+    /// `quantization_config.modules_to_not_convert`: substrings that match the unquantized
+    /// linears' module names and no quantized one (transformers and vLLM match by substring,
+    /// so `gate` alone would also catch every `gate_proj`).
+    pub fn modules_to_not_convert(&self) -> Option<Vec<&'static str>> {
+        let routers = self.router_linears();
+        (!routers.is_empty()).then(|| routers.iter().map(|l| l.name).collect())
+    }
+
+    /// Every captured activation kind the layer's linears read, in clipping order.
+    pub fn inputs(&self) -> Vec<Input> {
+        let mut v: Vec<Input> = Vec::new();
+        for l in self.linears() {
+            if !v.contains(&l.input) {
+                v.push(l.input);
+            }
+        }
+        v
+    }
+
+    /// The norm whose output feeds the MLP (`None` in a parallel block).
+    pub fn mlp_norm(&self) -> Option<&'static str> {
+        match self.block {
+            Block::Sequential => Some(POST_ATTN_NORM),
+            Block::Sandwich => Some(PRE_FFN_NORM),
+            Block::Parallel => None,
+        }
+    }
+
+    /// The norms of every decoder layer with their width, in checkpoint order.
+    pub fn layer_norms(&self) -> Vec<(&'static str, usize)> {
+        let d = self.hidden;
+        let mut v = vec![(INPUT_NORM, d)];
+        match self.block {
+            Block::Sequential => v.push((POST_ATTN_NORM, d)),
+            Block::Sandwich => {
+                v.extend([(POST_ATTN_NORM, d), (PRE_FFN_NORM, d), (POST_FFN_NORM, d)])
+            }
+            Block::Parallel => {}
+        }
+        if self.qk_norm {
+            v.extend([(Q_NORM, self.head_dim), (K_NORM, self.head_dim)]);
+        }
+        v
+    }
+
+    /// Whether a norm named `name` (relative to its layer) carries a bias: LayerNorms with bias,
+    /// never the per-head q/k norms.
+    pub fn norm_has_bias(&self, name: &str) -> bool {
+        self.norm_bias && name != Q_NORM && name != K_NORM
+    }
+
+    /// The float tensors of every decoder layer (norm weights and biases) with their shapes,
+    /// names relative to the layer.
+    pub fn layer_floats(&self) -> Vec<(String, usize)> {
+        let mut v = Vec::new();
+        for (name, width) in self.layer_norms() {
+            v.push((format!("{name}.weight"), width));
+            if self.norm_has_bias(name) {
+                v.push((format!("{name}.bias"), width));
+            }
+        }
+        v
+    }
+
+    /// The sliding window of layer `i` (`None`: full causal attention).
+    pub fn window(&self, i: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(layers) if !layers.get(i).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `i` uses the local rope base (Gemma 3's sliding layers).
+    pub fn local_rope(&self, i: usize) -> bool {
+        self.local_rope_theta.is_some() && self.window(i).is_some()
+    }
+}
