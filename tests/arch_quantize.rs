@@ -158,50 +158,7 @@ fn check(family: &str) {
     assert!(kl_awq < kl_rtn, "{family}: awq {kl_awq} vs rtn {kl_rtn}");
 }
 
-#[test]
-fn llama() {
-    check("llama");
-}
-
-#[test]
-fn gemma() {
-    check("gemma");
-}
-
-#[test]
-fn gemma2() {
-    check("gemma2");
-}
-
-#[test]
-fn gemma3() {
-    check("gemma3");
-}
-
-#[test]
-fn phi3() {
-    check("phi3");
-}
-
-#[test]
-fn stablelm() {
-    check("stablelm");
-}
-
-#[test]
-fn starcoder2() {
-    check("starcoder2");
-}
-
-#[test]
-fn cohere() {
-    check("cohere");
-}
-
-#[test]
-fn granite() {
-    check("granite");
-}
+family_tests!(check: llama, gemma, gemma2, gemma3, phi3, stablelm, starcoder2, cohere, granite);
 
 #[test]
 fn mixtral() {

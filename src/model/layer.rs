@@ -222,6 +222,15 @@ pub struct Norm {
 }
 
 impl Norm {
+    /// `{prefix}.weight` (and `{prefix}.bias` when `bias`), `[width]` each, as f32.
+    pub fn load(ckpt: &Checkpoint, prefix: &str, width: usize, bias: bool) -> Result<Self> {
+        let t = |part: &str| ckpt.f32(&format!("{prefix}.{part}"), &[width]);
+        Ok(Self {
+            weight: t("weight")?,
+            bias: if bias { Some(t("bias")?) } else { None },
+        })
+    }
+
     /// Normalises each row of `x: [rows, width]` the way `spec.norm` says, in f32.
     pub fn apply(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
         let eps = spec.norm_eps as f32;
@@ -272,18 +281,13 @@ impl LayerWeights {
             .layer_norms()
             .into_iter()
             .map(|(name, width)| {
-                let t = |part: &str| ckpt.f32(&format!("{p}.{name}.{part}"), &[width]);
-                let bias = match spec.norm_has_bias(name) {
-                    true => Some(t("bias")?),
-                    false => None,
-                };
-                Ok((
-                    name,
-                    Norm {
-                        weight: t("weight")?,
-                        bias,
-                    },
-                ))
+                let norm = Norm::load(
+                    ckpt,
+                    &format!("{p}.{name}"),
+                    width,
+                    spec.norm_has_bias(name),
+                )?;
+                Ok((name, norm))
             })
             .collect::<Result<_>>()?;
         let linears = spec
@@ -313,35 +317,29 @@ impl LayerWeights {
 
     /// The unquantized linear `name` (a router). Panics for a name the spec does not list.
     pub fn router(&self, name: &str) -> &Linear {
-        let found = self.routers.iter().find(|(n, _)| *n == name);
-        &found.unwrap_or_else(|| panic!("no router {name}")).1
+        named(&self.routers, name, "router")
     }
 
     pub fn router_mut(&mut self, name: &str) -> &mut Linear {
-        let found = self.routers.iter_mut().find(|(n, _)| *n == name);
-        &mut found.unwrap_or_else(|| panic!("no router {name}")).1
+        named_mut(&mut self.routers, name, "router")
     }
 
     /// The linear `name` (relative to the layer). Panics for a name the spec does not list.
     pub fn linear(&self, name: &str) -> &Linear {
-        let found = self.linears.iter().find(|(n, _)| *n == name);
-        &found.unwrap_or_else(|| panic!("no linear {name}")).1
+        named(&self.linears, name, "linear")
     }
 
     pub fn linear_mut(&mut self, name: &str) -> &mut Linear {
-        let found = self.linears.iter_mut().find(|(n, _)| *n == name);
-        &mut found.unwrap_or_else(|| panic!("no linear {name}")).1
+        named_mut(&mut self.linears, name, "linear")
     }
 
     /// The norm `name` (relative to the layer). Panics for a name the spec does not list.
     pub fn norm(&self, name: &str) -> &Norm {
-        let found = self.norms.iter().find(|(n, _)| *n == name);
-        &found.unwrap_or_else(|| panic!("no norm {name}")).1
+        named(&self.norms, name, "norm")
     }
 
     pub fn norm_mut(&mut self, name: &str) -> &mut Norm {
-        let found = self.norms.iter_mut().find(|(n, _)| *n == name);
-        &mut found.unwrap_or_else(|| panic!("no norm {name}")).1
+        named_mut(&mut self.norms, name, "norm")
     }
 
     /// q, k and v `[tokens, heads · head_dim]` row-major (rope not applied), after the optional
@@ -587,6 +585,18 @@ impl LayerWeights {
         inputs.set(Input::O, ctx);
         Ok((out, capture.then_some(inputs)))
     }
+}
+
+/// The entry `name` of a layer's named list. Panics for a name the spec does not list (callers
+/// take names from the spec).
+fn named<'a, T>(list: &'a [(&'static str, T)], name: &str, kind: &str) -> &'a T {
+    let found = list.iter().find(|(n, _)| *n == name);
+    &found.unwrap_or_else(|| panic!("no {kind} {name}")).1
+}
+
+fn named_mut<'a, T>(list: &'a mut [(&'static str, T)], name: &str, kind: &str) -> &'a mut T {
+    let found = list.iter_mut().find(|(n, _)| *n == name);
+    &mut found.unwrap_or_else(|| panic!("no {kind} {name}")).1
 }
 
 /// The MLP activation of `spec` applied to `t`.

@@ -320,14 +320,12 @@ impl Model {
 
     /// The final norm `model.norm` (weight, and bias for LayerNorms with bias).
     pub fn final_norm(&self) -> Result<Norm> {
-        let d = self.spec.hidden;
-        Ok(Norm {
-            weight: self.ckpt.f32(FINAL_NORM, &[d])?,
-            bias: match self.spec.norm_bias {
-                true => Some(self.ckpt.f32(FINAL_NORM_BIAS, &[d])?),
-                false => None,
-            },
-        })
+        Norm::load(
+            &self.ckpt,
+            FINAL_NORM_PREFIX,
+            self.spec.hidden,
+            self.spec.norm_bias,
+        )
     }
 
     /// The norm that reads decoder layer `i`'s output: layer `i + 1`'s `input_layernorm`, or the
@@ -337,14 +335,7 @@ impl Model {
             return self.final_norm();
         }
         let p = format!("{}.{}", layer_prefix(i + 1), shapes::INPUT_NORM);
-        let d = self.spec.hidden;
-        Ok(Norm {
-            weight: self.ckpt.f32(&format!("{p}.weight"), &[d])?,
-            bias: match self.spec.norm_bias {
-                true => Some(self.ckpt.f32(&format!("{p}.bias"), &[d])?),
-                false => None,
-            },
-        })
+        Norm::load(&self.ckpt, &p, self.spec.hidden, self.spec.norm_bias)
     }
 
     /// The final norm and the output projection, ready to turn hidden states into logits.
@@ -401,6 +392,8 @@ impl Head {
 }
 
 pub const EMBED: &str = "model.embed_tokens.weight";
+/// The final norm's tensors are `{FINAL_NORM_PREFIX}.weight` (and `.bias`).
+const FINAL_NORM_PREFIX: &str = "model.norm";
 pub const FINAL_NORM: &str = "model.norm.weight";
 pub const FINAL_NORM_BIAS: &str = "model.norm.bias";
 pub const LM_HEAD: &str = "lm_head.weight";

@@ -145,6 +145,17 @@ impl Gram {
         t * i * i + c * o * i * i < c * t * i * o
     }
 
+    /// `XᵀX` as f64, `[in, in]` row-major (the Hessian error-feedback rounding needs).
+    pub fn to_f64(&self) -> Result<Vec<f64>> {
+        Ok(self
+            .g
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&v| v as f64)
+            .collect())
+    }
+
     /// `mean((x·w_newᵀ − x·wᵀ)²)`.
     pub fn loss(&self, w: &Tensor, w_new: &Tensor) -> Result<f64> {
         let e = (w_new - w)?;

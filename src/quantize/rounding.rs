@@ -36,20 +36,13 @@ pub(super) fn grams(spec: &ModelSpec, inputs: &LinearInputs) -> Result<Vec<(Inpu
         let Some(x) = inputs.find(input).filter(|_| dense) else {
             continue;
         };
-        let g = crate::ops::matmul(&x.t()?.contiguous()?, x)?;
-        out.push((
-            input,
-            g.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|&v| v as f64)
-                .collect(),
-        ));
+        out.push((input, crate::quant::search::Gram::new(x)?.to_f64()?));
     }
     Ok(out)
 }
 
-/// Error-feedback codes for the non-expert linears of `layer` where they beat round-to-nearest.
+/// The codes of the non-expert linears of `layer`: error feedback where it beats
+/// round-to-nearest, round-to-nearest elsewhere.
 /// `applied[k]` says whether group `k`'s scales (of `searched`) are in `layer` (the guard may
 /// revert some).
 pub(super) fn gptq_codes(
@@ -96,9 +89,8 @@ pub(super) fn gptq_codes(
         let rtn_loss = gptq::loss(&w, &rtn.dequantize(), l.out, l.inp, h)?;
         let gptq_loss = gptq::loss(&w, &q.dequantize(), l.out, l.inp, h)?;
         let kept = gptq_loss < rtn_loss;
-        if kept {
-            codes.insert(l.name, q);
-        }
+        // Either way the codes are final: packing does not round this linear again.
+        codes.insert(l.name, if kept { q } else { rtn });
         reports.push(RoundingReport {
             linear: l.name.to_string(),
             rtn_loss,

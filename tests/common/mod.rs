@@ -2,6 +2,20 @@
 //! random-weight model directories written by the tests themselves.
 #![allow(dead_code)]
 
+/// `family_tests!(check: llama, gemma, …)`: one `#[test]` per family, each calling
+/// `check("<family>")` on the fixture of that name.
+#[macro_export]
+macro_rules! family_tests {
+    ($check:ident: $($family:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $family() {
+                $check(stringify!($family));
+            }
+        )*
+    };
+}
+
 pub mod case;
 pub mod tiny;
 
