@@ -95,7 +95,7 @@ fn benches(c: &mut Criterion) {
 
     let xs = clip::subsample(&randn((TOKENS, HIDDEN), 1.0)).unwrap();
     c.bench_function("clip search gate_proj 1536x576", |b| {
-        b.iter(|| clip::search(&w, &xs, GROUP).unwrap())
+        b.iter(|| clip::search(&w, &xs, GROUP, false).unwrap())
     });
 
     let spec = spec();

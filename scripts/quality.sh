@@ -9,7 +9,8 @@
 #
 # Methods (flag sets below): rtn (--no-search --no-clip), awq (the default), awq-noguard
 # (--no-guard: AutoAWQ's objective alone), gptq (--rounding gptq), and the same three with
-# --fast: fast, fast-noguard, fast-gptq. rtn is always run (the gap is measured from it).
+# --fast: fast, fast-noguard, fast-gptq; with an fp16 budget of 3 %: keep3, gptq-keep3,
+# fast-keep3, fast-gptq-keep3. rtn is always run (the gap is measured from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
@@ -32,6 +33,10 @@ flags() {
     fast) echo "--fast" ;;
     fast-noguard) echo "--fast --no-guard" ;;
     fast-gptq) echo "--fast --rounding gptq" ;;
+    keep3) echo "--keep-fp16 3" ;;
+    gptq-keep3) echo "--rounding gptq --keep-fp16 3" ;;
+    fast-keep3) echo "--fast --keep-fp16 3" ;;
+    fast-gptq-keep3) echo "--fast --rounding gptq --keep-fp16 3" ;;
     *) echo "unknown method $1" >&2; exit 2 ;;
     esac
 }

@@ -207,6 +207,17 @@ pub struct QuantizeArgs {
     /// Skip the clipping search.
     #[arg(long, help_heading = "Quantization")]
     pub no_clip: bool,
+    /// How the clipping search cuts each group's range: symmetric (AutoAWQ's: one shrink of
+    /// the abs-max, ±max_val) or separate (then the upper and the lower bound refined one at a
+    /// time, each kept where it lowers the clip objective).
+    #[arg(
+        long,
+        default_value = "symmetric",
+        value_name = "HOW",
+        conflicts_with = "no_clip",
+        help_heading = "Quantization"
+    )]
+    pub clip_sides: awq::quantize::ClipSides,
     /// How the 4-bit codes are chosen once scales and clipping are fixed: rtn (round to
     /// nearest, AutoAWQ's) or gptq (error feedback through the calibration input's XᵀX, same
     /// scales and zero points; kept per linear only where it lowers the calibration loss).
@@ -217,6 +228,12 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub rounding: awq::quantize::Rounding,
+    /// Keep the dense linears whose quantization hurts most in float16 (listed in
+    /// modules_to_not_convert) until the checkpoint has grown by PCT percent of its
+    /// all-quantized size, e.g. 3%. Ranked by each unit's measured drop of its layer's output
+    /// error per extra byte; q/k/v and gate/up count as one unit (vLLM merges them).
+    #[arg(long, value_name = "PCT", value_parser = budget_percent, help_heading = "Quantization")]
+    pub keep_fp16: Option<f64>,
     /// Skip the layer-output guard, which falls back toward round-to-nearest (dropping a clip
     /// or a group's scales) on a dense layer where AWQ's choice is at least 10 % worse on the
     /// layer's own output (README, "Quality"). Plain RTN (--no-search --no-clip) is never guarded.
@@ -316,6 +333,14 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--keep-fp16`: a percentage above 0 and at most 100.
+fn budget_percent(s: &str) -> Result<f64, String> {
+    match parse_percent(s)? {
+        v if v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!("{s:?} must be above 0% and at most 100%")),
+    }
+}
+
 /// "5GB" → 5_000_000_000; KB/MB/GB are decimal, KiB/MiB/GiB binary; at least one byte.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not a size like 5GB, 500MB or 2GiB");
@@ -407,9 +432,11 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             },
             n_grid: args.n_grid,
             clip: !args.no_clip,
+            clip_sides: args.clip_sides,
             // Plain RTN has nothing to guard.
             guard: !(args.no_guard || (args.no_search && args.no_clip)),
             rounding: args.rounding,
+            keep_fp16: args.keep_fp16,
             no_search: args.no_search,
             search_blocks: args
                 .search_blocks

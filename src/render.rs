@@ -104,7 +104,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     let p = &w.seconds;
     writeln!(out,
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
-             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
+             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s, fp16 budget {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
              matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
             output.display(),
             report.layers.len(),
@@ -117,6 +117,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             p.search,
             p.clip,
             p.guard,
+            p.fp16_budget,
             p.quantize,
             p.write,
             w.matmul_gflop,
@@ -126,6 +127,18 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             w.peak_rss_mb
                 .map_or("unknown".into(), |m| format!("{m:.0} MB")),
         )?;
+    if let Some(k) = &report.kept_fp16 {
+        writeln!(
+            out,
+            "kept in float16: {} module(s), +{:.2} MB of a {}% budget ({:.2} MB){}{}",
+            k.modules.len(),
+            k.extra_bytes as f64 / 1e6,
+            k.budget_pct,
+            k.budget_bytes as f64 / 1e6,
+            if k.modules.is_empty() { "" } else { ": " },
+            k.modules.join(", ")
+        )?;
+    }
     if let Some(q) = &report.quality {
         writeln!(
             out,

@@ -197,7 +197,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let mut v = Vec::new();
     let float_dtype = float_dtype(dir)?;
     v.extend(failed_quality_gate(dir));
-    v.extend(not_converted(dir, &spec)?);
+    v.extend(not_converted(&spec));
 
     let float = |name: &str, shape: &[usize], v: &mut Vec<String>| {
         if !ckpt.contains(name) {
@@ -248,7 +248,14 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
         for l in &linears {
             let prefix = format!("{p}.{}", l.name);
-            check_linear(&ckpt, &prefix, l, fmt, &mut v);
+            match spec.packed(&prefix) {
+                Some(fmt) => check_linear(&ckpt, &prefix, l, fmt, &mut v),
+                None if ckpt.contains(&format!("{prefix}.qweight")) => v.push(format!(
+                    "{prefix}: a modules_to_not_convert entry matches it, so loaders expect a \
+                     float {prefix}.weight, but it holds qweight (an entry too broad?)"
+                )),
+                None => float(&format!("{prefix}.weight"), &[l.out, l.inp], &mut v),
+            }
             if l.bias {
                 float(&format!("{prefix}.bias"), &[l.out], &mut v);
             }
@@ -378,47 +385,44 @@ fn dedup_in_order(lines: &mut Vec<String>) {
 }
 
 /// transformers and vLLM keep a linear unquantized when a `modules_to_not_convert` entry is a
-/// substring of its module name: every unquantized linear (a MoE router) must be matched, and
-/// no quantized linear may be (an entry like `gate` would also catch every `gate_proj`).
-fn not_converted(dir: &Path, spec: &ModelSpec) -> Result<Vec<String>> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::input_io(&path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| input_err!("{} is not valid JSON: {e}", path.display()))?;
-    let entries: Vec<&str> = cfg["quantization_config"]["modules_to_not_convert"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|e| e.as_str()).collect())
-        .unwrap_or_default();
+/// substring of its module name: every unquantized router (a MoE layer's) must be matched, and
+/// the linears vLLM merges into one module (q/k/v, gate/up) must be all matched or none
+/// (`quant_utils.is_layer_skipped` refuses a mix). A matched linear is checked as a float
+/// weight, so an entry too broad (`gate` also catches every `gate_proj`) shows up there.
+fn not_converted(spec: &ModelSpec) -> Vec<String> {
     let mut v = Vec::new();
-    let mut wrong: Vec<(&str, usize, String)> = Vec::new();
     for i in 0..spec.layers {
         let p = layer_prefix(i);
         for r in spec.router_linears() {
             let module = format!("{p}.{}", r.name);
-            if !entries.iter().any(|e| module.contains(e)) {
+            if !spec
+                .not_converted
+                .iter()
+                .any(|e| module.contains(e.as_str()))
+            {
                 v.push(format!(
                     "{module}: stays unquantized, but no modules_to_not_convert entry matches it \
                      (loaders would build a quantized linear and find no qweight)"
                 ));
             }
         }
-        for l in spec.linears() {
-            let module = format!("{p}.{}", l.name);
-            if let Some(e) = entries.iter().find(|e| module.contains(*e)) {
-                match wrong.iter_mut().find(|w| w.0 == *e) {
-                    Some(w) => w.1 += 1,
-                    None => wrong.push((e, 1, module)),
-                }
+        for unit in spec.keep_units() {
+            let n = unit
+                .linears
+                .iter()
+                .filter(|l| spec.packed(&format!("{p}.{l}")).is_none())
+                .count();
+            if n != 0 && n != unit.linears.len() {
+                v.push(format!(
+                    "{p}.{}: modules_to_not_convert matches {n} of its {} linears; vLLM merges \
+                     them into one module and refuses a mix of float and quantized",
+                    unit.name,
+                    unit.linears.len()
+                ));
             }
         }
     }
-    for (entry, n, first) in wrong {
-        v.push(format!(
-            "modules_to_not_convert entry {entry:?} matches {n} quantized linear(s), e.g. {first} \
-             (loaders would expect a float weight there)"
-        ));
-    }
-    Ok(v)
+    v
 }
 
 /// The dtype config.json's `torch_dtype` gives the unquantized tensors (float16 when absent).

@@ -418,3 +418,152 @@ fn verify_checks_modules_to_not_convert_against_routers() {
         assert!(text.contains(expect), "{text}");
     }
 }
+
+/// `--keep-fp16`: whole units (q/k/v together, as vLLM merges them) are written as float16
+/// weights within the budget, listed in `modules_to_not_convert` (each linear and the merged
+/// name), read back by `verify` and the loader, and the output is closer to the fp model's.
+#[test]
+fn keep_fp16_writes_whole_units_that_verify_and_load() {
+    let model = fixture("arch/llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, plain) = (tmp.path().join("keep"), tmp.path().join("plain"));
+    quantize(&model, &out, &["--keep-fp16", "40%"]);
+    quantize(&model, &plain, &[]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    let kept = &report["kept_fp16"];
+    let modules = kept["modules"].as_array().unwrap();
+    assert!(!modules.is_empty(), "{kept:#}");
+    assert!(kept["extra_bytes"].as_u64() <= kept["budget_bytes"].as_u64());
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let entries = &config["quantization_config"]["modules_to_not_convert"];
+    assert_eq!(entries, &kept["entries"]);
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + header_len(&bytes)]).unwrap();
+    for m in modules {
+        let m = m.as_str().unwrap();
+        let linears: Vec<String> = match m.strip_suffix("qkv_proj") {
+            Some(p) => ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|l| format!("{p}{l}"))
+                .collect(),
+            None => vec![m.to_string()],
+        };
+        for l in &linears {
+            assert_eq!(header[format!("{l}.weight")]["dtype"], "F16", "{l}");
+            assert!(header.get(format!("{l}.qweight")).is_none(), "{l}");
+            assert!(entries.as_array().unwrap().contains(&l.as_str().into()));
+        }
+        if linears.len() > 1 {
+            assert!(entries.as_array().unwrap().contains(&m.into()), "{m}");
+        }
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("| kept in float16 |"), "{card}");
+
+    let verify = awq(&["verify", "--json"], &out);
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+    let ids = {
+        let tok = awq::tokenize::load(&model).unwrap();
+        let raw = std::fs::read_to_string(data("wikitext-2-raw/wiki.valid.raw")).unwrap();
+        awq::tokenize::encode(&tok, &raw[..40_000], false).unwrap()[..HELD_OUT_TOKENS].to_vec()
+    };
+    let fp = log_probs(&model, &ids);
+    let (kl_keep, kl_plain) = (
+        kl(&fp, &log_probs(&out, &ids)),
+        kl(&fp, &log_probs(&plain, &ids)),
+    );
+    eprintln!("llama: KL to fp: --keep-fp16 40% {kl_keep:.3e}, all quantized {kl_plain:.3e}");
+    assert!(kl_keep < kl_plain, "{kl_keep} vs {kl_plain}");
+
+    // verify reads modules_to_not_convert as the loaders do: a merged module half listed, or an
+    // entry that also catches quantized linears, is refused.
+    let qkv = modules
+        .iter()
+        .filter_map(|m| m.as_str()?.strip_suffix("qkv_proj"))
+        .next()
+        .map(|p| p.to_string());
+    let cfg = out.join("config.json");
+    let mut edited = config.clone();
+    let list = edited["quantization_config"]["modules_to_not_convert"]
+        .as_array_mut()
+        .unwrap();
+    match &qkv {
+        Some(p) => list.retain(|e| *e != format!("{p}q_proj").as_str()),
+        None => list.push("model.layers.0.self_attn.q_proj".into()),
+    }
+    std::fs::write(&cfg, serde_json::to_vec(&edited).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&awq(&["verify", "--json"], &out).stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["violations"].to_string().contains("refuses a mix"),
+        "{v:#}"
+    );
+    let mut edited = config.clone();
+    edited["quantization_config"]["modules_to_not_convert"] = serde_json::json!(["mlp"]);
+    std::fs::write(&cfg, serde_json::to_vec(&edited).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&awq(&["verify", "--json"], &out).stdout).unwrap();
+    assert!(
+        v["violations"].to_string().contains("holds qweight"),
+        "{v:#}"
+    );
+}
+
+/// `--keep-fp16` is refused on a MoE model (exit 2) before any layer, and out-of-range budgets
+/// by the parser.
+#[test]
+fn keep_fp16_refuses_moe_models_and_bad_budgets() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (model, budget, says) in [
+        ("arch/mixtral", "3%", "MoE model"),
+        ("arch/llama", "0", "above 0%"),
+        ("arch/llama", "101%", "at most 100%"),
+    ] {
+        let o = Command::cargo_bin("awq")
+            .unwrap()
+            .args(["quantize", "-q", "--keep-fp16", budget, "--model"])
+            .arg(fixture(model))
+            .arg("-o")
+            .arg(tmp.path().join("out"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{model} {budget}: {err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!tmp.path().join("out").exists());
+    }
+}
+
+/// `--clip-sides`: `separate` writes a valid checkpoint that differs from AutoAWQ's symmetric
+/// clipping, and the report and card say which was used.
+#[test]
+fn clip_sides_are_recorded_and_both_verify() {
+    let model = fixture("arch/granite");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = Vec::new();
+    for sides in ["symmetric", "separate"] {
+        let out = tmp.path().join(sides);
+        quantize(&model, &out, &["--clip-sides", sides, "--no-guard"]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&awq(&["verify", "--json"], &out).stdout).unwrap();
+        assert_eq!(v["ok"], true, "{v:#}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+                .unwrap();
+        assert_eq!(report["options"]["clip_sides"], sides);
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let row = match sides {
+            "symmetric" => "| clipping search | yes, symmetric (AutoAWQ's) |",
+            _ => "| clipping search | yes, upper and lower bound each refined |",
+        };
+        assert!(card.contains(row), "{card}");
+        bytes.push(std::fs::read(out.join("model.safetensors")).unwrap());
+    }
+    assert_ne!(bytes[0], bytes[1], "separate bounds changed nothing");
+}

@@ -655,7 +655,7 @@ fn model_card_front_matter_loading_and_quality() {
         "# model — AWQ INT4 (GEMM)",
         "| layout (version) | GEMM |",
         "| scale search | robust",
-        "| clipping search | yes |",
+        "| clipping search | yes, ",
         "| group size | 32 |",
         "vllm serve path/to/this-directory\n",
         "pip install transformers autoawq",

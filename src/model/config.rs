@@ -281,6 +281,10 @@ pub struct ModelSpec {
     pub sliding_window: Option<usize>,
     /// Set when the checkpoint is already AWQ-packed: linears are read by dequantizing.
     pub awq: Option<AwqFormat>,
+    /// An AWQ checkpoint's `quantization_config.modules_to_not_convert`: a linear whose module
+    /// name contains one of these is stored unquantized (`.weight`), as transformers and vLLM
+    /// read it (substring match). Empty for an unquantized checkpoint.
+    pub not_converted: Vec<String>,
     /// Not from config.json: when set (`awq eval --dtype`), the forward rounds every
     /// activation to this dtype after each op, as a server running in it would (f32 math in
     /// between). `None`: plain f32.
@@ -354,6 +358,7 @@ impl HfConfig {
             qk_norm: false,
             sliding_window: None,
             awq: self.awq_format()?,
+            not_converted: self.not_converted(),
             serve_dtype: None,
             max_positions: self.max_position_embeddings,
         })
@@ -428,6 +433,19 @@ impl HfConfig {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    fn not_converted(&self) -> Vec<String> {
+        self.quantization_config
+            .as_ref()
+            .and_then(|q| q.get("modules_to_not_convert"))
+            .and_then(|m| m.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn awq_format(&self) -> Result<Option<AwqFormat>> {

@@ -41,7 +41,7 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = match spec.awq {
+        let weight = match spec.packed(prefix) {
             None => ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?,
             Some(fmt) => {
                 let q = read_packed(ckpt, prefix, out, inp, fmt)?;

@@ -212,7 +212,7 @@ impl Model {
                 ..
             } in s.linears()
             {
-                match s.awq {
+                match s.packed(&format!("{p}.{name}")) {
                     None => expect(&format!("{name}.weight"), &[out, inp])?,
                     Some(fmt) => {
                         let shapes = layer::packed_shapes(out, inp, fmt)?;

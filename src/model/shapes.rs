@@ -19,6 +19,15 @@ pub struct LinearShape {
     pub expert: Option<usize>,
 }
 
+/// Linears kept or quantized together by `--keep-fp16` ([`ModelSpec::keep_units`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepUnit {
+    /// The merged module's name relative to the layer (`self_attn.qkv_proj`), or the linear's.
+    pub name: &'static str,
+    /// Its linears, relative to the layer.
+    pub linears: Vec<&'static str>,
+}
+
 pub const Q_PROJ: &str = "self_attn.q_proj";
 pub const K_PROJ: &str = "self_attn.k_proj";
 pub const V_PROJ: &str = "self_attn.v_proj";
@@ -141,6 +150,43 @@ impl ModelSpec {
     pub fn modules_to_not_convert(&self) -> Option<Vec<&'static str>> {
         let routers = self.router_linears();
         (!routers.is_empty()).then(|| routers.iter().map(|l| l.name).collect())
+    }
+
+    /// The packed format the linear `module` (full name, `model.layers.3.mlp.down_proj`) is
+    /// stored in: `None` in an unquantized checkpoint, and for a linear that a
+    /// `modules_to_not_convert` entry matches (transformers' and vLLM's substring rule), which
+    /// is stored as a float `.weight`.
+    pub fn packed(&self, module: &str) -> Option<super::config::AwqFormat> {
+        self.awq.filter(|_| {
+            !self
+                .not_converted
+                .iter()
+                .any(|e| module.contains(e.as_str()))
+        })
+    }
+
+    /// What `--keep-fp16` keeps or quantizes as one: the linears a loader merges into one
+    /// module (vLLM's `qkv_proj` and `gate_up_proj` refuse a mix of quantized and float
+    /// shards, `quant_utils.is_layer_skipped`), named as vLLM names the merged module; every
+    /// other dense linear alone. Experts and shared experts are not units (`--keep-fp16` is
+    /// refused on MoE models).
+    pub fn keep_units(&self) -> Vec<KeepUnit> {
+        let mut units: Vec<KeepUnit> = Vec::new();
+        for l in self.linears().into_iter().filter(|l| l.expert.is_none()) {
+            let merged = match l.name {
+                Q_PROJ | K_PROJ | V_PROJ => QKV_PROJ,
+                GATE_PROJ | UP_PROJ => GATE_UP_PROJ,
+                other => other,
+            };
+            match units.iter_mut().find(|u| u.name == merged) {
+                Some(u) => u.linears.push(l.name),
+                None => units.push(KeepUnit {
+                    name: merged,
+                    linears: vec![l.name],
+                }),
+            }
+        }
+        units
     }
 
     /// Every captured activation kind the layer's linears read, in clipping order.

@@ -65,7 +65,7 @@ pub(super) struct Searched {
     /// Per group, the chosen scales.
     pub scales: Vec<Vec<f32>>,
     /// Per clipped linear, its clip values (on the scaled weights).
-    pub clips: Vec<(&'static str, Vec<f32>)>,
+    pub clips: Vec<(&'static str, Vec<clip::Bounds>)>,
 }
 
 /// Which groups are applied and which clips kept.
@@ -188,12 +188,22 @@ impl Guard<'_> {
         Ok(layer)
     }
 
+    /// The layer with the `applied` groups' scales folded and no clip: what a linear kept in
+    /// float (`--keep-fp16`) holds.
+    pub fn scaled(&self, searched: &Searched, applied: &[bool]) -> Result<LayerWeights> {
+        let v = Variant {
+            groups: applied.to_vec(),
+            clips: vec![false; searched.clips.len()],
+        };
+        self.build(searched, &v)
+    }
+
     fn error_of(&self, searched: &Searched, v: &Variant) -> Result<f64> {
         self.error(quantized(self.build(searched, v)?, self.group)?)
     }
 
     /// Mean squared difference of the layer's output from the fp output on the guard blocks.
-    fn error(&self, layer: LayerWeights) -> Result<f64> {
+    pub fn error(&self, layer: LayerWeights) -> Result<f64> {
         let mut sum = 0f64;
         let mut at = 0;
         for piece in pieces(&self.input, self.seqlen)? {
@@ -211,7 +221,7 @@ impl Guard<'_> {
 }
 
 /// `layer` with every linear replaced by what its packed form dequantizes to.
-fn quantized(mut layer: LayerWeights, group: usize) -> Result<LayerWeights> {
+pub(super) fn quantized(mut layer: LayerWeights, group: usize) -> Result<LayerWeights> {
     for (_, lin) in layer.linears.iter_mut() {
         let (rows, cols) = lin.weight.dims2()?;
         let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::guard::{guard_blocks, Guard, Searched};
+use super::keep;
 use super::layer::{
     apply_scales, group_absmax, layer_tensors, pieces, search_group, MIN_EXPERT_TOKENS,
 };
@@ -15,11 +16,12 @@ use super::prepare::Prepared;
 use super::report::{ExpertReport, GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
 use super::rounding;
-use super::{QuantizeOptions, Rounding};
+use super::{ClipSides, QuantizeOptions, Rounding};
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::io::writer;
 use crate::model::arch::Input;
+use crate::model::config::AwqFormat;
 use crate::model::groups::clipped;
 use crate::model::layer::{LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
@@ -130,7 +132,7 @@ fn quantize_layer(
     // The guard compares on every 4th block; taken now, before clipping consumes the inputs. It
     // holds a second copy of the layer, which a MoE layer's memory bound has no room for: MoE
     // layers are not guarded.
-    let guard = match opts.guard && spec.moe.is_none() {
+    let guard = match (opts.guard || opts.keep_fp16.is_some()) && spec.moe.is_none() {
         true => {
             let next_norm = model.next_norm(i)?;
             let reference = next_norm.apply(spec, &guard_blocks(&out, seqlen)?)?;
@@ -146,7 +148,7 @@ fn quantize_layer(
 
     let clock = Instant::now();
     let clips = match opts.clip {
-        true => clip_layer(spec, &mut layer, inputs, opts.group)?,
+        true => clip_layer(spec, &mut layer, inputs, opts.group, opts.clip_sides)?,
         false => Vec::new(),
     };
     let clip_mean_shrink = clips
@@ -162,22 +164,34 @@ fn quantize_layer(
     let clock = Instant::now();
     let mut guard_report = None;
     let mut applied = vec![true; searched.groups.len()];
-    if let Some((input, reference, next_norm)) = guard {
-        let load = || model.layer(i);
-        let guard = Guard {
-            spec,
-            rope,
-            seqlen,
-            group: opts.group,
-            input,
-            reference,
-            next_norm,
-            load: &load,
-        };
+    let mut fp16_candidates = None;
+    let load = || model.layer(i);
+    let guard = guard.map(|(input, reference, next_norm)| Guard {
+        spec,
+        rope,
+        seqlen,
+        group: opts.group,
+        input,
+        reference,
+        next_norm,
+        load: &load,
+    });
+    if let Some(guard) = guard.as_ref().filter(|_| opts.guard) {
         let (chosen, report, on) = guard.choose(&searched, layer)?;
         (layer, guard_report, applied) = (chosen, Some(report), on);
     }
     t.guard = clock.elapsed().as_secs_f64();
+    let clock = Instant::now();
+    if let Some(guard) = guard.as_ref().filter(|_| opts.keep_fp16.is_some()) {
+        let float = guard.scaled(&searched, &applied)?;
+        let fmt = AwqFormat {
+            group: opts.group,
+            layout: opts.layout,
+        };
+        fp16_candidates = Some(keep::measure(guard, spec, fmt, &layer, &float)?);
+    }
+    drop(guard);
+    t.fp16_budget = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
     let (mut codes, rounding) = match grams {
@@ -191,6 +205,13 @@ fn quantize_layer(
     let tensors = layer_tensors(&layer, i, opts, &mut codes)?;
     t.quantize = clock.elapsed().as_secs_f64();
     let clock = Instant::now();
+    let names = tensors.iter().map(|t| t.name.clone()).collect();
+    let max_abs_float_weight = max_abs_float_tensors(&tensors);
+    let mut tensors = tensors;
+    if opts.keep_fp16.is_some() {
+        // Not listed in the record: the end of the run reads them, the shards never hold them.
+        tensors.extend(keep::scales_tensors(i, &searched.scales, &applied)?);
+    }
     writer::write_file(part, &tensors)?;
     t.write = clock.elapsed().as_secs_f64();
     let record = LayerRecord {
@@ -202,10 +223,11 @@ fn quantize_layer(
             experts,
             guard: guard_report,
             rounding,
-            max_abs_float_weight: max_abs_float_tensors(&tensors),
+            fp16_candidates,
+            max_abs_float_weight,
             seconds: t,
         },
-        tensors: tensors.into_iter().map(|t| t.name).collect(),
+        tensors: names,
     };
     Ok((record, out))
 }
@@ -333,7 +355,8 @@ fn clip_layer(
     layer: &mut LayerWeights,
     mut inputs: LinearInputs,
     group: usize,
-) -> Result<Vec<(&'static str, Vec<f32>, f32)>> {
+    sides: ClipSides,
+) -> Result<Vec<(&'static str, Vec<clip::Bounds>, f32)>> {
     let linears = spec.linears();
     let mut shrinks = Vec::new();
     for input in spec.inputs() {
@@ -356,16 +379,20 @@ fn clip_layer(
                 continue;
             }
             let lin = layer.linear_mut(l.name);
-            let max_val = clip::search(&lin.weight, &clip::subsample(x)?, group)?;
+            let separate = sides == ClipSides::Separate;
+            let bounds = clip::search(&lin.weight, &clip::subsample(x)?, group, separate)?;
             let absmax = group_absmax(&lin.weight, group)?;
-            let shrink = max_val
+            let shrink = bounds
                 .iter()
                 .zip(&absmax)
-                .map(|(m, a)| if *a > 0.0 { m / a } else { 1.0 })
+                .map(|([lo, hi], a)| match *a > 0.0 {
+                    true => lo.abs().max(*hi) / a,
+                    false => 1.0,
+                })
                 .sum::<f32>()
-                / max_val.len() as f32;
-            lin.weight = clip::apply(&lin.weight, &max_val, group)?;
-            shrinks.push((l.name, max_val, shrink));
+                / bounds.len() as f32;
+            lin.weight = clip::apply(&lin.weight, &bounds, group)?;
+            shrinks.push((l.name, bounds, shrink));
         }
         drop(x);
     }

@@ -23,6 +23,7 @@ use crate::quant::pack::Layout;
 use crate::quant::search::Grid;
 
 mod guard;
+mod keep;
 mod layer;
 mod layers;
 mod prepare;
@@ -56,6 +57,27 @@ impl FromStr for Rounding {
             "rtn" => Ok(Self::Rtn),
             "gptq" => Ok(Self::Gptq),
             _ => Err(format!("{s:?} is not one of rtn, gptq")),
+        }
+    }
+}
+
+/// `--clip-sides`: how the clipping search cuts a group's range (`quant::clip::search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClipSides {
+    /// AutoAWQ's: one shrink of the abs-max, `±max_val`.
+    Symmetric,
+    /// AutoAWQ's, then the upper and the lower bound refined one at a time.
+    Separate,
+}
+
+impl FromStr for ClipSides {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "symmetric" => Ok(Self::Symmetric),
+            "separate" => Ok(Self::Separate),
+            _ => Err(format!("{s:?} is not one of symmetric, separate")),
         }
     }
 }
@@ -99,10 +121,15 @@ pub struct QuantizeOptions {
     /// Ratios in the scale grid (≥ 2: ratio 0 alone is the identity).
     pub n_grid: usize,
     pub clip: bool,
+    /// How the clipping search cuts each group's range.
+    pub clip_sides: ClipSides,
     /// Run the layer-output guard (never worse than round-to-nearest on each layer's output).
     pub guard: bool,
     /// How the codes are chosen once scales and clipping are fixed.
     pub rounding: Rounding,
+    /// `--keep-fp16`: keep the most damaging dense linears in float until the checkpoint has
+    /// grown by this percentage of its all-quantized size (`keep`); `None`: quantize all.
+    pub keep_fp16: Option<f64>,
     /// Skip the scale search (plain round-to-nearest, still clipped unless `clip` is false).
     pub no_search: bool,
     /// Score search candidates on at most this many evenly spaced calibration blocks (the
@@ -190,14 +217,16 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let clock = Instant::now();
     let (float_dtype, dtype_reason) =
         write::choose_dtype(opts.dtype, prep.beyond_f16.as_ref(), &done.reports, events);
-    let (files, mut output_files) = write::write_checkpoint(
+    let written = write::write_checkpoint(
         opts,
         &prep.model,
         &staging.dir,
+        &done.reports,
         done.parts,
         done.names,
         float_dtype,
     )?;
+    let mut output_files = written.files;
     work.seconds.write += clock.elapsed().as_secs_f64();
     let quality = match (&opts.quality_gate, &prep.gate_ids) {
         (Some(gate), Some(ids)) => {
@@ -224,7 +253,8 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         float_dtype,
         dtype_reason,
         layers: done.reports,
-        files,
+        kept_fp16: written.kept_fp16,
+        files: written.shards,
         output_files: {
             output_files.extend([CARD.to_string(), REPORT.to_string()]);
             output_files.sort();

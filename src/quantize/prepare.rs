@@ -106,6 +106,14 @@ fn check_options(opts: &QuantizeOptions, model: &Model) -> Result<()> {
     if opts.layout == Layout::Gemv {
         crate::quant::pack::gemv_zeros_width(s.hidden, opts.group)?;
     }
+    if let (Some(_), Some(_)) = (opts.keep_fp16, &s.moe) {
+        return Err(Error::Usage(format!(
+            "--keep-fp16 is not supported for {} (a MoE model): measuring what each module's \
+             quantization costs needs a second copy of the layer, which the one-layer memory \
+             bound of MoE layers has no room for; drop --keep-fp16",
+            s.architecture
+        )));
+    }
     Ok(())
 }
 

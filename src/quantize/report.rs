@@ -73,6 +73,10 @@ pub struct LayerReport {
     /// `--rounding gptq`: per linear, both calibration losses and which rounding was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rounding: Option<Vec<super::rounding::RoundingReport>>,
+    /// `--keep-fp16`: each unit's measured error drop when kept in float (`None` without the
+    /// flag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp16_candidates: Option<Vec<super::keep::Fp16Candidate>>,
     /// Largest |value| of the layer's float tensors (norms, biases) after scaling.
     pub max_abs_float_weight: f32,
     pub seconds: Timings,
@@ -97,13 +101,23 @@ pub struct Timings {
     pub clip: f64,
     #[serde(default)]
     pub guard: f64,
+    /// `--keep-fp16`'s per-unit measurement.
+    #[serde(default)]
+    pub fp16_budget: f64,
     pub quantize: f64,
     pub write: f64,
 }
 
 impl Timings {
     pub fn total(&self) -> f64 {
-        self.load + self.forward + self.search + self.clip + self.guard + self.quantize + self.write
+        self.load
+            + self.forward
+            + self.search
+            + self.clip
+            + self.guard
+            + self.fp16_budget
+            + self.quantize
+            + self.write
     }
 
     pub(super) fn add(&mut self, o: &Timings) {
@@ -112,6 +126,7 @@ impl Timings {
         self.search += o.search;
         self.clip += o.clip;
         self.guard += o.guard;
+        self.fp16_budget += o.fp16_budget;
         self.quantize += o.quantize;
         self.write += o.write;
     }
@@ -175,6 +190,28 @@ fn guard_summary(r: &Report) -> String {
     }
 }
 
+/// The model card's fp16-budget row.
+fn kept_summary(r: &Report) -> String {
+    let Some(k) = &r.kept_fp16 else {
+        return "no (every linear quantized)".into();
+    };
+    let mb = |b: u64| b as f64 / 1e6;
+    match k.modules.len() {
+        0 => format!(
+            "{}% budget ({:.2} MB): no module fit or lowered its layer's error",
+            k.budget_pct,
+            mb(k.budget_bytes)
+        ),
+        n => format!(
+            "{n} module(s) in float16, +{:.2} MB of a {}% budget ({:.2} MB): {} (listed in modules_to_not_convert)",
+            mb(k.extra_bytes),
+            k.budget_pct,
+            mb(k.budget_bytes),
+            k.modules.join(", ")
+        ),
+    }
+}
+
 /// The model card's rounding row.
 fn rounding_summary(r: &Report) -> String {
     let records: Vec<_> = r
@@ -231,6 +268,8 @@ pub struct Report {
     pub architecture: String,
     pub calibration: CalibSummary,
     pub layers: Vec<LayerReport>,
+    /// `--keep-fp16`: the budget and the units it kept (`null` without the flag).
+    pub kept_fp16: Option<super::keep::KeptFp16>,
     /// The shard files.
     pub files: Vec<String>,
     /// Every file written into the output directory, sorted: `--force` replaces an earlier
@@ -394,7 +433,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n\
+         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept in float16 | {kept} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -402,9 +441,14 @@ pub(super) fn model_card(r: &Report) -> String {
         tool = r.tool,
         bits = o.w_bit,
         group = o.group,
-        clip = if o.clip { "yes" } else { "no" },
+        clip = match (o.clip, o.clip_sides) {
+            (false, _) => "no",
+            (true, super::ClipSides::Symmetric) => "yes, symmetric (AutoAWQ's)",
+            (true, super::ClipSides::Separate) => "yes, upper and lower bound each refined",
+        },
         guard = guard_summary(r),
         rounding = rounding_summary(r),
+        kept = kept_summary(r),
         files = r.calibration.source,
         docs = r.calibration.documents_used,
         blocks = r.calibration.blocks,

@@ -42,7 +42,7 @@ pub(super) fn fingerprint(
         "calibration token ids": {"count": ids.len(), "fnv1a": format!("{:016x}", fingerprint::fnv1a(&id_bytes))},
         "options": {
             "w_bit": opts.w_bit, "group": opts.group, "layout": opts.layout, "grid": opts.grid,
-            "n_grid": opts.n_grid, "clip": opts.clip, "guard": opts.guard, "rounding": opts.rounding, "no_search": opts.no_search,
+            "n_grid": opts.n_grid, "clip": opts.clip, "clip_sides": opts.clip_sides, "guard": opts.guard, "rounding": opts.rounding, "keep_fp16": opts.keep_fp16, "no_search": opts.no_search,
             "search_blocks": opts.search_blocks, "seqlen": opts.calib.seqlen,
         },
     }))

@@ -4,12 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+use super::keep::{self, KeptFp16};
 use super::report::LayerReport;
 use super::{DtypeChoice, QuantizeOptions};
 use crate::error::Result;
 use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
+use crate::model::config::AwqFormat;
 use crate::model::{Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
 
 /// The output's float dtype and why (for the report and the card).
@@ -71,21 +73,43 @@ pub(super) fn choose_dtype(
     }
 }
 
-/// Writes the head part, the shards (from the parts), config.json, quant_config.json and the
-/// companion files into `staged`; removes the parts. Returns the shard file names and every
-/// file name written (shards, index, configs, companions; the caller adds the card and report).
+/// What [`write_checkpoint`] wrote.
+pub(super) struct Written {
+    /// The shard file names.
+    pub shards: Vec<String>,
+    /// Every file name written (shards, index, configs, companions; the caller adds the card
+    /// and the report).
+    pub files: Vec<String>,
+    /// `--keep-fp16`: what the budget kept.
+    pub kept_fp16: Option<KeptFp16>,
+}
+
+/// Writes the head part, applies `--keep-fp16`, writes the shards (from the parts),
+/// config.json, quant_config.json and the companion files into `staged`; removes the parts.
 pub(super) fn write_checkpoint(
     opts: &QuantizeOptions,
     model: &Model,
     staged: &Path,
+    reports: &[LayerReport],
     mut parts: Vec<PathBuf>,
     mut names: Vec<String>,
     dtype: FloatDtype,
-) -> Result<(Vec<String>, Vec<String>)> {
+) -> Result<Written> {
     let parts_dir = staged.join(PARTS_DIR);
     let head_part = parts_dir.join("head.safetensors");
     writer::write_file(&head_part, &head_tensors(model, dtype, &mut names)?)?;
     parts.push(head_part);
+    let kept_fp16 = match opts.keep_fp16 {
+        Some(pct) => {
+            let fmt = AwqFormat {
+                group: opts.group,
+                layout: opts.layout,
+            };
+            let (dir, parts, names) = (&parts_dir, &mut parts, &mut names);
+            Some(keep::apply(pct, fmt, model, reports, dir, parts, names)?)
+        }
+        None => None,
+    };
     let part_ckpt = Checkpoint::open_files(parts)?;
     let files = writer::write_shards(staged, &part_ckpt, &names, opts.shard_size, dtype)?;
     drop(part_ckpt);
@@ -106,7 +130,7 @@ pub(super) fn write_checkpoint(
         "group_size": opts.group,
         "bits": opts.w_bit,
         "version": version,
-        "modules_to_not_convert": model.spec.modules_to_not_convert(),
+        "modules_to_not_convert": not_converted(model, kept_fp16.as_ref()),
     });
     writer::write_json(
         &staged.join("config.json"),
@@ -123,7 +147,22 @@ pub(super) fn write_checkpoint(
     }
     written.extend(["config.json".to_string(), "quant_config.json".to_string()]);
     written.extend(companions);
-    Ok((files, written))
+    Ok(Written {
+        shards: files,
+        files: written,
+        kept_fp16,
+    })
+}
+
+/// `modules_to_not_convert`: the routers' entries and the kept units' (`null` when none).
+fn not_converted(model: &Model, kept: Option<&KeptFp16>) -> Option<Vec<String>> {
+    let routers = model.spec.modules_to_not_convert().unwrap_or_default();
+    let entries: Vec<String> = routers
+        .into_iter()
+        .map(str::to_string)
+        .chain(kept.iter().flat_map(|k| k.entries.iter().cloned()))
+        .collect();
+    (!entries.is_empty()).then_some(entries)
 }
 
 /// Embedding, final norm and (untied) head in `dtype`; their names are appended to `names`
