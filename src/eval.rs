@@ -132,7 +132,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
             index: i,
             total: spec.layers,
             seconds: t.elapsed().as_secs_f64(),
-            groups: &[],
+            report: None,
         });
     }
     events(&Event::Phase { name: "head" });

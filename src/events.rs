@@ -1,7 +1,7 @@
 //! Progress events. The library never prints: it hands events to a sink chosen by the caller
 //! (the CLI renders them as a bar, plain lines or JSON Lines).
 
-use crate::quantize::{GroupReport, Plan};
+use crate::quantize::{LayerReport, Plan};
 
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
@@ -16,13 +16,13 @@ pub enum Event<'a> {
     Warning { message: String },
     /// A named phase started (e.g. "tokenize", "embed", "head").
     Phase { name: &'static str },
-    /// Decoder layer `index` (0-based) of `total` finished in `seconds`; `groups` holds the
-    /// scale-search outcome when quantizing (empty for eval).
+    /// Decoder layer `index` (0-based) of `total` finished in `seconds`; `report` holds what
+    /// quantizing it chose (scale search, guard, rounding, fp16 candidates; `None` for eval).
     Layer {
         index: usize,
         total: usize,
         seconds: f64,
-        groups: &'a [GroupReport],
+        report: Option<&'a LayerReport>,
     },
 }
 

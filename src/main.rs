@@ -172,6 +172,7 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
                 "seconds": report.seconds_total,
                 "work": w,
                 "quality": report.quality,
+                "kept_fp16": report.kept_fp16,
             }),
         );
     } else {

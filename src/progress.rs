@@ -88,10 +88,18 @@ impl Progress {
                     index,
                     total,
                     seconds,
-                    groups,
+                    report,
                 } => self.emit(
                     "layer",
-                    json!({"index": index, "total": total, "seconds": seconds, "groups": groups}),
+                    json!({
+                        "index": index,
+                        "total": total,
+                        "seconds": seconds,
+                        "groups": report.map_or(&[][..], |r| &r.groups),
+                        "guard": report.and_then(|r| r.guard.as_ref()),
+                        "rounding": report.and_then(|r| r.rounding.as_ref()),
+                        "fp16_candidates": report.and_then(|r| r.fp16_candidates.as_ref()),
+                    }),
                 ),
             }
         }
@@ -137,14 +145,14 @@ impl Progress {
                     index,
                     total,
                     seconds,
-                    groups,
+                    report,
                 },
             ) => eprintln!(
                 "[awq] layer {}/{} {:.1}s{}",
                 index + 1,
                 total,
                 seconds,
-                group_summary(groups, self.verbose)
+                group_summary(report.map_or(&[][..], |r| &r.groups), self.verbose)
             ),
             _ => {}
         }

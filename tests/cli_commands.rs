@@ -64,6 +64,13 @@ fn json_events_progress_lines_and_inspect() {
     let layers: Vec<_> = events.iter().filter(|e| e["event"] == "layer").collect();
     assert_eq!(layers.len(), 2);
     assert!(layers[0]["groups"].as_array().unwrap().len() >= 3);
+    // The guard's record rides along (the same object as the report's layers[i].guard).
+    assert!(
+        layers[0]["guard"]["tokens"].as_u64().unwrap() > 0,
+        "{}",
+        layers[0]
+    );
+    assert!(layers[0]["fp16_candidates"].is_null());
     let done = events.last().unwrap();
     assert_eq!(done["event"], "done");
     assert!(done["files"].as_array().unwrap().len() == 1);

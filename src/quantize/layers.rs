@@ -83,7 +83,7 @@ pub(super) fn run_layers(
             index: i,
             total: spec.layers,
             seconds,
-            groups: &record.report.groups,
+            report: Some(&record.report),
         });
         done.names.extend(record.tensors);
         done.parts.push(part);
