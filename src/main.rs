@@ -25,6 +25,14 @@ fn main() -> ExitCode {
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
     let json_events = matches!(&cli.command, Command::Quantize(a) if a.json);
+    // eval, inspect and verify print one JSON object: on an error before it, that object is
+    // the error, so `awq verify --json DIR | jq .ok` never reads an empty stream.
+    let json_object = match &cli.command {
+        Command::Eval(a) => a.json,
+        Command::Inspect(a) => a.json,
+        Command::Verify(a) => a.json,
+        _ => false,
+    };
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Quantize(args) => run_quantize(args),
@@ -45,6 +53,11 @@ fn main() -> ExitCode {
                     json!({"exit_code": e.exit_code(), "message": e.to_string()}),
                 );
             }
+            if json_object && !STDOUT_WRITTEN.load(Ordering::Relaxed) {
+                let error =
+                    json!({"ok": false, "exit_code": e.exit_code(), "error": e.to_string()});
+                let _ = to_stdout(|w| writeln!(w, "{error}"));
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -60,7 +73,11 @@ fn stdout_closed() -> bool {
 
 /// Writes a command's output through `f` to stdout (buffered, flushed at the end), with write
 /// errors as [`Error`]s (see [`stdout_error`]) instead of `println!`'s panic.
+/// Set once a command has written its result to stdout.
+static STDOUT_WRITTEN: AtomicBool = AtomicBool::new(false);
+
 fn to_stdout(f: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<()>) -> Result<()> {
+    STDOUT_WRITTEN.store(true, Ordering::Relaxed);
     let mut out = BufWriter::new(io::stdout().lock());
     f(&mut out).and_then(|()| out.flush()).map_err(stdout_error)
 }

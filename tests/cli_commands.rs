@@ -729,3 +729,30 @@ fn model_card_front_matter_loading_and_quality() {
     );
     assert!(!card.contains("## Quality"), "{card}");
 }
+
+/// `eval`, `inspect` and `verify` with `--json` print one JSON object even when they fail
+/// before their result: the error, with the exit code (a pipeline's `jq` never reads nothing).
+#[test]
+fn json_commands_print_their_error_as_json() {
+    let missing = "/nonexistent/awq-model";
+    for args in [
+        vec!["verify", "--json", missing],
+        vec!["inspect", "--json", missing],
+        vec![
+            "eval",
+            "--json",
+            "--model",
+            missing,
+            "--text",
+            "/nonexistent/t.txt",
+        ],
+    ] {
+        let r = awq(&args, &[]);
+        assert_eq!(r.code, 3, "{args:?}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON: {:?}: {e}", r.stdout));
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["exit_code"], 3);
+        assert!(v["error"].as_str().unwrap().contains(missing), "{v}");
+    }
+}
