@@ -421,9 +421,20 @@ pub const FINGERPRINT_FILE: &str = "fingerprint.json";
 pub const PARTS_DIR: &str = ".parts";
 
 /// Whether process `pid` still runs (Linux `/proc`; elsewhere every earlier owner counts as
-/// gone, which only matters for two concurrent runs on the same output).
+/// gone, which only matters for two concurrent runs on the same output). A zombie — killed, not
+/// yet reaped by its parent (a shell script that `kill -9`s and reruns) — does not run.
 fn alive(pid: u32) -> bool {
-    pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
+    if pid == std::process::id() {
+        return false;
+    }
+    match std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
+        // `pid (comm) S …`: the state follows the last ')' (comm may hold spaces and parens).
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// Layer records (`.parts/layer-N.json`, written after their part) in staging directory `dir`.
@@ -557,5 +568,36 @@ impl Drop for Staging {
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A staging owner killed but not yet reaped (a zombie) no longer runs: its staging is
+    /// resumable (it was refused as "in use by a running process").
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_killed_unreaped_owner_is_not_alive() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(alive(sleeper.id()));
+        sleeper.kill().unwrap();
+        // Not reaped yet: wait until the kernel reports it as a zombie.
+        let stat = format!("/proc/{}/stat", sleeper.id());
+        for _ in 0..200 {
+            let s = std::fs::read_to_string(&stat).unwrap_or_default();
+            if s.contains(") Z") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!alive(sleeper.id()));
+        sleeper.wait().unwrap();
+        assert!(!alive(sleeper.id()));
+        assert!(!alive(std::process::id()));
     }
 }
