@@ -228,10 +228,11 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub rounding: awq::quantize::Rounding,
-    /// Keep the dense linears whose quantization hurts most in float16 (listed in
-    /// modules_to_not_convert) until the checkpoint has grown by PCT percent of its
-    /// all-quantized size, e.g. 3%. Ranked by each unit's measured drop of its layer's output
-    /// error per extra byte; q/k/v and gate/up count as one unit (vLLM merges them).
+    /// Keep the dense linears whose quantization hurts most unquantized (in the output's float
+    /// dtype, listed in modules_to_not_convert) within a budget of PCT percent of the
+    /// all-quantized checkpoint's size, e.g. 3%. Ranked by each unit's measured drop of its
+    /// layer's output error per extra byte; q/k/v and gate/up count as one unit (vLLM merges
+    /// them). vLLM and transformers load the result; TGI and AutoAWQ's loader do not.
     #[arg(long, value_name = "PCT", value_parser = budget_percent, help_heading = "Quantization")]
     pub keep_fp16: Option<f64>,
     /// Skip the layer-output guard, which falls back toward round-to-nearest (dropping a clip
@@ -320,9 +321,10 @@ fn grid_size(s: &str) -> Result<usize, String> {
 
 /// "5%" or "5" → 5.0 (a non-negative percentage).
 pub fn parse_percent(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .trim_end_matches('%')
+    let t = s.trim();
+    let v: f64 = t
+        .strip_suffix('%')
+        .unwrap_or(t)
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a percentage like 5%"))?;
@@ -335,9 +337,11 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
 
 /// `--keep-fp16`: a percentage above 0 and at most 100.
 fn budget_percent(s: &str) -> Result<f64, String> {
-    match parse_percent(s)? {
-        v if v > 0.0 && v <= 100.0 => Ok(v),
-        _ => Err(format!("{s:?} must be above 0% and at most 100%")),
+    match parse_percent(s) {
+        Ok(v) if v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a budget above 0% and at most 100% (e.g. 3%; 0.03 means 0.03%)"
+        )),
     }
 }
 

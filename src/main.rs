@@ -16,7 +16,10 @@ use cli::{Cli, Command};
 use progress::Progress;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     // SIGINT/SIGTERM: the first asks the library to stop (it cleans up and returns
     // Interrupted → 130); a second one exits at once.
     let flag = awq::interrupt::flag();
@@ -61,6 +64,36 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// A command line clap refused (exit 2). With `--json`, stdout gets what the command would
+/// have printed on any other error: the `error` event (quantize) or the error object.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let help = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !help && std::env::args().any(|a| a == "--json") {
+        let text = e.to_string();
+        let message = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ");
+        let exit_code = e.exit_code();
+        match std::env::args().nth(1).as_deref() {
+            Some("quantize") => Progress::new(true, true, false)
+                .emit("error", json!({"exit_code": exit_code, "message": message})),
+            _ => println!(
+                "{}",
+                json!({"ok": false, "exit_code": exit_code, "error": message})
+            ),
+        }
+    }
+    e.exit()
 }
 
 /// Set once a write to stdout failed because its reader went away (EPIPE).

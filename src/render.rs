@@ -87,6 +87,13 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
         plan.output.display(),
         plan.output_bytes_estimate as f64 / 1e6
     )?;
+    if let Some(b) = plan.keep_fp16_budget_bytes {
+        writeln!(
+            w,
+            "fp16 budget  up to +{:.1} MB for the linears whose quantization hurts most (measured per layer)",
+            b as f64 / 1e6
+        )?;
+    }
     writeln!(
         w,
         "memory       about {:.0} MB peak",
@@ -130,13 +137,15 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     if let Some(k) = &report.kept_fp16 {
         writeln!(
             out,
-            "kept in float16: {} module(s), +{:.2} MB of a {}% budget ({:.2} MB){}{}",
-            k.modules.len(),
+            "kept unquantized ({}): {} unit(s), {} linears, +{:.2} MB of a {}% budget ({:.2} MB){}{}",
+            report.float_dtype.torch_name(),
+            k.units.len(),
+            k.linears.len(),
             k.extra_bytes as f64 / 1e6,
             k.budget_pct,
             k.budget_bytes as f64 / 1e6,
-            if k.modules.is_empty() { "" } else { ": " },
-            k.modules.join(", ")
+            if k.units.is_empty() { "" } else { ": " },
+            k.units.join(", ")
         )?;
     }
     if let Some(q) = &report.quality {

@@ -238,6 +238,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
 
     let linears = spec.linears();
     let mut checked = 0;
+    let mut float_linears = Vec::new();
     for i in 0..spec.layers {
         let p = layer_prefix(i);
         for (name, width) in spec.layer_floats() {
@@ -248,6 +249,9 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
         for l in &linears {
             let prefix = format!("{p}.{}", l.name);
+            if spec.packed(&prefix).is_none() {
+                float_linears.push(prefix.clone());
+            }
             match spec.packed(&prefix) {
                 Some(fmt) => check_linear(&ckpt, &prefix, l, fmt, &mut v),
                 None if ckpt.contains(&format!("{prefix}.qweight")) => v.push(format!(
@@ -278,12 +282,12 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         .expect("the requested degree is analysed");
     let targets: Vec<TargetSupport> = Target::ALL
         .iter()
-        .map(|&target| target_support(target, tp, &v, at_tp, float_dtype))
+        .map(|&target| target_support(target, tp, &v, at_tp, float_dtype, &float_linears))
         .collect();
     let ok = targets
         .iter()
         .any(|t| t.target == opts.target && t.loadable);
-    let loaders = match fmt.layout {
+    let mut loaders: Vec<String> = match fmt.layout {
         Layout::Gemm => vec![
             "vllm (awq, awq_marlin)".into(),
             "tgi".into(),
@@ -292,6 +296,11 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         ],
         Layout::Gemv => vec!["transformers (with autoawq)".into(), "autoawq".into()],
     };
+    if !float_linears.is_empty() {
+        // TGI reads no modules_to_not_convert; AutoAWQ's loader matches entries against names
+        // relative to the layer, so per-layer entries do not reach it.
+        loaders.retain(|l| l != "tgi" && l != "autoawq");
+    }
     Ok(VerifyReport {
         dir: dir.display().to_string(),
         ok,
@@ -321,12 +330,20 @@ fn target_support(
     violations: &[String],
     at_tp: &TpSupport,
     float_dtype: Dtype,
+    float_linears: &[String],
 ) -> TargetSupport {
     let mut reasons = Vec::new();
     if let Some(first) = violations.first() {
         reasons.push(format!(
             "the checkpoint is broken: {} violation(s), first: {first}",
             violations.len()
+        ));
+    }
+    if let (Target::Tgi, Some(first)) = (target, float_linears.first()) {
+        reasons.push(format!(
+            "TGI reads no modules_to_not_convert and expects qweight for every linear; {} \
+             linear(s) are float (e.g. {first}, awq quantize --keep-fp16)",
+            float_linears.len()
         ));
     }
     let tp = if target.tensor_parallel() { tp } else { 1 };
@@ -412,13 +429,35 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
                 .iter()
                 .filter(|l| spec.packed(&format!("{p}.{l}")).is_none())
                 .count();
+            let merged = format!("{p}.{}", unit.name);
             if n != 0 && n != unit.linears.len() {
                 v.push(format!(
-                    "{p}.{}: modules_to_not_convert matches {n} of its {} linears; vLLM merges \
+                    "{merged}: modules_to_not_convert matches {n} of its {} linears; vLLM merges \
                      them into one module and refuses a mix of float and quantized",
-                    unit.name,
                     unit.linears.len()
                 ));
+            }
+            if unit.linears.len() < 2 {
+                continue;
+            }
+            // vLLM versions that match entries against the merged module's name only
+            // (`is_layer_skipped_awq`) must read the same as the per-linear rule.
+            let matched = spec
+                .not_converted
+                .iter()
+                .any(|e| merged.contains(e.as_str()));
+            match (matched, n == unit.linears.len()) {
+                (true, false) => v.push(format!(
+                    "{merged}: a modules_to_not_convert entry matches the merged module, but its \
+                     linears are quantized (vLLM versions matching merged names would expect \
+                     float weights)"
+                )),
+                (false, true) => v.push(format!(
+                    "{merged}: its linears are float, but no modules_to_not_convert entry \
+                     matches the merged name (vLLM versions matching merged names would expect \
+                     qweight); add \"{merged}\""
+                )),
+                _ => {}
             }
         }
     }
@@ -738,9 +777,9 @@ mod tests {
             assert_eq!(t.reasons, [GEMV_NOT_SERVABLE]);
         }
         let t = at(1, Layout::Gemv);
-        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::F16);
-        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::F16);
-        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::F16);
+        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::F16, &[]);
+        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::F16, &[]);
+        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::F16, &[]);
         assert!(!vllm.loadable && !tgi.loadable && hf.loadable);
         assert!(vllm.reasons[0].contains("--for transformers"));
         assert!(vllm.reasons[0].contains("--version gemm"));
@@ -750,9 +789,9 @@ mod tests {
     fn bfloat16_needs_marlin_in_vllm_and_is_refused_by_tgi() {
         // SmolLM2 at tp 1: awq loads, Marlin does not (576 % 128 ≠ 0).
         let t = at(1, Layout::Gemm);
-        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::BF16);
-        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::BF16);
-        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::BF16);
+        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::BF16, &[]);
+        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::BF16, &[]);
+        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::BF16, &[]);
         assert!(
             !vllm.loadable && vllm.reasons[0].contains("awq_marlin"),
             "{vllm:?}"
@@ -765,7 +804,7 @@ mod tests {
         let t = at(1, Layout::Gemm);
         let v = ["model.layers.0.self_attn.q_proj.qweight: missing".to_string()];
         for target in Target::ALL {
-            let s = target_support(target, 1, &v, &t, Dtype::F16);
+            let s = target_support(target, 1, &v, &t, Dtype::F16, &[]);
             assert!(!s.loadable);
             assert!(s.reasons[0].contains("q_proj.qweight: missing"));
         }

@@ -433,7 +433,7 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
         serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
             .unwrap();
     let kept = &report["kept_fp16"];
-    let modules = kept["modules"].as_array().unwrap();
+    let modules = kept["units"].as_array().unwrap();
     assert!(!modules.is_empty(), "{kept:#}");
     assert!(kept["extra_bytes"].as_u64() <= kept["budget_bytes"].as_u64());
     let config: serde_json::Value =
@@ -462,7 +462,10 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
         }
     }
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.contains("| kept in float16 |"), "{card}");
+    assert!(
+        card.contains("| kept unquantized (--keep-fp16) |"),
+        "{card}"
+    );
 
     let verify = awq(&["verify", "--json"], &out);
     let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
@@ -513,6 +516,36 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
         v["violations"].to_string().contains("holds qweight"),
         "{v:#}"
     );
+    // A merged name must be listed exactly when its linears are float (vLLM versions that
+    // match entries against the merged module only).
+    let layers = (0..2).map(|i| format!("model.layers.{i}.self_attn.qkv_proj"));
+    let mut edited = config.clone();
+    let list = edited["quantization_config"]["modules_to_not_convert"]
+        .as_array_mut()
+        .unwrap();
+    match &qkv {
+        Some(p) => list.retain(|e| *e != format!("{p}qkv_proj").as_str()),
+        None => list.extend(layers.map(serde_json::Value::from)),
+    }
+    std::fs::write(&cfg, serde_json::to_vec(&edited).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&awq(&["verify", "--json"], &out).stdout).unwrap();
+    let expected = match qkv {
+        Some(_) => "no modules_to_not_convert entry matches the merged name",
+        None => "matches the merged module, but its linears are quantized",
+    };
+    assert!(v["violations"].to_string().contains(expected), "{v:#}");
+    // TGI reads no modules_to_not_convert.
+    std::fs::write(&cfg, serde_json::to_vec(&config).unwrap()).unwrap();
+    let tgi = awq(&["verify", "--json", "--for", "tgi"], &out);
+    let v: serde_json::Value = serde_json::from_slice(&tgi.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v:#}");
+    assert!(
+        v.to_string()
+            .contains("TGI reads no modules_to_not_convert"),
+        "{v:#}"
+    );
+    assert!(!v["loaders"].to_string().contains("autoawq\""), "{v:#}");
 }
 
 /// `--keep-fp16` is refused on a MoE model (exit 2) before any layer, and out-of-range budgets

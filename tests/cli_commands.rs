@@ -755,4 +755,25 @@ fn json_commands_print_their_error_as_json() {
         assert_eq!(v["exit_code"], 3);
         assert!(v["error"].as_str().unwrap().contains(missing), "{v}");
     }
+    // A command line the parser refuses (exit 2) answers in JSON too.
+    let r = awq(&["verify", "--json", "--tp", "0", missing], &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("--tp"), "{v}");
+    let r = awq(
+        &[
+            "quantize",
+            "--json",
+            "--keep-fp16",
+            "abc",
+            "--model",
+            missing,
+            "-o",
+            missing,
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["event"], "error", "{v}");
 }

@@ -358,7 +358,7 @@ impl HfConfig {
             qk_norm: false,
             sliding_window: None,
             awq: self.awq_format()?,
-            not_converted: self.not_converted(),
+            not_converted: self.not_converted()?,
             serve_dtype: None,
             max_positions: self.max_position_embeddings,
         })
@@ -435,17 +435,32 @@ impl HfConfig {
             .map(Some)
     }
 
-    fn not_converted(&self) -> Vec<String> {
-        self.quantization_config
+    /// `modules_to_not_convert`: absent or `null` is none; anything but a list of strings is
+    /// refused (Python loaders would iterate a string character by character, matching every
+    /// module).
+    fn not_converted(&self) -> Result<Vec<String>> {
+        let entries = self
+            .quantization_config
             .as_ref()
-            .and_then(|q| q.get("modules_to_not_convert"))
-            .and_then(|m| m.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .and_then(|q| q.get("modules_to_not_convert"));
+        match entries {
+            None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|e| e.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    input_err!(
+                        "config.json: quantization_config.modules_to_not_convert must be a list of \
+                         strings (module names), found {e}",
+                        e = serde_json::Value::Array(a.clone())
+                    )
+                }),
+            Some(other) => Err(input_err!(
+                "config.json: quantization_config.modules_to_not_convert must be a list of \
+                 strings (module names), found {other}"
+            )),
+        }
     }
 
     fn awq_format(&self) -> Result<Option<AwqFormat>> {

@@ -51,8 +51,12 @@ pub struct KeptFp16 {
     pub budget_bytes: u64,
     /// Bytes the kept units add.
     pub extra_bytes: u64,
-    /// Kept units, full module names (`model.layers.0.mlp.down_proj`), in checkpoint order.
-    pub modules: Vec<String>,
+    /// Kept units, full names in checkpoint order: a merged unit by vLLM's merged name
+    /// (`model.layers.23.self_attn.qkv_proj`, whose linears are q/k/v_proj in a Llama
+    /// checkpoint), any other by its linear's (`model.layers.29.mlp.down_proj`).
+    pub units: Vec<String>,
+    /// The kept linears, full names.
+    pub linears: Vec<String>,
     /// The `modules_to_not_convert` entries written for them: each linear, plus the merged
     /// module's name for older vLLM, which matches entries against the merged module only.
     pub entries: Vec<String>,
@@ -184,7 +188,8 @@ pub(super) fn apply(
     let groups = scale_groups(spec);
     let mut tensors = Vec::new();
     let mut extra = 0;
-    let mut modules = Vec::new();
+    let mut kept_units = Vec::new();
+    let mut linears = Vec::new();
     let mut entries = Vec::new();
     for (i, unit_name) in &kept {
         let unit = units
@@ -211,12 +216,13 @@ pub(super) fn apply(
             names[at] = format!("{prefix}.weight");
             names.retain(|n| *n != format!("{prefix}.qzeros") && *n != format!("{prefix}.scales"));
             tensors.push(OutTensor::f32(format!("{prefix}.weight"), w)?);
-            entries.push(prefix);
+            entries.push(prefix.clone());
+            linears.push(prefix);
         }
         if unit.linears.len() > 1 {
             entries.push(format!("{p}.{}", unit.name));
         }
-        modules.push(format!("{p}.{}", unit.name));
+        kept_units.push(format!("{p}.{}", unit.name));
     }
     drop(ckpt);
     if !tensors.is_empty() {
@@ -229,8 +235,37 @@ pub(super) fn apply(
         quantized_bytes,
         budget_bytes,
         extra_bytes: extra,
-        modules,
+        units: kept_units,
+        linears,
         entries,
+    })
+}
+
+/// A warning when the budget kept nothing, with the smallest unit's size (the budget that
+/// would keep one).
+pub(super) fn nothing_kept(kept: &KeptFp16, reports: &[LayerReport]) -> Option<String> {
+    if !kept.units.is_empty() {
+        return None;
+    }
+    let smallest = reports
+        .iter()
+        .flat_map(|r| r.fp16_candidates.iter().flatten())
+        .filter(|c| c.error_drop > 0.0)
+        .map(|c| c.extra_bytes)
+        .min();
+    Some(match smallest {
+        Some(b) => format!(
+            "--keep-fp16 {}%: nothing was kept — the budget is {:.2} MB and the smallest unit \
+             adds {:.2} MB ({:.2}% of the checkpoint); every linear is quantized",
+            kept.budget_pct,
+            kept.budget_bytes as f64 / 1e6,
+            b as f64 / 1e6,
+            100.0 * b as f64 / kept.quantized_bytes.max(1) as f64
+        ),
+        None => format!(
+            "--keep-fp16 {}%: nothing was kept — no unit lowered its layer's output error",
+            kept.budget_pct
+        ),
     })
 }
 

@@ -227,6 +227,13 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         float_dtype,
     )?;
     let mut output_files = written.files;
+    if let Some(message) = written
+        .kept_fp16
+        .as_ref()
+        .and_then(|k| keep::nothing_kept(k, &done.reports))
+    {
+        events(&Event::Warning { message });
+    }
     work.seconds.write += clock.elapsed().as_secs_f64();
     let quality = match (&opts.quality_gate, &prep.gate_ids) {
         (Some(gate), Some(ids)) => {

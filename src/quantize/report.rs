@@ -38,7 +38,9 @@ pub struct Plan {
     pub layout: Layout,
     pub layout_reason: Option<String>,
     pub output: PathBuf,
+    /// The all-quantized output's size; `--keep-fp16` may add up to `keep_fp16_budget_bytes`.
     pub output_bytes_estimate: u64,
+    pub keep_fp16_budget_bytes: Option<u64>,
     pub peak_memory_estimate_mb: f64,
     /// `--dtype` as given (`auto` is decided after the last layer).
     pub dtype: super::DtypeChoice,
@@ -193,31 +195,45 @@ fn guard_summary(r: &Report) -> String {
 /// The model card's fp16-budget row.
 fn kept_summary(r: &Report) -> String {
     let Some(k) = &r.kept_fp16 else {
-        return "no (every linear quantized)".into();
+        return "no".into();
     };
     let mb = |b: u64| b as f64 / 1e6;
-    match k.modules.len() {
+    match k.units.len() {
         0 => format!(
-            "{}% budget ({:.2} MB): no module fit or lowered its layer's error",
+            "none: a {}% budget ({:.2} MB) fit no unit that lowered its layer's error",
             k.budget_pct,
             mb(k.budget_bytes)
         ),
         n => format!(
-            "{n} module(s) in float16, +{:.2} MB of a {}% budget ({:.2} MB): {} (listed in modules_to_not_convert)",
+            "{n} unit(s), {} linears, in {}: +{:.2} MB of a {}% budget ({:.2} MB): {} (listed in modules_to_not_convert; vLLM and transformers honour it, TGI and AutoAWQ's own loader do not)",
+            k.linears.len(),
+            r.float_dtype.torch_name(),
             mb(k.extra_bytes),
             k.budget_pct,
             mb(k.budget_bytes),
-            k.modules.join(", ")
+            k.units.join(", ")
         ),
     }
 }
 
 /// The model card's rounding row.
 fn rounding_summary(r: &Report) -> String {
+    // Linears kept unquantized by --keep-fp16 have no codes.
+    let kept = |l: &LayerReport, linear: &str| {
+        r.kept_fp16.as_ref().is_some_and(|k| {
+            let name = format!("{}.{linear}", crate::model::layer::layer_prefix(l.layer));
+            k.linears.contains(&name)
+        })
+    };
     let records: Vec<_> = r
         .layers
         .iter()
-        .flat_map(|l| l.rounding.iter().flatten())
+        .flat_map(|l| {
+            l.rounding
+                .iter()
+                .flatten()
+                .filter(move |x| !kept(l, &x.linear))
+        })
         .collect();
     if records.is_empty() {
         return "round-to-nearest".into();
@@ -363,6 +379,9 @@ pub(super) fn make_plan(
         layout_reason: opts.layout_choice.as_ref().map(|c| c.reason.clone()),
         output: opts.output.clone(),
         output_bytes_estimate: output as u64,
+        keep_fp16_budget_bytes: opts
+            .keep_fp16
+            .map(|pct| (output as f64 * pct / 100.0) as u64),
         peak_memory_estimate_mb: peak as f64 / (1 << 20) as f64,
         dtype: opts.dtype,
         staging: None,
@@ -433,7 +452,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept in float16 | {kept} |\n\
+         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -480,6 +499,12 @@ pub(super) fn model_card(r: &Report) -> String {
     }
     c += "## Use\n\nReplace `path/to/this-directory` with where this directory is (or its Hub id \
           once uploaded).\n\n";
+    let kept = r.kept_fp16.as_ref().is_some_and(|k| !k.units.is_empty());
+    if kept {
+        c += "Some linears are kept unquantized (`--keep-fp16`, listed in \
+              `modules_to_not_convert`): vLLM and transformers honour that; AutoAWQ's own loader \
+              (`from_quantized`) matches entries against names inside a layer and does not.\n\n";
+    }
     match o.layout {
         Layout::Gemm if r.float_dtype == crate::io::writer::FloatDtype::Bfloat16 => {
             let _ = write!(
@@ -489,6 +514,14 @@ pub(super) fn model_card(r: &Report) -> String {
                  `awq verify {dir}` says whether Marlin applies to this model); vLLM's `awq` \
                  kernels and TGI run float16 only:\n\n```sh\nvllm serve {dir} --dtype bfloat16\n```\n\n",
                 why = r.dtype_reason
+            );
+        }
+        Layout::Gemm if kept => {
+            let _ = write!(
+                c,
+                "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply). TGI \
+                 cannot load it: it reads no `modules_to_not_convert`, and some linears are kept \
+                 unquantized (`--keep-fp16`):\n\n```sh\nvllm serve {dir}\n```\n\n"
             );
         }
         Layout::Gemm => {
