@@ -5,12 +5,12 @@
 # on the first 8192 tokens of wiki.valid.raw (windows of 2048). Prints one table: perplexity,
 # % of the RTN -> fp16 gap closed, wall seconds, peak RSS.
 #
-#   AWQ_TEST_MODEL=... scripts/quality.sh [METHOD...]     # default: every method
+#   AWQ_TEST_MODEL=... scripts/quality.sh [METHOD...]   # default: the methods in the README's table
 #
-# Methods (flag sets below): rtn (--no-search --no-clip), awq (the default), awq-noguard
-# (--no-guard: AutoAWQ's objective alone), gptq (--rounding gptq), and the same three with
-# --fast: fast, fast-noguard, fast-gptq; with an fp16 budget of 3 %: keep3, gptq-keep3,
-# fast-keep3, fast-gptq-keep3. rtn is always run (the gap is measured from it).
+# Methods: rtn (plain round-to-nearest: --no-search --no-clip), awq (the default), noguard
+# (--no-guard), sep (--clip-sides separate), keep3 (--keep-fp16 3), gptq (--rounding gptq),
+# gptq-sep, gptq-keep3, gptq-sep-keep3; each also as fast-<method> with --fast (fast alone is
+# the default with --fast). rtn is always run (the gap is measured from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
@@ -23,20 +23,20 @@ requant=$work/smollm2-rtn32
 [ -f "$requant/model.safetensors" ] || ./target/release/examples/rtn_grid "$src" "$requant" 32
 
 methods=("$@")
-[ ${#methods[@]} -gt 0 ] || methods=(awq awq-noguard gptq fast fast-noguard fast-gptq)
+[ ${#methods[@]} -gt 0 ] || methods=(awq gptq fast fast-sep fast-keep3 fast-gptq fast-gptq-sep fast-gptq-keep3 fast-gptq-sep-keep3)
 flags() {
-    case $1 in
+    local m=$1 fast=
+    case $m in fast) m=awq fast=--fast ;; fast-*) m=${m#fast-} fast=--fast ;; esac
+    case $m in
     rtn) echo "--no-search --no-clip" ;;
-    awq) echo "" ;;
-    awq-noguard) echo "--no-guard" ;;
-    gptq) echo "--rounding gptq" ;;
-    fast) echo "--fast" ;;
-    fast-noguard) echo "--fast --no-guard" ;;
-    fast-gptq) echo "--fast --rounding gptq" ;;
-    keep3) echo "--keep-fp16 3" ;;
-    gptq-keep3) echo "--rounding gptq --keep-fp16 3" ;;
-    fast-keep3) echo "--fast --keep-fp16 3" ;;
-    fast-gptq-keep3) echo "--fast --rounding gptq --keep-fp16 3" ;;
+    awq) echo "$fast" ;;
+    noguard) echo "$fast --no-guard" ;;
+    sep) echo "$fast --clip-sides separate" ;;
+    keep3) echo "$fast --keep-fp16 3" ;;
+    gptq) echo "$fast --rounding gptq" ;;
+    gptq-sep) echo "$fast --rounding gptq --clip-sides separate" ;;
+    gptq-keep3) echo "$fast --rounding gptq --keep-fp16 3" ;;
+    gptq-sep-keep3) echo "$fast --rounding gptq --clip-sides separate --keep-fp16 3" ;;
     *) echo "unknown method $1" >&2; exit 2 ;;
     esac
 }

@@ -219,8 +219,10 @@ pub struct QuantizeArgs {
     )]
     pub clip_sides: awq::quantize::ClipSides,
     /// How the 4-bit codes are chosen once scales and clipping are fixed: rtn (round to
-    /// nearest, AutoAWQ's) or gptq (error feedback through the calibration input's XᵀX, same
-    /// scales and zero points; kept per linear only where it lowers the calibration loss).
+    /// nearest: AutoAWQ's codes exactly) or gptq (error feedback through the calibration
+    /// input's XᵀX with round-to-nearest's scales and zero points, kept per linear where it
+    /// lowers the calibration loss; better with 32 x 512 calibration tokens, worse with few:
+    /// README, "Quality").
     #[arg(
         long,
         default_value = "rtn",
@@ -240,7 +242,7 @@ pub struct QuantizeArgs {
     /// layer's own output (README, "Quality"). Plain RTN (--no-search --no-clip) is never guarded.
     #[arg(long, help_heading = "Quantization")]
     pub no_guard: bool,
-    /// Skip the scale search (round-to-nearest; with --no-clip, plain RTN).
+    /// Skip the scale search (identity scales; with --no-clip --rounding rtn, plain RTN).
     #[arg(long, conflicts_with_all = ["n_grid", "grid", "fast", "search_blocks"], help_heading = "Quantization")]
     pub no_search: bool,
     /// What --version auto optimizes for (default batch; only with --version auto).

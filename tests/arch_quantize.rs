@@ -104,7 +104,11 @@ fn check(family: &str) {
     let start = std::time::Instant::now();
     quantize(&model, &out, &[]);
     let seconds = start.elapsed().as_secs_f64();
-    quantize(&model, &rtn, &["--no-search", "--no-clip"]);
+    quantize(
+        &model,
+        &rtn,
+        &["--no-search", "--no-clip", "--rounding", "rtn"],
+    );
 
     let verify = awq(&["verify", "--json"], &out);
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
@@ -232,7 +236,7 @@ fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
     assert!(kept > 0);
     // Same model, round-to-nearest codes: the outputs differ only where error feedback was kept.
     let rtn = tmp.path().join("rtn");
-    quantize(&model, &rtn, &[]);
+    quantize(&model, &rtn, &["--rounding", "rtn"]);
     let ids = {
         let tok = awq::tokenize::load(&model).unwrap();
         let raw = std::fs::read_to_string(data("wikitext-2-raw/wiki.valid.raw")).unwrap();
@@ -399,7 +403,7 @@ fn verify_checks_modules_to_not_convert_against_routers() {
     let config_path = out.join("config.json");
     let original = std::fs::read_to_string(&config_path).unwrap();
     for (entries, expect) in [
-        (serde_json::json!(["gate"]), "matches 8 quantized linear(s)"),
+        (serde_json::json!(["gate"]), "but it holds qweight"),
         (
             serde_json::json!(null),
             "no modules_to_not_convert entry matches it",
@@ -599,4 +603,43 @@ fn clip_sides_are_recorded_and_both_verify() {
         bytes.push(std::fs::read(out.join("model.safetensors")).unwrap());
     }
     assert_ne!(bytes[0], bytes[1], "separate bounds changed nothing");
+}
+
+/// `--rounding gptq` with fewer calibration tokens than it can fit warns before any work (on
+/// SmolLM2, 1024 tokens made error feedback worse than round-to-nearest).
+#[test]
+fn gptq_with_few_calibration_tokens_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::cargo_bin("awq")
+        .unwrap()
+        .args([
+            "quantize",
+            "-q",
+            "--dry-run",
+            "--rounding",
+            "gptq",
+            "--group",
+            "32",
+        ])
+        .args([
+            "--seqlen",
+            "16",
+            "--max-blocks",
+            "1",
+            "--split-long",
+            "--calib",
+        ])
+        .arg(data("wikitext-2-raw/wiki.valid.calib.txt"))
+        .arg("--model")
+        .arg(fixture("arch/llama"))
+        .arg("-o")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--rounding gptq with 16 calibration tokens"),
+        "{err}"
+    );
 }
