@@ -197,6 +197,16 @@ fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     result
 }
 
+/// Bytes a staged tensor takes in the shards: the f32-staged float tensors are written in 16
+/// bits.
+pub fn written_size(m: &super::reader::TensorMeta) -> u64 {
+    let bytes = (m.end - m.start) as u64;
+    match m.dtype {
+        Dtype::F32 => bytes / 2,
+        _ => bytes,
+    }
+}
+
 /// Copies the tensors `names` (in this order) from `parts` into shards of at most `shard_size`
 /// bytes in `dir` (greedy, a tensor larger than the limit gets its own shard), plus
 /// `model.safetensors.index.json` when there is more than one. Returns the file names.
@@ -212,17 +222,9 @@ pub fn write_shards(
     let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
     let mut current = 0u64;
     let mut total = 0u64;
-    let out_size = |m: &super::reader::TensorMeta| {
-        let bytes = (m.end - m.start) as u64;
-        if m.dtype == Dtype::F32 {
-            bytes / 2
-        } else {
-            bytes
-        }
-    };
     for name in names {
         let m = parts.meta(name)?;
-        let size = out_size(m);
+        let size = written_size(m);
         total += size;
         if current > 0 && current + size > shard_size {
             shards.push(Vec::new());

@@ -130,8 +130,8 @@ fn extra_bytes(out: usize, inp: usize, fmt: AwqFormat) -> Result<u64> {
 
 /// The units to keep: greedy by error drop per extra byte (ties: checkpoint order), skipping a
 /// unit that no longer fits in `budget` bytes or does not lower the error. Returns
-/// `(layer, unit)` pairs in checkpoint order.
-pub fn select(layers: &[(usize, Vec<Fp16Candidate>)], budget: u64) -> Vec<(usize, String)> {
+/// `(layer, candidate)` pairs in checkpoint order.
+pub fn select(layers: &[(usize, Vec<Fp16Candidate>)], budget: u64) -> Vec<(usize, &Fp16Candidate)> {
     // (layer, position in the layer, candidate): checkpoint order.
     let mut all: Vec<(usize, usize, &Fp16Candidate)> = layers
         .iter()
@@ -146,11 +146,11 @@ pub fn select(layers: &[(usize, Vec<Fp16Candidate>)], budget: u64) -> Vec<(usize
     for (i, k, c) in all {
         if used + c.extra_bytes <= budget {
             used += c.extra_bytes;
-            kept.push((i, k, c.unit.clone()));
+            kept.push((i, k, c));
         }
     }
     kept.sort_by_key(|(i, k, _)| (*i, *k));
-    kept.into_iter().map(|(i, _, unit)| (i, unit)).collect()
+    kept.into_iter().map(|(i, _, c)| (i, c)).collect()
 }
 
 /// Applies the budget at the end of the run: selects the units, writes their float weights
@@ -158,71 +158,55 @@ pub fn select(layers: &[(usize, Vec<Fp16Candidate>)], budget: u64) -> Vec<(usize
 /// tensors by `.weight` in `names`. `parts` gains the new part.
 pub(super) fn apply(
     pct: f64,
-    fmt: AwqFormat,
     model: &Model,
     reports: &[LayerReport],
     staged_parts: &std::path::Path,
     parts: &mut Vec<PathBuf>,
     names: &mut Vec<String>,
 ) -> Result<KeptFp16> {
-    let spec = &model.spec;
     let ckpt = Checkpoint::open_files(parts.clone())?;
-    let mut quantized_bytes = 0u64;
-    for name in names.iter() {
-        let m = ckpt.meta(name)?;
-        let bytes = (m.end - m.start) as u64;
-        // Float tensors are staged in f32 and written in 16 bits.
-        quantized_bytes += match m.dtype {
-            safetensors::Dtype::F32 => bytes / 2,
-            _ => bytes,
-        };
-    }
+    let quantized_bytes = names
+        .iter()
+        .map(|n| Ok(writer::written_size(ckpt.meta(n)?)))
+        .sum::<Result<u64>>()?;
     let budget_bytes = (quantized_bytes as f64 * pct / 100.0) as u64;
     let measured: Vec<(usize, Vec<Fp16Candidate>)> = reports
         .iter()
         .filter_map(|r| Some((r.layer, r.fp16_candidates.clone()?)))
         .collect();
-    let kept = select(&measured, budget_bytes);
-
-    let units = spec.keep_units();
-    let groups = scale_groups(spec);
+    let units = model.spec.keep_units();
+    let mut kept = KeptFp16 {
+        budget_pct: pct,
+        quantized_bytes,
+        budget_bytes,
+        extra_bytes: 0,
+        units: Vec::new(),
+        linears: Vec::new(),
+        entries: Vec::new(),
+    };
     let mut tensors = Vec::new();
-    let mut extra = 0;
-    let mut kept_units = Vec::new();
-    let mut linears = Vec::new();
-    let mut entries = Vec::new();
-    for (i, unit_name) in &kept {
+    for (i, c) in select(&measured, budget_bytes) {
         let unit = units
             .iter()
-            .find(|u| u.name == unit_name)
-            .ok_or_else(|| Error::Runtime(format!("unknown unit {unit_name} in a layer record")))?;
-        let mut layer = model.layer(*i)?;
-        for (k, g) in groups.iter().enumerate() {
-            if let Ok(m) = ckpt.meta(&scales_tensor(*i, k)) {
-                let s = ckpt.f32(&scales_tensor(*i, k), &m.shape.clone())?;
-                apply_scales(spec, &mut layer, None, g, &s.to_vec1()?)?;
-            }
-        }
-        let p = layer_prefix(*i);
+            .find(|u| u.name == c.unit)
+            .ok_or_else(|| Error::Runtime(format!("unknown unit {} in a layer record", c.unit)))?;
+        let layer = scaled_layer(model, &ckpt, i)?;
+        let p = layer_prefix(i);
         for lin in &unit.linears {
-            let w = &layer.linear(lin).weight;
-            let (out, inp) = w.dims2()?;
-            extra += extra_bytes(out, inp, fmt)?;
             let prefix = format!("{p}.{lin}");
-            let at = names
-                .iter()
-                .position(|n| *n == format!("{prefix}.qweight"))
-                .ok_or_else(|| Error::Runtime(format!("{prefix}.qweight is not in the parts")))?;
-            names[at] = format!("{prefix}.weight");
-            names.retain(|n| *n != format!("{prefix}.qzeros") && *n != format!("{prefix}.scales"));
-            tensors.push(OutTensor::f32(format!("{prefix}.weight"), w)?);
-            entries.push(prefix.clone());
-            linears.push(prefix);
+            unpacked(names, &prefix)?;
+            tensors.push(OutTensor::f32(
+                format!("{prefix}.weight"),
+                &layer.linear(lin).weight,
+            )?);
+            kept.entries.push(prefix.clone());
+            kept.linears.push(prefix);
         }
         if unit.linears.len() > 1 {
-            entries.push(format!("{p}.{}", unit.name));
+            kept.entries.push(format!("{p}.{}", unit.name));
         }
-        kept_units.push(format!("{p}.{}", unit.name));
+        kept.units.push(format!("{p}.{}", unit.name));
+        kept.extra_bytes += c.extra_bytes;
     }
     drop(ckpt);
     if !tensors.is_empty() {
@@ -230,15 +214,31 @@ pub(super) fn apply(
         writer::write_file(&part, &tensors)?;
         parts.push(part);
     }
-    Ok(KeptFp16 {
-        budget_pct: pct,
-        quantized_bytes,
-        budget_bytes,
-        extra_bytes: extra,
-        units: kept_units,
-        linears,
-        entries,
-    })
+    Ok(kept)
+}
+
+/// Layer `i` from the checkpoint with the scales its part recorded folded in (unclipped).
+fn scaled_layer(model: &Model, parts: &Checkpoint, i: usize) -> Result<LayerWeights> {
+    let mut layer = model.layer(i)?;
+    for (k, g) in scale_groups(&model.spec).iter().enumerate() {
+        let name = scales_tensor(i, k);
+        if let Ok(m) = parts.meta(&name) {
+            let s = parts.f32(&name, &m.shape)?.to_vec1()?;
+            apply_scales(&model.spec, &mut layer, None, g, &s)?;
+        }
+    }
+    Ok(layer)
+}
+
+/// In the output's tensor list, linear `prefix`'s packed tensors become its `.weight`.
+fn unpacked(names: &mut Vec<String>, prefix: &str) -> Result<()> {
+    let at = names
+        .iter()
+        .position(|n| *n == format!("{prefix}.qweight"))
+        .ok_or_else(|| Error::Runtime(format!("{prefix}.qweight is not in the parts")))?;
+    names[at] = format!("{prefix}.weight");
+    names.retain(|n| *n != format!("{prefix}.qzeros") && *n != format!("{prefix}.scales"));
+    Ok(())
 }
 
 /// A warning when the budget kept nothing, with the smallest unit's size (the budget that
@@ -287,11 +287,17 @@ mod tests {
             (0, vec![c("a", 10.0, 10), c("b", 1.0, 10)]),
             (1, vec![c("c", 30.0, 20), c("d", 0.0, 1), c("e", 5.0, 2)]),
         ];
+        let units = |budget| -> Vec<(usize, String)> {
+            select(&layers, budget)
+                .into_iter()
+                .map(|(i, c)| (i, c.unit.clone()))
+                .collect()
+        };
         // Per byte: e 2.5, c 1.5, a 1.0, b 0.1; d lowers nothing.
-        assert_eq!(select(&layers, 22), vec![(1, "c".into()), (1, "e".into())]);
+        assert_eq!(units(22), vec![(1, "c".into()), (1, "e".into())]);
         // c does not fit in 12: e, then a.
-        assert_eq!(select(&layers, 12), vec![(0, "a".into()), (1, "e".into())]);
-        assert!(select(&layers, 1).is_empty());
-        assert_eq!(select(&layers, 1000).len(), 4);
+        assert_eq!(units(12), vec![(0, "a".into()), (1, "e".into())]);
+        assert!(units(1).is_empty());
+        assert_eq!(units(1000).len(), 4);
     }
 }

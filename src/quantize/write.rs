@@ -11,7 +11,6 @@ use crate::error::Result;
 use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
-use crate::model::config::AwqFormat;
 use crate::model::{Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
 
 /// The output's float dtype and why (for the report and the card).
@@ -101,12 +100,8 @@ pub(super) fn write_checkpoint(
     parts.push(head_part);
     let kept_fp16 = match opts.keep_fp16 {
         Some(pct) => {
-            let fmt = AwqFormat {
-                group: opts.group,
-                layout: opts.layout,
-            };
             let (dir, parts, names) = (&parts_dir, &mut parts, &mut names);
-            Some(keep::apply(pct, fmt, model, reports, dir, parts, names)?)
+            Some(keep::apply(pct, model, reports, dir, parts, names)?)
         }
         None => None,
     };
