@@ -161,10 +161,6 @@ fn quantize_layer(
     };
     t.clip = clock.elapsed().as_secs_f64();
 
-    let clock = Instant::now();
-    let mut guard_report = None;
-    let mut applied = vec![true; searched.groups.len()];
-    let mut fp16_candidates = None;
     let load = || model.layer(i);
     let guard = guard.map(|(input, reference, next_norm)| Guard {
         spec,
@@ -176,22 +172,8 @@ fn quantize_layer(
         next_norm,
         load: &load,
     });
-    if let Some(guard) = guard.as_ref().filter(|_| opts.guard) {
-        let (chosen, report, on) = guard.choose(&searched, layer)?;
-        (layer, guard_report, applied) = (chosen, Some(report), on);
-    }
-    t.guard = clock.elapsed().as_secs_f64();
-    let clock = Instant::now();
-    if let Some(guard) = guard.as_ref().filter(|_| opts.keep_fp16.is_some()) {
-        let float = guard.scaled(&searched, &applied)?;
-        let fmt = AwqFormat {
-            group: opts.group,
-            layout: opts.layout,
-        };
-        fp16_candidates = Some(keep::measure(guard, spec, fmt, &layer, &float)?);
-    }
-    drop(guard);
-    t.fp16_budget = clock.elapsed().as_secs_f64();
+    let (layer, checked) = check_layer(opts, guard, &searched, layer, &mut t)?;
+    let applied = checked.applied;
 
     let clock = Instant::now();
     let (mut codes, rounding) = match grams {
@@ -221,15 +203,60 @@ fn quantize_layer(
             clip_mean_shrink,
             max_abs_activation,
             experts,
-            guard: guard_report,
+            guard: checked.guard,
             rounding,
-            fp16_candidates,
+            fp16_candidates: checked.fp16_candidates,
             max_abs_float_weight,
             seconds: t,
         },
         tensors: names,
     };
     Ok((record, out))
+}
+
+/// What the layer-output checks decided.
+struct Checked {
+    /// Which scale groups' scales the written layer holds.
+    applied: Vec<bool>,
+    guard: Option<super::guard::GuardReport>,
+    fp16_candidates: Option<Vec<keep::Fp16Candidate>>,
+}
+
+/// The guard (unless `--no-guard`) chooses the layer to write from `layer` (AWQ as searched);
+/// with `--keep-fp16` every unit's error drop is measured on it. Both need `guard` (a dense
+/// layer); without it `layer` is written as searched.
+fn check_layer(
+    opts: &QuantizeOptions,
+    guard: Option<Guard>,
+    searched: &Searched,
+    mut layer: LayerWeights,
+    t: &mut Timings,
+) -> Result<(LayerWeights, Checked)> {
+    let mut checked = Checked {
+        applied: vec![true; searched.groups.len()],
+        guard: None,
+        fp16_candidates: None,
+    };
+    let Some(guard) = guard else {
+        return Ok((layer, checked));
+    };
+    let clock = Instant::now();
+    if opts.guard {
+        let (chosen, report, on) = guard.choose(searched, layer)?;
+        (layer, checked.guard, checked.applied) = (chosen, Some(report), on);
+    }
+    t.guard = clock.elapsed().as_secs_f64();
+    let clock = Instant::now();
+    if opts.keep_fp16.is_some() {
+        let float = guard.scaled(searched, &checked.applied)?;
+        let fmt = AwqFormat {
+            group: opts.group,
+            layout: opts.layout,
+        };
+        checked.fp16_candidates = Some(keep::measure(&guard, guard.spec, fmt, &layer, &float)?);
+    }
+    t.fp16_budget = clock.elapsed().as_secs_f64();
+    Ok((layer, checked))
 }
 
 /// Searches every scale group of the layer, then folds the chosen scales into `layer` and the
