@@ -77,12 +77,15 @@ fn usage_error(e: clap::Error) -> ! {
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     );
     if !help && std::env::args().any(|a| a == "--json") {
+        // clap's text without its "error: " prefix and usage footer, on one line.
         let text = e.to_string();
-        let message = text
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_start_matches("error: ");
+        let body = text.split("\n\nUsage:").next().unwrap_or("");
+        let body = body.split("\n\nFor more information").next().unwrap_or("");
+        let message = body
+            .trim_start_matches("error: ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         let exit_code = e.exit_code();
         match std::env::args().nth(1).as_deref() {
             Some("quantize") => Progress::new(true, true, false)

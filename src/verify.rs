@@ -267,6 +267,17 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
     }
 
+    // Linear kinds stored float in every layer (`--keep-fp16` everywhere): no kernel rule.
+    let float_everywhere: Vec<&str> = linears
+        .iter()
+        .filter(|l| {
+            (0..spec.layers).all(|i| {
+                spec.packed(&format!("{}.{}", layer_prefix(i), l.name))
+                    .is_none()
+            })
+        })
+        .map(|l| l.name)
+        .collect();
     let mut degrees = TP_DEGREES.to_vec();
     if !degrees.contains(&tp) {
         degrees.push(tp);
@@ -274,7 +285,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     let tensor_parallel: Vec<TpSupport> = degrees
         .iter()
-        .map(|&d| tp_support(&spec, &linears, fmt, d))
+        .map(|&d| tp_support(&spec, &linears, &float_everywhere, fmt, d))
         .collect();
     let at_tp = tensor_parallel
         .iter()
@@ -342,7 +353,7 @@ fn target_support(
     if let (Target::Tgi, Some(first)) = (target, float_linears.first()) {
         reasons.push(format!(
             "TGI reads no modules_to_not_convert and expects qweight for every linear; {} \
-             linear(s) are float (e.g. {first}, awq quantize --keep-fp16)",
+             linear(s) are float (e.g. {first})",
             float_linears.len()
         ));
     }
@@ -447,7 +458,7 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
                 .iter()
                 .any(|e| merged.contains(e.as_str()));
             match (matched, n == unit.linears.len()) {
-                (true, false) => v.push(format!(
+                (true, false) if n == 0 => v.push(format!(
                     "{merged}: a modules_to_not_convert entry matches the merged module, but its \
                      linears are quantized (vLLM versions matching merged names would expect \
                      float weights)"
@@ -568,7 +579,13 @@ fn check_linear(
 /// int32 pack factor), and their fused GEMM `group % 32 == 0`, `out % 64 == 0` and
 /// `out % group == 0` over the merged modules; Marlin also needs `out % 64 == 0` over the merged qkv and gate_up
 /// projections, `in % 128 == 0` and a group in {32, 64, 128}. GEMV is not loadable at all.
-fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usize) -> TpSupport {
+fn tp_support(
+    spec: &ModelSpec,
+    linears: &[LinearShape],
+    float: &[&str],
+    fmt: AwqFormat,
+    tp: usize,
+) -> TpSupport {
     let mut awq = Vec::new();
     let mut marlin = Vec::new();
     if fmt.layout == Layout::Gemv {
@@ -627,6 +644,11 @@ fn tp_support(spec: &ModelSpec, linears: &[LinearShape], fmt: AwqFormat, tp: usi
             whole.is_multiple_of(tp).then(|| whole / tp)
         };
         let Some(split) = split else { continue };
+        // A linear kept float in every layer splits like any linear; the kernels' rules below
+        // are for packed ones.
+        if float.contains(&l.name) {
+            continue;
+        }
         let (out, inp) = if row_parallel {
             (l.out, split)
         } else {
@@ -727,7 +749,7 @@ mod tests {
     fn at(tp: usize, layout: Layout) -> TpSupport {
         let spec = smollm2();
         let fmt = AwqFormat { group: 64, layout };
-        tp_support(&spec, &spec.linears(), fmt, tp)
+        tp_support(&spec, &spec.linears(), &[], fmt, tp)
     }
 
     #[test]

@@ -643,3 +643,20 @@ fn gptq_with_few_calibration_tokens_warns() {
         "{err}"
     );
 }
+
+/// A linear kept float in every layer is not held to the packed kernels' split rules: with
+/// `--keep-fp16 100%` the llama fixture loads in vLLM at tensor-parallel 4, where its packed
+/// q/k/v would not (output partition 96 is not a multiple of 64).
+#[test]
+fn verify_applies_kernel_rules_to_packed_linears_only() {
+    let model = fixture("arch/llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let (all_float, packed) = (tmp.path().join("float"), tmp.path().join("packed"));
+    quantize(&model, &all_float, &["--keep-fp16", "100%"]);
+    quantize(&model, &packed, &[]);
+    let tp4 = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&awq(&["verify", "--json", "--tp", "4"], dir).stdout).unwrap()
+    };
+    assert_eq!(tp4(&all_float)["ok"], true, "{:#}", tp4(&all_float));
+    assert_eq!(tp4(&packed)["ok"], false, "{:#}", tp4(&packed));
+}

@@ -182,6 +182,7 @@ pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
         .spec
         .linears()
         .iter()
+        .filter(|l| l.expert.is_none())
         .map(|l| l.inp)
         .max()
         .unwrap_or(0);

@@ -199,11 +199,7 @@ fn kept_summary(r: &Report) -> String {
     };
     let mb = |b: u64| b as f64 / 1e6;
     match k.units.len() {
-        0 => format!(
-            "none: a {}% budget ({:.2} MB) fit no unit that lowered its layer's error",
-            k.budget_pct,
-            mb(k.budget_bytes)
-        ),
+        0 => super::keep::nothing_kept(k, &r.layers).unwrap_or_default(),
         n => format!(
             "{n} unit(s), {} linears, in {}: +{:.2} MB of a {}% budget ({:.2} MB): {} (listed in modules_to_not_convert; vLLM and transformers honour it, TGI and AutoAWQ's own loader do not)",
             k.linears.len(),
@@ -240,8 +236,12 @@ fn rounding_summary(r: &Report) -> String {
     }
     let kept = records.iter().filter(|x| x.gptq_kept).count();
     format!(
-        "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the calibration loss; MoE experts round to nearest",
-        records.len()
+        "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the calibration loss{}",
+        records.len(),
+        match r.layers.iter().any(|l| l.experts.is_some()) {
+            true => "; MoE experts round to nearest",
+            false => "",
+        }
     )
 }
 
@@ -519,9 +519,10 @@ pub(super) fn model_card(r: &Report) -> String {
         Layout::Gemm if kept => {
             let _ = write!(
                 c,
-                "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply). TGI \
-                 cannot load it: it reads no `modules_to_not_convert`, and some linears are kept \
-                 unquantized (`--keep-fp16`):\n\n```sh\nvllm serve {dir}\n```\n\n"
+                "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply; \
+                 `--quantization awq` would force the slower ones):\n\n```sh\nvllm serve {dir}\n```\n\n\
+                 TGI cannot load it: it reads no `modules_to_not_convert`, and some linears are \
+                 kept unquantized (`--keep-fp16`).\n\n"
             );
         }
         Layout::Gemm => {
