@@ -107,11 +107,11 @@ fn stdout_closed() -> bool {
     STDOUT_CLOSED.load(Ordering::Relaxed)
 }
 
-/// Writes a command's output through `f` to stdout (buffered, flushed at the end), with write
-/// errors as [`Error`]s (see [`stdout_error`]) instead of `println!`'s panic.
 /// Set once a command has written its result to stdout.
 static STDOUT_WRITTEN: AtomicBool = AtomicBool::new(false);
 
+/// Writes a command's output through `f` to stdout (buffered, flushed at the end), with write
+/// errors as [`Error`]s (see [`stdout_error`]) instead of `println!`'s panic.
 fn to_stdout(f: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<()>) -> Result<()> {
     STDOUT_WRITTEN.store(true, Ordering::Relaxed);
     let mut out = BufWriter::new(io::stdout().lock());

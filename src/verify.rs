@@ -239,6 +239,8 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let linears = spec.linears();
     let mut checked = 0;
     let mut float_linears = Vec::new();
+    // Per linear kind, the layers that store it float.
+    let mut float_layers = vec![0; linears.len()];
     for i in 0..spec.layers {
         let p = layer_prefix(i);
         for (name, width) in spec.layer_floats() {
@@ -247,12 +249,14 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         for r in spec.router_linears() {
             float(&format!("{p}.{}.weight", r.name), &[r.out, r.inp], &mut v);
         }
-        for l in &linears {
+        for (l, float_layers) in linears.iter().zip(&mut float_layers) {
             let prefix = format!("{p}.{}", l.name);
-            if spec.packed(&prefix).is_none() {
+            let packed = spec.packed(&prefix);
+            if packed.is_none() {
                 float_linears.push(prefix.clone());
+                *float_layers += 1;
             }
-            match spec.packed(&prefix) {
+            match packed {
                 Some(fmt) => check_linear(&ckpt, &prefix, l, fmt, &mut v),
                 None if ckpt.contains(&format!("{prefix}.qweight")) => v.push(format!(
                     "{prefix}: a modules_to_not_convert entry matches it, so loaders expect a \
@@ -270,13 +274,9 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     // Linear kinds stored float in every layer (`--keep-fp16` everywhere): no kernel rule.
     let float_everywhere: Vec<&str> = linears
         .iter()
-        .filter(|l| {
-            (0..spec.layers).all(|i| {
-                spec.packed(&format!("{}.{}", layer_prefix(i), l.name))
-                    .is_none()
-            })
-        })
-        .map(|l| l.name)
+        .zip(&float_layers)
+        .filter(|(_, n)| **n == spec.layers)
+        .map(|(l, _)| l.name)
         .collect();
     let mut degrees = TP_DEGREES.to_vec();
     if !degrees.contains(&tp) {
@@ -423,11 +423,7 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
         let p = layer_prefix(i);
         for r in spec.router_linears() {
             let module = format!("{p}.{}", r.name);
-            if !spec
-                .not_converted
-                .iter()
-                .any(|e| module.contains(e.as_str()))
-            {
+            if !spec.not_converted_matches(&module) {
                 v.push(format!(
                     "{module}: stays unquantized, but no modules_to_not_convert entry matches it \
                      (loaders would build a quantized linear and find no qweight)"
@@ -453,10 +449,7 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
             }
             // vLLM versions that match entries against the merged module's name only
             // (`is_layer_skipped_awq`) must read the same as the per-linear rule.
-            let matched = spec
-                .not_converted
-                .iter()
-                .any(|e| merged.contains(e.as_str()));
+            let matched = spec.not_converted_matches(&merged);
             match (matched, n == unit.linears.len()) {
                 (true, false) if n == 0 => v.push(format!(
                     "{merged}: a modules_to_not_convert entry matches the merged module, but its \

@@ -157,12 +157,16 @@ impl ModelSpec {
     /// `modules_to_not_convert` entry matches (transformers' and vLLM's substring rule), which
     /// is stored as a float `.weight`.
     pub fn packed(&self, module: &str) -> Option<super::config::AwqFormat> {
-        self.awq.filter(|_| {
-            !self
-                .not_converted
-                .iter()
-                .any(|e| module.contains(e.as_str()))
-        })
+        self.awq.filter(|_| !self.not_converted_matches(module))
+    }
+
+    /// Whether a `modules_to_not_convert` entry matches the module name `module` (a linear's,
+    /// a router's or a merged module's): an entry that is a substring of it, the rule
+    /// transformers and vLLM apply.
+    pub fn not_converted_matches(&self, module: &str) -> bool {
+        self.not_converted
+            .iter()
+            .any(|e| module.contains(e.as_str()))
     }
 
     /// What `--keep-fp16` keeps or quantizes as one: the linears a loader merges into one

@@ -24,7 +24,7 @@ use super::report::LayerReport;
 use crate::error::{Error, Result};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, OutTensor};
-use crate::model::config::{AwqFormat, ModelSpec};
+use crate::model::config::AwqFormat;
 use crate::model::groups::scale_groups;
 use crate::model::layer::{layer_prefix, packed_shapes, LayerWeights};
 use crate::model::Model;
@@ -89,19 +89,25 @@ pub(super) fn scales_tensors(
 
 /// Measures every unit of a dense layer: `layer` is what will be written (scaled and clipped,
 /// before quantization), `float` the same layer scaled but unclipped (what a kept unit holds).
+/// `base` is `layer`'s own error when the guard already measured it (its `chosen`).
 pub(super) fn measure(
     guard: &Guard,
-    spec: &ModelSpec,
     fmt: AwqFormat,
     layer: &LayerWeights,
     float: &LayerWeights,
+    base: Option<f64>,
 ) -> Result<Vec<Fp16Candidate>> {
     let all = quantized(layer.clone(), fmt.group)?;
     // Absolute, as the next layer reads it. Measured on SmolLM2 (group 64, --fast, 3 %):
     // relative to the output's mean square, the ranking moved to early layers and the
     // perplexity was 19.05 instead of 18.95.
-    let base = guard.error(all.clone())?;
-    spec.keep_units()
+    let base = match base {
+        Some(e) => e,
+        None => guard.error(all.clone())?,
+    };
+    guard
+        .spec
+        .keep_units()
         .into_iter()
         .map(|unit| {
             let mut v = all.clone();

@@ -253,7 +253,8 @@ fn check_layer(
             group: opts.group,
             layout: opts.layout,
         };
-        checked.fp16_candidates = Some(keep::measure(&guard, guard.spec, fmt, &layer, &float)?);
+        let base = checked.guard.as_ref().map(|g| g.chosen);
+        checked.fp16_candidates = Some(keep::measure(&guard, fmt, &layer, &float, base)?);
     }
     t.fp16_budget = clock.elapsed().as_secs_f64();
     Ok((layer, checked))
