@@ -152,9 +152,9 @@ fn check_checkpoint(out: &Path) {
             );
         }
     }
-    // The chosen ratios are those recorded in the fixture: a change of the search's objective,
-    // or of the forward's numerics, shows up here (a near-tie that flips is then re-recorded
-    // with the reason in the commit).
+    // The chosen ratios are those recorded in the fixture, on the unfused attention path that
+    // the fused kernel replaced (it reproduces that path bit for bit on sequences of one key
+    // step): a change of the search's objective, or of the forward's numerics, shows up here.
     let recorded: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture("smollm2-ci-ratios.json")).unwrap()).unwrap();
     let chosen: Vec<Vec<serde_json::Value>> = report["layers"]
