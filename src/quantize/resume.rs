@@ -114,3 +114,28 @@ pub(super) fn decide(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A resumed layer's report is read back from its JSON record: every f64 must come back
+    /// bit for bit, or a resumed run's report differs from an uninterrupted one's in the last
+    /// digit (serde_json parses exactly only with its `float_roundtrip` feature).
+    #[test]
+    fn record_floats_round_trip_exactly() {
+        let mut rng = crate::calib::SplitMix64::new(5);
+        let mut values = vec![9.147214486467583e-05, 1.5752633226343917, 0.1, 1e-300];
+        values.extend((0..10_000).map(|_| {
+            let x = f64::from_bits(rng.next_u64() >> 2);
+            if x.is_finite() {
+                x
+            } else {
+                0.5
+            }
+        }));
+        for x in values {
+            let text = serde_json::to_string(&x).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{text}");
+        }
+    }
+}
