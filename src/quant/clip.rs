@@ -13,10 +13,15 @@ pub const N_GRID: usize = 20;
 pub const MAX_SHRINK: f32 = 0.5;
 pub const N_SAMPLE_TOKENS: usize = 512;
 
-/// Every `max(1, T / 512)`-th token of `x: [T, in]`.
+/// Every `max(1, T / 512)`-th token of `x: [T, in]` (AutoAWQ's `n_sample_token`). Idempotent:
+/// a sample has at most 1023 rows, of which it keeps every one (the layer loop samples each
+/// input once its search is done, and the clip search samples again).
 pub fn subsample(x: &Tensor) -> Result<Tensor> {
     let t = x.dim(0)?;
     let step = (t / N_SAMPLE_TOKENS).max(1);
+    if step == 1 {
+        return Ok(x.clone());
+    }
     let idx: Vec<u32> = (0..t).step_by(step).map(|i| i as u32).collect();
     let idx = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?;
     Ok(x.index_select(&idx, 0)?)
@@ -148,6 +153,28 @@ mod tests {
             .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0 + shift)
             .collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// The layer loop samples an input once its search is done and the clip search samples
+    /// again: the second must keep every row.
+    #[test]
+    fn subsample_of_a_subsample_is_itself() {
+        for t in [
+            1, 511, 512, 1023, 1024, 1025, 1535, 1536, 2047, 4096, 16384, 20000, 65537,
+        ] {
+            let x = Tensor::arange(0u32, t as u32, &Device::Cpu)
+                .unwrap()
+                .reshape((t, 1))
+                .unwrap();
+            let once = subsample(&x).unwrap();
+            let twice = subsample(&once).unwrap();
+            assert!(once.dim(0).unwrap() < 1024, "{t}");
+            assert_eq!(
+                once.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+                twice.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+                "{t}"
+            );
+        }
     }
 
     /// The summed objective of `bounds` over every row and group.

@@ -44,9 +44,19 @@ impl ScaleChoice {
     }
 }
 
-/// `mean_t |X[t, c]|` per input channel.
+/// `mean_t |X[t, c]|` per input channel of `x: [T, in]`, read in place (an `abs()` tensor would
+/// hold a second copy of the layer's widest input). The bits are candle's `x.abs().mean(0)`:
+/// each column summed row by row in f32, then multiplied by `1/T` rounded to f32.
 pub fn x_mean(x: &Tensor) -> Result<Vec<f32>> {
-    Ok(x.abs()?.mean(0)?.to_vec1::<f32>()?)
+    let (t, n) = x.dims2()?;
+    let mut sum = vec![0f32; n];
+    reduce::with_slice(x, |v| {
+        for row in v.chunks_exact(n) {
+            sum.iter_mut().zip(row).for_each(|(s, x)| *s += x.abs());
+        }
+    })?;
+    let scale = (1.0 / t as f64) as f32;
+    Ok(sum.into_iter().map(|s| s * scale).collect())
 }
 
 /// AutoAWQ's normalised weight magnitude per input channel: every group of each row scaled to
@@ -204,6 +214,26 @@ pub fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-place mean is candle's `abs().mean(0)` bit for bit (the CI ratio fixture was
+    /// recorded with the latter).
+    #[test]
+    fn x_mean_equals_candles_abs_mean() {
+        let mut rng = crate::calib::SplitMix64::new(9);
+        for (t, n) in [(1, 5), (7, 3), (1000, 64), (3333, 17), (4096, 33)] {
+            let v: Vec<f32> = (0..t * n)
+                .map(|_| (rng.next_u64() >> 40) as f32 / 1e5 - 80.0)
+                .collect();
+            let x = Tensor::from_vec(v, (t, n), &Device::Cpu).unwrap();
+            let want = x.abs().unwrap().mean(0).unwrap().to_vec1::<f32>().unwrap();
+            let got = x_mean(&x).unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{t} x {n}"
+            );
+        }
+    }
 
     #[test]
     fn a_candidate_that_overflows_float16_does_not_fit() {

@@ -169,7 +169,7 @@ impl Guard<'_> {
         let mut layer = (self.load)()?;
         for ((g, s), on) in searched.groups.iter().zip(&searched.scales).zip(&v.groups) {
             if *on {
-                apply_scales(self.spec, &mut layer, None, g, s)?;
+                apply_scales(self.spec, &mut layer, g, s)?;
             }
         }
         for ((name, max_val), on) in searched.clips.iter().zip(&v.clips) {

@@ -230,7 +230,7 @@ fn scaled_layer(model: &Model, parts: &Checkpoint, i: usize) -> Result<LayerWeig
         let name = scales_tensor(i, k);
         if let Ok(m) = parts.meta(&name) {
             let s = parts.f32(&name, &m.shape)?.to_vec1()?;
-            apply_scales(&model.spec, &mut layer, None, g, &s)?;
+            apply_scales(&model.spec, &mut layer, g, &s)?;
         }
     }
     Ok(layer)

@@ -10,7 +10,8 @@ use candle_core::Tensor;
 use super::guard::{guard_blocks, Guard, Searched};
 use super::keep;
 use super::layer::{
-    apply_scales, group_absmax, layer_tensors, pieces, search_group, MIN_EXPERT_TOKENS,
+    apply_scales, group_absmax, layer_tensors, pieces, scaled_input, search_group,
+    MIN_EXPERT_TOKENS,
 };
 use super::prepare::Prepared;
 use super::report::{ExpertReport, GroupReport, LayerReport, Timings, Work};
@@ -22,7 +23,7 @@ use crate::events::{Event, Sink};
 use crate::io::writer;
 use crate::model::arch::Input;
 use crate::model::config::AwqFormat;
-use crate::model::groups::clipped;
+use crate::model::groups::{clipped, ScaleGroup};
 use crate::model::layer::{LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
 use crate::model::EMBED;
@@ -127,11 +128,11 @@ fn quantize_layer(
     t.forward = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let (groups, searched) = search_layer(opts, spec, rope, &mut layer, &mut inputs)?;
+    let (groups, searched, grams) = search_layer(opts, spec, rope, &mut layer, &mut inputs)?;
     t.search = clock.elapsed().as_secs_f64();
-    // The guard compares on every 4th block; taken now, before clipping consumes the inputs. It
-    // holds a second copy of the layer, which a MoE layer's memory bound has no room for: MoE
-    // layers are not guarded.
+    // The guard compares on every 4th block of the layer's input and output. It holds a second
+    // copy of the layer, which a MoE layer's memory bound has no room for: MoE layers are not
+    // guarded.
     let guard = match (opts.guard || opts.keep_fp16.is_some()) && spec.moe.is_none() {
         true => {
             let next_norm = model.next_norm(i)?;
@@ -139,10 +140,6 @@ fn quantize_layer(
             Some((guard_blocks(hidden, seqlen)?, reference, next_norm))
         }
         false => None,
-    };
-    let grams = match opts.rounding {
-        Rounding::Gptq => Some(rounding::grams(spec, &inputs)?),
-        Rounding::Rtn => None,
     };
     let experts = inputs.routing.as_ref().map(expert_reports);
 
@@ -260,46 +257,119 @@ fn check_layer(
     Ok((layer, checked))
 }
 
-/// Searches every scale group of the layer, then folds the chosen scales into `layer` and the
-/// captured `inputs` (AutoAWQ searches all groups before applying any). With `--no-search`,
-/// and for an expert with too few routed tokens, the group keeps the identity unscored.
+/// Searches every scale group of the layer, then folds the chosen scales into `layer` (AutoAWQ
+/// searches all groups before applying any). With `--no-search`, and for an expert with too
+/// few routed tokens, the group keeps the identity unscored. Returns the reports (in group
+/// order), the choices and, for `--rounding gptq`, each input's Gram matrix.
+///
+/// Every search reads the unscaled layer and inputs, so their order changes no result: they run
+/// largest input first, and each captured input is finished ([`finish_input`]) as soon as the
+/// last group that reads it is searched. On a Llama-shaped layer the MLP's down input, the
+/// widest, is then gone before the attention and MLP groups run their candidates.
 fn search_layer(
     opts: &QuantizeOptions,
     spec: &crate::model::config::ModelSpec,
     rope: &Rope,
     layer: &mut LayerWeights,
     inputs: &mut LinearInputs,
-) -> Result<(Vec<GroupReport>, Searched)> {
-    let mut reports = Vec::new();
-    let mut searched = Searched {
-        groups: crate::model::groups::scale_groups(spec),
-        scales: Vec::new(),
+) -> Result<(Vec<GroupReport>, Searched, Option<Grams>)> {
+    let groups = crate::model::groups::scale_groups(spec);
+    let mut grams = (opts.rounding == Rounding::Gptq).then(Vec::new);
+    // An input no group scales (o_proj's under grouped-query attention) is final already.
+    for input in spec.inputs() {
+        if !groups.iter().any(|g| g.input == input) {
+            finish_input(spec, inputs, input, &[], grams.as_mut())?;
+        }
+    }
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(inputs.get(groups[k].input).elem_count()));
+    let mut done: Vec<Option<(GroupReport, Vec<f32>)>> = vec![None; groups.len()];
+    for k in order {
+        let g = &groups[k];
+        done[k] = Some(search_one(opts, spec, rope, layer, g, inputs)?);
+        let readers = || groups.iter().zip(&done).filter(|(h, _)| h.input == g.input);
+        if readers().all(|(_, d)| d.is_some()) {
+            let scales: Vec<&[f32]> = readers()
+                .filter_map(|(_, d)| d.as_ref().map(|(_, s)| s.as_slice()))
+                .collect();
+            finish_input(spec, inputs, g.input, &scales, grams.as_mut())?;
+        }
+    }
+    let (reports, scales): (Vec<_>, Vec<_>) = done.into_iter().flatten().unzip();
+    for (g, s) in groups.iter().zip(&scales) {
+        apply_scales(spec, layer, g, s)?;
+    }
+    let searched = Searched {
+        groups,
+        scales,
         clips: Vec::new(),
     };
-    for g in &searched.groups {
-        let clock = Instant::now();
-        let x = inputs.get(g.input);
-        let quiet = matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS;
-        // --no-search: nothing to compare, so no module runs at all.
-        let choice = if quiet || opts.no_search {
-            ScaleChoice::identity(x.dim(1)?)
-        } else {
-            search_group(layer, g, inputs, spec, rope, opts.calib.seqlen, opts)?
-        };
-        reports.push(GroupReport {
-            group: g.name.to_string(),
-            // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
-            ratio: choice.ratio.map(|r| (r as f64 * 1e6).round() / 1e6),
-            loss: choice.loss,
-            identity_loss: choice.identity_loss,
-            seconds: clock.elapsed().as_secs_f64(),
-        });
-        searched.scales.push(choice.scales);
+    Ok((reports, searched, grams))
+}
+
+/// One group's search (or its identity, unscored): the report and the chosen scales.
+fn search_one(
+    opts: &QuantizeOptions,
+    spec: &crate::model::config::ModelSpec,
+    rope: &Rope,
+    layer: &LayerWeights,
+    g: &ScaleGroup,
+    inputs: &LinearInputs,
+) -> Result<(GroupReport, Vec<f32>)> {
+    let clock = Instant::now();
+    let x = inputs.get(g.input);
+    let quiet = matches!(g.input, Input::Expert(_)) && x.dim(0)? < MIN_EXPERT_TOKENS;
+    // --no-search: nothing to compare, so no module runs at all.
+    let choice = if quiet || opts.no_search {
+        ScaleChoice::identity(x.dim(1)?)
+    } else {
+        search_group(layer, g, inputs, spec, rope, opts.calib.seqlen, opts)?
+    };
+    let report = GroupReport {
+        group: g.name.to_string(),
+        // k / n_grid, kept short in JSON (an f32 would print as 0.10000000149…).
+        ratio: choice.ratio.map(|r| (r as f64 * 1e6).round() / 1e6),
+        loss: choice.loss,
+        identity_loss: choice.identity_loss,
+        seconds: clock.elapsed().as_secs_f64(),
+    };
+    Ok((report, choice.scales))
+}
+
+/// Per captured input a non-expert linear reads, its scaled `XᵀX` (error-feedback rounding).
+type Grams = Vec<(Input, Vec<f64>)>;
+
+/// The end of a captured input's part in the search: divided by the scales of the groups that
+/// read it (`scales`, in group order; AWQ-SPEC §5), its Gram matrix taken when `grams` is
+/// asked for, then cut to the rows the clip search reads ([`clip::subsample`]). Picking rows
+/// after the division gives the clip search the bits it would get from the whole input. A MoE
+/// layer's MLP input stays whole: each expert's gate/up is clipped on its own routed rows.
+fn finish_input(
+    spec: &crate::model::config::ModelSpec,
+    inputs: &mut LinearInputs,
+    input: Input,
+    scales: &[&[f32]],
+    grams: Option<&mut Grams>,
+) -> Result<()> {
+    let routed = input == Input::Mlp && inputs.routing.is_some();
+    let Some(x) = inputs.find(input) else {
+        return Ok(());
+    };
+    let mut x = x.clone();
+    for s in scales {
+        x = scaled_input(&x, s)?;
     }
-    for (g, s) in searched.groups.iter().zip(&searched.scales) {
-        apply_scales(spec, layer, Some(inputs), g, s)?;
+    if let Some(grams) = grams {
+        if let Some(g) = rounding::gram(spec, input, &x)? {
+            grams.push((input, g));
+        }
     }
-    Ok((reports, searched))
+    let x = match routed {
+        true => x,
+        false => clip::subsample(&x)?,
+    };
+    inputs.set(input, x);
+    Ok(())
 }
 
 /// Calibration tokens per expert of a MoE layer.
@@ -347,7 +417,7 @@ fn forward_captured(
                 };
                 bufs.push((kind, Vec::with_capacity(rows * width), width));
             }
-            bufs[n].1.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            crate::quant::reduce::with_slice(t, |v| bufs[n].1.extend_from_slice(v))?;
         }
         if let Some(piece_routing) = inputs.routing {
             let merged = routing.get_or_insert_with(|| Routing {
@@ -374,8 +444,9 @@ fn forward_captured(
 }
 
 /// Searches and applies the clipping of every clipped linear; returns per linear its clip
-/// values and mean shrink (clip value / abs-max). Consumes the captured activations: each is dropped as soon
-/// as the last linear that reads it is clipped. An expert's gate/up are clipped against the
+/// values and mean shrink (clip value / abs-max). Consumes the scaled inputs (clip samples, or a
+/// MoE layer's whole MLP input; see [`finish_input`]): each is dropped as soon as the last
+/// linear that reads it is clipped. An expert's gate/up are clipped against the
 /// tokens routed to it (AutoAWQ hooks the expert's own linears), and an expert with fewer than
 /// [`MIN_EXPERT_TOKENS`] tokens is not clipped.
 fn clip_layer(

@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 
+use candle_core::Tensor;
+
 use super::guard::Searched;
 use crate::error::Result;
 use crate::model::arch::Input;
 use crate::model::config::ModelSpec;
-use crate::model::layer::{LayerWeights, LinearInputs};
+use crate::model::layer::LayerWeights;
 use crate::quant::gptq;
 use crate::quant::rtn::{quantize_f16, Quantized};
 
@@ -25,20 +27,17 @@ pub struct RoundingReport {
     pub gptq_kept: bool,
 }
 
-/// `XᵀX` (f64, `[in, in]` row-major) of every captured input a non-expert linear reads.
-pub(super) fn grams(spec: &ModelSpec, inputs: &LinearInputs) -> Result<Vec<(Input, Vec<f64>)>> {
-    let mut out = Vec::new();
-    for input in spec.inputs() {
-        let dense = spec
-            .linears()
-            .iter()
-            .any(|l| l.input == input && l.expert.is_none());
-        let Some(x) = inputs.find(input).filter(|_| dense) else {
-            continue;
-        };
-        out.push((input, crate::quant::search::Gram::new(x)?.to_f64()?));
+/// `XᵀX` (f64, `[in, in]` row-major) of the scaled captured input `x` of kind `input`, when a
+/// non-expert linear reads it (`None` otherwise).
+pub(super) fn gram(spec: &ModelSpec, input: Input, x: &Tensor) -> Result<Option<Vec<f64>>> {
+    let dense = spec
+        .linears()
+        .iter()
+        .any(|l| l.input == input && l.expert.is_none());
+    match dense {
+        true => Ok(Some(crate::quant::search::Gram::new(x)?.to_f64()?)),
+        false => Ok(None),
     }
-    Ok(out)
 }
 
 /// The codes of the non-expert linears of `layer`: error feedback where it beats
