@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 kind=${1:?usage: scripts/bench.sh smollm2|smollm2-2l|synth7b|synth-moe|synth-dense [LAYERS] [flags...]}
 shift
 data=data/wikitext-2-raw
-cargo build --release --quiet --bin awq
+# AWQ_BIN names a binary to measure instead of building this checkout's.
+[ -n "${AWQ_BIN:-}" ] || cargo build --release --quiet --bin awq
 case $kind in
 smollm2)
     model=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
@@ -26,7 +27,10 @@ smollm2-2l)
     # (their tensors copied into a smaller safetensors file; tokenizer files shared by symlink).
     src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
     model=${TMPDIR:-/tmp}/awq-smollm2-2l
-    if [ ! -f "$model/model.safetensors" ]; then
+    src=$(cd "$src" && pwd)
+    # Rebuilt when it was cut from another model than $AWQ_TEST_MODEL.
+    if [ ! -f "$model/model.safetensors" ] || [ "$(cat "$model/.source" 2>/dev/null)" != "$src" ]; then
+        rm -rf "$model"
         mkdir -p "$model"
         for f in "$src"/*; do ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$model/"; done
         rm -f "$model/config.json" "$model/model.safetensors"
@@ -53,6 +57,7 @@ text += b" " * (-len(text) % 8)
 with open(dst, "wb") as g:
     g.write(struct.pack("<Q", len(text)) + text + b"".join(data))
 PY
+        echo "$src" >"$model/.source"
     fi
     args=(--group 64 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --n-samples 1000 --max-blocks 32)
     ;;

@@ -1,7 +1,8 @@
 //! Cooperative interruption. The binary points SIGINT/SIGTERM at [`flag`]; long loops call
 //! [`check`] between units of work (layers, search candidates), which turns a set flag into
-//! [`Error::Interrupted`]. Unwinding then drops the staging directory, so nothing half-written
-//! is left behind, and the CLI exits 130.
+//! [`Error::Interrupted`]. The quantize run then keeps its staging directory when it holds
+//! finished layers (a rerun continues from them) and removes it otherwise; nothing half-written
+//! reaches the output path, and the CLI exits 130.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -132,7 +132,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             w.matmul_gflops,
             100.0 * w.matmul_share,
             w.peak_rss_mb
-                .map_or("unknown".into(), |m| format!("{m:.0} MB")),
+                .map_or("unknown".into(), |m| format!("{m:.0} MiB")),
         )?;
     if let Some(k) = &report.kept_fp16 {
         writeln!(

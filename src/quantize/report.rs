@@ -258,11 +258,11 @@ pub struct Work {
     pub matmul_gflops: f64,
     /// Fraction of the wall time spent in matmuls.
     pub matmul_share: f64,
-    /// Peak resident set size of the process (Linux `VmHWM`), when known.
+    /// Peak resident set size of the process in MiB (Linux `VmHWM` / 1024), when known.
     pub peak_rss_mb: Option<f64>,
 }
 
-/// The process's peak RSS in MB, from `/proc/self/status` (Linux only).
+/// The process's peak RSS in MiB, from `/proc/self/status` (Linux only).
 pub(super) fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
