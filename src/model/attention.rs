@@ -312,68 +312,22 @@ impl Attention<'_> {
 
     /// `scores[rows × width] = queries[rows × hd] · keys[width × hd]ᵀ` (row-major).
     fn scores(&self, scores: &mut [f32], queries: &[f32], keys: &[f32]) {
-        let hd = self.head_dim;
-        let (rows, width) = (queries.len() / hd, keys.len() / hd);
-        assert!(scores.len() == rows * width && keys.len() == width * hd);
-        // SAFETY: every pointer and stride describes a slice of the stated shape (checked
-        // above): scores [rows × width] row-major, queries [rows × hd] row-major, keys
-        // [width × hd] row-major read as a [hd × width] column-major view.
-        unsafe {
-            gemm::gemm(
-                rows,
-                width,
-                hd,
-                scores.as_mut_ptr(),
-                1,
-                width as isize,
-                false,
-                queries.as_ptr(),
-                1,
-                hd as isize,
-                keys.as_ptr(),
-                hd as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
+        // keys read as a [hd × width] view: element (c, j) at j·hd + c.
+        product(
+            scores,
+            queries,
+            keys,
+            self.head_dim,
+            (1, self.head_dim),
+            false,
+        );
     }
 
     /// `out[rows × hd] (+)= probs[rows × width] · values[width × hd]` (row-major); adds to
     /// `out` when `accumulate`, overwrites it otherwise.
     fn weighted_values(&self, out: &mut [f32], probs: &[f32], values: &[f32], accumulate: bool) {
-        let hd = self.head_dim;
-        let (rows, width) = (out.len() / hd, values.len() / hd);
-        assert!(probs.len() == rows * width && out.len() == rows * hd);
-        // SAFETY: out [rows × hd], probs [rows × width] and values [width × hd], all
-        // row-major, as checked above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                hd,
-                width,
-                out.as_mut_ptr(),
-                1,
-                hd as isize,
-                accumulate,
-                probs.as_ptr(),
-                1,
-                width as isize,
-                values.as_ptr(),
-                1,
-                hd as isize,
-                if accumulate { 1.0 } else { 0.0 },
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
+        let width = values.len() / self.head_dim;
+        product(out, probs, values, width, (self.head_dim, 1), accumulate);
     }
 
     /// Rounds, soft-caps and masks one row of scores (keys from position `kpos0`) for the query
@@ -396,6 +350,48 @@ impl Attention<'_> {
                 .for_each(|x| *x = cap * (*x / cap).tanh());
         }
         visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    }
+}
+
+/// `out[m × n] (+)= lhs[m × k] · rhs` through the `gemm` crate (its runtime-selected AVX2 /
+/// AVX-512 kernels), `out` and `lhs` row-major, `rhs` element `(c, j)` at `c·rs + j·cs` for
+/// `(rs, cs) = rhs_strides`; adds to `out` when `accumulate`, overwrites it otherwise. Panics
+/// when a slice is too short for its shape.
+fn product(
+    out: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    k: usize,
+    (rs, cs): (usize, usize),
+    accumulate: bool,
+) {
+    let m = lhs.len() / k;
+    let n = out.len() / m;
+    assert!(lhs.len() == m * k && out.len() == m * n);
+    assert!(rhs.len() > (k - 1) * rs + (n - 1) * cs);
+    // SAFETY: the asserts above keep every element the strides address inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            cs as isize,
+            rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
     }
 }
 
