@@ -191,12 +191,17 @@ pub(super) fn apply(
         entries: Vec::new(),
     };
     let mut tensors = Vec::new();
+    // The selection is in checkpoint order: a layer with several kept units is rebuilt once.
+    let mut layer: Option<(usize, LayerWeights)> = None;
     for (i, c) in select(&measured, budget_bytes) {
         let unit = units
             .iter()
             .find(|u| u.name == c.unit)
             .ok_or_else(|| Error::Runtime(format!("unknown unit {} in a layer record", c.unit)))?;
-        let layer = scaled_layer(model, &ckpt, i)?;
+        if layer.as_ref().is_none_or(|(at, _)| *at != i) {
+            layer = Some((i, scaled_layer(model, &ckpt, i)?));
+        }
+        let layer = &layer.as_ref().expect("just built").1;
         let p = layer_prefix(i);
         for lin in &unit.linears {
             let prefix = format!("{p}.{lin}");
