@@ -419,6 +419,7 @@ fn dedup_in_order(lines: &mut Vec<String>) {
 /// weight, so an entry too broad (`gate` also catches every `gate_proj`) shows up there.
 fn not_converted(spec: &ModelSpec) -> Vec<String> {
     let mut v = Vec::new();
+    let units = spec.keep_units();
     for i in 0..spec.layers {
         let p = layer_prefix(i);
         for r in spec.router_linears() {
@@ -430,7 +431,7 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
                 ));
             }
         }
-        for unit in spec.keep_units() {
+        for unit in &units {
             let n = unit
                 .linears
                 .iter()

@@ -443,24 +443,22 @@ impl HfConfig {
             .quantization_config
             .as_ref()
             .and_then(|q| q.get("modules_to_not_convert"));
-        match entries {
-            None | Some(serde_json::Value::Null) => Ok(Vec::new()),
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .map(|e| e.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    input_err!(
-                        "config.json: quantization_config.modules_to_not_convert must be a list of \
-                         strings (module names), found {e}",
-                        e = serde_json::Value::Array(a.clone())
-                    )
-                }),
-            Some(other) => Err(input_err!(
-                "config.json: quantization_config.modules_to_not_convert must be a list of \
-                 strings (module names), found {other}"
-            )),
-        }
+        let Some(entries) = entries.filter(|e| !e.is_null()) else {
+            return Ok(Vec::new());
+        };
+        entries
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|e| e.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| {
+                input_err!(
+                    "config.json: quantization_config.modules_to_not_convert must be a list of \
+                     strings (module names), found {entries}"
+                )
+            })
     }
 
     fn awq_format(&self) -> Result<Option<AwqFormat>> {

@@ -181,12 +181,11 @@ fn quantize_layer(
         }
         None => Default::default(),
     };
-    let tensors = layer_tensors(&layer, i, opts, &mut codes)?;
+    let mut tensors = layer_tensors(&layer, i, opts, &mut codes)?;
     t.quantize = clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let names = tensors.iter().map(|t| t.name.clone()).collect();
     let max_abs_float_weight = max_abs_float_tensors(&tensors);
-    let mut tensors = tensors;
     if opts.keep_fp16.is_some() {
         // Not listed in the record: the end of the run reads them, the shards never hold them.
         tensors.extend(keep::scales_tensors(i, &searched.scales, &applied)?);

@@ -151,9 +151,6 @@ fn gate_tokens(gate: &QualityGate, tok: &Tokenizer) -> Result<Vec<u32>> {
         .map_err(|e| crate::input_err!("--eval-text {}: {e}", gate.text.display()))
 }
 
-/// Settings that work but that the user should hear about (shown even with `-q`): a block
-/// longer than the model was trained for, a shard size that makes a crowd of files, a group
-/// size vLLM and TGI cannot run.
 /// `--rounding gptq` warns below this many calibration tokens per input dimension of the
 /// widest linear. Measured on SmolLM2 (widest input 1536): 1024 tokens raised the perplexity
 /// from 19.81 (round to nearest) to 21.20; 16 384 tokens (10.7 per dimension) lowered it on every
@@ -161,6 +158,9 @@ fn gate_tokens(gate: &QualityGate, tok: &Tokenizer) -> Result<Vec<u32>> {
 /// not measured.
 pub const GPTQ_TOKENS_PER_INPUT: usize = 4;
 
+/// Settings that work but that the user should hear about (shown even with `-q`): a block
+/// longer than the model was trained for, error feedback on too few calibration tokens, a shard
+/// size that makes a crowd of files, a group size vLLM and TGI cannot run.
 pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(max) = prep
