@@ -29,7 +29,7 @@ pub enum Command {
         after_help = "Examples:\n  awq quantize --model ./SmolLM2-135M --group 64 --calib wiki.valid.calib.txt -o ./SmolLM2-135M-awq\n  awq quantize --model org/name --calib data.jsonl --text-column content -o out --version gemv\n\n\
 vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 inference."
     )]
-    Quantize(QuantizeArgs),
+    Quantize(Box<QuantizeArgs>),
     /// Summarize a checkpoint (fp or AWQ): architecture, quantization config, tensors, sizes.
     #[command(
         after_help = "Example:\n  awq inspect ./SmolLM2-135M-awq --json | jq .quantization_config"
@@ -273,9 +273,22 @@ pub struct QuantizeArgs {
     /// finished layers anyway, and a different one is refused.
     #[arg(long, conflicts_with = "force", help_heading = "Output")]
     pub resume: bool,
-    /// Resolve the model, calibration, layout and estimates, print the plan and write nothing.
+    /// Resolve the model, calibration, layout and estimates, check the output location's
+    /// writability and free space, print the plan and write nothing.
     #[arg(long, help_heading = "Output")]
     pub dry_run: bool,
+    /// Exit 0 without work when -o already holds an awq output of the same fingerprint (model
+    /// contents, calibration tokens, every option that shapes the bytes): for jobs that
+    /// regenerate artifacts.
+    #[arg(long, conflicts_with = "force", help_heading = "Output")]
+    pub skip_existing: bool,
+    /// The model card's title (default: the Hub id, else the model directory's name).
+    #[arg(long, value_name = "NAME", help_heading = "Output")]
+    pub name: Option<String>,
+    /// The model card's base_model, a Hub id (default: the Hub id of --model, also read from a
+    /// Hub cache snapshot path).
+    #[arg(long, value_name = "ORG/NAME", help_heading = "Output")]
+    pub base_model: Option<String>,
     /// Quality gate: after writing, measure fp and quantized perplexity on this text.
     #[arg(long, value_name = "FILE", help_heading = "Quality gate")]
     pub eval_text: Option<PathBuf>,
@@ -418,6 +431,9 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             layout_choice,
             dry_run: args.dry_run,
             resume: args.resume,
+            skip_existing: args.skip_existing,
+            name: args.name,
+            base_model: args.base_model,
             quality_gate: args.eval_text.map(|text| awq::quantize::QualityGate {
                 text,
                 max_increase_pct: args.max_ppl_increase.unwrap_or(f64::INFINITY),

@@ -11,6 +11,9 @@ pub mod exit {
     pub const INPUT: i32 = 3;
     pub const OUTPUT_EXISTS: i32 = 4;
     pub const QUALITY: i32 = 5;
+    /// The network or the Hub failed (connection, DNS, TLS, timeout, HTTP 429/5xx): transient,
+    /// so a CI job can retry exactly these.
+    pub const NETWORK: i32 = 6;
     pub const INTERRUPTED: i32 = 130;
 }
 
@@ -28,6 +31,17 @@ pub enum Error {
     /// A verification or quality gate failed.
     #[error("{0}")]
     Quality(String),
+    /// The network or the Hub failed while fetching a model or dataset (retrying may help);
+    /// "not found" and "not authorised" answers are [`Error::Input`].
+    #[error("{0}")]
+    Network(String),
+    /// `awq quantize`'s quality gate failed: the checkpoint was written to `rejected_output`
+    /// instead of the output (exit 5, like [`Error::Quality`]).
+    #[error("{message}")]
+    GateFailed {
+        message: String,
+        rejected_output: std::path::PathBuf,
+    },
     /// The run was interrupted by a signal.
     #[error("interrupted")]
     Interrupted,
@@ -35,6 +49,10 @@ pub enum Error {
     /// with exit 0, as ripgrep and cargo do.
     #[error("stdout was closed")]
     StdoutClosed,
+    /// The disk filled up (ENOSPC) while writing; exit 1 like [`Error::Runtime`], kept apart so
+    /// that the finished layers are kept for a rerun, as on an interruption.
+    #[error("{0}")]
+    DiskFull(String),
     /// Anything else that went wrong while working (I/O on the output, numerical failure, ...).
     #[error("{0}")]
     Runtime(String),
@@ -46,10 +64,11 @@ impl Error {
             Error::Usage(_) => exit::USAGE,
             Error::Input(_) => exit::INPUT,
             Error::OutputExists(_) => exit::OUTPUT_EXISTS,
-            Error::Quality(_) => exit::QUALITY,
+            Error::Quality(_) | Error::GateFailed { .. } => exit::QUALITY,
+            Error::Network(_) => exit::NETWORK,
             Error::Interrupted => exit::INTERRUPTED,
             Error::StdoutClosed => exit::OK,
-            Error::Runtime(_) => exit::RUNTIME,
+            Error::Runtime(_) | Error::DiskFull(_) => exit::RUNTIME,
         }
     }
 

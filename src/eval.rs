@@ -92,14 +92,22 @@ pub fn windows(ids: &[u32], opts: &EvalOptions) -> Result<Vec<u32>> {
     }
     let n = ids.len() / opts.seqlen;
     if n == 0 {
-        let what = match opts.max_tokens {
-            Some(m) if m == ids.len() => format!("--max-tokens keeps {m} tokens"),
-            _ => format!("the evaluation text has {} tokens", ids.len()),
-        };
-        return Err(input_err!(
-            "{what}, fewer than one window of {}; use a longer text, a larger --max-tokens or a smaller --seqlen",
-            opts.seqlen
-        ));
+        // Name the limit that bit and the fix that works: a larger --max-tokens cannot help a
+        // text that is itself shorter than a window.
+        let (len, s) = (ids.len(), opts.seqlen);
+        return Err(match opts.max_tokens {
+            Some(m) if m == len => input_err!(
+                "--max-tokens {m} keeps fewer tokens than one window of {s}; pass --max-tokens \
+                 {s} or more, or --seqlen {m} or less"
+            ),
+            _ if len < 2 => input_err!(
+                "the evaluation text has {len} token(s); perplexity needs at least 2: use a longer text"
+            ),
+            _ => input_err!(
+                "the evaluation text has {len} tokens, fewer than one window of {s}; pass \
+                 --seqlen {len} or less, or use a longer text"
+            ),
+        });
     }
     Ok(ids[..n * opts.seqlen].to_vec())
 }

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
-        Command::Quantize(args) => run_quantize(args),
+        Command::Quantize(args) => run_quantize(*args),
         Command::Inspect(args) => run_inspect(args),
         Command::Verify(args) => run_verify(args),
         Command::Completions { shell } => run_completions(shell),
@@ -51,10 +51,14 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             if json_events {
-                Progress::new(true, true, false).emit(
-                    "error",
-                    json!({"exit_code": e.exit_code(), "message": e.to_string()}),
-                );
+                let mut event = json!({"exit_code": e.exit_code(), "message": e.to_string()});
+                if let Error::GateFailed {
+                    rejected_output, ..
+                } = &e
+                {
+                    event["rejected_output"] = json!(rejected_output);
+                }
+                Progress::new(true, true, false).emit("error", event);
             }
             if json_object && !STDOUT_WRITTEN.load(Ordering::Relaxed) {
                 let error =
@@ -180,10 +184,11 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
         to_stdout(|w| {
             writeln!(
                 w,
-                "perplexity {:.6} over {} predicted tokens ({} windows of {}) in {:.1}s",
+                "perplexity {:.6} over {} predicted tokens ({} window{} of {}) in {:.1}s",
                 res.perplexity,
                 res.predicted,
                 res.window_nll.len(),
+                if res.window_nll.len() == 1 { "" } else { "s" },
                 res.seqlen,
                 res.seconds
             )
@@ -212,15 +217,27 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
             }
             return Ok(());
         }
+        awq::quantize::Outcome::UpToDate => {
+            if json_events {
+                progress.emit("done", json!({"output": opts.output, "skipped": true}));
+            } else {
+                to_stdout(|w| writeln!(w, "up to date: {}", opts.output.display()))?;
+            }
+            return Ok(());
+        }
         awq::quantize::Outcome::Done(report) => report,
     };
+    let written_to = report.rejected_output.as_ref().unwrap_or(&opts.output);
     let w = &report.work;
     if json_events {
         progress.emit(
             "done",
             json!({
-                "output": opts.output,
-                "files": report.files,
+                "output": written_to,
+                "rejected_output": report.rejected_output,
+                "skipped": false,
+                "files": report.output_files,
+                "weights": report.files,
                 "calibration": report.calibration,
                 "seconds": report.seconds_total,
                 "work": w,
@@ -229,18 +246,27 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
             }),
         );
     } else {
-        to_stdout(|w| render::summary(w, &report, &opts.output))?;
+        to_stdout(|w| render::summary(w, &report, written_to))?;
     }
-    if let Some(q) = report.quality.as_ref().filter(|q| !q.passed) {
-        return Err(Error::Quality(format!(
-            "quality gate failed: perplexity rose {:.2}% (from {:.4} to {:.4}), more than --max-ppl-increase {}%; \
-             the checkpoint was written to {} for inspection",
-            q.increase_pct,
-            q.fp_perplexity,
-            q.quantized_perplexity,
-            q.max_increase_pct,
-            opts.output.display()
-        )));
+    if let (Some(q), Some(rejected)) = (&report.quality, &report.rejected_output) {
+        let output = match awq::io::output::existing(&opts.output) {
+            awq::io::output::Existing::Absent => "nothing was written there".to_string(),
+            _ => "what was there is unchanged".to_string(),
+        };
+        return Err(Error::GateFailed {
+            message: format!(
+                "quality gate failed: perplexity rose {:.2}% (from {:.4} to {:.4}), more than \
+                 --max-ppl-increase {}%; the checkpoint was not published at {} ({output}) and \
+                 is kept for inspection at {}",
+                q.increase_pct,
+                q.fp_perplexity,
+                q.quantized_perplexity,
+                q.max_increase_pct,
+                opts.output.display(),
+                rejected.display()
+            ),
+            rejected_output: rejected.clone(),
+        });
     }
     Ok(())
 }

@@ -22,6 +22,8 @@ pub struct Progress {
     json: bool,
     verbose: bool,
     bar: Option<ProgressBar>,
+    /// Seconds and count of the layers reported so far (for the ETA of plain lines).
+    layer_seconds: std::sync::Mutex<(f64, usize)>,
 }
 
 /// Whether stderr gets a live bar rather than plain lines.
@@ -38,28 +40,32 @@ impl Progress {
             json,
             verbose,
             bar: None,
+            layer_seconds: std::sync::Mutex::new((0.0, 0)),
         }
         .with_bar()
     }
 
     fn with_bar(mut self) -> Self {
         if !self.quiet && fancy_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            // Until the plan says how many layers there are: a spinner and the phase (not
+            // `layer 0/0 (ETA 0s)`).
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} layer {pos}/{len} {msg} (ETA {eta})",
-                )
-                .expect("static template"),
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .expect("static template"),
             );
+            bar.set_message("preparing: model, calibration, checks");
             bar.enable_steady_tick(Duration::from_millis(200));
             self.bar = Some(bar);
         }
         self
     }
 
-    /// A JSON Lines record on stdout, flushed. Once stdout's reader has gone away (EPIPE) the
-    /// run is asked to stop (see `stdout_error` in main) and nothing more is written; another
-    /// write error is reported once on stderr.
+    /// A JSON Lines record on stdout, flushed. Once stdout's reader has gone away (EPIPE,
+    /// `awq quantize --json | head -1`) nothing more is written there and the run goes on to
+    /// completion: the checkpoint is its result, the events only report progress (see
+    /// `stdout_error` in main; tests/pipes.rs checks it). Another write error is reported once
+    /// on stderr.
     pub fn emit(&self, event: &str, body: serde_json::Value) {
         if crate::stdout_closed() {
             return;
@@ -115,25 +121,33 @@ impl Progress {
             return;
         }
         match (&self.bar, ev) {
-            (Some(bar), Event::Plan(plan)) => bar.set_length(plan.layers as u64),
+            (Some(bar), Event::Plan(plan)) => {
+                bar.println(plan_line(plan));
+                layer_style(bar, plan.layers);
+            }
             (Some(bar), Event::Phase { name }) => bar.set_message(name.to_string()),
-            (Some(bar), Event::Layer { index, total, .. }) => {
-                bar.set_length(*total as u64);
+            (
+                Some(bar),
+                Event::Layer {
+                    index,
+                    total,
+                    seconds,
+                    report,
+                },
+            ) => {
+                if bar.length() != Some(*total as u64) {
+                    layer_style(bar, *total);
+                }
+                if let Some(r) = report {
+                    bar.println(self.layer_line(*index, *total, *seconds, r));
+                }
                 bar.set_position(*index as u64 + 1);
                 bar.set_message(String::new());
                 if index + 1 == *total {
                     bar.finish_and_clear();
                 }
             }
-            (None, Event::Plan(plan)) if !self.json => eprintln!(
-                "[awq] plan: {} layers of {}, {} calibration blocks of {} tokens, {} group {}",
-                plan.layers,
-                plan.architecture,
-                plan.calibration.blocks,
-                plan.calibration.seqlen,
-                plan.layout.name(),
-                plan.group
-            ),
+            (None, Event::Plan(plan)) if !self.json => eprintln!("[awq] {}", plan_line(plan)),
             (None, Event::Phase { name }) => eprintln!("[awq] {name}"),
             (_, Event::Notice { message }) => match &self.bar {
                 Some(bar) => bar.println(format!("note: {message}")),
@@ -147,16 +161,69 @@ impl Progress {
                     seconds,
                     report,
                 },
-            ) => eprintln!(
-                "[awq] layer {}/{} {:.1}s{}",
-                index + 1,
-                total,
-                seconds,
-                group_summary(report.map_or(&[][..], |r| &r.groups), self.verbose)
-            ),
+            ) => {
+                let line = match report {
+                    Some(r) => self.layer_line(*index, *total, *seconds, r),
+                    None => format!("layer {}/{total} {seconds:.1}s", index + 1),
+                };
+                eprintln!("[awq] {line}{}", self.eta(*index, *total, *seconds));
+            }
             _ => {}
         }
     }
+
+    /// `layer 3/30 14.9s  qkv r=0.25 -31.0%  …`: what a finished layer chose.
+    fn layer_line(
+        &self,
+        index: usize,
+        total: usize,
+        seconds: f64,
+        report: &awq::quantize::LayerReport,
+    ) -> String {
+        format!(
+            "layer {}/{total} {seconds:.1}s{}",
+            index + 1,
+            group_summary(&report.groups, self.verbose)
+        )
+    }
+
+    /// `  ETA 7m12s` from the mean time of the layers seen so far (resumed layers count with
+    /// the time they took), empty after the last layer.
+    fn eta(&self, index: usize, total: usize, seconds: f64) -> String {
+        let mut seen = self.layer_seconds.lock().unwrap_or_else(|e| e.into_inner());
+        seen.0 += seconds;
+        seen.1 += 1;
+        let left = total.saturating_sub(index + 1);
+        if left == 0 {
+            return String::new();
+        }
+        let mean = seen.0 / seen.1 as f64;
+        format!("  ETA {}", crate::render::duration(mean * left as f64))
+    }
+}
+
+/// `plan: 30 layers of LlamaForCausalLM, 16 calibration blocks of 512 tokens, gemm group 64`.
+fn plan_line(plan: &awq::quantize::Plan) -> String {
+    format!(
+        "plan: {} layers of {}, {} calibration blocks of {} tokens, {} group {}",
+        plan.layers,
+        plan.architecture,
+        plan.calibration.blocks,
+        plan.calibration.seqlen,
+        plan.layout.name(),
+        plan.group
+    )
+}
+
+/// The bar once the number of layers is known (before it: a spinner and the phase).
+fn layer_style(bar: &ProgressBar, layers: usize) {
+    bar.set_length(layers as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} layer {pos}/{len} {msg} (ETA {eta})",
+        )
+        .expect("static template"),
+    );
 }
 
 /// `  experts.*.down ×128 mean r=0.32 -11.0% (2 s=1)`.

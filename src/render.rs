@@ -99,10 +99,26 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
         "memory       about {:.0} MB peak",
         plan.peak_memory_estimate_mb
     )?;
+    writeln!(
+        w,
+        "time         about {} on {} threads (rough: ±50 %)",
+        duration(plan.seconds_estimate),
+        rayon::current_num_threads()
+    )?;
     if let Some(staging) = &plan.staging {
         writeln!(w, "staging      {staging}")?;
     }
     Ok(())
+}
+
+/// `95s`, `12m05s`, `3h07m`: a duration as the progress lines and the plan show it.
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..=99 => format!("{s}s"),
+        100..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 /// `awq quantize`: where the output went, where the time went, and the quality gate.
@@ -225,6 +241,9 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
         r.version.to_uppercase(),
         r.linears_checked
     )?;
+    if let Some(why) = &r.quality_gate_failed {
+        writeln!(w, "  QUALITY GATE FAILED {why}")?;
+    }
     for v in &r.violations {
         writeln!(w, "  FAIL {v}")?;
     }
@@ -280,5 +299,8 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
     } else {
         String::new()
     };
+    if r.quality_gate_failed.is_some() {
+        return writeln!(w, "FAILED: quality gate failed (not for shipping)");
+    }
     writeln!(w, "{verdict}: {not}loadable by {}{tp}", r.target.name())
 }

@@ -10,13 +10,37 @@ use crate::input_err;
 pub fn load(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     if !path.is_file() {
-        return Err(input_err!(
-            "{} is missing; the model directory needs a fast tokenizer (tokenizer.json)",
-            path.display()
-        ));
+        return Err(missing_tokenizer(dir));
     }
     Tokenizer::from_file(&path)
         .map_err(|e| input_err!("{} is not a valid tokenizer: {e}", path.display()))
+}
+
+/// The error for a model directory without `tokenizer.json`: what it has instead and how to
+/// get the fast tokenizer (transformers converts a slow one when it loads it).
+fn missing_tokenizer(dir: &Path) -> crate::error::Error {
+    let slow: Vec<&str> = [
+        "tokenizer.model",
+        "vocab.json",
+        "tiktoken.model",
+        "vocab.txt",
+    ]
+    .into_iter()
+    .filter(|f| dir.join(f).is_file())
+    .collect();
+    let found = if slow.is_empty() {
+        "no tokenizer file at all".to_string()
+    } else {
+        format!("only {} (a slow tokenizer)", slow.join(", "))
+    };
+    input_err!(
+        "{} is missing ({found}); awq needs the fast tokenizer tokenizer.json. Write it with \
+         transformers: python -c \"from transformers import AutoTokenizer as T; \
+         T.from_pretrained('{d}').save_pretrained('{d}')\" (it converts a slow tokenizer), \
+         or copy tokenizer.json from the base model's repository",
+        dir.join("tokenizer.json").display(),
+        d = dir.display()
+    )
 }
 
 /// Token ids of `text`; `special` adds the tokenizer's special tokens (BOS etc.) as

@@ -21,7 +21,7 @@ use crate::model::arch::Input;
 use crate::model::config::{AwqFormat, ModelSpec};
 use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
 use crate::model::shapes::{LinearShape, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ};
-use crate::model::{load_spec, EMBED, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
+use crate::model::{load_spec, EMBED, FINAL_NORM, FINAL_NORM_BIAS, HEAD_MODULE, LM_HEAD};
 use crate::quant::pack::{unpack, Layout};
 
 /// Tensor-parallel degrees always reported (a `--tp N` outside them is added).
@@ -135,6 +135,9 @@ pub struct VerifyReport {
     pub linears_checked: usize,
     /// What is broken in the checkpoint itself (every loader fails on it).
     pub violations: Vec<String>,
+    /// Why the checkpoint is not for shipping although it loads: the quality gate of the run
+    /// that wrote it failed (`awq quantize` kept it as `OUT.rejected`). `ok` is false.
+    pub quality_gate_failed: Option<String>,
     /// vLLM's verdict per tensor-parallel degree (1, 2, 4, 8 and `--tp`).
     pub tensor_parallel: Vec<TpSupport>,
     /// Per loader: loadable or not, and why.
@@ -153,6 +156,9 @@ impl VerifyReport {
     pub fn failure(&self) -> Option<String> {
         if self.ok {
             return None;
+        }
+        if let Some(why) = &self.quality_gate_failed {
+            return Some(format!("{}: quality gate failed: {why}", self.dir));
         }
         let reasons = self
             .verdict()
@@ -188,15 +194,16 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     let spec = load_spec(&dir.join("config.json"))?;
     let Some(fmt) = spec.awq else {
-        return Err(Error::Quality(format!(
-            "{}: config.json has no AWQ quantization_config; this is not an AWQ checkpoint",
+        return Err(input_err!(
+            "{}: config.json has no AWQ quantization_config, so this is not an AWQ checkpoint; \
+             awq verify checks the output of awq quantize (or another AWQ quantizer)",
             dir.display()
-        )));
+        ));
     };
     let ckpt = Checkpoint::open_dir(dir)?;
     let mut v = Vec::new();
     let float_dtype = float_dtype(dir)?;
-    v.extend(failed_quality_gate(dir));
+    let quality_gate_failed = failed_quality_gate(dir);
     v.extend(not_converted(&spec));
 
     let float = |name: &str, shape: &[usize], v: &mut Vec<String>| {
@@ -291,13 +298,20 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         .iter()
         .find(|t| t.tp == tp)
         .expect("the requested degree is analysed");
+    let found = Found {
+        violations: &v,
+        float_dtype,
+        float_linears: &float_linears,
+        head_in_int4: head_quantized_by_transformers(&spec),
+    };
     let targets: Vec<TargetSupport> = Target::ALL
         .iter()
-        .map(|&target| target_support(target, tp, &v, at_tp, float_dtype, &float_linears))
+        .map(|&target| target_support(target, tp, &found, at_tp))
         .collect();
-    let ok = targets
-        .iter()
-        .any(|t| t.target == opts.target && t.loadable);
+    let ok = quality_gate_failed.is_none()
+        && targets
+            .iter()
+            .any(|t| t.target == opts.target && t.loadable);
     let mut loaders: Vec<String> = match fmt.layout {
         Layout::Gemm => vec![
             "vllm (awq, awq_marlin)".into(),
@@ -323,10 +337,23 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         version: fmt.layout.name().into(),
         linears_checked: checked,
         violations: v,
+        quality_gate_failed,
         tensor_parallel,
         targets,
         loaders,
     })
+}
+
+/// What [`target_support`] decides from, found once per checkpoint.
+struct Found<'a> {
+    /// What is broken for every loader.
+    violations: &'a [String],
+    /// config.json's `torch_dtype`.
+    float_dtype: Dtype,
+    /// Linears stored float (listed in `modules_to_not_convert`).
+    float_linears: &'a [String],
+    /// Why transformers would build an int4 head ([`head_quantized_by_transformers`]).
+    head_in_int4: Option<String>,
 }
 
 /// Whether `target` loads the checkpoint: no violation, and for vLLM and TGI the GEMM layout
@@ -335,33 +362,29 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
 /// A bfloat16 checkpoint (`awq quantize --dtype`, chosen when activations overflow float16):
 /// vLLM's `awq` kernels run float16 only, `awq_marlin` (compute capability 8.0+) runs bfloat16,
 /// so vLLM needs Marlin at that degree; TGI's AWQ path runs float16; transformers loads it.
-fn target_support(
-    target: Target,
-    tp: usize,
-    violations: &[String],
-    at_tp: &TpSupport,
-    float_dtype: Dtype,
-    float_linears: &[String],
-) -> TargetSupport {
+fn target_support(target: Target, tp: usize, found: &Found, at_tp: &TpSupport) -> TargetSupport {
     let mut reasons = Vec::new();
-    if let Some(first) = violations.first() {
+    if let Some(first) = found.violations.first() {
         reasons.push(format!(
             "the checkpoint is broken: {} violation(s), first: {first}",
-            violations.len()
+            found.violations.len()
         ));
     }
-    if let (Target::Tgi, Some(first)) = (target, float_linears.first()) {
+    if let (Target::Tgi, Some(first)) = (target, found.float_linears.first()) {
         reasons.push(format!(
             "TGI reads no modules_to_not_convert and expects qweight for every linear; {} \
              linear(s) are float (e.g. {first})",
-            float_linears.len()
+            found.float_linears.len()
         ));
+    }
+    if let (Target::Transformers, Some(why)) = (target, &found.head_in_int4) {
+        reasons.push(why.clone());
     }
     let tp = if target.tensor_parallel() { tp } else { 1 };
     if target.tensor_parallel() && !at_tp.vllm_awq {
         reasons.extend(at_tp.reasons.iter().cloned());
     }
-    if float_dtype == Dtype::BF16 && reasons.is_empty() {
+    if found.float_dtype == Dtype::BF16 && reasons.is_empty() {
         match target {
             Target::Vllm if !at_tp.vllm_awq_marlin => {
                 reasons.push(
@@ -385,6 +408,27 @@ fn target_support(
     }
 }
 
+/// transformers 4.50–4.51 add the head to their AWQ skip list only when
+/// `modules_to_not_convert` is null (`quantizers/base.py`, `get_modules_to_not_convert`: `if
+/// skip_modules is None: get_keys_to_not_convert(model) else: skip_modules`; 4.52 restored the
+/// default skips with `add_default_skips=True`). Given a list — even `[]` — that no entry of
+/// matches `lm_head`, those versions replace the head with an int4 `WQLinear`: garbage on a
+/// GPU, an assertion on a CPU. Checkpoints of awq before this rule (MoE routers or
+/// `--keep-fp16` listed without `lm_head`) fail here.
+fn head_quantized_by_transformers(spec: &ModelSpec) -> Option<String> {
+    let list = spec.not_converted.as_ref()?;
+    (!spec.not_converted_matches(HEAD_MODULE)).then(|| {
+        format!(
+            "modules_to_not_convert is a list ({} entries) without \"{HEAD_MODULE}\": transformers \
+             4.50–4.51 add the head to their skip list only when the list is null, so they would \
+             load {HEAD_MODULE} as an int4 layer and leave {LM_HEAD} unused; add \
+             \"{HEAD_MODULE}\" to quantization_config.modules_to_not_convert in config.json \
+             (awq quantize writes it)",
+            list.len()
+        )
+    })
+}
+
 /// A quality gate that failed when `awq quantize` wrote `dir` (the checkpoint is kept for
 /// inspection, not for shipping), from its `quantization_report.json`.
 fn failed_quality_gate(dir: &Path) -> Option<String> {
@@ -394,8 +438,9 @@ fn failed_quality_gate(dir: &Path) -> Option<String> {
     let q = report.get("quality")?;
     (!q.get("passed")?.as_bool()?).then(|| {
         format!(
-            "the quality gate failed when this was quantized: perplexity rose {:.2}%, more than \
-             the allowed {}% (quantization_report.json)",
+            "perplexity rose {:.2}% when this was quantized, more than the allowed {}% \
+             (quantization_report.json); the checkpoint loads, but it is kept for inspection, \
+             not for shipping",
             q.get("increase_pct")
                 .and_then(|v| v.as_f64())
                 .unwrap_or(f64::NAN),
@@ -740,6 +785,15 @@ mod tests {
         .unwrap()
     }
 
+    fn found(violations: &[String], float_dtype: Dtype) -> Found<'_> {
+        Found {
+            violations,
+            float_dtype,
+            float_linears: &[],
+            head_in_int4: None,
+        }
+    }
+
     fn at(tp: usize, layout: Layout) -> TpSupport {
         let spec = smollm2();
         let fmt = AwqFormat { group: 64, layout };
@@ -793,9 +847,9 @@ mod tests {
             assert_eq!(t.reasons, [GEMV_NOT_SERVABLE]);
         }
         let t = at(1, Layout::Gemv);
-        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::F16, &[]);
-        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::F16, &[]);
-        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::F16, &[]);
+        let vllm = target_support(Target::Vllm, 1, &found(&[], Dtype::F16), &t);
+        let tgi = target_support(Target::Tgi, 1, &found(&[], Dtype::F16), &t);
+        let hf = target_support(Target::Transformers, 1, &found(&[], Dtype::F16), &t);
         assert!(!vllm.loadable && !tgi.loadable && hf.loadable);
         assert!(vllm.reasons[0].contains("--for transformers"));
         assert!(vllm.reasons[0].contains("--version gemm"));
@@ -805,9 +859,9 @@ mod tests {
     fn bfloat16_needs_marlin_in_vllm_and_is_refused_by_tgi() {
         // SmolLM2 at tp 1: awq loads, Marlin does not (576 % 128 ≠ 0).
         let t = at(1, Layout::Gemm);
-        let vllm = target_support(Target::Vllm, 1, &[], &t, Dtype::BF16, &[]);
-        let tgi = target_support(Target::Tgi, 1, &[], &t, Dtype::BF16, &[]);
-        let hf = target_support(Target::Transformers, 1, &[], &t, Dtype::BF16, &[]);
+        let vllm = target_support(Target::Vllm, 1, &found(&[], Dtype::BF16), &t);
+        let tgi = target_support(Target::Tgi, 1, &found(&[], Dtype::BF16), &t);
+        let hf = target_support(Target::Transformers, 1, &found(&[], Dtype::BF16), &t);
         assert!(
             !vllm.loadable && vllm.reasons[0].contains("awq_marlin"),
             "{vllm:?}"
@@ -820,9 +874,32 @@ mod tests {
         let t = at(1, Layout::Gemm);
         let v = ["model.layers.0.self_attn.q_proj.qweight: missing".to_string()];
         for target in Target::ALL {
-            let s = target_support(target, 1, &v, &t, Dtype::F16, &[]);
+            let s = target_support(target, 1, &found(&v, Dtype::F16), &t);
             assert!(!s.loadable);
             assert!(s.reasons[0].contains("q_proj.qweight: missing"));
         }
+    }
+
+    /// A list without `lm_head` makes transformers load the head as int4: only a null list,
+    /// or a list with an entry matching the head, keeps it float.
+    #[test]
+    fn modules_to_not_convert_list_without_lm_head_fails_transformers() {
+        let mut spec = smollm2();
+        assert_eq!(head_quantized_by_transformers(&spec), None);
+        spec.not_converted = Some(vec![]);
+        let why = head_quantized_by_transformers(&spec).expect("empty list");
+        assert!(why.contains("without \"lm_head\""), "{why}");
+        spec.not_converted = Some(vec!["block_sparse_moe.gate".into()]);
+        let why = head_quantized_by_transformers(&spec);
+        let t = at(1, Layout::Gemm);
+        let v: Vec<String> = vec![];
+        let f = Found {
+            head_in_int4: why,
+            ..found(&v, Dtype::F16)
+        };
+        assert!(!target_support(Target::Transformers, 1, &f, &t).loadable);
+        assert!(target_support(Target::Vllm, 1, &f, &t).loadable);
+        spec.not_converted = Some(vec!["block_sparse_moe.gate".into(), "lm_head".into()]);
+        assert_eq!(head_quantized_by_transformers(&spec), None);
     }
 }

@@ -258,7 +258,8 @@ fn tensor(dir: &Path, name: &str) -> Vec<f32> {
 /// The router invariant: folding the experts' gate/up scales into post_attention_layernorm
 /// multiplies the routers' columns by the same scales, so router weight × norm weight is
 /// unchanged (to float16 rounding) and every token is routed as before. The routers stay float
-/// and `modules_to_not_convert` lists exactly them.
+/// and `modules_to_not_convert` lists exactly them, plus `lm_head` (see
+/// [`lm_head_is_listed_so_transformers_keeps_the_head_float`]).
 fn router_reads_what_it_read(family: &str, routers: &[&str]) {
     let model = fixture(&format!("arch/{family}"));
     let tmp = tempfile::tempdir().unwrap();
@@ -266,10 +267,13 @@ fn router_reads_what_it_read(family: &str, routers: &[&str]) {
     quantize(&model, &out, &[]);
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let mut listed = routers.to_vec();
+    listed.push("lm_head");
     assert_eq!(
         config["quantization_config"]["modules_to_not_convert"],
-        serde_json::json!(routers)
+        serde_json::json!(listed)
     );
+    lm_head_is_listed_so_transformers_keeps_the_head_float(&out);
     for layer in 0..2 {
         let p = format!("model.layers.{layer}");
         let norm = |dir: &Path| tensor(dir, &format!("{p}.post_attention_layernorm.weight"));
@@ -290,6 +294,36 @@ fn router_reads_what_it_read(family: &str, routers: &[&str]) {
             assert!(worst < 2e-3, "{family} {name}: relative change {worst}");
         }
     }
+}
+
+/// transformers adds the head to its skip list only when `modules_to_not_convert` is null:
+/// every list awq writes names `lm_head`, `verify --for transformers` passes it, and fails
+/// the same checkpoint written the old way (the list without `lm_head`), naming the reason;
+/// vLLM, which never quantizes its head, is not affected.
+fn lm_head_is_listed_so_transformers_keeps_the_head_float(out: &Path) {
+    let verdict = |target: &str| {
+        let o = awq(&["verify", "--json", "--for", target], out);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (o.status.code(), v)
+    };
+    let (code, v) = verdict("transformers");
+    assert_eq!(code, Some(0), "{v:#}");
+    let cfg = out.join("config.json");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let mut old: serde_json::Value = serde_json::from_str(&original).unwrap();
+    old["quantization_config"]["modules_to_not_convert"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|e| e != "lm_head");
+    std::fs::write(&cfg, old.to_string()).unwrap();
+    let (code, v) = verdict("transformers");
+    assert_eq!(code, Some(5), "{v:#}");
+    assert!(
+        v["targets"].to_string().contains("without \\\"lm_head\\\""),
+        "{v:#}"
+    );
+    assert_eq!(verdict("vllm").0, Some(0));
+    std::fs::write(&cfg, original).unwrap();
 }
 
 /// One calibration token routed to 2 of 4 experts: the other two get no token, yet a defined
@@ -443,7 +477,10 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     let entries = &config["quantization_config"]["modules_to_not_convert"];
-    assert_eq!(entries, &kept["entries"]);
+    let mut expected = kept["entries"].as_array().unwrap().clone();
+    expected.push("lm_head".into());
+    assert_eq!(entries, &serde_json::json!(expected));
+    lm_head_is_listed_so_transformers_keeps_the_head_float(&out);
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let header: serde_json::Value =
         serde_json::from_slice(&bytes[8..8 + header_len(&bytes)]).unwrap();

@@ -42,7 +42,10 @@ impl Setup {
 /// What the calibration tests read from a run.
 trait CalibRun {
     fn calibration(&self) -> Value;
-    fn fails(&self, needles: &[&str]);
+    fn fails(&self, needles: &[&str]) {
+        self.fails_with(3, needles)
+    }
+    fn fails_with(&self, code: i32, needles: &[&str]);
 }
 
 impl CalibRun for Run {
@@ -56,9 +59,9 @@ impl CalibRun for Run {
             .unwrap_or_else(|| panic!("no plan event in {}", self.stdout))
     }
 
-    fn fails(&self, needles: &[&str]) {
+    fn fails_with(&self, code: i32, needles: &[&str]) {
         assert_eq!(
-            self.code, 3,
+            self.code, code,
             "stdout {}\nstderr {}",
             self.stdout, self.stderr
         );
@@ -290,7 +293,7 @@ fn null_text_is_skipped_and_counted_and_messages_column_wording() {
     // --text-column messages on a file without it: no "string field" wording.
     let p = s.file("plain.jsonl", jsonl(&[json!({"text": "w1", "id": 1})]));
     let run = quantize(&s, &[&p], &["--text-column", "messages"], &[]);
-    run.fails(&["plain.jsonl:1: no \"messages\" list; found keys: \"text\", \"id\""]);
+    run.fails(&["plain.jsonl:1: no \"messages\" (or ShareGPT \"conversations\") list; found keys: \"text\", \"id\""]);
     assert!(!run.stderr.contains("string field"), "{}", run.stderr);
 }
 
@@ -302,13 +305,18 @@ fn malformed_chat_messages_are_named() {
     let rows = [
         good.clone(),
         good.clone(),
-        json!({"messages": [{"from": "human", "value": "hi"}]}),
+        json!({"messages": [{"speaker": "human", "text": "hi"}]}),
     ];
     let p = s.file("calib.jsonl", jsonl(&rows));
     quantize(&s, &[&p], &[], &[]).fails(&[
-        "calib.jsonl:3: message 1 has keys \"from\", \"value\"; expected \"role\" and \"content\" \
-         (ShareGPT's from/value is not read)",
+        "calib.jsonl:3: message 1 has keys \"speaker\", \"text\"; expected \"role\" and \
+         \"content\" (or ShareGPT's \"from\" and \"value\")",
     ]);
+    let p = s.file(
+        "who.jsonl",
+        jsonl(&[json!({"conversations": [{"from": "narrator", "value": "hi"}]})]),
+    );
+    quantize(&s, &[&p], &[], &[]).fails(&["who.jsonl:1: message 1", "\"narrator\""]);
     let p = s.file(
         "image.jsonl",
         jsonl(&[json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})]),
@@ -389,6 +397,64 @@ fn chat_messages_use_the_model_template() {
     quantize(&s, &[&p], &[], &[]).fails(&["chat.jsonl", "no chat here"]);
 }
 
+/// ShareGPT records (`conversations` of `{from, value}`) are read as chat: the same tokens as
+/// the `messages` form of the same conversations.
+#[test]
+fn sharegpt_conversations_are_read_as_chat() {
+    let s = setup();
+    set_chat_template(&s.model);
+    let rows = |sharegpt: bool| -> Vec<Value> {
+        (0..12)
+            .map(|i| {
+                let (u, a) = (words(5, 64, i), words(5, 64, i + 100));
+                if sharegpt {
+                    json!({"id": i, "conversations": [
+                        {"from": "human", "value": u},
+                        {"from": "gpt", "value": a},
+                    ]})
+                } else {
+                    json!({"messages": [
+                        {"role": "user", "content": u},
+                        {"role": "assistant", "content": a},
+                    ]})
+                }
+            })
+            .collect()
+    };
+    let chat = quantize(&s, &[&s.file("m.jsonl", jsonl(&rows(false)))], &[], &[]).calibration();
+    let share = quantize(&s, &[&s.file("s.jsonl", jsonl(&rows(true)))], &[], &[]).calibration();
+    assert_eq!(share["documents_read"], 12, "{share}");
+    assert_eq!(share["tokens"], chat["tokens"], "{share}");
+}
+
+/// `.txt.gz`, `.jsonl.gz` and `.json.gz` read as their uncompressed twins.
+#[test]
+fn gzipped_calibration_files_are_read() {
+    use std::io::Write;
+    let s = setup();
+    let texts = docs(20, 12);
+    let gz = |name: &str, text: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).unwrap();
+        s.file(name, e.finish().unwrap())
+    };
+    let rows: Vec<Value> = texts.iter().map(|t| json!({"text": t})).collect();
+    let txt = texts.join("\n\n");
+    let plain = quantize(&s, &[&s.file("c.txt", &txt)], &[], &[]).calibration();
+    for (name, text) in [
+        ("c.txt.gz", txt.clone()),
+        ("c.jsonl.gz", jsonl(&rows)),
+        ("c.json.gz", serde_json::to_string(&rows).unwrap()),
+    ] {
+        let cal = quantize(&s, &[&gz(name, &text)], &[], &[]).calibration();
+        assert_eq!(cal["documents_read"], 20, "{name}: {cal}");
+        assert_eq!(cal["tokens"], plain["tokens"], "{name}: {cal}");
+    }
+    // Not gzip inside: named.
+    let bad = s.file("bad.txt.gz", [0x1f, 0x8b, 0, 1, 2, 3]);
+    quantize(&s, &[&bad], &[], &[]).fails(&["bad.txt.gz", "gzip"]);
+}
+
 #[test]
 fn unknown_extensions_are_sniffed_or_refused() {
     let s = setup();
@@ -415,14 +481,20 @@ fn unknown_extensions_are_sniffed_or_refused() {
         4
     );
 
-    let binary = s.file("calib.gz", [0x1f, 0x8b, 0x08, 0x00, 0xff, 0xfe, 0x00, 0x41]);
+    let binary = s.file(
+        "calib.bin",
+        [0xff, 0xfe, 0x08, 0x00, 0xff, 0xfe, 0x00, 0x41],
+    );
     quantize(&s, &[&binary], &[], &[]).fails(&[
-        "calib.gz",
+        "calib.bin",
         "not UTF-8",
         ".txt",
         ".parquet",
         "org/name",
     ]);
+    // A truncated gzip stream: named as gzip, with the formats read.
+    let gz = s.file("calib.gz", [0x1f, 0x8b, 0x08, 0x00, 0xff, 0xfe, 0x00, 0x41]);
+    quantize(&s, &[&gz], &[], &[]).fails(&["calib.gz", "not a readable gzip file", ".jsonl"]);
     let nul = s.file("calib.raw", b"w1 w2\0w3");
     quantize(&s, &[&nul], &[], &[]).fails(&["calib.raw", "binary"]);
     let broken = s.file("broken.parquet", b"PAR1 definitely not parquet PAR1");
@@ -530,44 +602,6 @@ fn hub_dataset_from_the_cache_offline() {
     .fails(&["acme/calib:test", "HF_HUB_OFFLINE"]);
 }
 
-/// A loopback stand-in for the Hub API: answers each request with `answer(path)` (status, JSON
-/// body) until `count` requests or 60 seconds, whichever comes first. Returns its endpoint.
-fn fake_hub(count: usize, answer: fn(&str) -> (u16, String)) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let mut served = 0;
-        while served < count && std::time::Instant::now() < deadline {
-            let Ok((stream, _)) = listener.accept() else {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
-            };
-            served += 1;
-            stream.set_nonblocking(false).unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request = String::new();
-            reader.read_line(&mut request).unwrap();
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 2 {
-                line.clear();
-            }
-            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
-            let (status, body) = answer(&path);
-            let mut stream = stream;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    url
-}
-
 #[test]
 fn hub_dataset_network_errors_are_reported_as_such() {
     let s = setup();
@@ -590,17 +624,21 @@ fn hub_dataset_network_errors_are_reported_as_such() {
         "http://127.0.0.1:9",
         "mit-han-lab/pile-val-backup:validation",
     );
-    run.fails(&[
-        "mit-han-lab/pile-val-backup:validation",
-        "could not be listed",
-        "Connection",
-        "HF_HUB_OFFLINE=1",
-        "local file",
-    ]);
+    // A transient failure: exit 6, so that a job can retry exactly these.
+    run.fails_with(
+        6,
+        &[
+            "mit-han-lab/pile-val-backup:validation",
+            "could not be listed",
+            "Connection",
+            "HF_HUB_OFFLINE=1",
+            "local file",
+        ],
+    );
     assert!(!run.stderr.contains("no parquet files"), "{}", run.stderr);
 
     // The listing works but has no such split: then, and only then, "no parquet files".
-    let endpoint = fake_hub(2, |path| {
+    let endpoint = common::fake_hub(2, |path| {
         if path.ends_with("/revision/main") {
             let body = r#"{"sha": "0", "siblings": [{"rfilename": "data/train-0.parquet"}]}"#;
             (200, body.to_string())
@@ -613,9 +651,10 @@ fn hub_dataset_network_errors_are_reported_as_such() {
         "no parquet files of split validation",
     ]);
     // No such dataset: 404 (or 401) at every revision.
-    let endpoint = fake_hub(2, |_| (404, r#"{"error": "Repository not found"}"#.into()));
+    let endpoint = common::fake_hub(2, |_| (404, r#"{"error": "Repository not found"}"#.into()));
     online(&endpoint, "acme/none").fails(&["Hub has no dataset acme/none", "HTTP 404", "HF_TOKEN"]);
     // A Hub failure is an error of its own, with its status.
-    let endpoint = fake_hub(1, |_| (500, "{}".into()));
-    online(&endpoint, "acme/data").fails(&["could not be listed", "500", "HF_HUB_OFFLINE=1"]);
+    let endpoint = common::fake_hub(1, |_| (500, "{}".into()));
+    online(&endpoint, "acme/data")
+        .fails_with(6, &["could not be listed", "500", "HF_HUB_OFFLINE=1"]);
 }

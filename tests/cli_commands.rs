@@ -73,7 +73,30 @@ fn json_events_progress_lines_and_inspect() {
     assert!(layers[0]["fp16_candidates"].is_null());
     let done = events.last().unwrap();
     assert_eq!(done["event"], "done");
-    assert!(done["files"].as_array().unwrap().len() == 1);
+    // `files` is everything written (what a job uploads), `weights` the shards.
+    assert_eq!(done["weights"], serde_json::json!(["model.safetensors"]));
+    let files: Vec<&str> = done["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "quant_config.json",
+        "tokenizer.json",
+        "README.md",
+        "quantization_report.json",
+    ] {
+        assert!(files.contains(&f), "{f} not in {files:?}");
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(files, on_disk);
 
     // Without a terminal, one plain line per layer with the groups' outcome.
     let out2 = s.tmp.path().join("out2");
@@ -228,9 +251,10 @@ fn verify_passes_our_output_and_names_what_is_broken() {
         r.stdout
     );
 
-    // An fp checkpoint is not an AWQ checkpoint.
+    // An fp checkpoint is not an AWQ checkpoint: an input error (3), not a failed check.
     let r = awq(&["verify", s.model.to_str().unwrap()], &[]);
-    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not an AWQ checkpoint"), "{}", r.stderr);
 }
 
 #[test]
@@ -264,7 +288,9 @@ fn dry_run_writes_nothing_and_exit_codes() {
         &[],
     );
     assert_eq!(r.code, 3, "{}", r.stderr);
+    // An empty directory is taken as -o; one holding something else is refused.
     std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let r = quantize(&s, &out, &["-q"]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     // --json reports the failure as an event too.
@@ -299,7 +325,8 @@ fn quality_gate_records_both_perplexities_and_fails_with_5() {
     assert!(q["quantized_perplexity"].as_f64().unwrap() > 1.0);
     assert_eq!(q["passed"], true);
 
-    // A limit below the measured increase fails with exit 5 (the output stays for inspection).
+    // A limit below the measured increase fails with exit 5 (the checkpoint is kept as
+    // out2.rejected for inspection; see tests/pipeline.rs).
     let increase = q["increase_pct"].as_f64().unwrap();
     let limit = format!("{}%", (increase - 0.5).max(0.0));
     let out2 = s.tmp.path().join("out2");
@@ -309,11 +336,12 @@ fn quality_gate_records_both_perplexities_and_fails_with_5() {
     if increase > 0.5 {
         assert_eq!(r.code, 5, "{}", r.stderr);
         assert!(r.stderr.contains("quality gate failed"), "{}", r.stderr);
+        assert!(!out2.exists());
         // `awq verify` does not let the kept checkpoint ship.
         let o = Command::cargo_bin("awq")
             .unwrap()
             .args(["verify", "--for", "transformers"])
-            .arg(&out2)
+            .arg(s.tmp.path().join("out2.rejected"))
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(5));

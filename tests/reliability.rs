@@ -202,6 +202,7 @@ fn bad_inputs_each_get_a_message_an_exit_code_and_no_output() {
             "output exists",
             Box::new(|c| {
                 std::fs::create_dir(&c.out).unwrap();
+                std::fs::write(c.out.join("notes.txt"), "mine").unwrap();
                 vec![]
             }),
             4,
@@ -227,10 +228,8 @@ fn bad_inputs_each_get_a_message_an_exit_code_and_no_output() {
             assert!(err.contains(n), "{what}: {err:?} lacks {n:?}");
         }
         if existed {
-            assert!(
-                std::fs::read_dir(&c.out).unwrap().next().is_none(),
-                "{what}: output touched"
-            );
+            let left: Vec<_> = std::fs::read_dir(&c.out).unwrap().collect();
+            assert_eq!(left.len(), 1, "{what}: output touched");
         } else {
             assert_nothing_written(&c);
         }

@@ -140,7 +140,8 @@ fn config_template(config: &Value, path: &Path) -> Result<Option<String>> {
 /// or an OpenAI-style list of parts `{"type": "text", "text": "..."}`, which is **joined** into
 /// one string (parts separated by a newline, as vLLM does) because transformers' chat templates
 /// mostly expect a string; a part of any other type (`image_url`, `input_audio`, ...) is refused,
-/// calibration being text only. ShareGPT's `{from, value}` messages are refused, not converted.
+/// calibration being text only. ShareGPT's `{from, value}` messages are read as
+/// `{role, content}` ([`sharegpt_role`]).
 pub fn conversation(messages: &[Value], origin: &str) -> Result<Value> {
     messages
         .iter()
@@ -159,18 +160,17 @@ fn message(m: &Value, origin: &str, n: usize) -> Result<serde_json::Map<String, 
             kind(m)
         ));
     };
+    if !map.contains_key("role") && map.contains_key("from") && map.contains_key("value") {
+        return message(&from_sharegpt(map, origin, n)?, origin, n);
+    }
     if !map.contains_key("role") || !map.contains_key("content") {
         let keys = match key_list(map) {
             k if k.is_empty() => "no keys".to_string(),
             k => format!("keys {k}"),
         };
-        let sharegpt = if map.contains_key("from") && map.contains_key("value") {
-            " (ShareGPT's from/value is not read)"
-        } else {
-            ""
-        };
         return Err(input_err!(
-            "{origin}: message {n} has {keys}; expected \"role\" and \"content\"{sharegpt}"
+            "{origin}: message {n} has {keys}; expected \"role\" and \"content\" (or \
+             ShareGPT's \"from\" and \"value\")"
         ));
     }
     if !map["role"].is_string() {
@@ -193,6 +193,40 @@ fn message(m: &Value, origin: &str, n: usize) -> Result<serde_json::Map<String, 
     let mut map = map.clone();
     map.insert("content".into(), Value::String(content));
     Ok(map)
+}
+
+/// The chat role of a ShareGPT speaker (`from`), as FastChat's and Axolotl's ShareGPT readers
+/// map them: `human`/`user` → `user`, `gpt`/`assistant`/`chatgpt`/`bard`/`bing`/`model` →
+/// `assistant`, `system` → `system`, `tool`/`function_response`/`observation` → `tool`.
+pub fn sharegpt_role(from: &str) -> Option<&'static str> {
+    Some(match from.to_ascii_lowercase().as_str() {
+        "human" | "user" => "user",
+        "gpt" | "assistant" | "chatgpt" | "bard" | "bing" | "model" => "assistant",
+        "system" => "system",
+        "tool" | "function_response" | "observation" => "tool",
+        _ => return None,
+    })
+}
+
+/// A ShareGPT message `{from, value, …}` as `{role, content, …}`.
+fn from_sharegpt(map: &serde_json::Map<String, Value>, origin: &str, n: usize) -> Result<Value> {
+    let from = map["from"].as_str().unwrap_or_default();
+    let role = sharegpt_role(from).ok_or_else(|| {
+        input_err!(
+            "{origin}: message {n}: ShareGPT speaker \"from\": {} is not one of human, user, \
+             gpt, assistant, system, tool",
+            map["from"]
+        )
+    })?;
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        match k.as_str() {
+            "from" => out.insert("role".into(), Value::String(role.into())),
+            "value" => out.insert("content".into(), v.clone()),
+            _ => out.insert(k.clone(), v.clone()),
+        };
+    }
+    Ok(Value::Object(out))
 }
 
 /// The text parts of an OpenAI-style content list, joined by newlines.
@@ -372,10 +406,16 @@ mod tests {
                 {"role": "assistant", "content": "c", "name": "x"}])
         );
         let err = |v: Value| check(v).unwrap_err().to_string();
+        // ShareGPT's speaker and text, read as role and content.
         assert_eq!(
-            err(serde_json::json!([{"from": "human", "value": "hi"}])),
-            "c.jsonl:3: message 1 has keys \"from\", \"value\"; expected \"role\" and \"content\" \
-             (ShareGPT's from/value is not read)"
+            check(serde_json::json!([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]))
+                .unwrap(),
+            serde_json::json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        );
+        assert_eq!(
+            err(serde_json::json!([{"speaker": "human", "text": "hi"}])),
+            "c.jsonl:3: message 1 has keys \"speaker\", \"text\"; expected \"role\" and \
+             \"content\" (or ShareGPT's \"from\" and \"value\")"
         );
         let e = err(serde_json::json!([{"role": "user", "content": "a"}, "b"]));
         assert!(e.contains("message 2 is a string"), "{e}");

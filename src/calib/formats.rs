@@ -27,10 +27,13 @@ use crate::input_err;
 /// What `--calib` accepts, for error messages and help.
 pub const SUPPORTED: &str =
     ".txt (documents separated by blank lines), .json (an array of strings \
-     or objects), .jsonl (one object per line), .parquet, or a Hub dataset id org/name[:split]";
+     or objects), .jsonl (one object per line), each also gzipped (.gz), .parquet, or a Hub \
+     dataset id org/name[:split]";
 
 /// The field holding a conversation (a list of `{role, content}` objects).
 pub const MESSAGES: &str = "messages";
+/// ShareGPT's field for a conversation (a list of `{from, value}` objects).
+pub const CONVERSATIONS: &str = "conversations";
 
 /// One calibration record before tokenization.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,21 +60,45 @@ pub enum Format {
     Parquet,
 }
 
-/// Reads the records of one calibration file, the format chosen by extension or content.
+/// Reads the records of one calibration file, the format chosen by extension or content. A
+/// gzip file (`.txt.gz`, `.jsonl.gz`, `.json.gz`, or the gzip magic) is decompressed in memory
+/// and read by the extension under `.gz`.
 pub fn read_file(path: &Path, column: &str) -> Result<Vec<Record>> {
     let head = read_head(path)?;
     if extension(path) == "parquet" || head.starts_with(b"PAR1") {
         return parquet_records(path, column);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::input_io(path, e))?;
+    let (bytes, inner) = if head.starts_with(&GZIP_MAGIC) {
+        (gunzip(path, &bytes)?, path.with_extension(""))
+    } else {
+        (bytes, path.to_path_buf())
+    };
     let text = utf8(path, &bytes)?;
     let name = path.display().to_string();
-    match detect(path, text) {
+    match detect(&inner, text) {
         Format::Text => Ok(txt_documents(text).into_iter().map(Record::Text).collect()),
         Format::JsonArray => json_array_records(&name, text, column),
         Format::JsonLines => jsonl_records(&name, text, column),
         Format::Parquet => parquet_records(path, column),
     }
+}
+
+/// The first bytes of a gzip stream (RFC 1952).
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// The decompressed bytes of a gzip file (all members, as `zcat` reads them).
+fn gunzip(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            input_err!(
+                "{}: not a readable gzip file: {e}; supported: {SUPPORTED}",
+                path.display()
+            )
+        })?;
+    Ok(out)
 }
 
 fn read_head(path: &Path) -> Result<Vec<u8>> {
@@ -207,7 +234,7 @@ fn object_record(
         }
         None => {}
     }
-    match map.get(MESSAGES) {
+    match map.get(MESSAGES).or_else(|| map.get(CONVERSATIONS)) {
         Some(Value::Array(list)) => {
             let origin = origin();
             Ok(Record::Chat {
@@ -221,9 +248,12 @@ fn object_record(
                 keys => format!("keys: {keys}"),
             };
             let missing = if column == MESSAGES {
-                format!("no {MESSAGES:?} list")
+                format!("no {MESSAGES:?} (or ShareGPT {CONVERSATIONS:?}) list")
             } else {
-                format!("no string field {column:?} and no {MESSAGES:?} list")
+                format!(
+                    "no string field {column:?} and no {MESSAGES:?} (or ShareGPT \
+                     {CONVERSATIONS:?}) list"
+                )
             };
             Err(input_err!(
                 "{}: {missing}; found {found} (choose with --text-column)",
@@ -276,7 +306,7 @@ fn parquet_rows(path: &Path, column: &str) -> Result<Vec<Record>> {
     let mut records = Vec::new();
     for (i, row) in reader.get_row_iter(None).map_err(bad)?.enumerate() {
         let row = row.map_err(bad)?;
-        let object = Value::Object(row_object(&row, &[column, MESSAGES]));
+        let object = Value::Object(row_object(&row, &[column, MESSAGES, CONVERSATIONS]));
         records.push(record(&object, column, &|| {
             format!("{name}: row {}", i + 1)
         })?);
@@ -394,7 +424,7 @@ mod tests {
         let err = record(&serde_json::json!({"text": "t"}), MESSAGES, &origin).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "f:1: no \"messages\" list; found keys: \"text\" (choose with --text-column)"
+            "f:1: no \"messages\" (or ShareGPT \"conversations\") list; found keys: \"text\" (choose with --text-column)"
         );
         let chat = text(serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}));
         assert!(matches!(chat, Record::Chat { ref origin, .. } if origin == "f:1"));

@@ -4,4 +4,5 @@ pub mod fingerprint;
 pub mod output;
 pub mod reader;
 pub mod source;
+pub mod space;
 pub mod writer;

@@ -161,6 +161,22 @@ pub fn existing(output: &Path) -> Existing {
     ))
 }
 
+/// Where a checkpoint that failed the quality gate is kept: `OUT.rejected` beside `-o`, so
+/// that `-o` only ever holds what passed.
+pub fn rejected_path(output: &Path) -> PathBuf {
+    let mut name = output.as_os_str().to_owned();
+    name.push(".rejected");
+    PathBuf::from(name)
+}
+
+/// The resume fingerprint recorded in the report of the awq output at `dir` (`None` for
+/// outputs of older versions, other tools, or anything else).
+pub fn recorded_fingerprint(dir: &Path) -> Option<serde_json::Value> {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(REPORT_FILE)).ok()?).ok()?;
+    report.get("fingerprint").cloned()
+}
+
 /// `output_files` of the report in `dir` (absent in outputs of older versions and other tools).
 fn files_written(dir: &Path) -> Option<Vec<String>> {
     let report: serde_json::Value =
@@ -186,14 +202,15 @@ fn is_awq_config(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Refuses (exit 4) an existing output unless `force` is given and [`existing`] says it is
-/// empty or an earlier AWQ output.
+/// Refuses (exit 4) an existing output unless it is an empty directory (a pre-created `-o`,
+/// the `mktemp -d` pattern) or `force` is given and [`existing`] says it is an earlier AWQ
+/// output.
 pub fn check_replaceable(output: &Path, force: bool) -> Result<()> {
     let found = existing(output);
     match (&found, force) {
-        (Existing::Absent, _) => Ok(()),
-        (Existing::Empty | Existing::AwqOutput, true) => Ok(()),
-        (Existing::Empty | Existing::AwqOutput, false) => Err(Error::OutputExists(format!(
+        (Existing::Absent | Existing::Empty, _) => Ok(()),
+        (Existing::AwqOutput, true) => Ok(()),
+        (Existing::AwqOutput, false) => Err(Error::OutputExists(format!(
             "{} already exists; pass --force to replace it",
             output.display()
         ))),
@@ -246,8 +263,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("o");
         assert!(check_replaceable(&out, false).is_ok());
+        // A pre-created empty directory (`mktemp -d`) needs no --force.
         std::fs::create_dir(&out).unwrap();
-        assert_eq!(check_replaceable(&out, false).unwrap_err().exit_code(), 4);
+        assert!(check_replaceable(&out, false).is_ok());
         assert!(check_replaceable(&out, true).is_ok());
         std::fs::write(out.join("notes.txt"), "mine").unwrap();
         let err = check_replaceable(&out, true).unwrap_err().to_string();

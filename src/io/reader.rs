@@ -56,10 +56,7 @@ impl Checkpoint {
         } else if index_path.is_file() {
             shard_files(dir, &index_path)?
         } else {
-            return Err(input_err!(
-                "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards",
-                dir.display()
-            ));
+            return Err(no_weights(dir));
         };
         Self::open_files(files)
     }
@@ -443,4 +440,56 @@ fn shard_files(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
         return Err(input_err!("{} lists no shards", index_path.display()));
     }
     Ok(files)
+}
+
+/// The error for a directory without safetensors weights, naming what it holds instead (GGUF,
+/// PyTorch `.bin`/`.pt`) and how to convert it.
+fn no_weights(dir: &Path) -> Error {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let with = |exts: &[&str]| -> Vec<&str> {
+        names
+            .iter()
+            .filter(|n| exts.iter().any(|e| n.to_ascii_lowercase().ends_with(e)))
+            .map(String::as_str)
+            .collect()
+    };
+    let (gguf, torch) = (with(&[".gguf"]), with(&[".bin", ".pt", ".pth"]));
+    let other_st = with(&[".safetensors"]);
+    let d = dir.display();
+    let hint = if let Some(first) = other_st.first() {
+        format!(
+            "it holds {first} but neither of those: a safetensors file under another name (such \
+             as Mistral's native consolidated.safetensors, which has its own tensor names and \
+             params.json instead of config.json) is not a transformers checkpoint; use the \
+             repository's transformers files (model.safetensors or model-0000N-of-0000M \
+             shards with their index)"
+        )
+    } else if let Some(first) = gguf.first() {
+        format!(
+            "it holds GGUF weights ({first}{more}), which awq does not read; convert to a \
+             transformers directory first: python -c \"from transformers import \
+             AutoModelForCausalLM as M, AutoTokenizer as T; p='{d}'; f='{first}'; \
+             M.from_pretrained(p, gguf_file=f).save_pretrained('OUT'); \
+             T.from_pretrained(p, gguf_file=f).save_pretrained('OUT')\" (dequantizes to float)",
+            more = if gguf.len() > 1 { ", …" } else { "" }
+        )
+    } else if let Some(first) = torch.first() {
+        format!(
+            "it holds PyTorch weights ({first}{more}), which awq does not read (they are pickles \
+             that can run code); convert them to safetensors: python -c \"from transformers \
+             import AutoModelForCausalLM as M; M.from_pretrained('{d}').save_pretrained('OUT')\" \
+             (writes model.safetensors), then copy the tokenizer files",
+            more = if torch.len() > 1 { ", …" } else { "" }
+        )
+    } else {
+        "pass the directory that holds the weights".to_string()
+    };
+    input_err!("no weights in {d}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards; {hint}")
 }

@@ -21,14 +21,24 @@ pub const COMPANIONS: [&str; 6] = [
 ];
 
 /// Resolves `--model` to a local directory holding config, tokenizer and weights.
+///
+/// A path that exists is never a Hub id: a file (`dir/model.safetensors`, `x.gguf`) is refused
+/// (exit 3) saying what it is and what `--model` wants, instead of being fetched online.
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    if !looks_like_hub_id(model) {
+    if path.exists() {
+        return Err(not_a_model_dir(path));
+    }
+    let weight_file = [".safetensors", ".gguf", ".bin", ".pt", ".pth"]
+        .iter()
+        .any(|e| model.to_ascii_lowercase().ends_with(e));
+    if !looks_like_hub_id(model) || weight_file {
         return Err(input_err!(
-            "model directory {model} does not exist (pass a local directory or a Hub id like org/name)"
+            "model directory {model} does not exist (pass a local directory holding config.json, \
+             tokenizer.json and the safetensors weights, or a Hub id like org/name)"
         ));
     }
     let revision = revision.unwrap_or("main");
@@ -44,6 +54,35 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<PathBuf> {
         ));
     }
     download(&cache, model, revision)
+}
+
+/// The error for an existing `--model` path that is not a directory.
+fn not_a_model_dir(path: &Path) -> Error {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let what = match ext.as_str() {
+        "safetensors" => "a safetensors weight file",
+        "gguf" => {
+            "a GGUF file (awq reads Hugging Face safetensors checkpoints; convert it to a \
+                   transformers directory first, e.g. transformers' from_pretrained(..., \
+                   gguf_file=...) then save_pretrained)"
+        }
+        "bin" | "pt" | "pth" => "a PyTorch weight file",
+        "json" => "a JSON file",
+        _ => "a file",
+    };
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| ".".to_string(), |p| p.display().to_string());
+    input_err!(
+        "--model {} is {what}, not a model directory; --model wants the directory holding \
+         config.json, tokenizer.json and the safetensors weights (here perhaps {parent}), or a \
+         Hub id like org/name",
+        path.display()
+    )
 }
 
 fn looks_like_hub_id(s: &str) -> bool {
@@ -180,13 +219,26 @@ fn download(cache: &Path, model: &str, revision: &str) -> Result<PathBuf> {
         revision.to_string(),
     ));
     let fetch = |file: &str| {
-        repo.get(file)
-            .map_err(|e| input_err!("cannot download {file} of {model}@{revision}: {e}"))
+        repo.get(file).map_err(|e| {
+            hub_error(
+                e,
+                &format!("cannot download {file} of {model}@{revision}"),
+                "check the id and --revision, or set HF_TOKEN if it is private or gated",
+            )
+        })
     };
-    let config = fetch("config.json")?;
+    let config = match fetch("config.json") {
+        Err(Error::Input(m)) => {
+            return Err(not_a_transformers_repo(&repo, model).unwrap_or(Error::Input(m)))
+        }
+        other => other?,
+    };
     fetch("tokenizer.json")?;
     // transformers reads model.safetensors when it exists, the index only otherwise.
-    if fetch(super::reader::SINGLE_FILE).is_err() {
+    if let Err(e) = fetch(super::reader::SINGLE_FILE) {
+        if matches!(e, Error::Network(_)) {
+            return Err(e);
+        }
         let index = fetch(super::reader::INDEX_FILE)?;
         for shard in index_shards(&index)? {
             fetch(&shard)?;
@@ -362,6 +414,54 @@ fn relative_files(dir: &Path) -> Vec<String> {
 const DATASET_WAYS_OUT: &str = "set HF_HUB_OFFLINE=1 to use only the local Hub cache, \
      or pass a local file (--calib data.jsonl, .parquet, .txt)";
 
+/// A failed Hub request as an error of the right kind: the Hub's "no such repository, file or
+/// revision" and "not authorised" answers (HTTP 401, 403, 404) are [`Error::Input`] with
+/// `fix`; a local failure (writing the cache, its lock) is [`Error::Runtime`]; everything else
+/// — DNS, connection, TLS, timeouts, HTTP 429 and 5xx, a broken answer — is [`Error::Network`]
+/// (exit 6), which a job may retry.
+fn hub_error(e: hf_hub::api::sync::ApiError, what: &str, fix: &str) -> Error {
+    use hf_hub::api::sync::ApiError;
+    let text = e.to_string();
+    let status = match e {
+        ApiError::IoError(_) | ApiError::LockAcquisition(_) => {
+            return Error::Runtime(format!(
+                "{what}: {text} (writing the Hub cache {})",
+                hub_cache_dir().display()
+            ))
+        }
+        ApiError::RequestError(err) => (*err).into_response().map(|r| r.status()),
+        _ => None,
+    };
+    match status {
+        Some(s @ (401 | 403 | 404)) => input_err!("{what}: HTTP {s} ({text}); {fix}"),
+        _ => Error::Network(format!(
+            "{what}: {text}; the network or the Hub failed (exit 6: retrying may help; check \
+             HF_ENDPOINT and proxies, or set HF_HUB_OFFLINE=1 to use only the local cache)"
+        )),
+    }
+}
+
+/// A repository without `config.json`: what its listing holds instead (GGUF, PyTorch `.bin`),
+/// so the message says what the repository is rather than only "HTTP 404".
+fn not_a_transformers_repo(repo: &hf_hub::api::sync::ApiRepo, model: &str) -> Option<Error> {
+    let files: Vec<String> = repo
+        .info()
+        .ok()?
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .collect();
+    let gguf = files
+        .iter()
+        .find(|f| f.to_ascii_lowercase().ends_with(".gguf"))?;
+    Some(input_err!(
+        "{model} is a GGUF repository (e.g. {gguf}) without config.json; awq reads Hugging Face \
+         safetensors checkpoints: quantize the original model's repository instead, or convert \
+         the GGUF file to a transformers directory first (transformers' \
+         from_pretrained(..., gguf_file=...) then save_pretrained)"
+    ))
+}
+
 /// Why a dataset revision's file listing failed.
 enum ListingError {
     /// HTTP 401 or 404: no such repository or revision (the Hub answers 401 for a repository
@@ -403,12 +503,12 @@ fn download_dataset(cache: &Path, spec: &DatasetSpec) -> Result<Vec<PathBuf>> {
                 continue;
             }
             Err(ListingError::Failed(e)) => {
-                return Err(input_err!(
+                return Err(Error::Network(format!(
                     "{spec}: no such file, and the Hub dataset {} could not be listed \
-                     (revision {revision}): {e}; check the network (and HF_ENDPOINT), \
-                     or {DATASET_WAYS_OUT}",
+                     (revision {revision}): {e}; the network or the Hub failed (exit 6: \
+                     retrying may help; check HF_ENDPOINT), or {DATASET_WAYS_OUT}",
                     spec.id
-                ))
+                )))
             }
         };
         listed.push(revision);
@@ -418,9 +518,10 @@ fn download_dataset(cache: &Path, spec: &DatasetSpec) -> Result<Vec<PathBuf>> {
                 .iter()
                 .map(|f| {
                     repo.get(f).map_err(|e| {
-                        input_err!(
-                            "cannot download {f} of dataset {}@{revision}: {e}; {DATASET_WAYS_OUT}",
-                            spec.id
+                        hub_error(
+                            e,
+                            &format!("cannot download {f} of dataset {}@{revision}", spec.id),
+                            DATASET_WAYS_OUT,
                         )
                     })
                 })

@@ -153,14 +153,16 @@ fn inject_enospc(written: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A failed write of `path`; "no space left on device" is [`Error::DiskFull`] (the caller says
+/// what was kept and how to continue).
 fn write_err(path: &Path, e: impl std::fmt::Display) -> Error {
     let e = e.to_string();
-    let hint = if e.contains("os error 28") {
-        "; free some space and rerun (nothing is left at the output path)"
+    let message = format!("cannot write {}: {e}", path.display());
+    if e.contains("os error 28") {
+        Error::DiskFull(message)
     } else {
-        ""
-    };
-    Error::Runtime(format!("cannot write {}: {e}{hint}", path.display()))
+        Error::Runtime(message)
+    }
 }
 
 fn pt_metadata() -> Option<HashMap<String, String>> {
@@ -387,6 +389,8 @@ pub struct Staging {
     target: PathBuf,
     /// Set once published, or when an interrupted run's finished layers must survive.
     keep: bool,
+    /// `owner.lock`, exclusively locked while this process owns the directory.
+    _lock: std::fs::File,
 }
 
 /// What lies at the staging path of an output, found by [`Staging::probe`] without changing
@@ -401,8 +405,8 @@ pub enum Found {
         fingerprint: Option<serde_json::Value>,
         layers_done: usize,
     },
-    /// Owned by a running process.
-    Busy { pid: u32 },
+    /// Owned by a running process (the pid it recorded, when readable).
+    Busy { pid: Option<u32> },
 }
 
 /// What to do with the staging directory, decided by the caller from [`Found`].
@@ -416,27 +420,48 @@ pub enum Open {
     Resume,
 }
 
+/// Who owns a staging directory, for messages: `pid host` (informative only; see [`LOCK_FILE`]).
 const OWNER_FILE: &str = "owner.pid";
+/// Held with an exclusive `flock` by the process that owns the staging directory, for its whole
+/// run. The lock dies with the process (SIGKILL, a crashed container), and a recorded pid that
+/// another process reuses — across containers or shared volumes — holds no lock, so only a
+/// live owner blocks the output.
+const LOCK_FILE: &str = "owner.lock";
 /// Fingerprint of the run that owns a staging directory (see [`super::fingerprint`]).
 pub const FINGERPRINT_FILE: &str = "fingerprint.json";
 /// Finished layers' parts and records inside a staging directory.
 pub const PARTS_DIR: &str = ".parts";
 
-/// Whether process `pid` still runs (Linux `/proc`; elsewhere every earlier owner counts as
-/// gone, which only matters for two concurrent runs on the same output). A zombie — killed, not
-/// yet reaped by its parent (a shell script that `kill -9`s and reruns) — does not run.
-fn alive(pid: u32) -> bool {
-    if pid == std::process::id() {
+/// Whether a live process holds the lock of staging directory `dir`. A directory without the
+/// lock file (written by an older version, or by a process that died at creation) has no owner.
+fn locked(dir: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+    else {
         return false;
-    }
-    match std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
-        // `pid (comm) S …`: the state follows the last ')' (comm may hold spaces and parens).
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    };
+    // Taken and released at once (on drop) when free.
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// The pid an owner recorded (`pid host`), for messages.
+fn recorded_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(OWNER_FILE))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// This machine's name, recorded beside the pid (a shared volume may be written from several).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Layer records (`.parts/layer-N.json`, written after their part) in staging directory `dir`.
@@ -454,18 +479,13 @@ fn layers_done(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `.NAME.awq-staging` beside `target`.
+/// `.NAME.awq-staging` beside `target` (its parent may not exist yet: [`Staging::open`]
+/// creates it, as `mkdir -p` would).
 pub fn staging_path(target: &Path) -> Result<PathBuf> {
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if !parent.is_dir() {
-        return Err(Error::Usage(format!(
-            "the parent directory of the output, {}, does not exist",
-            parent.display()
-        )));
-    }
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -480,10 +500,8 @@ impl Staging {
         if !dir.exists() {
             return Ok((dir, Found::Fresh));
         }
-        let owner = std::fs::read_to_string(dir.join(OWNER_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        if let Some(pid) = owner.filter(|p| alive(*p)) {
+        if locked(&dir) {
+            let pid = recorded_pid(&dir);
             return Ok((dir, Found::Busy { pid }));
         }
         let fingerprint = std::fs::read(dir.join(FINGERPRINT_FILE))
@@ -504,9 +522,18 @@ impl Staging {
         layers_done(&self.dir)
     }
 
-    /// Opens the staging directory of `target` as decided (`how`) and marks it as ours.
+    /// Opens the staging directory of `target` as decided (`how`) and marks it as ours: its
+    /// lock is held until this value is dropped. Missing parents of `target` are created.
     pub fn open(target: &Path, how: Open) -> Result<Self> {
         let dir = staging_path(target)?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::Runtime(format!(
+                    "cannot create the output's parent directory {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
         if how == Open::Replace && dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
         }
@@ -518,14 +545,30 @@ impl Staging {
                 ))
             })?;
         }
-        let staging = Self {
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| write_err(&lock_path, e))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(Error::Runtime(format!(
+                "another awq process is writing {} (its staging directory {} is locked: {e}); \
+                 wait for it to finish",
+                target.display(),
+                dir.display()
+            )));
+        }
+        let owner = format!("{} {}\n", std::process::id(), hostname());
+        std::fs::write(dir.join(OWNER_FILE), owner).map_err(|e| write_err(&dir, e))?;
+        Ok(Self {
             dir,
             target: target.to_path_buf(),
             keep: false,
-        };
-        std::fs::write(staging.dir.join(OWNER_FILE), std::process::id().to_string())
-            .map_err(|e| write_err(&staging.dir, e))?;
-        Ok(staging)
+            _lock: lock,
+        })
     }
 
     /// Leaves the directory in place when this value is dropped without publishing (an
@@ -538,24 +581,33 @@ impl Staging {
     /// with [`super::output::check_replaceable`] before any work, and which is checked again
     /// here) is first renamed aside and removed only after the new output is in place, so a
     /// failure in between never leaves the path empty.
-    pub fn publish(mut self, force: bool) -> Result<()> {
-        super::output::check_replaceable(&self.target, force)?;
-        let owner = self.dir.join(OWNER_FILE);
-        std::fs::remove_file(&owner).map_err(|e| write_err(&owner, e))?;
+    pub fn publish(self, force: bool) -> Result<()> {
+        let target = self.target.clone();
+        self.publish_at(&target, force)
+    }
+
+    /// [`Staging::publish`] at `target` instead of the output it was opened for (a checkpoint
+    /// that failed the quality gate goes to `OUT.rejected`, `-o` untouched).
+    pub fn publish_at(mut self, target: &Path, force: bool) -> Result<()> {
+        super::output::check_replaceable(target, force)?;
+        for name in [OWNER_FILE, LOCK_FILE] {
+            let owner = self.dir.join(name);
+            std::fs::remove_file(&owner).map_err(|e| write_err(&owner, e))?;
+        }
         let mut aside = None;
-        if std::fs::symlink_metadata(&self.target).is_ok() {
+        if std::fs::symlink_metadata(target).is_ok() {
             let mut name = self.dir.as_os_str().to_owned();
             name.push(".replaced");
             let old = PathBuf::from(name);
             let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(&self.target, &old).map_err(|e| write_err(&self.target, e))?;
+            std::fs::rename(target, &old).map_err(|e| write_err(target, e))?;
             aside = Some(old);
         }
-        if let Err(e) = std::fs::rename(&self.dir, &self.target) {
+        if let Err(e) = std::fs::rename(&self.dir, target) {
             if let Some(old) = &aside {
-                let _ = std::fs::rename(old, &self.target);
+                let _ = std::fs::rename(old, target);
             }
-            return Err(write_err(&self.target, e));
+            return Err(write_err(target, e));
         }
         self.keep = true;
         if let Some(old) = aside {
@@ -577,29 +629,36 @@ impl Drop for Staging {
 mod tests {
     use super::*;
 
-    /// A staging owner killed but not yet reaped (a zombie) no longer runs: its staging is
-    /// resumable (it was refused as "in use by a running process").
+    /// A recorded pid that a live process reuses (another container, a shared volume) does
+    /// not make the staging busy: only the lock of a live owner does, and it dies with it.
     #[test]
-    #[cfg(target_os = "linux")]
-    fn a_killed_unreaped_owner_is_not_alive() {
-        let mut sleeper = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        assert!(alive(sleeper.id()));
-        sleeper.kill().unwrap();
-        // Not reaped yet: wait until the kernel reports it as a zombie.
-        let stat = format!("/proc/{}/stat", sleeper.id());
-        for _ in 0..200 {
-            let s = std::fs::read_to_string(&stat).unwrap_or_default();
-            if s.contains(") Z") {
-                break;
+    fn a_stale_owner_pid_of_a_live_process_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("out");
+        let staging = Staging::open(&target, Open::Create).unwrap();
+        let (_, found) = Staging::probe(&target).unwrap();
+        assert_eq!(
+            found,
+            Found::Busy {
+                pid: Some(std::process::id())
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        );
+        // A second owner is refused while the first holds the lock.
+        assert!(Staging::open(&target, Open::Resume).is_err());
+        let dir = staging.dir.clone();
+        let mut staging = staging;
+        staging.keep();
+        drop(staging);
+        // The owner is gone, but its pid file names a live process (this one, pid 1).
+        for pid in [std::process::id(), 1] {
+            std::fs::write(dir.join(OWNER_FILE), format!("{pid} otherhost")).unwrap();
+            let (_, found) = Staging::probe(&target).unwrap();
+            assert!(matches!(found, Found::Stale { .. }), "{found:?}");
         }
-        assert!(!alive(sleeper.id()));
-        sleeper.wait().unwrap();
-        assert!(!alive(sleeper.id()));
-        assert!(!alive(std::process::id()));
+        // An older version's staging: a pid file and no lock file.
+        std::fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        let (_, found) = Staging::probe(&target).unwrap();
+        assert!(matches!(found, Found::Stale { .. }), "{found:?}");
+        Staging::open(&target, Open::Resume).unwrap();
     }
 }

@@ -121,6 +121,111 @@ fn default_theta() -> f64 {
     10000.0
 }
 
+/// transformers 5 saves the rope settings as `rope_parameters` (with `rope_theta` inside)
+/// instead of `rope_scaling` and a top-level `rope_theta`. A flat `rope_parameters` (one that
+/// names its `rope_type`) stands in for both when they are absent; per-layer-type dicts are
+/// left alone.
+pub fn rope_parameters_as_scaling(raw: &mut serde_json::Value) {
+    let Some(obj) = raw.as_object_mut() else {
+        return;
+    };
+    let Some(params) = obj
+        .get("rope_parameters")
+        .filter(|p| p.get("rope_type").is_some_and(|t| t.is_string()))
+        .cloned()
+    else {
+        return;
+    };
+    if !obj.contains_key("rope_theta") {
+        if let Some(theta) = params.get("rope_theta") {
+            obj.insert("rope_theta".into(), theta.clone());
+        }
+    }
+    if obj.get("rope_scaling").is_none_or(|v| v.is_null()) {
+        obj.insert("rope_scaling".into(), params);
+    }
+}
+
+/// Fields of `rope_scaling` that transformers computes with as numbers.
+const ROPE_NUMBERS: [&str; 9] = [
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "attention_factor",
+];
+
+/// Refuses a `rope_scaling` that transformers refuses, naming the field (`modeling_rope_utils`:
+/// `rope_config_validation` raises `KeyError` for missing required keys in 4.4x;
+/// `_validate_llama3_parameters` in 4.4x and 5.x):
+/// - neither `rope_type` nor `type`: 4.4x raises; 5.x silently drops the scaling, so the model
+///   would run unscaled — either way not what the file meant;
+/// - a required key missing: `factor` (linear, dynamic, llama3), `low_freq_factor` and
+///   `high_freq_factor` (llama3), `short_factor` and `long_factor` (longrope);
+/// - a number given as a string (`"factor": "8.0"`): validation only warns, but the rope
+///   computation then fails on it.
+///
+/// Defaults transformers fills are used as it does (`RopeKind` resolution): yarn's `beta_fast`
+/// 32, `beta_slow` 1 and derived `attention_factor`; `original_max_position_embeddings` from
+/// `max_position_embeddings` (5.x `standardize_rope_params`, also for llama3).
+pub fn check_rope_scaling(raw: &serde_json::Value) -> Result<()> {
+    let Some(rs) = raw.get("rope_scaling").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let Some(map) = rs.as_object() else {
+        return Err(input_err!(
+            "rope_scaling must be an object like {{\"rope_type\": \"linear\", \"factor\": 2.0}}, found {rs}"
+        ));
+    };
+    for key in ROPE_NUMBERS {
+        match map.get(key) {
+            Some(v) if !v.is_number() && !v.is_null() => {
+                return Err(input_err!(
+                    "rope_scaling.{key} is {v}, not a number; transformers computes with it as a \
+                     number and fails — write it without quotes"
+                ))
+            }
+            _ => {}
+        }
+    }
+    let kind = match (map.get("rope_type"), map.get("type")) {
+        (Some(serde_json::Value::String(t)), _) | (None, Some(serde_json::Value::String(t))) => t,
+        (None, None) => {
+            let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+            return Err(input_err!(
+                "rope_scaling has no \"rope_type\" (or legacy \"type\"); keys: {}. transformers \
+                 4.x refuses it and 5.x ignores the scaling; add the type, e.g. \"rope_type\": \
+                 \"linear\" (or dynamic, yarn, llama3, longrope, default)",
+                keys.join(", ")
+            ));
+        }
+        (Some(t), _) | (None, Some(t)) => {
+            return Err(input_err!("rope_scaling's type is {t}, not a string"))
+        }
+    };
+    let required: &[&str] = match kind.as_str() {
+        "linear" | "dynamic" => &["factor"],
+        "llama3" => &["factor", "low_freq_factor", "high_freq_factor"],
+        "longrope" => &["short_factor", "long_factor"],
+        _ => &[],
+    };
+    match required
+        .iter()
+        .find(|k| map.get(**k).is_none_or(|v| v.is_null()))
+    {
+        Some(missing) => Err(input_err!(
+            "rope_scaling of type {kind:?} needs \"{missing}\" (transformers raises KeyError \
+             without it); required for {kind}: {}",
+            required.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Serde mirror of `rope_scaling` (transformers' `rope_parameters`); unknown keys are ignored.
 /// Read the scaling type with [`RopeScaling::kind`], never from the two type fields directly.
 #[derive(Debug, Clone, Deserialize)]
@@ -283,8 +388,10 @@ pub struct ModelSpec {
     pub awq: Option<AwqFormat>,
     /// An AWQ checkpoint's `quantization_config.modules_to_not_convert`: a linear whose module
     /// name contains one of these is stored unquantized (`.weight`), as transformers and vLLM
-    /// read it (substring match). Empty for an unquantized checkpoint.
-    pub not_converted: Vec<String>,
+    /// read it (substring match). `None` when absent or `null` (and for an unquantized
+    /// checkpoint): transformers treats a null list differently from any list, even an empty
+    /// one (it then adds the head itself; see `verify`).
+    pub not_converted: Option<Vec<String>>,
     /// Not from config.json: when set (`awq eval --dtype`), the forward rounds every
     /// activation to this dtype after each op, as a server running in it would (f32 math in
     /// between). `None`: plain f32.
@@ -435,16 +542,16 @@ impl HfConfig {
             .map(Some)
     }
 
-    /// `modules_to_not_convert`: absent or `null` is none; anything but a list of strings is
+    /// `modules_to_not_convert`: absent or `null` is `None`; anything but a list of strings is
     /// refused (Python loaders would iterate a string character by character, matching every
     /// module).
-    fn not_converted(&self) -> Result<Vec<String>> {
+    fn not_converted(&self) -> Result<Option<Vec<String>>> {
         let entries = self
             .quantization_config
             .as_ref()
             .and_then(|q| q.get("modules_to_not_convert"));
         let Some(entries) = entries.filter(|e| !e.is_null()) else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         entries
             .as_array()
@@ -453,6 +560,7 @@ impl HfConfig {
                     .map(|e| e.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
             })
+            .map(Some)
             .ok_or_else(|| {
                 input_err!(
                     "config.json: quantization_config.modules_to_not_convert must be a list of \
@@ -557,11 +665,19 @@ impl HfConfig {
         match kind {
             "default" => Ok(RopeKind::Default),
             "linear" => Ok(RopeKind::Linear { factor: factor()? }),
+            // Required keys were checked by `check_rope_scaling`; the original context defaults
+            // to max_position_embeddings as transformers 5 fills it.
             "llama3" => Ok(RopeKind::Llama3 {
                 factor: factor()?,
-                low_freq_factor: rs.low_freq_factor.unwrap_or(1.0),
-                high_freq_factor: rs.high_freq_factor.unwrap_or(4.0),
-                original_max: rs.original_max_position_embeddings.unwrap_or(8192),
+                low_freq_factor: positive("low_freq_factor", rs.low_freq_factor.unwrap_or(0.0))?,
+                high_freq_factor: positive(
+                    "high_freq_factor",
+                    rs.high_freq_factor.unwrap_or(0.0),
+                )?,
+                original_max: match rs.original_max_position_embeddings {
+                    Some(m) if m > 0 => m,
+                    _ => max_pos()?,
+                },
             }),
             "yarn" => {
                 let original_max = original_max()?;

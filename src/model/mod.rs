@@ -98,8 +98,10 @@ pub fn resolve_architecture(cfg: &HfConfig) -> Option<String> {
 /// Reads and resolves `config.json`.
 pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::input_io(config_path, e))?;
-    let raw: serde_json::Value = serde_json::from_str(&text)
+    let mut raw: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| input_err!("{} is not valid JSON: {e}", config_path.display()))?;
+    config::rope_parameters_as_scaling(&mut raw);
+    config::check_rope_scaling(&raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;
     let cfg: HfConfig =
         serde_json::from_value(raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;
     let arch = resolve_architecture(&cfg);
@@ -154,6 +156,11 @@ impl Model {
                 "model directory {} does not exist",
                 dir.display()
             ));
+        }
+        if !dir.join("config.json").exists() {
+            // A GGUF-only or PyTorch-only directory lacks config.json too: say what it holds
+            // (and how to convert it) rather than only that config.json is missing.
+            Checkpoint::open_dir(dir)?;
         }
         let spec = load_spec(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open_dir(dir)?;
@@ -397,6 +404,8 @@ const FINAL_NORM_PREFIX: &str = "model.norm";
 pub const FINAL_NORM: &str = "model.norm.weight";
 pub const FINAL_NORM_BIAS: &str = "model.norm.bias";
 pub const LM_HEAD: &str = "lm_head.weight";
+/// The output head's module name, as `modules_to_not_convert` entries name modules.
+pub const HEAD_MODULE: &str = "lm_head";
 
 #[cfg(test)]
 mod tests {

@@ -226,6 +226,69 @@ mod tests {
         assert!(err.contains("proportional"), "{err}");
     }
 
+    /// What transformers refuses is refused, naming the field: no type, a required key
+    /// missing, a number written as a string. Where transformers fills a default, so do we.
+    #[test]
+    fn rope_scaling_that_transformers_refuses_is_refused_naming_the_field() {
+        use crate::model::config::check_rope_scaling;
+        let check = |rs: serde_json::Value| {
+            check_rope_scaling(&serde_json::json!({ "rope_scaling": rs }))
+                .map_err(|e| e.to_string())
+        };
+        for (rs, needle) in [
+            (serde_json::json!({"factor": 8.0}), "no \"rope_type\""),
+            (serde_json::json!({}), "no \"rope_type\""),
+            (
+                serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+                "needs \"low_freq_factor\"",
+            ),
+            (
+                serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}),
+                "needs \"high_freq_factor\"",
+            ),
+            (serde_json::json!({"type": "linear"}), "needs \"factor\""),
+            (
+                serde_json::json!({"type": "linear", "factor": "2.0"}),
+                "rope_scaling.factor is \"2.0\", not a number",
+            ),
+            (
+                serde_json::json!({"rope_type": "longrope", "short_factor": [1.0]}),
+                "needs \"long_factor\"",
+            ),
+            (serde_json::json!("linear"), "must be an object"),
+        ] {
+            let err = check(rs.clone()).expect_err(&rs.to_string());
+            assert!(err.contains(needle), "{rs}: {err}");
+        }
+        assert!(check(serde_json::json!({"rope_type": "yarn", "factor": 4.0})).is_ok());
+        assert!(check_rope_scaling(&serde_json::json!({"rope_scaling": null})).is_ok());
+        // llama3 without original_max_position_embeddings: max_position_embeddings, as
+        // transformers 5 fills it.
+        let filled = small_spec(serde_json::json!({"max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0}}));
+        let given = small_spec(serde_json::json!({"max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 4096}}));
+        assert_eq!(filled.rope, given.rope);
+    }
+
+    /// transformers 5 writes `rope_parameters` (theta inside) instead of `rope_scaling`.
+    #[test]
+    fn a_flat_rope_parameters_stands_in_for_rope_scaling_and_theta() {
+        let mut raw = serde_json::json!({"rope_parameters":
+            {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}});
+        crate::model::config::rope_parameters_as_scaling(&mut raw);
+        assert_eq!(raw["rope_theta"], 50000.0);
+        assert_eq!(raw["rope_scaling"]["rope_type"], "linear");
+        // Per-layer-type dicts (Gemma 3) and explicit top-level values are left alone.
+        let mut raw = serde_json::json!({"rope_theta": 1.0, "rope_parameters":
+            {"full_attention": {"rope_type": "default", "rope_theta": 7.0}}});
+        crate::model::config::rope_parameters_as_scaling(&mut raw);
+        assert_eq!(raw["rope_theta"], 1.0);
+        assert!(raw.get("rope_scaling").is_none());
+    }
+
     /// head_dim 16 (8 frequencies), theta 10000, plus `extra` top-level keys.
     fn small_spec(extra: serde_json::Value) -> ModelSpec {
         let mut v = serde_json::json!({

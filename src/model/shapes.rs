@@ -166,6 +166,7 @@ impl ModelSpec {
     pub fn not_converted_matches(&self, module: &str) -> bool {
         self.not_converted
             .iter()
+            .flatten()
             .any(|e| module.contains(e.as_str()))
     }
 

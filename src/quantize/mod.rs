@@ -144,6 +144,13 @@ pub struct QuantizeOptions {
     pub dry_run: bool,
     /// Insist on resuming (a matching interrupted run is resumed in any case).
     pub resume: bool,
+    /// Do nothing (exit 0) when the output already holds an awq output of this run's
+    /// fingerprint.
+    pub skip_existing: bool,
+    /// The model card's title (`None`: the Hub id, else the model directory's name).
+    pub name: Option<String>,
+    /// The model card's `base_model` (`None`: the Hub id of the source, if it has one).
+    pub base_model: Option<String>,
     /// Float dtype of the unquantized tensors.
     pub dtype: DtypeChoice,
     /// How `--version auto` chose the layout (`None` when the layout was given).
@@ -162,7 +169,11 @@ pub struct QualityGate {
 
 pub enum Outcome {
     DryRun(Box<Plan>),
+    /// The checkpoint was written: at the output, or — when the quality gate failed — at
+    /// [`Report::rejected_output`].
     Done(Box<Report>),
+    /// `--skip-existing`: the output already holds this run's checkpoint; nothing was done.
+    UpToDate,
 }
 
 pub const TOOL: &str = concat!("awq ", env!("CARGO_PKG_VERSION"));
@@ -175,12 +186,26 @@ pub const REPORT: &str = crate::io::output::REPORT_FILE;
 ///
 /// Errors: usage (exit 2: bad options, output on an input, a staging that does not match),
 /// input (3: model, calibration or gate text missing or invalid, values beyond float16),
-/// output exists (4), quality gate (5, raised by the caller from the report), interrupted (130),
-/// runtime (1). Nothing is left at the output path unless the run succeeds.
+/// output exists (4), quality gate (5, raised by the caller from the report's
+/// `rejected_output`), network (6), interrupted (130), runtime (1, also a full disk).
+/// Nothing is left at the output path unless the run succeeds and passes its quality gate; an
+/// interrupted or disk-full run keeps its finished layers in the staging directory.
 pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let start = Instant::now();
     let (flop0, mm0) = crate::ops::matmul_totals();
-    let prep = prepare::prepare(opts)?;
+    let prep = match prepare::prepare(opts)? {
+        prepare::Prepare::Work(prep) => *prep,
+        prepare::Prepare::UpToDate => {
+            events(&Event::Notice {
+                message: format!(
+                    "--skip-existing: {} already holds this run's checkpoint (same model \
+                     contents, calibration and options); nothing to do",
+                    opts.output.display()
+                ),
+            });
+            return Ok(Outcome::UpToDate);
+        }
+    };
     for message in prepare::warnings(opts, &prep) {
         events(&Event::Warning { message });
     }
@@ -194,6 +219,29 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         return Ok(Outcome::DryRun(Box::new(prep.plan)));
     }
     let mut staging = Staging::open(&opts.output, prep.open)?;
+    let report = match produce(opts, prep, &staging, events, start, (flop0, mm0)) {
+        Err(Error::Interrupted) => return Err(keep_finished_layers(&mut staging, events)),
+        Err(Error::DiskFull(why)) => return Err(disk_full(&mut staging, opts, why)),
+        other => other?,
+    };
+    match &report.rejected_output {
+        // Replaces only an earlier rejected awq output (never anything else).
+        Some(rejected) => staging.publish_at(rejected, true)?,
+        None => staging.publish(opts.force)?,
+    }
+    Ok(Outcome::Done(Box::new(report)))
+}
+
+/// Everything from the first layer to the report, written into `staging` (published by the
+/// caller): the layers, the head and shards, the quality gate, the card and the report.
+fn produce(
+    opts: &QuantizeOptions,
+    prep: prepare::Prepared,
+    staging: &Staging,
+    events: Sink,
+    start: Instant,
+    (flop0, mm0): (f64, f64),
+) -> Result<Report> {
     if prep.open != Open::Resume {
         writer::write_json(&staging.dir.join(FINGERPRINT_FILE), &prep.fingerprint)?;
     }
@@ -205,10 +253,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         calibration_seconds: prep.calibration_seconds,
         ..Work::default()
     };
-    let done = match layers::run_layers(opts, &prep, &parts_dir, events, &mut work) {
-        Err(Error::Interrupted) => return Err(keep_finished_layers(&mut staging, events)),
-        other => other?,
-    };
+    let done = layers::run_layers(opts, &prep, &parts_dir, events, &mut work)?;
 
     if let Some(message) = report::quiet_experts(&done.reports) {
         events(&Event::Warning { message });
@@ -217,6 +262,7 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     let clock = Instant::now();
     let (float_dtype, dtype_reason) =
         write::choose_dtype(opts.dtype, prep.beyond_f16.as_ref(), &done.reports, events);
+    write::check_space_for_head(opts, &prep.model, &parts_dir)?;
     let written = write::write_checkpoint(
         opts,
         &prep.model,
@@ -249,6 +295,10 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     work.matmul_gflops = work.matmul_gflop / work.matmul_seconds.max(1e-9);
     work.matmul_share = work.matmul_seconds / seconds_total;
     work.peak_rss_mb = peak_rss_mb();
+    let rejected_output = quality
+        .as_ref()
+        .filter(|q| !q.passed)
+        .map(|_| crate::io::output::rejected_path(&opts.output));
     let report = Report {
         tool: TOOL.into(),
         options: opts.clone(),
@@ -269,13 +319,14 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
         },
         seconds_total,
         work,
+        fingerprint: prep.fingerprint,
+        rejected_output,
     };
     std::fs::write(staging.dir.join(CARD), model_card(&report))
         .map_err(|e| Error::Runtime(format!("cannot write the model card: {e}")))?;
     let json = serde_json::to_value(&report).map_err(|e| Error::Runtime(e.to_string()))?;
     writer::write_json(&staging.dir.join(REPORT), &json)?;
-    staging.publish(opts.force)?;
-    Ok(Outcome::Done(Box::new(report)))
+    Ok(report)
 }
 
 /// On SIGINT/SIGTERM: finished layers are work that a rerun of the same command continues
@@ -294,6 +345,31 @@ fn keep_finished_layers(staging: &mut Staging, events: Sink) -> Error {
         });
     }
     Error::Interrupted
+}
+
+/// On a full disk: as on an interruption, finished layers are work that the same command
+/// continues from once space is freed, so the staging directory is kept when it holds any.
+/// Returns the error to exit with (1), saying what was kept and what to do.
+fn disk_full(staging: &mut Staging, opts: &QuantizeOptions, why: String) -> Error {
+    let done = staging.layers_done();
+    let output = match crate::io::output::existing(&opts.output) {
+        crate::io::output::Existing::Absent => "nothing was written there".to_string(),
+        _ => "what was there is unchanged".to_string(),
+    };
+    let kept = if done > 0 {
+        staging.keep();
+        format!(
+            "{done} finished layer(s) are kept in {}; free some space and rerun the same command \
+             to continue from them",
+            staging.dir.display()
+        )
+    } else {
+        "no layer had finished; free some space and rerun".to_string()
+    };
+    Error::DiskFull(format!(
+        "{why}: the disk is full. {kept} (the output path {}: {output})",
+        opts.output.display()
+    ))
 }
 
 /// Perplexity of the source and of the finished (staged) checkpoint on the gate's tokens

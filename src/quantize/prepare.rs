@@ -34,7 +34,14 @@ pub(super) struct Prepared {
     pub plan: Plan,
 }
 
-pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepared> {
+/// What [`prepare`] found: the work to do, or (`--skip-existing`) that the output is already
+/// this run's.
+pub(super) enum Prepare {
+    Work(Box<Prepared>),
+    UpToDate,
+}
+
+pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
     let dir = crate::io::source::resolve(&opts.model, opts.revision.as_deref())?;
     let model = Model::open(&dir)?;
     if model.spec.awq.is_some() {
@@ -44,7 +51,16 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepared> {
         )));
     }
     check_options(opts, &model)?;
-    check_output(opts, &dir)?;
+    check_location(opts, &dir)?;
+    let tok = crate::tokenize::load(&dir)?;
+    let clock = Instant::now();
+    let cal = calib::build(&tok, &opts.calib, Some(&dir))?;
+    let calibration_seconds = clock.elapsed().as_secs_f64();
+    let fingerprint = fingerprint(opts, &model, &cal.ids)?;
+    if opts.skip_existing && up_to_date(opts, &fingerprint)? {
+        return Ok(Prepare::UpToDate);
+    }
+    output::check_replaceable(&opts.output, opts.force)?;
     let beyond_f16 = model.check_ranges()?;
     if let (Some(b), DtypeChoice::Float16) = (&beyond_f16, opts.dtype) {
         return Err(Error::Input(format!(
@@ -53,21 +69,17 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepared> {
             b.tensor, b.value, b.index
         )));
     }
-    let tok = crate::tokenize::load(&dir)?;
-    let clock = Instant::now();
-    let cal = calib::build(&tok, &opts.calib, Some(&dir))?;
-    let calibration_seconds = clock.elapsed().as_secs_f64();
     let gate_ids = opts
         .quality_gate
         .as_ref()
         .map(|g| gate_tokens(g, &tok))
         .transpose()?;
-    let fingerprint = fingerprint(opts, &model, &cal.ids)?;
     let (staging_dir, found) = Staging::probe(&opts.output)?;
     let (open, staging_note) = decide(opts, &staging_dir, &found, &fingerprint)?;
     let mut plan = make_plan(opts, &dir, &model.spec, &cal.summary);
     plan.staging = staging_note;
-    Ok(Prepared {
+    check_space(opts, &plan, &staging_dir, open)?;
+    Ok(Prepare::Work(Box::new(Prepared {
         dir,
         model,
         cal,
@@ -77,7 +89,54 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepared> {
         open,
         beyond_f16,
         plan,
-    })
+    })))
+}
+
+/// `--skip-existing`: whether `-o` holds an awq output whose recorded fingerprint is this
+/// run's. An awq output of other settings is refused (exit 4) naming the first difference.
+fn up_to_date(opts: &QuantizeOptions, current: &serde_json::Value) -> Result<bool> {
+    let Some(stored) = output::recorded_fingerprint(&opts.output) else {
+        return Ok(false);
+    };
+    match crate::io::fingerprint::first_difference(&stored, current) {
+        None => Ok(true),
+        Some(field) => Err(Error::OutputExists(format!(
+            "--skip-existing: {} holds an awq output of other settings (its {field} differs \
+             from this run's); pass --force instead of --skip-existing to rebuild it",
+            opts.output.display()
+        ))),
+    }
+}
+
+/// The output location must be writable, and hold what the staging directory still needs: the
+/// layer parts and the shards assembled from them coexist at the end (2× the output estimate),
+/// less the parts an interrupted run left.
+fn check_space(
+    opts: &QuantizeOptions,
+    plan: &Plan,
+    staging: &std::path::Path,
+    open: Open,
+) -> Result<()> {
+    crate::io::space::check_writable(&opts.output)?;
+    let staged = match open {
+        Open::Resume => crate::io::space::bytes_under(staging),
+        _ => 0,
+    };
+    let needed = (2 * plan.output_bytes_estimate).saturating_sub(staged);
+    crate::io::space::check(
+        &opts.output,
+        needed,
+        &format!(
+            "the run (twice the estimated output size of {}, for the layer parts and the \
+             shards built from them{})",
+            crate::io::space::human(plan.output_bytes_estimate),
+            if staged > 0 {
+                format!(", less {} already staged", crate::io::space::human(staged))
+            } else {
+                String::new()
+            }
+        ),
+    )
 }
 
 /// Refuses unsupported settings and shapes (AWQ-SPEC §8, §10).
@@ -117,13 +176,17 @@ fn check_options(opts: &QuantizeOptions, model: &Model) -> Result<()> {
     Ok(())
 }
 
-/// The output must not touch an input, and may replace only an empty or earlier AWQ output.
-fn check_output(opts: &QuantizeOptions, model_dir: &std::path::Path) -> Result<()> {
+/// The output (and, with a quality gate, where a rejected checkpoint is kept) must not touch
+/// an input.
+fn check_location(opts: &QuantizeOptions, model_dir: &std::path::Path) -> Result<()> {
     let mut inputs = output::files_in(model_dir);
     inputs.extend(opts.calib.files.iter().cloned());
     inputs.extend(opts.quality_gate.iter().map(|g| g.text.clone()));
     output::check_location(&opts.output, model_dir, &inputs)?;
-    output::check_replaceable(&opts.output, opts.force)
+    if opts.quality_gate.is_some() {
+        output::check_location(&output::rejected_path(&opts.output), model_dir, &inputs)?;
+    }
+    Ok(())
 }
 
 /// Window length of the quality gate: `awq eval`'s, or the whole budget when it is shorter.
@@ -143,8 +206,20 @@ fn gate_tokens(gate: &QualityGate, tok: &Tokenizer) -> Result<Vec<u32>> {
     let text = String::from_utf8(bytes)
         .map_err(|e| crate::input_err!("--eval-text {} is not UTF-8: {e}", gate.text.display()))?;
     let ids = crate::tokenize::encode(tok, &text, false)?;
+    let seqlen = gate_seqlen(gate);
+    if ids.len() < seqlen.max(2) {
+        // The gate's window is derived (min(2048, --eval-max-tokens)), so the fix is a
+        // budget no longer than the text, not awq eval's --seqlen.
+        return Err(crate::input_err!(
+            "--eval-text {} has {} tokens, fewer than the quality gate's window of {seqlen}; \
+             pass --eval-max-tokens {} (the window then shrinks to fit), or a longer text",
+            gate.text.display(),
+            ids.len(),
+            ids.len().max(2)
+        ));
+    }
     let opts = crate::eval::EvalOptions {
-        seqlen: gate_seqlen(gate),
+        seqlen,
         max_tokens: Some(gate.max_tokens),
     };
     crate::eval::windows(&ids, &opts)

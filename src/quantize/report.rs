@@ -42,6 +42,8 @@ pub struct Plan {
     pub output_bytes_estimate: u64,
     pub keep_fp16_budget_bytes: Option<u64>,
     pub peak_memory_estimate_mb: f64,
+    /// Rough wall time of the run on this machine's threads (see [`seconds_estimate`]).
+    pub seconds_estimate: f64,
     /// `--dtype` as given (`auto` is decided after the last layer).
     pub dtype: super::DtypeChoice,
     /// What an earlier run left beside the output and what happens to it (resume, replace).
@@ -293,6 +295,12 @@ pub struct Report {
     pub output_files: Vec<String>,
     pub seconds_total: f64,
     pub work: Work,
+    /// What the bytes depend on (model contents, calibration tokens, options): what
+    /// `--skip-existing` compares and a resumed run must match.
+    pub fingerprint: serde_json::Value,
+    /// Where the checkpoint was kept because it failed the quality gate (`OUT.rejected`;
+    /// `None` when it passed or there was no gate).
+    pub rejected_output: Option<PathBuf>,
 }
 
 pub(super) fn make_plan(
@@ -383,16 +391,63 @@ pub(super) fn make_plan(
             .keep_fp16
             .map(|pct| (output as f64 * pct / 100.0) as u64),
         peak_memory_estimate_mb: peak as f64 / (1 << 20) as f64,
+        seconds_estimate: seconds_estimate(opts, spec, cal),
         dtype: opts.dtype,
         staging: None,
     }
 }
 
-/// The Hub id `--model` named: `org/name`, not an existing local path (the card's
-/// `base_model`; a local directory has no id the Hub would recognise).
-fn hub_id(model: &str) -> Option<&str> {
-    if std::path::Path::new(model).exists() {
-        return None;
+/// Seconds per (layer parameter × calibration token) outside the scale search (forward,
+/// capture, clipping, guard, packing), and inside it per scale candidate and scored token.
+/// Fitted on full SmolLM2-135M, 32 × 512 tokens, 2 cores: exact 376 s and `--fast` 92 s
+/// (README); they predict 80 s for the Llama-2-7B-shaped layer that measured 97 s.
+const SECONDS_PER_PARAM_TOKEN: f64 = 2.95e-11;
+const SEARCH_SECONDS_PER_PARAM_TOKEN: f64 = 9.3e-12;
+/// The threads the constants were measured with.
+const FITTED_THREADS: f64 = 2.0;
+
+/// A rough estimate of the run's wall time (±50 %): parameters a token passes through
+/// (an expert's share by its routing) × calibration tokens, plus the search's candidates ×
+/// scored tokens, scaled by this machine's thread count from the 2 threads it was fitted on.
+fn seconds_estimate(
+    opts: &QuantizeOptions,
+    spec: &crate::model::config::ModelSpec,
+    cal: &CalibSummary,
+) -> f64 {
+    let per_token: f64 = spec
+        .linears()
+        .iter()
+        .map(|l| {
+            let share = match (&spec.moe, l.expert) {
+                (Some(m), Some(_)) => m.top_k as f64 / m.experts as f64,
+                _ => 1.0,
+            };
+            (l.out * l.inp) as f64 * share
+        })
+        .sum::<f64>()
+        * spec.layers as f64;
+    let tokens = cal.tokens as f64;
+    let scored = opts
+        .search_blocks
+        .map_or(tokens, |b| (b.min(cal.blocks) * cal.seqlen) as f64);
+    let candidates = if opts.no_search {
+        0.0
+    } else {
+        opts.n_grid as f64
+    };
+    let seconds = per_token
+        * (tokens * SECONDS_PER_PARAM_TOKEN + scored * candidates * SEARCH_SECONDS_PER_PARAM_TOKEN);
+    let threads = rayon::current_num_threads() as f64;
+    seconds * FITTED_THREADS / threads.max(1.0)
+}
+
+/// The Hub id of the source: `--model` as `org/name` (not an existing local path), or the id
+/// a Hub cache snapshot path encodes (`…/models--org--name/snapshots/COMMIT`). A local
+/// directory has no id the Hub would recognise.
+fn hub_id(model: &str) -> Option<String> {
+    let path = std::path::Path::new(model);
+    if path.exists() {
+        return snapshot_id(path);
     }
     let part = |p: &str| {
         !p.is_empty()
@@ -401,9 +456,34 @@ fn hub_id(model: &str) -> Option<&str> {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     match model.split_once('/') {
-        Some((org, name)) if part(org) && part(name) => Some(model),
+        Some((org, name)) if part(org) && part(name) => Some(model.to_string()),
         _ => None,
     }
+}
+
+/// `org/name` of a Hub cache snapshot directory `…/models--org--name/snapshots/COMMIT`.
+fn snapshot_id(path: &std::path::Path) -> Option<String> {
+    let path = crate::io::output::resolve(path);
+    let snapshots = path.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let repo = snapshots.parent()?.file_name()?.to_str()?;
+    let (org, name) = repo.strip_prefix("models--")?.split_once("--")?;
+    Some(format!("{org}/{name}"))
+}
+
+/// The card's title and `base_model`: `--name` and `--base-model` when given, else the Hub id
+/// (from `--model` or a cache snapshot path), else the model directory's name (no
+/// `base_model`).
+fn card_names(o: &QuantizeOptions) -> (String, Option<String>) {
+    let hub = o.base_model.clone().or_else(|| hub_id(&o.model));
+    let name = o.name.clone().or_else(|| hub.clone()).unwrap_or_else(|| {
+        std::path::Path::new(&o.model)
+            .file_name()
+            .map_or_else(|| o.model.clone(), |n| n.to_string_lossy().into_owned())
+    });
+    (name, hub)
 }
 
 /// `README.md` of the output: Hub front matter (`base_model` only for a Hub source), the
@@ -412,13 +492,8 @@ fn hub_id(model: &str) -> Option<&str> {
 pub(super) fn model_card(r: &Report) -> String {
     use std::fmt::Write;
     let o = &r.options;
-    let hub = hub_id(&o.model);
-    let name = match hub {
-        Some(id) => id.to_string(),
-        None => std::path::Path::new(&o.model)
-            .file_name()
-            .map_or_else(|| o.model.clone(), |n| n.to_string_lossy().into_owned()),
-    };
+    let (name, hub) = card_names(o);
+    let hub = hub.as_deref();
     let layout = o.layout.name().to_uppercase();
     // Not the output path: the card travels with the directory (and must not change the bytes
     // of the same run written elsewhere).
@@ -429,10 +504,15 @@ pub(super) fn model_card(r: &Report) -> String {
     }
     c += "library_name: transformers\npipeline_tag: text-generation\ntags:\n- awq\n- 4-bit\n- quantized\n---\n\n";
     let _ = writeln!(c, "# {name} — AWQ INT4 ({layout})\n");
-    let source = match (hub, &o.revision) {
+    let source = match (hub_id(&o.model), &o.revision) {
         (Some(id), Some(rev)) => format!("`{id}` (Hub, revision `{rev}`)"),
         (Some(id), None) => format!("`{id}` (Hub)"),
-        (None, _) => format!("local directory `{name}`"),
+        (None, _) => format!(
+            "local directory `{}`",
+            std::path::Path::new(&o.model)
+                .file_name()
+                .map_or_else(|| o.model.clone(), |n| n.to_string_lossy().into_owned())
+        ),
     };
     let search = if o.no_search {
         "none (round-to-nearest scales)".to_string()
@@ -562,10 +642,13 @@ mod tests {
     #[test]
     fn only_hub_ids_are_base_models() {
         assert_eq!(
-            hub_id("HuggingFaceTB/SmolLM2-135M"),
+            hub_id("HuggingFaceTB/SmolLM2-135M").as_deref(),
             Some("HuggingFaceTB/SmolLM2-135M")
         );
-        assert_eq!(hub_id("acme/tiny.llama_2"), Some("acme/tiny.llama_2"));
+        assert_eq!(
+            hub_id("acme/tiny.llama_2").as_deref(),
+            Some("acme/tiny.llama_2")
+        );
         for local in [
             ".",
             "src",
@@ -579,5 +662,20 @@ mod tests {
         ] {
             assert_eq!(hub_id(local), None, "{local}");
         }
+    }
+
+    /// A model loaded from a Hub cache snapshot is titled by its id, not by the commit hash
+    /// that names the snapshot directory.
+    #[test]
+    fn a_hub_snapshot_path_is_titled_by_its_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = tmp
+            .path()
+            .join("models--HuggingFaceTB--SmolLM2-135M/snapshots/0123456789abcdef");
+        std::fs::create_dir_all(&snap).unwrap();
+        assert_eq!(
+            hub_id(snap.to_str().unwrap()).as_deref(),
+            Some("HuggingFaceTB/SmolLM2-135M")
+        );
     }
 }

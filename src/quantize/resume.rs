@@ -45,6 +45,7 @@ pub(super) fn fingerprint(
             "n_grid": opts.n_grid, "clip": opts.clip, "clip_sides": opts.clip_sides, "guard": opts.guard, "rounding": opts.rounding, "keep_fp16": opts.keep_fp16, "no_search": opts.no_search,
             "search_blocks": opts.search_blocks, "seqlen": opts.calib.seqlen,
         },
+        "card": {"name": opts.name, "base_model": opts.base_model},
     }))
 }
 
@@ -74,7 +75,8 @@ pub(super) fn decide(
         ))),
         Found::Fresh => Ok((Open::Create, None)),
         Found::Busy { pid } => Err(Error::Runtime(format!(
-            "another awq process (pid {pid}) is writing {}; wait for it, or remove {d} if it is not awq",
+            "another awq process{} is writing {} (it holds the lock of {d}); wait for it to finish",
+            pid.map_or_else(String::new, |p| format!(" (pid {p})")),
             opts.output.display()
         ))),
         Found::Stale { layers_done: 0, .. } => Ok((

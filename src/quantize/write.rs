@@ -11,7 +11,9 @@ use crate::error::Result;
 use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
-use crate::model::{Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, FINAL_NORM_BIAS, LM_HEAD};
+use crate::model::{
+    Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, FINAL_NORM_BIAS, HEAD_MODULE, LM_HEAD,
+};
 
 /// The output's float dtype and why (for the report and the card).
 ///
@@ -70,6 +72,30 @@ pub(super) fn choose_dtype(
             (FloatDtype::Bfloat16, reason)
         }
     }
+}
+
+/// Checks, before the head is written, that the filesystem holds what is still to come: the
+/// head part, and shards as large as the layer parts plus the head (the parts are removed only
+/// after the shards are written).
+pub(super) fn check_space_for_head(
+    opts: &QuantizeOptions,
+    model: &Model,
+    parts: &Path,
+) -> Result<()> {
+    let spec = &model.spec;
+    let copies = if spec.tied_embeddings { 1 } else { 2 };
+    let head = (copies * spec.vocab * spec.hidden * 2) as u64;
+    let layers = crate::io::space::bytes_under(parts);
+    crate::io::space::check(
+        &opts.output,
+        2 * head + layers,
+        &format!(
+            "writing the head and the shards ({} of layer parts to assemble, {} of embedding \
+             and head)",
+            crate::io::space::human(layers),
+            crate::io::space::human(head)
+        ),
+    )
 }
 
 /// What [`write_checkpoint`] wrote.
@@ -149,15 +175,32 @@ pub(super) fn write_checkpoint(
     })
 }
 
-/// `modules_to_not_convert`: the routers' entries and the kept units' (`null` when none).
+/// `modules_to_not_convert`: the routers' entries and the kept units', plus `lm_head`
+/// whenever there is a list at all (`null` when none).
+///
+/// Why `lm_head`: transformers 4.50–4.51 (`AwqQuantizer._process_model_before_weight_loading`
+/// → `HfQuantizer.get_modules_to_not_convert` in `quantizers/base.py`: `if skip_modules is
+/// None: get_keys_to_not_convert(model) else: skip_modules`) puts the head in its skip list
+/// only when the config's list is null; given any list it replaces `lm_head` with an int4
+/// `WQLinear` and leaves `lm_head.weight` unused. 4.45–4.49 and 4.52+ (`add_default_skips`),
+/// and 5.x, add the head themselves, and every version matches entries as substrings of module
+/// names (`replace_with_awq_linear`), so the entry keeps the head float in all of them. vLLM
+/// (`is_layer_skipped_awq`, substring of the prefix) never quantizes its `ParallelLMHead`
+/// unless the config says `"lm_head": true`; TGI loads the head from `.weight` whatever the
+/// list says; AutoAWQ's loader applies entries inside decoder layers only. So the entry changes
+/// nothing else.
 fn not_converted(model: &Model, kept: Option<&KeptFp16>) -> Option<Vec<String>> {
     let routers = model.spec.modules_to_not_convert().unwrap_or_default();
-    let entries: Vec<String> = routers
+    let mut entries: Vec<String> = routers
         .into_iter()
         .map(str::to_string)
         .chain(kept.iter().flat_map(|k| k.entries.iter().cloned()))
         .collect();
-    (!entries.is_empty()).then_some(entries)
+    if entries.is_empty() {
+        return None;
+    }
+    entries.push(HEAD_MODULE.to_string());
+    Some(entries)
 }
 
 /// Embedding, final norm and (untied) head in `dtype`; their names are appended to `names`
