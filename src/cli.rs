@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "Fast, offline, layer-streaming AWQ quantizer for Hugging Face checkpoints",
     after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 input missing or invalid, \
-                  4 output exists, 5 verification or quality gate failed, 130 interrupted."
+                  4 output exists, 5 verification or quality gate failed, 6 network or Hub failure \
+                  (retry), 130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -39,11 +40,18 @@ vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 infere
     /// transformers for tensor-parallel degrees 1, 2, 4, 8 (and --tp N); dequantize and check
     /// every tensor.
     #[command(
-        after_help = "Exits 0 when the --for loader (default vllm) loads the checkpoint at tensor-parallel degree --tp (default 1), 5 otherwise; the printed verdict agrees.\n\
+        after_help = "Exits 0 when the --for loader (default vllm) loads the checkpoint at tensor-parallel degree --tp (default 1), 5 otherwise (also when its quality gate failed), 3 when DIR is not an AWQ checkpoint; the printed verdict agrees.\n\
 vLLM and TGI load the GEMM layout only; GEMV loads in transformers (with the autoawq package) and AutoAWQ: check it with --for transformers.\n\
 Examples:\n  awq verify ./SmolLM2-135M-awq && echo ship it\n  awq verify ./model-awq --tp 4 --json | jq .ok\n  awq verify ./model-awq-gemv --for transformers"
     )]
     Verify(VerifyArgs),
+    /// Merge the shard directories of one split job (awq quantize --shard) into the
+    /// checkpoint a single run writes, byte for byte.
+    #[command(
+        after_help = "Checks the set first (same fingerprint, every layer exactly once and finished, no overlap with -o; exit 2/3, nothing written). Merging again is idempotent (exit 0 when -o already holds it).\n\
+Examples:\n  awq merge shards/0 shards/1 shards/2 -o ./model-awq\n  awq merge shards/* -o ./model-awq --eval-text held-out.txt --max-ppl-increase 5%"
+    )]
+    Merge(MergeArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Example:\n  awq completions bash > ~/.local/share/bash-completion/completions/awq"
@@ -52,6 +60,55 @@ Examples:\n  awq verify ./SmolLM2-135M-awq && echo ship it\n  awq verify ./model
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Shard directories (written by awq quantize --shard/--layers), in any order.
+    #[arg(required = true, value_name = "SHARD_DIR")]
+    pub shards: Vec<PathBuf>,
+    /// The merged checkpoint's directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing output that is an earlier awq output of other settings.
+    #[arg(long)]
+    pub force: bool,
+    /// The source model's directory on this machine, when it is not where the shards read it
+    /// (its contents must be the same).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Quality gate: measure fp and merged perplexity on this text.
+    #[arg(long, value_name = "FILE")]
+    pub eval_text: Option<PathBuf>,
+    /// Quality gate: exit 5 (the checkpoint kept at OUT.rejected) when the perplexity rises by
+    /// more than this (needs --eval-text).
+    #[arg(long, value_name = "PCT", value_parser = parse_percent, requires = "eval_text")]
+    pub max_ppl_increase: Option<f64>,
+    /// Quality gate: evaluate the first N (≥ 2) tokens of --eval-text.
+    #[arg(long, default_value_t = 8192, value_parser = at_least(2))]
+    pub eval_max_tokens: usize,
+    /// JSON Lines events on stdout, as awq quantize --json.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl From<MergeArgs> for awq::quantize::MergeOptions {
+    fn from(a: MergeArgs) -> Self {
+        Self {
+            shards: a.shards,
+            output: a.output,
+            force: a.force,
+            model: a.model,
+            quality_gate: a.eval_text.map(|text| awq::quantize::QualityGate {
+                text,
+                max_increase_pct: a.max_ppl_increase.unwrap_or(f64::INFINITY),
+                max_tokens: a.eval_max_tokens,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -201,7 +258,7 @@ pub struct QuantizeArgs {
     /// (statistics still use all blocks). Default: all blocks (AutoAWQ's exact objective).
     #[arg(long, value_name = "N", value_parser = at_least(1), help_heading = "Quantization")]
     pub search_blocks: Option<usize>,
-    /// Preset: --search-blocks 4. Measured on SmolLM2 at 32 x 512: 5.4x faster, perplexity 0.5% lower than the exact run's (README).
+    /// Preset: --search-blocks 4. Measured on SmolLM2 at 32 x 512: 4.1x faster (92 s against 376 s), perplexity 0.5% lower than the exact run's (docs/quality.md).
     #[arg(long, conflicts_with = "search_blocks", help_heading = "Quantization")]
     pub fast: bool,
     /// Skip the clipping search.
@@ -277,6 +334,38 @@ pub struct QuantizeArgs {
     /// writability and free space, print the plan and write nothing.
     #[arg(long, help_heading = "Output")]
     pub dry_run: bool,
+    /// Quantize one shard of a job split over machines: K/N (0-based; ranges balanced by
+    /// estimated cost), or auto / auto/N (the index from SLURM_ARRAY_TASK_ID, Kubernetes'
+    /// JOB_COMPLETION_INDEX or AWQ_SHARD_INDEX; the count from SLURM_ARRAY_TASK_COUNT,
+    /// AWQ_SHARD_COUNT or /N). -o is then a shard directory for awq merge.
+    #[arg(
+        long,
+        value_name = "K/N|auto[/N]",
+        conflicts_with = "layers",
+        help_heading = "Many machines"
+    )]
+    pub shard: Option<String>,
+    /// Quantize layers A..B only (0-based, B excluded) into a shard directory for awq merge.
+    #[arg(long, value_name = "A..B", value_parser = awq::quantize::shard::parse_layers, help_heading = "Many machines")]
+    pub layers: Option<awq::quantize::shard::ShardSpec>,
+    /// With --dry-run: plan N shards (each one's layers, estimated seconds and memory); with
+    /// --capture: the shard count whose boundaries are written.
+    #[arg(long, value_name = "N", value_parser = at_least(1), help_heading = "Many machines")]
+    pub shards: Option<usize>,
+    /// Capture job J of M (0-based): the float forward of its share of the calibration blocks,
+    /// written at every boundary of --shards N into -o (a sub-directory of what the shards get
+    /// as --activations), instead of quantizing.
+    #[arg(long, value_name = "J/M", value_parser = awq::quantize::parse_part, requires = "shards", conflicts_with_all = ["shard", "layers"], help_heading = "Many machines")]
+    pub capture: Option<(usize, usize)>,
+    /// With --shard: start from the activations the capture jobs wrote under DIR instead of
+    /// running the float forward of every layer before the shard's range.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "shard",
+        help_heading = "Many machines"
+    )]
+    pub activations: Option<PathBuf>,
     /// Exit 0 without work when -o already holds an awq output of the same fingerprint (model
     /// contents, calibration tokens, every option that shapes the bytes): for jobs that
     /// regenerate artifacts.
@@ -406,6 +495,22 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
                     .into(),
             ));
         }
+        if (args.shard.is_some() || args.layers.is_some() || args.capture.is_some())
+            && args.eval_text.is_some()
+        {
+            return Err(awq::error::Error::Usage(
+                "--eval-text with --shard, --layers or --capture: a shard is not a checkpoint; \
+                 pass the quality gate to awq merge instead"
+                    .into(),
+            ));
+        }
+        if args.shards.is_some() && !args.dry_run && args.capture.is_none() {
+            return Err(awq::error::Error::Usage(
+                "--shards N plans N shards with --dry-run, or sets the boundaries of --capture; \
+                 to quantize one shard pass --shard K/N"
+                    .into(),
+            ));
+        }
         let layout_choice = match args.version {
             VersionArg::Auto => {
                 let workload = match args.workload.unwrap_or(WorkloadArg::Batch) {
@@ -429,6 +534,16 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             group: args.group,
             layout,
             layout_choice,
+            shard: match (&args.shard, args.layers) {
+                (Some(spec), _) => Some(
+                    awq::quantize::shard::ShardSpec::from_env(spec, |k| std::env::var(k).ok())
+                        .map_err(|e| awq::error::Error::Usage(format!("--shard {spec}: {e}")))?,
+                ),
+                (None, layers) => layers,
+            },
+            plan_shards: args.shards,
+            capture: args.capture,
+            activations: args.activations,
             dry_run: args.dry_run,
             resume: args.resume,
             skip_existing: args.skip_existing,

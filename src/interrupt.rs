@@ -24,3 +24,16 @@ pub fn check() -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Runs `f` (a download: blocking network I/O that never reaches [`check`]) with a signal
+/// ending the process at once (exit 130): the binary's handler exits when the flag is already
+/// set, and nothing is staged yet to clean up. The flag is cleared again afterwards.
+pub fn immediate<T>(f: impl FnOnce() -> T) -> T {
+    let flag = flag();
+    let was = flag.swap(true, Ordering::SeqCst);
+    let out = f();
+    if !was {
+        flag.store(false, Ordering::SeqCst);
+    }
+    out
+}

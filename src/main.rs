@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser};
 use serde_json::json;
 
 mod cli;
+mod outcome;
 mod progress;
 mod render;
 use cli::{Cli, Command};
@@ -27,7 +28,11 @@ fn main() -> ExitCode {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
-    let json_events = matches!(&cli.command, Command::Quantize(a) if a.json);
+    let json_events = match &cli.command {
+        Command::Quantize(a) => a.json,
+        Command::Merge(a) => a.json,
+        _ => false,
+    };
     // eval, inspect and verify print one JSON object: on an error before it, that object is
     // the error, so `awq verify --json DIR | jq .ok` never reads an empty stream.
     let json_object = match &cli.command {
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Quantize(args) => run_quantize(*args),
+        Command::Merge(args) => run_merge(args),
         Command::Inspect(args) => run_inspect(args),
         Command::Verify(args) => run_verify(args),
         Command::Completions { shell } => run_completions(shell),
@@ -92,7 +98,7 @@ fn usage_error(e: clap::Error) -> ! {
             .join(" ");
         let exit_code = e.exit_code();
         match std::env::args().nth(1).as_deref() {
-            Some("quantize") => Progress::new(true, true, false)
+            Some("quantize" | "merge") => Progress::new(true, true, false)
                 .emit("error", json!({"exit_code": exit_code, "message": message})),
             _ => println!(
                 "{}",
@@ -116,7 +122,9 @@ static STDOUT_WRITTEN: AtomicBool = AtomicBool::new(false);
 
 /// Writes a command's output through `f` to stdout (buffered, flushed at the end), with write
 /// errors as [`Error`]s (see [`stdout_error`]) instead of `println!`'s panic.
-fn to_stdout(f: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<()>) -> Result<()> {
+pub(crate) fn to_stdout(
+    f: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<()>,
+) -> Result<()> {
     STDOUT_WRITTEN.store(true, Ordering::Relaxed);
     let mut out = BufWriter::new(io::stdout().lock());
     f(&mut out).and_then(|()| out.flush()).map_err(stdout_error)
@@ -155,7 +163,8 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
         seqlen: args.seqlen,
         max_tokens: args.max_tokens,
     };
-    let ids = awq::eval::windows(&ids, &opts)?;
+    let ids = awq::eval::windows(&ids, &opts)
+        .map_err(|e| awq::input_err!("--text {}: {e}", args.text.display()))?;
     if let Some(max) = model.spec.max_positions.filter(|m| args.seqlen > *m) {
         sink(&Event::Warning {
             message: format!(
@@ -168,6 +177,7 @@ fn run_eval(args: cli::EvalArgs) -> Result<()> {
     let res = awq::eval::perplexity(&model, &ids, args.seqlen, &sink)?;
     if args.json {
         let json = serde_json::json!({
+            "ok": true,
             "model": args.source.model,
             "text": args.text,
             "perplexity": res.perplexity,
@@ -208,73 +218,26 @@ fn run_quantize(args: cli::QuantizeArgs) -> Result<()> {
     }
     let progress = Progress::new(quiet, json_events, verbose);
     let sink = |ev: &Event| progress.handle(ev);
-    let report = match awq::quantize::run(&opts, &sink)? {
-        awq::quantize::Outcome::DryRun(plan) => {
-            if json_events {
-                progress.emit("done", json!({"dry_run": true}));
-            } else {
-                to_stdout(|w| render::plan(w, &plan))?;
-            }
-            return Ok(());
-        }
-        awq::quantize::Outcome::UpToDate => {
-            if json_events {
-                progress.emit("done", json!({"output": opts.output, "skipped": true}));
-            } else {
-                to_stdout(|w| writeln!(w, "up to date: {}", opts.output.display()))?;
-            }
-            return Ok(());
-        }
-        awq::quantize::Outcome::Done(report) => report,
-    };
-    let written_to = report.rejected_output.as_ref().unwrap_or(&opts.output);
-    let w = &report.work;
-    if json_events {
-        progress.emit(
-            "done",
-            json!({
-                "output": written_to,
-                "rejected_output": report.rejected_output,
-                "skipped": false,
-                "files": report.output_files,
-                "weights": report.files,
-                "calibration": report.calibration,
-                "seconds": report.seconds_total,
-                "work": w,
-                "quality": report.quality,
-                "kept_fp16": report.kept_fp16,
-            }),
-        );
-    } else {
-        to_stdout(|w| render::summary(w, &report, written_to))?;
-    }
-    if let (Some(q), Some(rejected)) = (&report.quality, &report.rejected_output) {
-        let output = match awq::io::output::existing(&opts.output) {
-            awq::io::output::Existing::Absent => "nothing was written there".to_string(),
-            _ => "what was there is unchanged".to_string(),
-        };
-        return Err(Error::GateFailed {
-            message: format!(
-                "quality gate failed: perplexity rose {:.2}% (from {:.4} to {:.4}), more than \
-                 --max-ppl-increase {}%; the checkpoint was not published at {} ({output}) and \
-                 is kept for inspection at {}",
-                q.increase_pct,
-                q.fp_perplexity,
-                q.quantized_perplexity,
-                q.max_increase_pct,
-                opts.output.display(),
-                rejected.display()
-            ),
-            rejected_output: rejected.clone(),
-        });
-    }
-    Ok(())
+    let outcome = awq::quantize::run(&opts, &sink)?;
+    outcome::show(outcome, &opts.output, &progress, json_events)
+}
+
+fn run_merge(args: cli::MergeArgs) -> Result<()> {
+    let (quiet, json_events) = (args.quiet, args.json);
+    let opts = awq::quantize::MergeOptions::from(args);
+    let progress = Progress::new(quiet, json_events, false);
+    let sink = |ev: &Event| progress.handle(ev);
+    let outcome = awq::quantize::merge(&opts, &sink)?;
+    outcome::show(outcome, &opts.output, &progress, json_events)
 }
 
 fn run_inspect(args: cli::InspectArgs) -> Result<()> {
     let s = awq::inspect::inspect(&args.dir)?;
     if args.json {
-        let json = serde_json::to_string(&s).map_err(|e| Error::Runtime(e.to_string()))?;
+        let mut json = serde_json::to_value(&s).map_err(|e| Error::Runtime(e.to_string()))?;
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("ok".into(), true.into());
+        }
         return to_stdout(|w| writeln!(w, "{json}"));
     }
     to_stdout(|w| render::inspect(w, &s))

@@ -108,7 +108,40 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
     if let Some(staging) = &plan.staging {
         writeln!(w, "staging      {staging}")?;
     }
+    if let Some([a, b]) = plan.layer_range {
+        writeln!(
+            w,
+            "shard        layers {a}..{b} of {} (the float forward through the {a} before them first)",
+            plan.layers
+        )?;
+    }
+    for s in plan.shards.iter().flatten() {
+        writeln!(
+            w,
+            "shard {:<6} layers {}..{}: about {} ({} of it the float forward of the layers before), {:.0} MB peak",
+            s.shard,
+            s.layers[0],
+            s.layers[1],
+            duration(s.seconds),
+            duration(s.prefix_seconds),
+            s.peak_memory_mb
+        )?;
+    }
     Ok(())
+}
+
+/// `awq quantize --shard`: the shard directory written.
+pub fn shard(w: &mut impl Write, d: &awq::quantize::ShardDone) -> io::Result<()> {
+    writeln!(
+        w,
+        "wrote shard {} (layers {}..{} of {}) in {:.1}s, {:.1}s of it the float forward of the layers before; merge the shards with awq merge",
+        d.output.display(),
+        d.layers[0],
+        d.layers[1],
+        d.total_layers,
+        d.seconds,
+        d.prefix_seconds
+    )
 }
 
 /// `95s`, `12m05s`, `3h07m`: a duration as the progress lines and the plan show it.

@@ -228,11 +228,12 @@ fn a_failed_quality_gate_publishes_only_beside_the_output() {
         );
         assert!(!v.stdout.contains("broken"), "{}", v.stdout);
     }
-    // A gate that passes publishes at -o as before.
+    // A gate that passes publishes at -o as before, and the stale OUT.rejected goes.
     let mut args = quantize_args(&c.model, &c.calib, &c.out);
     args.extend(&gate);
     args.extend(["--max-ppl-increase", "100000%", "--force"]);
     assert_eq!(awq(&args, &[]).code, 0);
+    assert!(!rejected.exists());
 }
 
 /// A path that exists is never a Hub id: a weight file given as `--model` is refused saying
@@ -426,7 +427,8 @@ fn the_card_takes_name_and_base_model() {
     assert_eq!(code, 0, "{err}");
     let card = std::fs::read_to_string(c.out.join("README.md")).unwrap();
     assert!(card.contains("base_model: acme/tiny-chat\n"), "{card}");
-    assert!(card.contains("# Tiny Chat — AWQ INT4 (GEMM)"), "{card}");
+    // The title is the name given, as given.
+    assert!(card.contains("\n# Tiny Chat\n"), "{card}");
 }
 
 /// Plain progress lines (a log) carry an ETA until the last layer; the dry run prints its time
@@ -501,8 +503,16 @@ fn rope_scaling_that_transformers_refuses_is_an_input_error() {
             serde_json::json!({"type": "linear", "factor": "2.0"}),
             "rope_scaling.factor is \"2.0\", not a number",
         ),
+        (serde_json::json!({"rope_type": "yarn"}), "needs \"factor\""),
+        (
+            serde_json::json!(null),
+            "rope_theta is \"10000\", not a number",
+        ),
     ] {
         let mut cfg = original.clone();
+        if rs.is_null() {
+            cfg["rope_theta"] = "10000".into();
+        }
         cfg["rope_scaling"] = rs;
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let (code, err) = quantize(&c, &["--dry-run"], &[]);
@@ -546,4 +556,118 @@ fn a_terminal_shows_the_plan_first_and_each_layers_ratios() {
     assert!(plan < layer, "{screen}");
     assert!(screen.contains("qkv r="), "{screen}");
     assert!(!screen.contains("layer 0/0"), "{screen}");
+}
+
+/// A disk that fills up after the shards are assembled (while the report, the last file, is
+/// written) still keeps every finished layer, and the rerun continues from them.
+#[test]
+fn a_full_disk_at_the_very_end_keeps_every_layer() {
+    let c = case();
+    let run = |limit: u64| {
+        let _ = std::fs::remove_dir_all(staging(&c));
+        quantize(&c, &[], &[("AWQ_INJECT_ENOSPC_AFTER", &limit.to_string())])
+    };
+    // The largest limit that still fails fails on the last write.
+    let (mut lo, mut hi) = (0u64, 4_000_000u64);
+    assert_eq!(run(hi).0, 0);
+    std::fs::remove_dir_all(&c.out).unwrap();
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if run(mid).0 == 0 {
+            std::fs::remove_dir_all(&c.out).unwrap();
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let (code, err) = run(lo);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("quantization_report.json"), "{err}");
+    assert!(err.contains("2 finished layer(s) are kept"), "{err}");
+    assert!(!c.out.exists());
+    let (code, err) = quantize(&c, &["-v"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(c.out.join("model.safetensors").is_file());
+}
+
+/// `d/nosuch` where `d/` is a local directory is a mistyped path (exit 3), never a Hub id
+/// retried as a network failure.
+#[test]
+fn a_mistyped_local_path_is_not_a_hub_id() {
+    let c = case();
+    let mut cmd = Command::cargo_bin("awq").unwrap();
+    cmd.current_dir(c.tmp.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["eval", "--model", "model/nosuch", "--text"])
+        .arg(&c.calib);
+    let r = Run::of(&mut cmd);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("model is a local directory"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A download from a Hub that never answers ends on SIGTERM at once (exit 130): nothing is
+/// staged yet, and the network read never reaches the cooperative check.
+#[test]
+fn sigterm_ends_a_stalled_download() {
+    let c = case();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    // Accepts and never answers (held until the test ends).
+    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("awq"))
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HUB_CACHE", c.tmp.path().join("hub"))
+        .env("HF_HUB_OFFLINE", "0")
+        .args(["eval", "--model", "acme/stalled", "--text"])
+        .arg(&c.calib)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stream = held.join().unwrap().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(130));
+            break;
+        }
+        if start.elapsed().as_secs() > 20 {
+            child.kill().unwrap();
+            panic!("SIGTERM did not end the download");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A pre-created `-o` keeps its permissions (`mktemp -d` makes it 0700); a dry run says what
+/// it would remove instead of claiming it did.
+#[test]
+fn a_precreated_output_keeps_its_mode_and_the_dry_run_says_would() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = case();
+    std::fs::create_dir(&c.out).unwrap();
+    std::fs::set_permissions(&c.out, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(quantize(&c, &[], &[]).0, 0);
+    let mode = std::fs::metadata(&c.out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    let other = c.tmp.path().join("other");
+    let staging = c.tmp.path().join(".other.awq-staging");
+    std::fs::create_dir(&staging).unwrap();
+    let mut args = quantize_args(&c.model, &c.calib, &other);
+    args.extend(["--dry-run", "--json"]);
+    let r = awq(&args, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let first: serde_json::Value = serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["event"], "start", "{}", r.stdout);
+    assert!(r.stdout.contains("would remove"), "{}", r.stdout);
+    assert!(staging.is_dir());
 }

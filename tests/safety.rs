@@ -175,7 +175,7 @@ fn an_interrupted_run_is_never_discarded_silently() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        format!("{out}{err}").contains("--force: removed"),
+        format!("{out}{err}").contains("--force: would remove"),
         "{out}{err}"
     );
     assert!(staging.exists(), "a dry run removed the staging directory");

@@ -71,6 +71,11 @@ pub fn read_file(path: &Path, column: &str) -> Result<Vec<Record>> {
     let bytes = std::fs::read(path).map_err(|e| Error::input_io(path, e))?;
     let (bytes, inner) = if head.starts_with(&GZIP_MAGIC) {
         (gunzip(path, &bytes)?, path.with_extension(""))
+    } else if extension(path) == "gz" {
+        return Err(input_err!(
+            "{} is named .gz but is not gzip data; rename it without .gz, or compress it",
+            path.display()
+        ));
     } else {
         (bytes, path.to_path_buf())
     };

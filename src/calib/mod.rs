@@ -20,7 +20,7 @@ pub mod formats;
 pub use formats::{txt_documents, Record, SUPPORTED};
 
 /// How calibration data is read and selected.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CalibOptions {
     /// Calibration files or Hub dataset ids (`org/name[:split]`); empty: the embedded corpus.
     pub files: Vec<PathBuf>,

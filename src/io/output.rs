@@ -144,7 +144,7 @@ pub fn existing(output: &Path) -> Existing {
                 .join(", ")
         ));
     }
-    if output.join(REPORT_FILE).is_file() || is_awq_config(output) {
+    if output.join(REPORT_FILE).is_file() || is_awq_config(output) || is_shard(output) {
         return Existing::AwqOutput;
     }
     names.sort();
@@ -171,10 +171,26 @@ pub fn rejected_path(output: &Path) -> PathBuf {
 
 /// The resume fingerprint recorded in the report of the awq output at `dir` (`None` for
 /// outputs of older versions, other tools, or anything else).
+/// A shard directory's is its manifest's, with its layer range (as its staging recorded it).
 pub fn recorded_fingerprint(dir: &Path) -> Option<serde_json::Value> {
+    if let Some(manifest) = shard_manifest(dir) {
+        let mut fp = manifest.get("fingerprint")?.clone();
+        fp.as_object_mut()?
+            .insert("layers".into(), manifest.get("layers")?.clone());
+        return Some(fp);
+    }
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(REPORT_FILE)).ok()?).ok()?;
     report.get("fingerprint").cloned()
+}
+
+/// The manifest of a shard directory written by `awq quantize --shard` (`None` for anything
+/// else).
+fn shard_manifest(dir: &Path) -> Option<serde_json::Value> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(crate::quantize::shard::MANIFEST)).ok()?)
+            .ok()?;
+    (m.get("kind")?.as_str()? == crate::quantize::shard::MANIFEST_KIND).then_some(m)
 }
 
 /// `output_files` of the report in `dir` (absent in outputs of older versions and other tools).
@@ -187,6 +203,17 @@ fn files_written(dir: &Path) -> Option<Vec<String>> {
         .iter()
         .map(|v| v.as_str().map(str::to_string))
         .collect()
+}
+
+/// A shard directory holds its manifest and its `layers/` only.
+fn is_shard(dir: &Path) -> bool {
+    let only_ours = std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok()).all(|e| {
+            let n = e.file_name();
+            n == crate::quantize::shard::MANIFEST || n == crate::quantize::shard::LAYERS_DIR
+        })
+    });
+    only_ours && shard_manifest(dir).is_some()
 }
 
 fn is_awq_config(dir: &Path) -> bool {

@@ -35,6 +35,20 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<PathBuf> {
     let weight_file = [".safetensors", ".gguf", ".bin", ".pt", ".pth"]
         .iter()
         .any(|e| model.to_ascii_lowercase().ends_with(e));
+    // `d/nosuch` where `d/` is a local directory: a mistyped path, not a Hub id (retrying a
+    // download would never fix it).
+    let local_parent = path
+        .parent()
+        .is_some_and(|p| p.is_dir() && p != Path::new(""));
+    if local_parent && !weight_file {
+        return Err(input_err!(
+            "model directory {model} does not exist ({} is a local directory, so this is taken \
+             as a path, not a Hub id); check the path",
+            path.parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ));
+    }
     if !looks_like_hub_id(model) || weight_file {
         return Err(input_err!(
             "model directory {model} does not exist (pass a local directory holding config.json, \
@@ -53,7 +67,7 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<PathBuf> {
             missing_description(&cache, model, revision)
         ));
     }
-    download(&cache, model, revision)
+    crate::interrupt::immediate(|| download(&cache, model, revision))
 }
 
 /// The error for an existing `--model` path that is not a directory.
@@ -384,7 +398,7 @@ pub fn resolve_dataset(spec: &DatasetSpec) -> Result<Vec<PathBuf>> {
             repo.display()
         ));
     }
-    download_dataset(&cache, spec)
+    crate::interrupt::immediate(|| download_dataset(&cache, spec))
 }
 
 /// Every file under `dir` (following links, at most 8 levels), relative and `/` separated.

@@ -457,7 +457,7 @@ fn recorded_pid(dir: &Path) -> Option<u32> {
 }
 
 /// This machine's name, recorded beside the pid (a shared volume may be written from several).
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().to_string())
@@ -595,7 +595,11 @@ impl Staging {
             std::fs::remove_file(&owner).map_err(|e| write_err(&owner, e))?;
         }
         let mut aside = None;
-        if std::fs::symlink_metadata(target).is_ok() {
+        if let Ok(meta) = std::fs::symlink_metadata(target) {
+            // A pre-created empty directory (`mktemp -d`, 0700) keeps its permissions.
+            if super::output::existing(target) == super::output::Existing::Empty {
+                let _ = std::fs::set_permissions(&self.dir, meta.permissions());
+            }
             let mut name = self.dir.as_os_str().to_owned();
             name.push(".replaced");
             let old = PathBuf::from(name);

@@ -146,6 +146,39 @@ pub fn rope_parameters_as_scaling(raw: &mut serde_json::Value) {
     }
 }
 
+/// Top-level config fields that must be numbers: a string there is named (serde's own message
+/// does not say which field).
+const CONFIG_NUMBERS: [&str; 14] = [
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "partial_rotary_factor",
+    "sliding_window",
+    "original_max_position_embeddings",
+];
+
+fn check_numbers(raw: &serde_json::Value) -> Result<()> {
+    for key in CONFIG_NUMBERS {
+        match raw.get(key) {
+            Some(v) if !v.is_number() && !v.is_null() => {
+                return Err(input_err!(
+                    "{key} is {v}, not a number; write it without quotes"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Fields of `rope_scaling` that transformers computes with as numbers.
 const ROPE_NUMBERS: [&str; 9] = [
     "factor",
@@ -164,7 +197,7 @@ const ROPE_NUMBERS: [&str; 9] = [
 /// `_validate_llama3_parameters` in 4.4x and 5.x):
 /// - neither `rope_type` nor `type`: 4.4x raises; 5.x silently drops the scaling, so the model
 ///   would run unscaled — either way not what the file meant;
-/// - a required key missing: `factor` (linear, dynamic, llama3), `low_freq_factor` and
+/// - a required key missing: `factor` (linear, dynamic, yarn, llama3), `low_freq_factor` and
 ///   `high_freq_factor` (llama3), `short_factor` and `long_factor` (longrope);
 /// - a number given as a string (`"factor": "8.0"`): validation only warns, but the rope
 ///   computation then fails on it.
@@ -173,6 +206,7 @@ const ROPE_NUMBERS: [&str; 9] = [
 /// 32, `beta_slow` 1 and derived `attention_factor`; `original_max_position_embeddings` from
 /// `max_position_embeddings` (5.x `standardize_rope_params`, also for llama3).
 pub fn check_rope_scaling(raw: &serde_json::Value) -> Result<()> {
+    check_numbers(raw)?;
     let Some(rs) = raw.get("rope_scaling").filter(|v| !v.is_null()) else {
         return Ok(());
     };
@@ -208,7 +242,7 @@ pub fn check_rope_scaling(raw: &serde_json::Value) -> Result<()> {
         }
     };
     let required: &[&str] = match kind.as_str() {
-        "linear" | "dynamic" => &["factor"],
+        "linear" | "dynamic" | "yarn" => &["factor"],
         "llama3" => &["factor", "low_freq_factor", "high_freq_factor"],
         "longrope" => &["short_factor", "long_factor"],
         _ => &[],

@@ -12,7 +12,7 @@ use super::rtn::fake_quantize;
 use crate::error::{Error, Result};
 use crate::ops::matmul;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Grid {
     /// Identity first, then AutoAWQ's candidates (the default).

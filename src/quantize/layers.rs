@@ -36,11 +36,37 @@ pub(super) struct Layers {
     pub reports: Vec<LayerReport>,
     pub parts: Vec<PathBuf>,
     pub names: Vec<String>,
+    /// Seconds of the float forward through the layers before the range (a shard's prefix).
+    pub prefix_seconds: f64,
 }
 
+impl Layers {
+    /// Nothing yet: the names start with the embedding, which the head part holds.
+    pub fn new() -> Self {
+        Layers {
+            reports: Vec::new(),
+            parts: Vec::new(),
+            names: vec![EMBED.to_string()],
+            prefix_seconds: 0.0,
+        }
+    }
+
+    /// Appends a finished layer: its part file and record.
+    pub fn push(&mut self, part: PathBuf, record: LayerRecord) {
+        self.names.extend(record.tensors);
+        self.parts.push(part);
+        self.reports.push(record.report);
+    }
+}
+
+/// Quantizes the layers of `range` (a shard's, or every layer), each fed the original model's
+/// output of the layers before it: `input` when handed over (the input of `range.start`),
+/// else those before the range run their float forward only.
 pub(super) fn run_layers(
     opts: &QuantizeOptions,
     prep: &Prepared,
+    range: std::ops::Range<usize>,
+    input: Option<Tensor>,
     parts_dir: &Path,
     events: Sink,
     work: &mut Work,
@@ -49,13 +75,22 @@ pub(super) fn run_layers(
     let spec = &model.spec;
     let seqlen = opts.calib.seqlen;
     let rope = Rope::new(spec, seqlen)?;
-    let mut hidden = model.embed(&prep.cal.ids)?;
-    let mut done = Layers {
-        reports: Vec::new(),
-        parts: Vec::new(),
-        names: vec![EMBED.to_string()],
+    let handed_over = input.is_some();
+    let mut hidden = match input {
+        Some(h) => h,
+        None => model.embed(&prep.cal.ids)?,
     };
-    for i in 0..spec.layers {
+    let mut done = Layers::new();
+    let clock = Instant::now();
+    for i in (0..range.start).filter(|_| !handed_over) {
+        crate::interrupt::check()?;
+        hidden = model
+            .layer(i)?
+            .forward(spec, &rope, &hidden, seqlen, false)?
+            .0;
+    }
+    done.prefix_seconds = clock.elapsed().as_secs_f64();
+    for i in range {
         crate::interrupt::check()?;
         let part = parts_dir.join(format!("layer-{i:05}.safetensors"));
         let record_path = parts_dir.join(format!("layer-{i:05}.json"));
@@ -86,14 +121,12 @@ pub(super) fn run_layers(
             seconds,
             report: Some(&record.report),
         });
-        done.names.extend(record.tensors);
-        done.parts.push(part);
-        done.reports.push(record.report);
+        done.push(part, record);
     }
     Ok(done)
 }
 
-fn read_record(path: &Path) -> Result<LayerRecord> {
+pub(super) fn read_record(path: &Path) -> Result<LayerRecord> {
     std::fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -204,6 +237,7 @@ fn quantize_layer(
             fp16_candidates: checked.fp16_candidates,
             max_abs_float_weight,
             seconds: t,
+            shard: None,
         },
         tensors: names,
     };

@@ -22,16 +22,21 @@ use crate::model::Model;
 use crate::quant::pack::Layout;
 use crate::quant::search::Grid;
 
+mod capture;
 mod guard;
 mod keep;
 mod layer;
 mod layers;
+mod merge;
 mod prepare;
 mod report;
 mod resume;
 mod rounding;
+pub mod shard;
 mod write;
 
+pub use capture::{parse_part, CaptureDone};
+pub use merge::{merge, MergeOptions};
 use report::{model_card, peak_rss_mb};
 pub use report::{GroupReport, LayerReport, Plan, Quality, Report, Timings, Work};
 
@@ -40,7 +45,7 @@ pub use report::{GroupReport, LayerReport, Plan, Quality, Report, Timings, Work}
 pub const FAST_SEARCH_BLOCKS: usize = 4;
 
 /// `--rounding`: how the integer codes are chosen once scales and clipping are fixed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Rounding {
     /// Round-to-nearest, AutoAWQ's.
@@ -62,7 +67,7 @@ impl FromStr for Rounding {
 }
 
 /// `--clip-sides`: how the clipping search cuts a group's range (`quant::clip::search`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClipSides {
     /// AutoAWQ's: one shrink of the abs-max, `±max_val`.
@@ -85,7 +90,7 @@ impl FromStr for ClipSides {
 /// `--dtype`: the float dtype of the tensors that stay unquantized (embeddings, norms, biases,
 /// head) and of `torch_dtype`. AWQ `scales` are float16 in every case (the loaders' kernels
 /// require it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DtypeChoice {
     /// float16, unless a value or a calibration activation exceeds float16's range (±65504):
@@ -108,7 +113,9 @@ impl FromStr for DtypeChoice {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// Everything a run needs, resolved from the command line; stored in a shard's manifest so that
+/// `awq merge` runs with the same options.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuantizeOptions {
     pub model: String,
     pub revision: Option<String>,
@@ -153,13 +160,31 @@ pub struct QuantizeOptions {
     pub base_model: Option<String>,
     /// Float dtype of the unquantized tensors.
     pub dtype: DtypeChoice,
-    /// How `--version auto` chose the layout (`None` when the layout was given).
+    /// How `--version auto` chose the layout (`None` when the layout was given; not read back
+    /// from a shard's manifest).
+    #[serde(skip_deserializing)]
     pub layout_choice: Option<crate::gpu::LayoutChoice>,
     /// Perplexity gate run on the finished checkpoint before it is published.
     pub quality_gate: Option<QualityGate>,
+    /// `--shard K/N` / `--layers A..B`: quantize these layers only, into a shard directory
+    /// for `awq merge` (`None`: the whole model into a checkpoint).
+    #[serde(default)]
+    pub shard: Option<shard::ShardSpec>,
+    /// `--dry-run --shards N`: plan N shards (ranges, seconds, memory); with `capture`, the
+    /// shard count the boundaries are written for.
+    #[serde(default)]
+    pub plan_shards: Option<usize>,
+    /// `--capture J/M`: capture job `J` of `M` (the float forward of its slice of the
+    /// calibration blocks, written at every shard boundary) instead of quantizing.
+    #[serde(default)]
+    pub capture: Option<(usize, usize)>,
+    /// `--activations DIR`: a shard's input, handed over by the capture jobs under `DIR`
+    /// (ranges then balanced without a prefix to pay).
+    #[serde(default)]
+    pub activations: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QualityGate {
     pub text: PathBuf,
     /// Largest accepted increase of the quantized over the fp perplexity, in percent.
@@ -174,6 +199,10 @@ pub enum Outcome {
     Done(Box<Report>),
     /// `--skip-existing`: the output already holds this run's checkpoint; nothing was done.
     UpToDate,
+    /// A shard run (`--shard`, `--layers`) wrote its shard directory.
+    Shard(Box<ShardDone>),
+    /// A capture job (`--capture`) wrote its boundary activations.
+    Capture(Box<capture::CaptureDone>),
 }
 
 pub const TOOL: &str = concat!("awq ", env!("CARGO_PKG_VERSION"));
@@ -209,51 +238,209 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
     for message in prepare::warnings(opts, &prep) {
         events(&Event::Warning { message });
     }
+    // After the plan (it carries the same sentence), so `--json | head -1` is the start event.
+    events(&Event::Plan(&prep.plan));
     if let Some(note) = &prep.plan.staging {
         events(&Event::Notice {
             message: note.clone(),
         });
     }
-    events(&Event::Plan(&prep.plan));
     if opts.dry_run {
         return Ok(Outcome::DryRun(Box::new(prep.plan)));
     }
     let mut staging = Staging::open(&opts.output, prep.open)?;
-    let report = match produce(opts, prep, &staging, events, start, (flop0, mm0)) {
-        Err(Error::Interrupted) => return Err(keep_finished_layers(&mut staging, events)),
-        Err(Error::DiskFull(why)) => return Err(disk_full(&mut staging, opts, why)),
-        other => other?,
+    if let (Some(part), Some(shards)) = (opts.capture, opts.plan_shards) {
+        let done = capture::run(opts, &prep, part, shards, &staging.dir, events)
+            .map_err(|e| stopped(e, &mut staging, opts, events))?;
+        staging.publish(opts.force)?;
+        return Ok(Outcome::Capture(Box::new(done)));
+    }
+    if let Some(range) = prep.range.clone() {
+        let done = match produce_shard(opts, prep, &staging, events, start, range) {
+            Err(e) => return Err(stopped(e, &mut staging, opts, events)),
+            Ok(done) => done,
+        };
+        staging.publish(opts.force)?;
+        return Ok(Outcome::Shard(Box::new(done)));
+    }
+    finish(
+        opts,
+        prep,
+        staging,
+        events,
+        Source::Run,
+        (start, flop0, mm0),
+    )
+}
+
+/// The error a run that stopped early exits with: an interrupted or disk-full run keeps its
+/// finished layers for a rerun.
+fn stopped(e: Error, staging: &mut Staging, opts: &QuantizeOptions, events: Sink) -> Error {
+    match e {
+        Error::Interrupted => keep_finished_layers(staging, events),
+        Error::DiskFull(why) => disk_full(staging, opts, why),
+        other => other,
+    }
+}
+
+/// Produces the checkpoint in `staging` from `source` and publishes it: at the output, or at
+/// `OUT.rejected` when the quality gate failed.
+fn finish(
+    opts: &QuantizeOptions,
+    prep: prepare::Prepared,
+    mut staging: Staging,
+    events: Sink,
+    source: Source,
+    clocks: (Instant, f64, f64),
+) -> Result<Outcome> {
+    let report = match produce(opts, prep, &staging, events, source, clocks) {
+        Err(e) => return Err(stopped(e, &mut staging, opts, events)),
+        Ok(report) => report,
     };
     match &report.rejected_output {
         // Replaces only an earlier rejected awq output (never anything else).
         Some(rejected) => staging.publish_at(rejected, true)?,
-        None => staging.publish(opts.force)?,
+        None => {
+            staging.publish(opts.force)?;
+            remove_stale_rejected(opts)?;
+        }
     }
     Ok(Outcome::Done(Box::new(report)))
 }
 
-/// Everything from the first layer to the report, written into `staging` (published by the
-/// caller): the layers, the head and shards, the quality gate, the card and the report.
-fn produce(
+/// After a gated run passed: an `OUT.rejected` an earlier failed gate left (an awq output,
+/// nothing else) no longer describes `-o`, so it is removed.
+fn remove_stale_rejected(opts: &QuantizeOptions) -> Result<()> {
+    use crate::io::output::{existing, rejected_path, Existing};
+    let rejected = rejected_path(&opts.output);
+    if opts.quality_gate.is_some() && existing(&rejected) == Existing::AwqOutput {
+        std::fs::remove_dir_all(&rejected)
+            .map_err(|e| Error::Runtime(format!("cannot remove {}: {e}", rejected.display())))?;
+    }
+    Ok(())
+}
+
+/// Where a checkpoint's finished layers come from.
+enum Source<'a> {
+    /// Quantized by this run, every layer.
+    Run,
+    /// Finished by the shards of one job (`awq merge`), in layer order.
+    Shards(&'a [merge::Shard]),
+}
+
+/// What a shard run wrote: its range, the wall time and the shard directory's files.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardDone {
+    pub output: PathBuf,
+    pub layers: [usize; 2],
+    pub total_layers: usize,
+    pub seconds: f64,
+    pub prefix_seconds: f64,
+}
+
+/// A shard run: the float forward through the layers before `range`, its layers quantized into
+/// the staging directory's parts, which become `layers/` beside `manifest.json`.
+fn produce_shard(
     opts: &QuantizeOptions,
     prep: prepare::Prepared,
     staging: &Staging,
     events: Sink,
     start: Instant,
-    (flop0, mm0): (f64, f64),
-) -> Result<Report> {
+    range: std::ops::Range<usize>,
+) -> Result<ShardDone> {
+    let parts_dir = open_parts(&prep, staging)?;
+    let mut work = Work::default();
+    let input = match (&opts.activations, range.start) {
+        (Some(dir), start) if start > 0 => {
+            Some(capture::load(dir, start, &prep, opts.calib.seqlen)?)
+        }
+        _ => None,
+    };
+    let done = layers::run_layers(
+        opts,
+        &prep,
+        range.clone(),
+        input,
+        &parts_dir,
+        events,
+        &mut work,
+    )?;
+    events(&Event::Phase { name: "write" });
+    let done = ShardDone {
+        output: opts.output.clone(),
+        layers: [range.start, range.end],
+        total_layers: prep.model.spec.layers,
+        seconds: start.elapsed().as_secs_f64(),
+        prefix_seconds: done.prefix_seconds,
+    };
+    let manifest = shard::Manifest {
+        kind: shard::MANIFEST_KIND.into(),
+        version: 1,
+        tool: TOOL.into(),
+        fingerprint: prep.fingerprint,
+        options: opts.clone(),
+        layers: done.layers,
+        total_layers: done.total_layers,
+        seconds: done.seconds,
+        prefix_seconds: done.prefix_seconds,
+        host: writer::hostname(),
+    };
+    let layers_dir = staging.dir.join(shard::LAYERS_DIR);
+    std::fs::rename(&parts_dir, &layers_dir)
+        .map_err(|e| Error::Runtime(format!("cannot rename {}: {e}", parts_dir.display())))?;
+    std::fs::remove_file(staging.dir.join(FINGERPRINT_FILE))
+        .map_err(|e| Error::Runtime(format!("cannot remove the staged fingerprint: {e}")))?;
+    let json = serde_json::to_value(&manifest).map_err(|e| Error::Runtime(e.to_string()))?;
+    writer::write_json(&staging.dir.join(shard::MANIFEST), &json)?;
+    Ok(done)
+}
+
+/// The staging directory's parts directory, with the run's fingerprint beside it (a resumed
+/// run keeps the one it found).
+fn open_parts(prep: &prepare::Prepared, staging: &Staging) -> Result<PathBuf> {
     if prep.open != Open::Resume {
-        writer::write_json(&staging.dir.join(FINGERPRINT_FILE), &prep.fingerprint)?;
+        writer::write_json(
+            &staging.dir.join(FINGERPRINT_FILE),
+            &prep.staged_fingerprint,
+        )?;
     }
     let parts_dir = staging.dir.join(PARTS_DIR);
     std::fs::create_dir_all(&parts_dir)
         .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parts_dir.display())))?;
+    Ok(parts_dir)
+}
 
+/// Everything from the first layer to the report, written into `staging` (published by the
+/// caller): the layers (quantized, or gathered from shards), the head and shards, the quality
+/// gate, the card and the report.
+fn produce(
+    opts: &QuantizeOptions,
+    prep: prepare::Prepared,
+    staging: &Staging,
+    events: Sink,
+    source: Source,
+    (start, flop0, mm0): (Instant, f64, f64),
+) -> Result<Report> {
+    let parts_dir = open_parts(&prep, staging)?;
     let mut work = Work {
         calibration_seconds: prep.calibration_seconds,
         ..Work::default()
     };
-    let done = layers::run_layers(opts, &prep, &parts_dir, events, &mut work)?;
+    let layers = 0..prep.model.spec.layers;
+    let (done, shards) = match source {
+        Source::Run => {
+            let done =
+                layers::run_layers(opts, &prep, layers, None, &parts_dir, events, &mut work)?;
+            (done, None)
+        }
+        Source::Shards(shards) => {
+            let done = merge::gather(shards, layers, events, &mut work)?;
+            (
+                done,
+                Some(shards.iter().map(merge::Shard::report).collect()),
+            )
+        }
+    };
 
     if let Some(message) = report::quiet_experts(&done.reports) {
         events(&Event::Warning { message });
@@ -321,11 +508,13 @@ fn produce(
         work,
         fingerprint: prep.fingerprint,
         rejected_output,
+        shards,
     };
     std::fs::write(staging.dir.join(CARD), model_card(&report))
         .map_err(|e| Error::Runtime(format!("cannot write the model card: {e}")))?;
     let json = serde_json::to_value(&report).map_err(|e| Error::Runtime(e.to_string()))?;
     writer::write_json(&staging.dir.join(REPORT), &json)?;
+    write::remove_parts(&staging.dir)?;
     Ok(report)
 }
 

@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 
 use super::report::make_plan;
 use super::resume::{decide, fingerprint};
+use super::shard;
 use super::{DtypeChoice, Plan, QualityGate, QuantizeOptions};
 use crate::calib::{self, Calibration};
 use crate::error::{Error, Result};
@@ -26,7 +27,13 @@ pub(super) struct Prepared {
     pub calibration_seconds: f64,
     /// The quality gate's tokens, cut into windows.
     pub gate_ids: Option<Vec<u32>>,
+    /// What the bytes depend on (the report's, a shard manifest's: without the range).
     pub fingerprint: serde_json::Value,
+    /// What the staging directory records and a resume must match: [`Prepared::fingerprint`],
+    /// plus the layer range of a shard run.
+    pub staged_fingerprint: serde_json::Value,
+    /// A shard run's layers (`None`: every layer, into a checkpoint).
+    pub range: Option<std::ops::Range<usize>>,
     /// What to do with the staging directory.
     pub open: Open,
     /// The first unquantized value beyond float16, if any (a bf16/f32 source).
@@ -57,7 +64,28 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
     let cal = calib::build(&tok, &opts.calib, Some(&dir))?;
     let calibration_seconds = clock.elapsed().as_secs_f64();
     let fingerprint = fingerprint(opts, &model, &cal.ids)?;
-    if opts.skip_existing && up_to_date(opts, &fingerprint)? {
+    let mut costs = shard::layer_costs(opts, &model.spec, &cal.summary);
+    if opts.activations.is_some() {
+        costs = super::capture::without_prefix(&costs);
+    }
+    let range = opts
+        .shard
+        .as_ref()
+        .map(|s| shard::resolve(s, model.spec.layers, &costs))
+        .transpose()?;
+    let mut staged_fingerprint = fingerprint.clone();
+    if let Some(obj) = staged_fingerprint.as_object_mut() {
+        if let Some(r) = &range {
+            obj.insert("layers".into(), serde_json::json!([r.start, r.end]));
+        }
+        if let Some((j, m)) = opts.capture {
+            obj.insert(
+                "capture".into(),
+                serde_json::json!([j, m, opts.plan_shards]),
+            );
+        }
+    }
+    if opts.skip_existing && up_to_date(opts, &staged_fingerprint)? {
         return Ok(Prepare::UpToDate);
     }
     output::check_replaceable(&opts.output, opts.force)?;
@@ -75,9 +103,13 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
         .map(|g| gate_tokens(g, &tok))
         .transpose()?;
     let (staging_dir, found) = Staging::probe(&opts.output)?;
-    let (open, staging_note) = decide(opts, &staging_dir, &found, &fingerprint)?;
+    let (open, staging_note) = decide(opts, &staging_dir, &found, &staged_fingerprint)?;
     let mut plan = make_plan(opts, &dir, &model.spec, &cal.summary);
     plan.staging = staging_note;
+    plan.layer_range = range.as_ref().map(|r| [r.start, r.end]);
+    if let (Some(n), None) = (opts.plan_shards, opts.capture) {
+        plan.shards = Some(shard::plan(&costs, n, plan.peak_memory_estimate_mb)?);
+    }
     check_space(opts, &plan, &staging_dir, open)?;
     Ok(Prepare::Work(Box::new(Prepared {
         dir,
@@ -86,6 +118,8 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
         calibration_seconds,
         gate_ids,
         fingerprint,
+        staged_fingerprint,
+        range,
         open,
         beyond_f16,
         plan,

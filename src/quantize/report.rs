@@ -48,6 +48,10 @@ pub struct Plan {
     pub dtype: super::DtypeChoice,
     /// What an earlier run left beside the output and what happens to it (resume, replace).
     pub staging: Option<String>,
+    /// A shard run's layers: first and one past the last (`None`: every layer).
+    pub layer_range: Option<[usize; 2]>,
+    /// `--dry-run --shards N`: each shard's range and estimates.
+    pub shards: Option<Vec<super::shard::ShardPlan>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -84,6 +88,9 @@ pub struct LayerReport {
     /// Largest |value| of the layer's float tensors (norms, biases) after scaling.
     pub max_abs_float_weight: f32,
     pub seconds: Timings,
+    /// `awq merge`: the index of the shard (in the report's `shards`) that quantized it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<usize>,
 }
 
 /// One expert of a MoE layer in the report.
@@ -301,6 +308,22 @@ pub struct Report {
     /// Where the checkpoint was kept because it failed the quality gate (`OUT.rejected`;
     /// `None` when it passed or there was no gate).
     pub rejected_output: Option<PathBuf>,
+    /// `awq merge`: the shards whose layers this checkpoint holds (`layers[i].shard` indexes
+    /// them). Their wall times do not add up to a single run's: each also ran the float
+    /// forward of the layers before its range.
+    pub shards: Option<Vec<ShardReport>>,
+}
+
+/// One shard of a merged checkpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardReport {
+    pub dir: PathBuf,
+    /// First layer and one past the last.
+    pub layers: [usize; 2],
+    /// Wall seconds of the shard run, and of its prefix forward.
+    pub seconds: f64,
+    pub prefix_seconds: f64,
+    pub host: String,
 }
 
 pub(super) fn make_plan(
@@ -394,26 +417,51 @@ pub(super) fn make_plan(
         seconds_estimate: seconds_estimate(opts, spec, cal),
         dtype: opts.dtype,
         staging: None,
+        layer_range: None,
+        shards: None,
     }
 }
 
 /// Seconds per (layer parameter × calibration token) outside the scale search (forward,
-/// capture, clipping, guard, packing), and inside it per scale candidate and scored token.
-/// Fitted on full SmolLM2-135M, 32 × 512 tokens, 2 cores: exact 376 s and `--fast` 92 s
-/// (README); they predict 80 s for the Llama-2-7B-shaped layer that measured 97 s.
-const SECONDS_PER_PARAM_TOKEN: f64 = 2.95e-11;
+/// capture, guard, packing), per (parameter × candidate) in it (each candidate quantizes the
+/// group's weights, whatever the token count: what dominates small calibrations), and per
+/// (parameter × candidate × scored token). Fitted on 2 cores to full SmolLM2-135M with
+/// 32 × 512 tokens (exact 376 s, `--fast` 92 s; predicted 399 s and 115 s) and the
+/// Llama-2-7B-shaped layer (97 s; predicted 65 s): within the ±50 % the plan states.
+const SECONDS_PER_PARAM_TOKEN: f64 = 1.5e-11;
+const SEARCH_SECONDS_PER_PARAM: f64 = 2.3e-8;
 const SEARCH_SECONDS_PER_PARAM_TOKEN: f64 = 9.3e-12;
+/// The float forward alone (a shard's prefix): the 7B-shaped layer's forward, 10.0 s for
+/// 202 M parameters × 8192 tokens on 2 cores.
+const FORWARD_SECONDS_PER_PARAM_TOKEN: f64 = 6.0e-12;
 /// The threads the constants were measured with.
 const FITTED_THREADS: f64 = 2.0;
 
-/// A rough estimate of the run's wall time (±50 %): parameters a token passes through
-/// (an expert's share by its routing) × calibration tokens, plus the search's candidates ×
-/// scored tokens, scaled by this machine's thread count from the 2 threads it was fitted on.
+/// A rough estimate of the run's wall time (±50 %): see [`layer_seconds_estimate`].
 fn seconds_estimate(
     opts: &QuantizeOptions,
     spec: &crate::model::config::ModelSpec,
     cal: &CalibSummary,
 ) -> f64 {
+    layer_seconds_estimate(opts, spec, cal).0 * spec.layers as f64 * thread_scale()
+}
+
+/// How much slower (or faster) this machine's thread count runs than the 2 threads the
+/// estimates were fitted with.
+pub(super) fn thread_scale() -> f64 {
+    FITTED_THREADS / (rayon::current_num_threads() as f64).max(1.0)
+}
+
+/// Rough seconds (±50 %) to quantize one layer, and to run one layer's float forward, on the 2
+/// threads the constants were fitted on ([`thread_scale`] converts): the parameters a token
+/// passes through (an expert's share by its routing) × calibration tokens, plus the search's
+/// candidates × scored tokens. Independent of this machine, so that every shard of a job
+/// computes the same ranges.
+pub(super) fn layer_seconds_estimate(
+    opts: &QuantizeOptions,
+    spec: &crate::model::config::ModelSpec,
+    cal: &CalibSummary,
+) -> (f64, f64) {
     let per_token: f64 = spec
         .linears()
         .iter()
@@ -424,8 +472,7 @@ fn seconds_estimate(
             };
             (l.out * l.inp) as f64 * share
         })
-        .sum::<f64>()
-        * spec.layers as f64;
+        .sum::<f64>();
     let tokens = cal.tokens as f64;
     let scored = opts
         .search_blocks
@@ -435,10 +482,10 @@ fn seconds_estimate(
     } else {
         opts.n_grid as f64
     };
-    let seconds = per_token
-        * (tokens * SECONDS_PER_PARAM_TOKEN + scored * candidates * SEARCH_SECONDS_PER_PARAM_TOKEN);
-    let threads = rayon::current_num_threads() as f64;
-    seconds * FITTED_THREADS / threads.max(1.0)
+    let search = candidates * (SEARCH_SECONDS_PER_PARAM + scored * SEARCH_SECONDS_PER_PARAM_TOKEN);
+    let quantize = per_token * (tokens * SECONDS_PER_PARAM_TOKEN + search);
+    let forward = per_token * tokens * FORWARD_SECONDS_PER_PARAM_TOKEN;
+    (quantize, forward)
 }
 
 /// The Hub id of the source: `--model` as `org/name` (not an existing local path), or the id
@@ -503,7 +550,14 @@ pub(super) fn model_card(r: &Report) -> String {
         let _ = write!(c, "base_model: {id}\nbase_model_relation: quantized\n");
     }
     c += "library_name: transformers\npipeline_tag: text-generation\ntags:\n- awq\n- 4-bit\n- quantized\n---\n\n";
-    let _ = writeln!(c, "# {name} — AWQ INT4 ({layout})\n");
+    match &o.name {
+        Some(title) => {
+            let _ = writeln!(c, "# {title}\n");
+        }
+        None => {
+            let _ = writeln!(c, "# {name} — AWQ INT4 ({layout})\n");
+        }
+    }
     let source = match (hub_id(&o.model), &o.revision) {
         (Some(id), Some(rev)) => format!("`{id}` (Hub, revision `{rev}`)"),
         (Some(id), None) => format!("`{id}` (Hub)"),

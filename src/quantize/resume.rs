@@ -67,6 +67,11 @@ pub(super) fn decide(
     current: &serde_json::Value,
 ) -> Result<(Open, Option<String>)> {
     let d = dir.display();
+    // A dry run changes nothing: it says what the run would do.
+    let (removed, resuming) = match opts.dry_run {
+        true => ("would remove", "would resume"),
+        false => ("removed", "resuming"),
+    };
     match found {
         Found::Fresh if opts.resume => Err(Error::Usage(format!(
             "--resume: no interrupted run found for {} (its staging directory {d} does not \
@@ -82,7 +87,7 @@ pub(super) fn decide(
         Found::Stale { layers_done: 0, .. } => Ok((
             Open::Replace,
             Some(format!(
-                "removed {d}, left by an interrupted run that had not finished a layer"
+                "{removed} {d}, left by an interrupted run that had not finished a layer"
             )),
         )),
         Found::Stale {
@@ -97,13 +102,13 @@ pub(super) fn decide(
                 None => Ok((
                     Open::Resume,
                     Some(format!(
-                        "resuming the interrupted run in {d}: {layers_done} layer(s) already done"
+                        "{resuming} the interrupted run in {d}: {layers_done} layer(s) already done"
                     )),
                 )),
                 Some(_) if opts.force => Ok((
                     Open::Replace,
                     Some(format!(
-                        "--force: removed {d}, an interrupted run with {layers_done} finished layer(s) and other settings"
+                        "--force: {removed} {d}, an interrupted run with {layers_done} finished layer(s) and other settings"
                     )),
                 )),
                 Some(field) => Err(Error::Usage(format!(

@@ -110,7 +110,8 @@ pub(super) struct Written {
 }
 
 /// Writes the head part, applies `--keep-fp16`, writes the shards (from the parts),
-/// config.json, quant_config.json and the companion files into `staged`; removes the parts.
+/// config.json, quant_config.json and the companion files into `staged`. The parts stay until
+/// [`remove_parts`]: a disk that fills up before the end keeps the finished layers.
 pub(super) fn write_checkpoint(
     opts: &QuantizeOptions,
     model: &Model,
@@ -134,15 +135,6 @@ pub(super) fn write_checkpoint(
     let part_ckpt = Checkpoint::open_files(parts)?;
     let files = writer::write_shards(staged, &part_ckpt, &names, opts.shard_size, dtype)?;
     drop(part_ckpt);
-    let remove = |p: &Path| {
-        std::fs::remove_dir_all(p)
-            .or_else(|_| std::fs::remove_file(p))
-            .map_err(|e| {
-                crate::error::Error::Runtime(format!("cannot remove {}: {e}", p.display()))
-            })
-    };
-    remove(&parts_dir)?;
-    remove(&staged.join(writer::FINGERPRINT_FILE))?;
 
     let version = opts.layout.name();
     let qcfg = serde_json::json!({
@@ -173,6 +165,19 @@ pub(super) fn write_checkpoint(
         files: written,
         kept_fp16,
     })
+}
+
+/// Removes the staged parts and fingerprint once every other file of the output is written.
+pub(super) fn remove_parts(staged: &Path) -> Result<()> {
+    let remove = |p: &Path| {
+        std::fs::remove_dir_all(p)
+            .or_else(|_| std::fs::remove_file(p))
+            .map_err(|e| {
+                crate::error::Error::Runtime(format!("cannot remove {}: {e}", p.display()))
+            })
+    };
+    remove(&staged.join(PARTS_DIR))?;
+    remove(&staged.join(writer::FINGERPRINT_FILE))
 }
 
 /// `modules_to_not_convert`: the routers' entries and the kept units', plus `lm_head`
