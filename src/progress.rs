@@ -24,6 +24,8 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     /// Seconds and count of the layers reported so far (for the ETA of plain lines).
     layer_seconds: std::sync::Mutex<(f64, usize)>,
+    /// One past the last layer this run quantizes (a shard's range end; 0: every layer).
+    last_layer: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether stderr gets a live bar rather than plain lines.
@@ -41,6 +43,7 @@ impl Progress {
             verbose,
             bar: None,
             layer_seconds: std::sync::Mutex::new((0.0, 0)),
+            last_layer: std::sync::atomic::AtomicUsize::new(0),
         }
         .with_bar()
     }
@@ -116,6 +119,10 @@ impl Progress {
                 None => eprintln!("warning: {message}"),
             }
             return;
+        }
+        if let Event::Plan(plan) = ev {
+            let end = plan.layer_range.map_or(0, |r| r[1]);
+            self.last_layer.store(end, Ordering::Relaxed);
         }
         if self.quiet {
             return;
@@ -193,7 +200,11 @@ impl Progress {
         let mut seen = self.layer_seconds.lock().unwrap_or_else(|e| e.into_inner());
         seen.0 += seconds;
         seen.1 += 1;
-        let left = total.saturating_sub(index + 1);
+        let end = match self.last_layer.load(Ordering::Relaxed) {
+            0 => total,
+            end => end,
+        };
+        let left = end.saturating_sub(index + 1);
         if left == 0 {
             return String::new();
         }

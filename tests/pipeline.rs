@@ -567,7 +567,7 @@ fn a_full_disk_at_the_very_end_keeps_every_layer() {
         let _ = std::fs::remove_dir_all(staging(&c));
         quantize(&c, &[], &[("AWQ_INJECT_ENOSPC_AFTER", &limit.to_string())])
     };
-    // The largest limit that still fails fails on the last write.
+    // The largest limit that still fails fails on the last write (the report, ~8 KB).
     let (mut lo, mut hi) = (0u64, 4_000_000u64);
     assert_eq!(run(hi).0, 0);
     std::fs::remove_dir_all(&c.out).unwrap();
@@ -580,7 +580,8 @@ fn a_full_disk_at_the_very_end_keeps_every_layer() {
             lo = mid;
         }
     }
-    let (code, err) = run(lo);
+    // The report's size varies by a few bytes (its timings): stay well inside its window.
+    let (code, err) = run(lo - 1000);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("quantization_report.json"), "{err}");
     assert!(err.contains("2 finished layer(s) are kept"), "{err}");

@@ -428,3 +428,25 @@ fn handed_over_activations_give_the_same_bytes() {
     assert!(r.stderr.contains("no boundary at layer 3"), "{}", r.stderr);
     assert!(r.stderr.contains("--shards 3"), "{}", r.stderr);
 }
+
+/// A shard's progress counts down to the end of its range: its last layer has no ETA.
+#[test]
+fn a_shards_eta_ends_with_its_range() {
+    let j = job();
+    let out = j.dir("s");
+    let args: Vec<&str> = j
+        .args(&out, &["--layers", "0..3"])
+        .into_iter()
+        .filter(|a| *a != "-q")
+        .collect();
+    let r = awq(&args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("[awq] layer "))
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", r.stderr);
+    assert!(lines[1].contains("ETA"), "{}", lines[1]);
+    assert!(!lines[2].contains("ETA"), "{}", lines[2]);
+}
