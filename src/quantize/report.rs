@@ -424,12 +424,13 @@ pub(super) fn make_plan(
 
 /// Seconds per (layer parameter × calibration token) outside the scale search (forward,
 /// capture, guard, packing), per (parameter × candidate) in it (each candidate quantizes the
-/// group's weights, whatever the token count: what dominates small calibrations), and per
-/// (parameter × candidate × scored token). Fitted on 2 cores to full SmolLM2-135M with
-/// 32 × 512 tokens (exact 376 s, `--fast` 92 s; predicted 399 s and 115 s) and the
-/// Llama-2-7B-shaped layer (97 s; predicted 65 s): within the ±50 % the plan states.
-const SECONDS_PER_PARAM_TOKEN: f64 = 1.5e-11;
-const SEARCH_SECONDS_PER_PARAM: f64 = 2.3e-8;
+/// group's weights, whatever the token count), and per (parameter × candidate × scored token),
+/// on the fitting machine (see [`thread_scale`]). Fitted to four full SmolLM2-135M runs with
+/// `--group 64`, 20 candidates: 32 × 512 tokens exact (376 s) and `--fast` (92 s) there, and
+/// `--fast` with 13 × 512 (282 s) and 7 × 128 tokens (83.8 s) on a machine 4.3× slower: all
+/// four within 1 %; the Llama-2-7B-shaped layer (97 s) comes out at 75 s.
+const SECONDS_PER_PARAM_TOKEN: f64 = 2.56e-11;
+const SEARCH_SECONDS_PER_PARAM: f64 = 3.3e-9;
 const SEARCH_SECONDS_PER_PARAM_TOKEN: f64 = 9.3e-12;
 /// The float forward alone (a shard's prefix): the 7B-shaped layer's forward, 10.0 s for
 /// 202 M parameters × 8192 tokens on 2 cores.
@@ -446,10 +447,36 @@ fn seconds_estimate(
     layer_seconds_estimate(opts, spec, cal).0 * spec.layers as f64 * thread_scale()
 }
 
-/// How much slower (or faster) this machine's thread count runs than the 2 threads the
-/// estimates were fitted with.
+/// How much slower (or faster) this machine runs than the one the estimates were fitted on:
+/// a 512³ f32 matmul (the work that dominates a run), best of 3, against the rate the same
+/// product reached there. Measured once per process (~30 ms).
 pub(super) fn thread_scale() -> f64 {
-    FITTED_THREADS / (rayon::current_num_threads() as f64).max(1.0)
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        let measured = matmul_gflops().filter(|g| *g > 0.0);
+        match measured {
+            Some(g) => FITTED_MATMUL_GFLOPS / g,
+            None => FITTED_THREADS / (rayon::current_num_threads() as f64).max(1.0),
+        }
+    })
+}
+
+/// What the fitting machine's 2 cores reached on [`matmul_gflops`]'s product (AVX-512; its
+/// SmolLM2 runs' matmuls averaged 285 GFLOP/s): derived from a 2-core AVX2 machine measuring
+/// 68 GFLOP/s there while its runs averaged 66 GFLOP/s, scaled by the runs' ratio.
+const FITTED_MATMUL_GFLOPS: f64 = 68.0 * 285.0 / 66.0;
+
+/// GFLOP/s of a 512 × 512 × 512 f32 matmul on this machine's threads, best of 3.
+fn matmul_gflops() -> Option<f64> {
+    use candle_core::{Device, Tensor};
+    let a = Tensor::ones((512, 512), candle_core::DType::F32, &Device::Cpu).ok()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        a.matmul(&a).ok()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Some(2.0 * 512f64.powi(3) / best / 1e9)
 }
 
 /// Rough seconds (±50 %) to quantize one layer, and to run one layer's float forward, on the 2
