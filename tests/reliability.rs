@@ -339,22 +339,7 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok);
 }
 
-/// Every file of `dir` except the report (it holds timings), by name.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name() != "quantization_report.json")
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
+use common::files_but_report as files;
 
 #[test]
 fn sigint_cleans_up_and_sigkill_resumes_to_the_same_bytes() {

@@ -92,22 +92,7 @@ impl Job {
     }
 }
 
-/// Every file of `dir` but the report (it holds timings), by name; none when `dir` is absent.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<(String, Vec<u8>)> = entries
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name() != "quantization_report.json")
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read(e.path()).unwrap())
-        })
-        .collect();
-    v.sort();
-    v
-}
+use common::files_but_report as files;
 
 fn merge(shards: &[PathBuf], out: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["merge"];

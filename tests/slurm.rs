@@ -20,20 +20,7 @@ fn has(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Every file of `dir` but the report (it holds timings), by name.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name() != "quantization_report.json")
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read(e.path()).unwrap())
-        })
-        .collect();
-    v.sort();
-    v
-}
+use common::files_but_report as files;
 
 #[test]
 fn slurm_array_and_merge_match_a_single_run() {

@@ -211,3 +211,21 @@ pub fn fake_hub(count: usize, answer: fn(&str) -> (u16, String)) -> String {
     });
     url
 }
+
+/// Every file of `dir` but the report (it holds timings), with its bytes, sorted by name;
+/// none when `dir` is absent. What "the same checkpoint" compares.
+pub fn files_but_report(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "quantization_report.json")
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
+}
