@@ -617,8 +617,20 @@ fn sigterm_ends_a_stalled_download() {
     let c = case();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    // Accepts and never answers (held until the test ends).
-    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    // Accepts and never answers (held until the test ends); gives up after 20 s.
+    listener.set_nonblocking(true).unwrap();
+    let held = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => return Ok(s),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    });
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("awq"))
         .env("HF_ENDPOINT", &endpoint)
         .env("HF_HUB_CACHE", c.tmp.path().join("hub"))

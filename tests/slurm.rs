@@ -38,7 +38,8 @@ fn slurm_array_and_merge_match_a_single_run() {
         return skip("no Slurm and no apt-get to install it");
     }
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/slurm");
-    let up = Command::new("bash")
+    let up = Command::new("timeout")
+        .args(["600", "bash"])
         .arg(examples.join("cluster.sh"))
         .output()
         .unwrap();
@@ -56,7 +57,9 @@ fn slurm_array_and_merge_match_a_single_run() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("job");
-    let o = Command::new("bash")
+    // Bounded: a cluster that never schedules the jobs fails the test instead of hanging CI.
+    let o = Command::new("timeout")
+        .args(["900", "bash"])
         .arg(examples.join("submit.sh"))
         .env("AWQ", &awq)
         .env("MODEL", &model)
