@@ -87,10 +87,7 @@ fn gate_verdict(report: &Report, output: &Path) -> Result<()> {
     let (Some(q), Some(rejected)) = (&report.quality, &report.rejected_output) else {
         return Ok(());
     };
-    let there = match awq::io::output::existing(output) {
-        awq::io::output::Existing::Absent => "nothing was written there",
-        _ => "what was there is unchanged",
-    };
+    let there = awq::io::output::untouched(output);
     Err(Error::GateFailed {
         message: format!(
             "quality gate failed: perplexity rose {:.2}% (from {:.4} to {:.4}), more than \

@@ -229,6 +229,15 @@ fn is_awq_config(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// What a run that did not publish left at `output`, for its message: an absent output stays
+/// absent, an existing one is untouched.
+pub fn untouched(output: &Path) -> &'static str {
+    match existing(output) {
+        Existing::Absent => "nothing was written there",
+        _ => "what was there is unchanged",
+    }
+}
+
 /// Refuses (exit 4) an existing output unless it is an empty directory (a pre-created `-o`,
 /// the `mktemp -d` pattern) or `force` is given and [`existing`] says it is an earlier AWQ
 /// output.

@@ -541,10 +541,7 @@ fn keep_finished_layers(staging: &mut Staging, events: Sink) -> Error {
 /// Returns the error to exit with (1), saying what was kept and what to do.
 fn disk_full(staging: &mut Staging, opts: &QuantizeOptions, why: String) -> Error {
     let done = staging.layers_done();
-    let output = match crate::io::output::existing(&opts.output) {
-        crate::io::output::Existing::Absent => "nothing was written there".to_string(),
-        _ => "what was there is unchanged".to_string(),
-    };
+    let output = crate::io::output::untouched(&opts.output);
     let kept = if done > 0 {
         staging.keep();
         format!(

@@ -425,7 +425,7 @@ pub(super) fn make_plan(
 /// Seconds per (layer parameter × calibration token) outside the scale search (forward,
 /// capture, guard, packing), per (parameter × candidate) in it (each candidate quantizes the
 /// group's weights, whatever the token count), and per (parameter × candidate × scored token),
-/// on the fitting machine (see [`thread_scale`]). Fitted to four full SmolLM2-135M runs with
+/// on the fitting machine (see [`machine_scale`]). Fitted to four full SmolLM2-135M runs with
 /// `--group 64`, 20 candidates: 32 × 512 tokens exact (376 s) and `--fast` (92 s) there, and
 /// `--fast` with 13 × 512 (282 s) and 7 × 128 tokens (83.8 s) on a machine 4.3× slower: all
 /// four within 1 %; the Llama-2-7B-shaped layer (97 s) comes out at 75 s.
@@ -444,13 +444,13 @@ fn seconds_estimate(
     spec: &crate::model::config::ModelSpec,
     cal: &CalibSummary,
 ) -> f64 {
-    layer_seconds_estimate(opts, spec, cal).0 * spec.layers as f64 * thread_scale()
+    layer_seconds_estimate(opts, spec, cal).0 * spec.layers as f64 * machine_scale()
 }
 
 /// How much slower (or faster) this machine runs than the one the estimates were fitted on:
 /// a 512³ f32 matmul (the work that dominates a run), best of 3, against the rate the same
 /// product reached there. Measured once per process (~30 ms).
-pub(super) fn thread_scale() -> f64 {
+pub(super) fn machine_scale() -> f64 {
     static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *SCALE.get_or_init(|| {
         let measured = matmul_gflops().filter(|g| *g > 0.0);
@@ -480,7 +480,7 @@ fn matmul_gflops() -> Option<f64> {
 }
 
 /// Rough seconds (±50 %) to quantize one layer, and to run one layer's float forward, on the 2
-/// threads the constants were fitted on ([`thread_scale`] converts): the parameters a token
+/// threads the constants were fitted on ([`machine_scale`] converts): the parameters a token
 /// passes through (an expert's share by its routing) × calibration tokens, plus the search's
 /// candidates × scored tokens. Independent of this machine, so that every shard of a job
 /// computes the same ranges.

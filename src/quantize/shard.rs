@@ -214,7 +214,7 @@ pub struct ShardPlan {
 
 /// The plan of `n` shards on this machine: ranges, estimated seconds and memory.
 pub(super) fn plan(costs: &LayerCosts, n: usize, peak_memory_mb: f64) -> Result<Vec<ShardPlan>> {
-    let scale = super::report::thread_scale();
+    let scale = super::report::machine_scale();
     Ok(balanced_ranges(costs, n)?
         .into_iter()
         .enumerate()
