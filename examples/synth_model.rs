@@ -1,6 +1,8 @@
 //! Writes a random-weight checkpoint of a chosen depth for the memory and speed benchmarks of
 //! `scripts/bench.sh`: Llama-2-7B-shaped (hidden 4096, intermediate 11008, 32 heads) by default,
-//! or Qwen3-30B-A3B-shaped (`qwen3-moe`) and its dense twin (`qwen3-dense`). The tokenizer (and
+//! or Qwen3-30B-A3B-shaped (`qwen3-moe`) and its dense twin (`qwen3-dense`), or Gemma 3 4B's
+//! wrapped text decoder (`gemma3-4b`: the release's `text_config`, which leaves most fields to
+//! the class defaults, plus a SigLIP-sized vision part that stays float). The tokenizer (and
 //! therefore the vocabulary size) is copied from an existing model directory. One safetensors
 //! shard per layer plus an index, fp16.
 //!
@@ -49,11 +51,25 @@ fn preset(name: &str, layers: usize, vocab: usize, dims: [usize; 3]) -> serde_js
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128,
         "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": true
     });
+    if name == "gemma3-4b" {
+        // google/gemma-3-4b-it's config.json, with our depth and vocabulary.
+        return serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                "model_type": "gemma3_text", "num_hidden_layers": layers,
+                "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+                "vocab_size": vocab},
+            "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": false},
+            "mm_tokens_per_image": 256, "torch_dtype": "bfloat16"
+        });
+    }
     let overrides: Vec<&serde_json::Value> = match name {
         "llama" => vec![],
         "qwen3-dense" => vec![&qwen3],
         "qwen3-moe" => vec![&qwen3, &moe],
-        other => panic!("unknown preset {other} (llama, qwen3-dense, qwen3-moe)"),
+        other => panic!("unknown preset {other} (llama, qwen3-dense, qwen3-moe, gemma3-4b)"),
     };
     for o in overrides {
         for (k, v) in o.as_object().unwrap() {
@@ -110,14 +126,34 @@ fn main() {
             &random(shape.iter().product(), 0.035, seed),
         )
     };
-    let head = vec![
-        t("model.embed_tokens.weight".into(), vec![vocab, hidden]),
-        t("lm_head.weight".into(), vec![vocab, hidden]),
-        OutTensor::f16("model.norm.weight".into(), vec![hidden], &ones(hidden)),
+    let roots = &spec.roots;
+    let mut head = vec![
+        t(roots.embed(), vec![vocab, hidden]),
+        OutTensor::f16(
+            format!("{}.weight", roots.final_norm()),
+            vec![hidden],
+            &ones(hidden),
+        ),
     ];
+    if !spec.tied_embeddings {
+        head.push(t(roots.head_weight(), vec![vocab, hidden]));
+    }
     shard("model-head.safetensors", head);
+    if spec.vision.is_some() {
+        // One SigLIP-sized encoder layer's linears and the projector: copied, never quantized.
+        let v = "vision_tower.vision_model";
+        let mut ts = vec![t(
+            "multi_modal_projector.mm_input_projection_weight".into(),
+            vec![1152, hidden],
+        )];
+        for l in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            let name = format!("{v}.encoder.layers.0.self_attn.{l}.weight");
+            ts.push(t(name, vec![1152, 1152]));
+        }
+        shard("model-vision.safetensors", ts);
+    }
     for i in 0..layers {
-        let p = format!("model.layers.{i}");
+        let p = roots.layer(i);
         let mut ts = Vec::new();
         for l in spec.linears().into_iter().chain(spec.router_linears()) {
             ts.push(t(format!("{p}.{}.weight", l.name), vec![l.out, l.inp]));

@@ -41,6 +41,26 @@ pub struct Summary {
     /// Bytes per dtype.
     pub bytes_by_dtype: BTreeMap<String, usize>,
     pub tensors: Vec<TensorRow>,
+    /// A vision-language wrapper's text decoder: the causal-LM class whose rules it follows and
+    /// the root its tensors live under (`None` for a causal LM or an unsupported config).
+    pub text_decoder: Option<TextDecoder>,
+    /// A wrapper's vision parts, per top-level module, with their sizes.
+    pub vision: Option<crate::model::wrapped::VisionParts>,
+    /// What `awq quantize` keeps float (its `modules_to_not_convert`, before `--keep-fp16`),
+    /// when the architecture is supported.
+    pub stays_float: Option<Vec<String>>,
+}
+
+/// Where a wrapper's text decoder lives and what it is.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextDecoder {
+    /// e.g. `Gemma3ForCausalLM`.
+    pub text_architecture: String,
+    /// e.g. `language_model.model`.
+    pub root: String,
+    /// e.g. `language_model.lm_head` (tied heads have no tensor).
+    pub head: String,
+    pub tied_embeddings: bool,
 }
 
 pub fn inspect(dir: &Path) -> Result<Summary> {
@@ -75,6 +95,38 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
             file: file_name(m.shard),
         });
     }
+    // What awq makes of it, when it reads the architecture (unsupported ones are still listed).
+    let spec = crate::model::load_spec(&config_path)
+        .ok()
+        .and_then(|mut s| {
+            crate::model::locate(&mut s, &ckpt).ok()?;
+            Some(s)
+        });
+    let text_decoder = spec
+        .as_ref()
+        .filter(|s| s.vision.is_some())
+        .map(|s| TextDecoder {
+            text_architecture: text_architecture(&cfg).unwrap_or_default(),
+            root: s.roots.decoder.clone(),
+            head: s.roots.head.clone(),
+            tied_embeddings: s.tied_embeddings,
+        });
+    let vision = spec
+        .as_ref()
+        .and_then(|s| Some(crate::model::wrapped::parts(s.vision.as_ref()?, &ckpt)));
+    let stays_float = spec.as_ref().map(|s| {
+        let mut v: Vec<String> = s
+            .modules_to_not_convert()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        v.push(crate::model::HEAD_MODULE.to_string());
+        v
+    });
+    // A wrapper's text settings live in text_config.
+    let from_spec =
+        |f: fn(&crate::model::config::ModelSpec) -> usize| spec.as_ref().map(|s| f(s) as u64);
     let u = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
     let s = |k: &str| cfg.get(k).and_then(|v| v.as_str()).map(str::to_string);
     Ok(Summary {
@@ -84,13 +136,13 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
             .and_then(|a| a.get(0))
             .and_then(|a| a.as_str())
             .map(str::to_string),
-        layers: u("num_hidden_layers"),
-        hidden_size: u("hidden_size"),
-        intermediate_size: u("intermediate_size"),
-        attention_heads: u("num_attention_heads"),
-        key_value_heads: u("num_key_value_heads"),
-        vocab_size: u("vocab_size"),
-        torch_dtype: s("torch_dtype"),
+        layers: u("num_hidden_layers").or(from_spec(|s| s.layers)),
+        hidden_size: u("hidden_size").or(from_spec(|s| s.hidden)),
+        intermediate_size: u("intermediate_size").or(from_spec(|s| s.intermediate)),
+        attention_heads: u("num_attention_heads").or(from_spec(|s| s.heads)),
+        key_value_heads: u("num_key_value_heads").or(from_spec(|s| s.kv_heads)),
+        vocab_size: u("vocab_size").or(from_spec(|s| s.vocab)),
+        torch_dtype: s("torch_dtype").or_else(|| s("dtype")),
         tie_word_embeddings: cfg.get("tie_word_embeddings").and_then(|v| v.as_bool()),
         quantization_config: cfg.get("quantization_config").cloned(),
         files: (0..ckpt.files().len()).map(file_name).collect(),
@@ -99,7 +151,22 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
         total_bytes: tensors.iter().map(|t| t.bytes).sum(),
         bytes_by_dtype: by_dtype,
         tensors,
+        text_decoder,
+        vision,
+        stays_float,
     })
+}
+
+/// The causal-LM class a wrapper's text config resolves to (what `load_spec` built it with).
+fn text_architecture(cfg: &serde_json::Value) -> Option<String> {
+    let w = crate::model::wrapped::find(
+        cfg.get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str()),
+        cfg.get("model_type").and_then(|t| t.as_str()),
+    )?;
+    let text = crate::model::wrapped::text_config(cfg, w, |_| None).ok()?;
+    Some(text.get("architectures")?.get(0)?.as_str()?.to_string())
 }
 
 /// Sorts `layers.10` after `layers.9`.

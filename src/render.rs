@@ -36,6 +36,20 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
         plan.architecture,
         plan.layers
     )?;
+    if let Some(v) = &plan.vision {
+        writeln!(
+            w,
+            "vision       {}: {:.1} M parameters, {:.1} MB, stay float (copied unchanged; only the \
+             text decoder is quantized)",
+            v.modules
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            v.parameters() as f64 / 1e6,
+            v.bytes() as f64 / 1e6
+        )?;
+    }
     let cal = &plan.calibration;
     // With --split-long, documents_used counts pieces: say so rather than "89 of 20 documents".
     let used = if cal.documents_split > 0 {
@@ -248,6 +262,35 @@ pub fn inspect(w: &mut impl Write, s: &Summary) -> io::Result<()> {
             .join(", ")
     )?;
     writeln!(w, "weights read: {}", s.weights)?;
+    if let Some(t) = &s.text_decoder {
+        writeln!(
+            w,
+            "text decoder {} under {}.* (head {}), quantized by awq",
+            t.text_architecture,
+            t.root,
+            if t.tied_embeddings {
+                "tied to the embedding".to_string()
+            } else {
+                format!("{}.weight", t.head)
+            }
+        )?;
+    }
+    if let Some(v) = &s.vision {
+        for m in &v.modules {
+            writeln!(
+                w,
+                "vision part {}: {} tensors, {:.1} M parameters, {:.1} MB ({}), stays float, copied unchanged",
+                m.name,
+                m.tensors,
+                m.parameters as f64 / 1e6,
+                m.bytes as f64 / 1e6,
+                m.dtypes.join("/")
+            )?;
+        }
+    }
+    if let Some(list) = &s.stays_float {
+        writeln!(w, "stays float when quantized: {}", list.join(", "))?;
+    }
     for t in &s.tensors {
         writeln!(
             w,
@@ -279,6 +322,22 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
     }
     for v in &r.violations {
         writeln!(w, "  FAIL {v}")?;
+    }
+    if let Some(v) = &r.vision {
+        let modules: Vec<String> = v
+            .parts
+            .modules
+            .iter()
+            .map(|m| format!("{} ({} tensors)", m.name, m.tensors))
+            .collect();
+        writeln!(
+            w,
+            "  vision parts float, matched by modules_to_not_convert: {}",
+            modules.join(", ")
+        )?;
+        if let Some(note) = &v.dtype_note {
+            writeln!(w, "  note: {note}")?;
+        }
     }
     if r.version == "gemv" {
         writeln!(

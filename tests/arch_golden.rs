@@ -79,3 +79,8 @@ fn check(family: &str) {
 
 family_tests!(check: llama, gemma, gemma2, gemma3, phi3, stablelm, starcoder2, cohere, granite,
     mixtral, qwen2_moe, qwen3_moe);
+
+// Vision-language wrappers: the text decoder's forward, in both weight layouts (transformers'
+// module names, and the original Hub release's as `<family>_hub`).
+family_tests!(check: gemma3_mm, gemma3_mm_hub, mistral3, mistral3_hub, qwen2_5_vl,
+    qwen2_5_vl_hub, llava, llava_hub);

@@ -98,6 +98,11 @@ fn kl(p: &[Vec<f64>], q: &[Vec<f64>]) -> f64 {
 }
 
 fn check(family: &str) {
+    checked(family);
+}
+
+/// [`check`], keeping the output (in the returned directory, at `awq`).
+fn checked(family: &str) -> tempfile::TempDir {
     let model = fixture(&format!("arch/{family}"));
     let tmp = tempfile::tempdir().unwrap();
     let (out, rtn) = (tmp.path().join("awq"), tmp.path().join("rtn"));
@@ -160,9 +165,65 @@ fn check(family: &str) {
     eprintln!("{family}: KL to fp: awq {kl_awq:.3e}, rtn {kl_rtn:.3e} ({:.1} % lower); quantize {seconds:.2} s",
         100.0 * (1.0 - kl_awq / kl_rtn));
     assert!(kl_awq < kl_rtn, "{family}: awq {kl_awq} vs rtn {kl_rtn}");
+    tmp
 }
 
 family_tests!(check: llama, gemma, gemma2, gemma3, phi3, stablelm, starcoder2, cohere, granite);
+
+/// A vision-language wrapper: [`check`] on its text decoder, then the vision parts: every
+/// source tensor outside the decoder comes out with the same name, dtype, shape and bytes;
+/// the decoder keeps the source's layout; `modules_to_not_convert` names the vision parts for
+/// both matching rules; `quantization_config` sits at the top level.
+fn wrapped(family: &str) {
+    let tmp = checked(family);
+    let (model, out) = (fixture(&format!("arch/{family}")), tmp.path().join("awq"));
+    let src = std::fs::read(model.join("model.safetensors")).unwrap();
+    let got = std::fs::read(out.join("model.safetensors")).unwrap();
+    let src_t = safetensors::SafeTensors::deserialize(&src).unwrap();
+    let got_t = safetensors::SafeTensors::deserialize(&got).unwrap();
+    let spec = Model::open(&model).unwrap().spec;
+    let vision: Vec<String> = src_t
+        .names()
+        .into_iter()
+        .filter(|n| !spec.roots.owns(n))
+        .map(str::to_string)
+        .collect();
+    assert!(vision.len() > 10, "{family}: {vision:?}");
+    for name in &vision {
+        let (a, b) = (src_t.tensor(name).unwrap(), got_t.tensor(name).unwrap());
+        assert_eq!(a.dtype(), b.dtype(), "{family} {name}");
+        assert_eq!(a.shape(), b.shape(), "{family} {name}");
+        assert!(a.data() == b.data(), "{family} {name}: bytes changed");
+    }
+    // The decoder under the source's root, packed.
+    let q = format!("{}.self_attn.q_proj.qweight", spec.roots.layer(0));
+    assert!(got_t.names().contains(&q.as_str()), "{family}: no {q}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let list: Vec<&str> = cfg["quantization_config"]["modules_to_not_convert"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    for entry in spec.vision.as_ref().unwrap().entries {
+        assert!(list.contains(entry), "{family}: {list:?}");
+        assert!(
+            list.contains(&format!("model.{entry}").as_str()),
+            "{family}: {list:?}"
+        );
+    }
+    assert!(list.contains(&"lm_head"), "{family}: {list:?}");
+    assert!(cfg["text_config"].get("quantization_config").is_none());
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("text decoder quantized, vision tower in float"),
+        "{card}"
+    );
+}
+
+family_tests!(wrapped: gemma3_mm, gemma3_mm_hub, mistral3, mistral3_hub, qwen2_5_vl,
+    qwen2_5_vl_hub, llava, llava_hub);
 
 #[test]
 fn mixtral() {

@@ -16,6 +16,9 @@ use crate::input_err;
 
 /// The chat template file transformers writes beside the tokenizer (preferred when present).
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+/// A processor's chat template (vision-language models: `{"chat_template": "…"}`), which
+/// transformers' processors read when there is no `chat_template.jinja`.
+pub const PROCESSOR_TEMPLATE: &str = "chat_template.json";
 /// The tokenizer configuration holding `chat_template`, `bos_token` and `eos_token`.
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
@@ -31,7 +34,8 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Loads the template of the model in `dir`: `chat_template.jinja`, else `chat_template` of
+    /// Loads the template of the model in `dir`: `chat_template.jinja`, else the processor's
+    /// `chat_template.json` (vision-language models), else `chat_template` of
     /// `tokenizer_config.json` (a string, or a list of `{name, template}` whose `default` entry is
     /// used). `Ok(None)` when the model has none; a template that does not parse is an error.
     pub fn load(dir: &Path) -> Result<Option<Self>> {
@@ -42,9 +46,24 @@ impl ChatTemplate {
             Err(_) => Value::Null,
         };
         let file = dir.join(TEMPLATE_FILE);
+        let processor = dir.join(PROCESSOR_TEMPLATE);
         let (source, text) = if file.is_file() {
             let text = std::fs::read_to_string(&file).map_err(|e| Error::input_io(&file, e))?;
             (file, text)
+        } else if processor.is_file() {
+            let text =
+                std::fs::read_to_string(&processor).map_err(|e| Error::input_io(&processor, e))?;
+            let json: Value = serde_json::from_str(&text)
+                .map_err(|e| input_err!("{} is not valid JSON: {e}", processor.display()))?;
+            match config_template(&json, &processor)? {
+                Some(text) => (processor, text),
+                None => {
+                    return Err(input_err!(
+                        "{} has no \"chat_template\" string",
+                        processor.display()
+                    ))
+                }
+            }
         } else {
             match config_template(&config, &config_path)? {
                 Some(text) => (config_path, text),
@@ -334,6 +353,22 @@ mod tests {
     }
 
     const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m.content.strip() }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
+    #[test]
+    fn a_processors_chat_template_json_is_used_before_the_tokenizers() {
+        let dir = model_dir(
+            serde_json::json!({"chat_template": "tokenizer", "bos_token": "<s>"}),
+            None,
+        );
+        let processor = serde_json::json!({ "chat_template": TEMPLATE });
+        std::fs::write(dir.path().join(PROCESSOR_TEMPLATE), processor.to_string()).unwrap();
+        let t = ChatTemplate::load(dir.path()).unwrap().unwrap();
+        assert!(t.source.ends_with(PROCESSOR_TEMPLATE));
+        let text = t
+            .render(&serde_json::json!([{"role": "user", "content": "hi"}]), "x")
+            .unwrap();
+        assert_eq!(text, "<s><|user|>\nhi\n");
+    }
 
     #[test]
     fn renders_string_template_with_special_tokens() {

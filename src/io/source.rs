@@ -10,14 +10,18 @@ use crate::input_err;
 
 /// Files the tool needs from a model repository.
 pub const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
-/// Files copied to the output when present.
-pub const COMPANIONS: [&str; 6] = [
+/// Files copied to the output when present (fetched by name when the repository listing fails;
+/// the last three are a vision-language model's processor files).
+pub const COMPANIONS: [&str; 9] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
     "chat_template.jinja",
     "tokenizer.model",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
 
 /// Resolves `--model` to a local directory holding config, tokenizer and weights.

@@ -213,20 +213,40 @@ pub fn written_size(m: &super::reader::TensorMeta) -> u64 {
 /// bytes in `dir` (greedy, a tensor larger than the limit gets its own shard), plus
 /// `model.safetensors.index.json` when there is more than one. Returns the file names.
 ///
-/// Tensors staged as F32 (the small per-layer float tensors) are written in `float_dtype`.
+/// Tensors staged as F32 (the small per-layer float tensors) are written in `float_dtype`. A
+/// name that no part holds is copied from `verbatim` (the source checkpoint: a wrapper's vision
+/// parts) with its dtype and bytes unchanged.
 pub fn write_shards(
     dir: &Path,
     parts: &Checkpoint,
+    verbatim: &Checkpoint,
     names: &[String],
     shard_size: u64,
     float_dtype: FloatDtype,
 ) -> Result<Vec<String>> {
+    // Where a tensor comes from, and whether it is staged (an F32 one is converted).
+    let source = |name: &str| {
+        if parts.contains(name) {
+            (parts, true)
+        } else {
+            (verbatim, false)
+        }
+    };
+    let staged_f32 = |name: &str| {
+        let (ckpt, staged) = source(name);
+        staged && ckpt.meta(name).is_ok_and(|m| m.dtype == Dtype::F32)
+    };
     let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
     let mut current = 0u64;
     let mut total = 0u64;
     for name in names {
-        let m = parts.meta(name)?;
-        let size = written_size(m);
+        let (ckpt, staged) = source(name);
+        let m = ckpt.meta(name)?;
+        let size = if staged {
+            written_size(m)
+        } else {
+            (m.end - m.start) as u64
+        };
         total += size;
         if current > 0 && current + size > shard_size {
             shards.push(Vec::new());
@@ -249,7 +269,7 @@ pub fn write_shards(
         // Converted copies of the staged f32 tensors (small: norms and biases).
         let converted = shard
             .iter()
-            .filter(|name| parts.meta(name).is_ok_and(|m| m.dtype == Dtype::F32))
+            .filter(|name| staged_f32(name))
             .map(|name| {
                 let values: Vec<f32> = parts
                     .bytes(name)?
@@ -262,12 +282,13 @@ pub fn write_shards(
         let views = shard
             .iter()
             .map(|name| {
-                let m = parts.meta(name)?;
+                let (ckpt, _) = source(name);
+                let m = ckpt.meta(name)?;
                 let view = match converted.get(*name) {
                     Some(bytes) => {
                         TensorView::new(float_dtype.safetensors(), m.shape.clone(), bytes)
                     }
-                    None => TensorView::new(m.dtype, m.shape.clone(), parts.bytes(name)?),
+                    None => TensorView::new(m.dtype, m.shape.clone(), ckpt.bytes(name)?),
                 }
                 .map_err(|e| write_err(&path, e))?;
                 Ok(((*name).clone(), view))
@@ -324,6 +345,18 @@ pub fn patch_config(
         .ok_or_else(|| Error::Input(format!("{} is not a JSON object", source.display())))?;
     obj.insert("quantization_config".into(), quantization_config);
     obj.insert("torch_dtype".into(), dtype.torch_name().into());
+    // transformers 5 writes `dtype`, also inside a wrapper's `text_config`: every copy says
+    // the same, or loaders would read the source's.
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), dtype.torch_name().into());
+    }
+    if let Some(text) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+        for key in ["dtype", "torch_dtype"] {
+            if text.contains_key(key) {
+                text.insert(key.into(), dtype.torch_name().into());
+            }
+        }
+    }
     Ok(cfg)
 }
 

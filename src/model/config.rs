@@ -129,6 +129,7 @@ pub fn rope_parameters_as_scaling(raw: &mut serde_json::Value) {
     let Some(obj) = raw.as_object_mut() else {
         return;
     };
+    per_layer_type_rope(obj);
     let Some(params) = obj
         .get("rope_parameters")
         .filter(|p| p.get("rope_type").is_some_and(|t| t.is_string()))
@@ -143,6 +144,29 @@ pub fn rope_parameters_as_scaling(raw: &mut serde_json::Value) {
     }
     if obj.get("rope_scaling").is_none_or(|v| v.is_null()) {
         obj.insert("rope_scaling".into(), params);
+    }
+}
+
+/// transformers 5's Gemma 3 keys `rope_parameters` by layer type: `full_attention` holds the
+/// global layers' base and scaling, `sliding_attention` the local base
+/// (`rope_local_base_freq` in 4.x). Absent 4.x keys are filled from them.
+fn per_layer_type_rope(obj: &mut serde_json::Map<String, serde_json::Value>) {
+    let Some(params) = obj.get("rope_parameters").cloned() else {
+        return;
+    };
+    if let Some(full) = params.get("full_attention").filter(|f| f.is_object()) {
+        if let Some(theta) = full.get("rope_theta") {
+            obj.entry("rope_theta").or_insert(theta.clone());
+        }
+        if obj.get("rope_scaling").is_none_or(|v| v.is_null()) {
+            obj.insert("rope_scaling".into(), full.clone());
+        }
+    }
+    if let Some(theta) = params
+        .get("sliding_attention")
+        .and_then(|s| s.get("rope_theta"))
+    {
+        obj.entry("rope_local_base_freq").or_insert(theta.clone());
     }
 }
 
@@ -292,6 +316,9 @@ pub struct RopeScaling {
     pub short_factor: Option<Vec<f64>>,
     /// `longrope`: per-frequency divisors (`head_dim / 2` of them) for longer sequences.
     pub long_factor: Option<Vec<f64>>,
+    /// Multimodal rope (Qwen2-VL, Qwen2.5-VL): how many of the `rotary_dim / 2` frequencies
+    /// read the temporal, height and width position streams, in that order.
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 impl RopeScaling {
@@ -356,6 +383,13 @@ pub enum RopeKind {
         original_max: usize,
         /// Resolved multiplier of cos and sin (transformers' `attention_scaling`).
         attention_factor: f64,
+    },
+    /// Multimodal rope (Qwen2-VL, Qwen2.5-VL `mrope_section`): default frequencies, each
+    /// reading one of three position streams (temporal, height, width) by section. See
+    /// [`crate::model::rope::mrope_angles`] for what text-only input makes of it.
+    Multimodal {
+        /// Frequencies per stream; they sum to `rotary_dim / 2`.
+        section: Vec<usize>,
     },
 }
 
@@ -432,6 +466,11 @@ pub struct ModelSpec {
     pub serve_dtype: Option<candle_core::DType>,
     /// `max_position_embeddings`: the longest sequence the model was trained for, if given.
     pub max_positions: Option<usize>,
+    /// Where the decoder's tensors live: `model.*` and `lm_head` for a causal LM, another root
+    /// inside a vision-language wrapper.
+    pub roots: super::roots::Roots,
+    /// A vision-language wrapper's float parts (`None` for a causal LM).
+    pub vision: Option<super::wrapped::Vision>,
 }
 
 /// The packed format of an AWQ checkpoint (`quantization_config`).
@@ -502,6 +541,8 @@ impl HfConfig {
             not_converted: self.not_converted()?,
             serve_dtype: None,
             max_positions: self.max_position_embeddings,
+            roots: Default::default(),
+            vision: None,
         })
     }
 
@@ -647,11 +688,39 @@ impl HfConfig {
         }
     }
 
+    /// Multimodal rope: transformers 4.x writes `"type": "mrope"`, 5.x `"rope_type": "default"`
+    /// beside `"type": "mrope"`; either way the frequencies are the default ones, and the
+    /// sections must cover them.
+    fn mrope(rs: &RopeScaling, section: &[usize], rotary_dim: usize) -> Result<RopeKind> {
+        match rs.rope_type.as_deref() {
+            None | Some("default") | Some("mrope") => {}
+            Some(other) => {
+                return Err(input_err!(
+                    "config.json: rope_scaling combines mrope_section with rope_type {other:?}; \
+                     only unscaled multimodal rope is supported"
+                ))
+            }
+        }
+        if section.len() != 3 || section.iter().sum::<usize>() != rotary_dim / 2 {
+            return Err(input_err!(
+                "config.json: rope_scaling.mrope_section {section:?} must have three entries \
+                 summing to head_dim / 2 = {}",
+                rotary_dim / 2
+            ));
+        }
+        Ok(RopeKind::Multimodal {
+            section: section.to_vec(),
+        })
+    }
+
     /// The rope scaling; `head_dim` here is the rotated width (`rotary_dim`).
     fn rope_kind(&self, head_dim: usize) -> Result<RopeKind> {
         let Some(rs) = &self.rope_scaling else {
             return Ok(RopeKind::Default);
         };
+        if let Some(section) = &rs.mrope_section {
+            return Self::mrope(rs, section, head_dim);
+        }
         let kind = rs.kind()?;
         let positive = |name: &str, v: f64| {
             if v.is_finite() && v > 0.0 {

@@ -11,6 +11,19 @@ use crate::input_err;
 pub const ARCHITECTURE: &str = "Gemma3ForCausalLM";
 pub const MODEL_TYPE: &str = "gemma3_text";
 
+/// transformers `Gemma3TextConfig.__init__` defaults for the keys we read: what a wrapped
+/// model's `text_config` may leave out (Gemma 3 4B's omits heads, `head_dim`, `vocab_size` and
+/// `rope_theta`), read as transformers reads it.
+pub const CONFIG_DEFAULTS: &str = r#"{
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "sliding_window_pattern": 6, "final_logit_softcapping": null,
+    "attn_logit_softcapping": null, "attention_bias": false, "tie_word_embeddings": true
+}"#;
+
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     let mut spec = super::gemma::gemma_base(cfg)?;
     spec.block = Block::Sandwich;

@@ -20,11 +20,6 @@ use crate::quant::rtn::Quantized;
 use crate::error::Result;
 use crate::io::reader::Checkpoint;
 
-/// Tensor names of decoder layer `i`, built from prefixes in one place.
-pub fn layer_prefix(i: usize) -> String {
-    format!("model.layers.{i}")
-}
-
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`, f32.
@@ -276,7 +271,7 @@ pub struct LayerWeights {
 
 impl LayerWeights {
     pub fn load(ckpt: &Checkpoint, spec: &ModelSpec, i: usize) -> Result<Self> {
-        let p = layer_prefix(i);
+        let p = spec.roots.layer(i);
         let norms = spec
             .layer_norms()
             .into_iter()

@@ -22,10 +22,12 @@ pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod roots;
 pub mod rope;
 pub mod shapes;
 pub mod stablelm;
 pub mod starcoder2;
+pub mod wrapped;
 
 use std::path::{Path, PathBuf};
 
@@ -35,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
 use config::{HfConfig, ModelSpec};
-use layer::{layer_prefix, LayerWeights, Norm};
+use layer::{LayerWeights, Norm};
 
 type SpecFn = fn(&HfConfig) -> Result<ModelSpec>;
 
@@ -77,8 +79,30 @@ const FAMILIES: [Family; 15] = [
     family!(qwen3_moe),
 ];
 
+/// Every architecture `awq` reads: the causal LMs, then the vision-language wrappers.
 pub fn supported_architectures() -> Vec<&'static str> {
-    FAMILIES.iter().map(|f| f.architecture).collect()
+    let families = FAMILIES.iter().map(|f| f.architecture);
+    families.chain(wrapped::supported()).collect()
+}
+
+/// The causal-LM architecture transformers maps a text `model_type` to, if we support it.
+fn family_of_model_type(model_type: &str) -> Option<&'static str> {
+    FAMILIES
+        .iter()
+        .find(|f| f.model_type == model_type)
+        .map(|f| f.architecture)
+}
+
+/// A family rule's error says "config.json: …"; the full path replaces that prefix.
+fn at_path(config_path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Input(msg) => Error::Input(format!(
+            "{}: {}",
+            config_path.display(),
+            msg.strip_prefix("config.json: ").unwrap_or(&msg)
+        )),
+        other => other,
+    }
 }
 
 /// The architecture a config names: `architectures[0]`, or, when `architectures` is missing or
@@ -100,6 +124,15 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::input_io(config_path, e))?;
     let mut raw: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| input_err!("{} is not valid JSON: {e}", config_path.display()))?;
+    let wrapper = wrapped::find(
+        raw.get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str()),
+        raw.get("model_type").and_then(|t| t.as_str()),
+    );
+    if let Some(w) = wrapper {
+        raw = wrapped::text_config(&raw, w, family_of_model_type).map_err(at_path(config_path))?;
+    }
     config::rope_parameters_as_scaling(&mut raw);
     config::check_rope_scaling(&raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;
     let cfg: HfConfig =
@@ -128,17 +161,25 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
             ),
         });
     };
-    let mut spec = spec_fn(&cfg).map_err(|e| match e {
-        // The family rules say "config.json: …"; the full path replaces that prefix.
-        Error::Input(msg) => Error::Input(format!(
-            "{}: {}",
-            config_path.display(),
-            msg.strip_prefix("config.json: ").unwrap_or(&msg)
-        )),
-        other => other,
-    })?;
+    let mut spec = spec_fn(&cfg).map_err(at_path(config_path))?;
     spec.architecture = arch.unwrap_or_default();
+    if let Some(w) = wrapper {
+        (spec.roots, spec.vision) = {
+            let (roots, vision) = wrapped::hub_layout(w);
+            (roots, Some(vision))
+        };
+        spec.architecture = w.architecture.to_string();
+    }
     Ok(spec)
+}
+
+/// Moves a wrapped model's roots to the layout its weights use, and refuses tensors that belong
+/// to neither part (see [`wrapped::locate`]); nothing to do for a causal LM.
+pub fn locate(spec: &mut ModelSpec, ckpt: &Checkpoint) -> Result<()> {
+    if let Some(vision) = &mut spec.vision {
+        wrapped::locate(&mut spec.roots, vision, &ckpt.names())?;
+    }
+    Ok(())
 }
 
 pub struct Model {
@@ -162,8 +203,9 @@ impl Model {
             // (and how to convert it) rather than only that config.json is missing.
             Checkpoint::open_dir(dir)?;
         }
-        let spec = load_spec(&dir.join("config.json"))?;
+        let mut spec = load_spec(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open_dir(dir)?;
+        locate(&mut spec, &ckpt)?;
         let model = Self {
             dir: dir.to_path_buf(),
             spec,
@@ -176,36 +218,32 @@ impl Model {
     fn check_tensors(&self) -> Result<()> {
         let s = &self.spec;
         // A layer beyond num_hidden_layers would be dropped silently from the output.
+        let r = &s.roots;
         if let Some(extra) = self
             .ckpt
             .names()
             .iter()
-            .filter_map(|n| {
-                n.strip_prefix("model.layers.")?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
+            .filter_map(|n| r.layer_of(n))
             .find(|i| *i >= s.layers)
         {
             return Err(input_err!(
-                "{}: the weights hold model.layers.{extra}, but config.json says num_hidden_layers \
-                 is {}; the config does not match the weights (fix num_hidden_layers)",
+                "{}: the weights hold {}, but config.json says num_hidden_layers is {}; the \
+                 config does not match the weights (fix num_hidden_layers)",
                 self.dir.display(),
+                r.layer(extra),
                 s.layers
             ));
         }
-        self.ckpt.expect_shape(EMBED, &[s.vocab, s.hidden])?;
-        self.ckpt.expect_shape(FINAL_NORM, &[s.hidden])?;
-        if s.norm_bias {
-            self.ckpt.expect_shape(FINAL_NORM_BIAS, &[s.hidden])?;
+        self.ckpt.expect_shape(&r.embed(), &[s.vocab, s.hidden])?;
+        for name in self.final_norm_tensors() {
+            self.ckpt.expect_shape(&name, &[s.hidden])?;
         }
         if !s.tied_embeddings {
-            self.ckpt.expect_shape(LM_HEAD, &[s.vocab, s.hidden])?;
+            self.ckpt
+                .expect_shape(&r.head_weight(), &[s.vocab, s.hidden])?;
         }
         for i in 0..s.layers {
-            let p = layer_prefix(i);
+            let p = r.layer(i);
             let expect =
                 |name: &str, shape: &[usize]| self.ckpt.expect_shape(&format!("{p}.{name}"), shape);
             for (name, width) in s.layer_floats() {
@@ -243,15 +281,15 @@ impl Model {
     /// quantized (`true`) or a tensor written as a float (`false`).
     pub fn tensor_roles(&self) -> Vec<(String, bool)> {
         let s = &self.spec;
-        let mut out = vec![(EMBED.to_string(), false), (FINAL_NORM.to_string(), false)];
-        if s.norm_bias {
-            out.push((FINAL_NORM_BIAS.to_string(), false));
-        }
+        let mut out = vec![(s.roots.embed(), false)];
+        out.extend(self.final_norm_tensors().into_iter().map(|n| (n, false)));
         if !s.tied_embeddings {
-            out.push((LM_HEAD.to_string(), false));
+            out.push((s.roots.head_weight(), false));
         }
+        // The vision parts are copied, not quantized; their values are checked all the same.
+        out.extend(self.vision_tensors().into_iter().map(|n| (n, false)));
         for i in 0..s.layers {
-            let p = layer_prefix(i);
+            let p = s.roots.layer(i);
             out.extend(
                 s.layer_floats()
                     .into_iter()
@@ -308,10 +346,11 @@ impl Model {
 
     /// Embedding rows for `ids`, times the family's embedding scale: `[ids.len(), hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let embed = self.spec.roots.embed();
         let rows = self
             .ckpt
-            .rows_f32(EMBED, &[self.spec.vocab, self.spec.hidden], ids)
-            .inspect(|_| self.ckpt.release(EMBED))?;
+            .rows_f32(&embed, &[self.spec.vocab, self.spec.hidden], ids)
+            .inspect(|_| self.ckpt.release(&embed))?;
         Ok(match self.spec.embed_scale {
             Some(scale) => (rows * scale)?,
             None => rows,
@@ -321,7 +360,7 @@ impl Model {
     /// Decoder layer `i` converted to f32.
     pub fn layer(&self, i: usize) -> Result<LayerWeights> {
         let layer = LayerWeights::load(&self.ckpt, &self.spec, i)?;
-        self.ckpt.release(&format!("{}.", layer_prefix(i)));
+        self.ckpt.release(&format!("{}.", self.spec.roots.layer(i)));
         Ok(layer)
     }
 
@@ -329,10 +368,73 @@ impl Model {
     pub fn final_norm(&self) -> Result<Norm> {
         Norm::load(
             &self.ckpt,
-            FINAL_NORM_PREFIX,
+            &self.spec.roots.final_norm(),
             self.spec.hidden,
             self.spec.norm_bias,
         )
+    }
+
+    /// The final norm's tensor names: `.weight`, and `.bias` for LayerNorms with bias.
+    pub fn final_norm_tensors(&self) -> Vec<String> {
+        final_norm_tensors(&self.spec)
+    }
+
+    /// The `modules_to_not_convert` entry that keeps the decoder module `module` (full name)
+    /// float. A causal LM's is the full name. Inside a wrapper it is the name relative to the
+    /// decoder root (`layers.3.mlp.down_proj`): the one form every loader matches whatever
+    /// layout it names modules in (vLLM and transformers 4 match substrings of
+    /// `language_model.model.layers.3…`, transformers 5 suffixes of
+    /// `model.language_model.layers.3…`).
+    pub fn keep_entry(&self, module: &str) -> String {
+        let root = format!("{}.", self.spec.roots.decoder);
+        match (&self.spec.vision, module.strip_prefix(&root)) {
+            (Some(_), Some(relative)) => relative.to_string(),
+            _ => module.to_string(),
+        }
+    }
+
+    /// A `--keep-fp16` entry that would also name a vision module (a substring or a suffix of
+    /// its name), with that module: such an entry cannot say which of the two it means.
+    pub fn keep_entry_naming_vision(&self) -> Option<(String, String)> {
+        let modules: Vec<String> = self
+            .vision_tensors()
+            .iter()
+            .filter_map(|n| n.rsplit_once('.').map(|(m, _)| m.to_string()))
+            .collect();
+        for i in 0..self.spec.layers {
+            for unit in self.spec.keep_units() {
+                for name in std::iter::once(unit.name).chain(unit.linears.iter().copied()) {
+                    let entry = self.keep_entry(&format!("{}.{name}", self.spec.roots.layer(i)));
+                    if let Some(m) = modules.iter().find(|m| m.contains(&entry)) {
+                        return Some((entry, m.clone()));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// A wrapper's float parts, summarised (`None` for a causal LM).
+    pub fn vision_parts(&self) -> Option<wrapped::VisionParts> {
+        let vision = self.spec.vision.as_ref()?;
+        Some(wrapped::parts(vision, &self.ckpt))
+    }
+
+    /// The tensors of the vision parts a wrapper carries (copied unchanged), in name order;
+    /// empty for a causal LM.
+    pub fn vision_tensors(&self) -> Vec<String> {
+        let Some(v) = &self.spec.vision else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = self
+            .ckpt
+            .names()
+            .into_iter()
+            .filter(|n| v.owns(n))
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
     }
 
     /// The norm that reads decoder layer `i`'s output: layer `i + 1`'s `input_layernorm`, or the
@@ -341,7 +443,7 @@ impl Model {
         if i + 1 >= self.spec.layers {
             return self.final_norm();
         }
-        let p = format!("{}.{}", layer_prefix(i + 1), shapes::INPUT_NORM);
+        let p = format!("{}.{}", self.spec.roots.layer(i + 1), shapes::INPUT_NORM);
         Norm::load(&self.ckpt, &p, self.spec.hidden, self.spec.norm_bias)
     }
 
@@ -355,12 +457,13 @@ impl Model {
 
     /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
     pub fn lm_head(&self) -> Result<Tensor> {
+        let r = &self.spec.roots;
         let name = if self.spec.tied_embeddings {
-            EMBED
+            r.embed()
         } else {
-            LM_HEAD
+            r.head_weight()
         };
-        self.ckpt.f32(name, &[self.spec.vocab, self.spec.hidden])
+        self.ckpt.f32(&name, &[self.spec.vocab, self.spec.hidden])
     }
 }
 
@@ -398,13 +501,19 @@ impl Head {
     }
 }
 
-pub const EMBED: &str = "model.embed_tokens.weight";
-/// The final norm's tensors are `{FINAL_NORM_PREFIX}.weight` (and `.bias`).
-const FINAL_NORM_PREFIX: &str = "model.norm";
-pub const FINAL_NORM: &str = "model.norm.weight";
-pub const FINAL_NORM_BIAS: &str = "model.norm.bias";
-pub const LM_HEAD: &str = "lm_head.weight";
-/// The output head's module name, as `modules_to_not_convert` entries name modules.
+/// The final norm's tensor names under `spec.roots`: `.weight`, and `.bias` for LayerNorms
+/// with bias.
+pub fn final_norm_tensors(spec: &ModelSpec) -> Vec<String> {
+    let norm = spec.roots.final_norm();
+    let mut names = vec![format!("{norm}.weight")];
+    if spec.norm_bias {
+        names.push(format!("{norm}.bias"));
+    }
+    names
+}
+
+/// The `modules_to_not_convert` entry that keeps the head float: loaders match entries as
+/// substrings of module names, so it also covers a wrapper's `language_model.lm_head`.
 pub const HEAD_MODULE: &str = "lm_head";
 
 #[cfg(test)]

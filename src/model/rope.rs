@@ -29,7 +29,7 @@ pub fn inv_freq(spec: &ModelSpec, seq_len: usize) -> Vec<f32> {
     let dim = spec.rotary_dim;
     let raw = wavelength_terms(spec.rope_theta, dim).map(|p| 1.0f32 / p);
     match &spec.rope {
-        RopeKind::Default => raw.collect(),
+        RopeKind::Default | RopeKind::Multimodal { .. } => raw.collect(),
         RopeKind::Linear { factor } => raw.map(|f| f / *factor as f32).collect(),
         &RopeKind::Llama3 {
             factor,
@@ -138,23 +138,55 @@ pub fn attention_scaling(spec: &ModelSpec) -> f32 {
     }
 }
 
+/// `position × inv_freq` in f32, `[positions, inv.len()]` row-major (transformers'
+/// `inv_freq_expanded @ position_ids_expanded`).
+fn angles(positions: &[f32], inv: &[f32]) -> Vec<f32> {
+    positions
+        .iter()
+        .flat_map(|&p| inv.iter().map(move |&f| p * f))
+        .collect()
+}
+
+/// Multimodal rope angles (transformers `Qwen2_5_VLRotaryEmbedding` and
+/// `apply_multimodal_rotary_pos_emb`): the angles are computed for each of the three position
+/// streams (temporal, height, width), and frequency `j` takes stream `k`'s angle when `j` falls
+/// in the `k`-th run of `section` (`[16, 24, 24]` in Qwen2.5-VL 7B; the same split applies to
+/// both halves of the rotated features).
+///
+/// With text alone the three streams are the same positions, so every frequency reads the same
+/// angle it would in plain rope and the tables equal plain rope's bit for bit (unit test
+/// `mrope_on_text_is_plain_rope`; the golden forward of `arch/qwen2_5_vl`). That is all this
+/// implementation claims: image and video positions are never fed to it.
+pub fn mrope_angles(streams: [&[f32]; 3], inv: &[f32], section: &[usize]) -> Vec<f32> {
+    let per_stream = streams.map(|s| angles(s, inv));
+    let stream_of: Vec<usize> = section
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &n)| std::iter::repeat_n(k, n))
+        .collect();
+    let half = inv.len();
+    (0..streams[0].len() * half)
+        .map(|i| per_stream[stream_of[i % half]][i])
+        .collect()
+}
+
 impl Rope {
     /// cos and sin tables for positions `0..max_len`, scaled by [`attention_scaling`]. The
     /// sequence-length-dependent types (`dynamic`, `longrope`) are resolved for `max_len`.
     pub fn new(spec: &ModelSpec, max_len: usize) -> Result<Self> {
         let inv = inv_freq(spec, max_len);
         let scale = attention_scaling(spec);
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
-        for pos in 0..max_len {
-            for &f in &inv {
-                let angle = pos as f32 * f;
-                // × 1.0 is exact, so unscaled types keep their tables bit for bit.
-                cos.push(angle.cos() * scale);
-                sin.push(angle.sin() * scale);
+        let positions: Vec<f32> = (0..max_len).map(|p| p as f32).collect();
+        let angles = match &spec.rope {
+            // Text only: the temporal, height and width streams are all the token position.
+            RopeKind::Multimodal { section } => {
+                mrope_angles([&positions, &positions, &positions], &inv, section)
             }
-        }
+            _ => angles(&positions, &inv),
+        };
+        // × 1.0 is exact, so unscaled types keep their tables bit for bit.
+        let cos = angles.iter().map(|a| a.cos() * scale).collect();
+        let sin = angles.iter().map(|a| a.sin() * scale).collect();
         let local = match spec.local_rope_theta {
             Some(theta) => {
                 let local_spec = ModelSpec {
@@ -192,6 +224,33 @@ mod tests {
         }))
         .unwrap();
         cfg.base_spec(false).unwrap()
+    }
+
+    #[test]
+    fn mrope_on_text_is_plain_rope() {
+        let mut mrope = spec(serde_json::json!({"type": "mrope", "mrope_section": [16, 24, 24]}));
+        assert_eq!(
+            mrope.rope,
+            RopeKind::Multimodal {
+                section: vec![16, 24, 24]
+            }
+        );
+        let plain = Rope::new(&spec(serde_json::Value::Null), 300).unwrap();
+        let text = Rope::new(&mrope, 300).unwrap();
+        assert_eq!(plain.cos, text.cos);
+        assert_eq!(plain.sin, text.sin);
+        // The streams do matter when they differ: the section decides which one a frequency
+        // reads.
+        let inv = inv_freq(&mrope, 4);
+        let (t, h, w) = ([0.0, 1.0], [0.0, 2.0], [0.0, 3.0]);
+        let a = mrope_angles([&t, &h, &w], &inv, &[16, 24, 24]);
+        assert_eq!(a[64 + 15], inv[15]);
+        assert_eq!(a[64 + 16], 2.0 * inv[16]);
+        assert_eq!(a[64 + 63], 3.0 * inv[63]);
+        // transformers 5 writes rope_type "default" beside type "mrope".
+        mrope = spec(serde_json::json!({"rope_type": "default", "type": "mrope",
+            "mrope_section": [16, 24, 24]}));
+        assert!(matches!(mrope.rope, RopeKind::Multimodal { .. }));
     }
 
     #[test]
@@ -281,12 +340,15 @@ mod tests {
         crate::model::config::rope_parameters_as_scaling(&mut raw);
         assert_eq!(raw["rope_theta"], 50000.0);
         assert_eq!(raw["rope_scaling"]["rope_type"], "linear");
-        // Per-layer-type dicts (Gemma 3) and explicit top-level values are left alone.
+        // Per-layer-type dicts (Gemma 3 in transformers 5): the global layers' settings and
+        // the sliding layers' base; explicit top-level values win.
         let mut raw = serde_json::json!({"rope_theta": 1.0, "rope_parameters":
-            {"full_attention": {"rope_type": "default", "rope_theta": 7.0}}});
+            {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 7.0},
+             "sliding_attention": {"rope_type": "default", "rope_theta": 3.0}}});
         crate::model::config::rope_parameters_as_scaling(&mut raw);
         assert_eq!(raw["rope_theta"], 1.0);
-        assert!(raw.get("rope_scaling").is_none());
+        assert_eq!(raw["rope_scaling"]["factor"], 8.0);
+        assert_eq!(raw["rope_local_base_freq"], 3.0);
     }
 
     /// head_dim 16 (8 frequencies), theta 10000, plus `extra` top-level keys.

@@ -146,10 +146,23 @@ impl ModelSpec {
 
     /// `quantization_config.modules_to_not_convert`: substrings that match the unquantized
     /// linears' module names and no quantized one (transformers and vLLM match by substring,
-    /// so `gate` alone would also catch every `gate_proj`).
+    /// so `gate` alone would also catch every `gate_proj`): the routers', and a wrapper's
+    /// vision parts (`vision_tower`, `multi_modal_projector`, `visual`).
     pub fn modules_to_not_convert(&self) -> Option<Vec<&'static str>> {
-        let routers = self.router_linears();
-        (!routers.is_empty()).then(|| routers.iter().map(|l| l.name).collect())
+        // Each vision entry twice: `vision_tower` for the loaders that match substrings (vLLM,
+        // transformers 4), `model.vision_tower` for transformers 5, which matches at the start
+        // of its own module names (see `verify::vision`).
+        let vision = self.vision.iter().flat_map(|v| {
+            let t5 = v
+                .entries
+                .iter()
+                .map(|e| super::arch::intern(format!("model.{e}")));
+            v.entries.iter().copied().chain(t5)
+        });
+        let entries: Vec<&'static str> = (self.router_linears().iter().map(|l| l.name))
+            .chain(vision)
+            .collect();
+        (!entries.is_empty()).then_some(entries)
     }
 
     /// The packed format the linear `module` (full name, `model.layers.3.mlp.down_proj`) is

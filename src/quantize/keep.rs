@@ -26,7 +26,7 @@ use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, OutTensor};
 use crate::model::config::AwqFormat;
 use crate::model::groups::scale_groups;
-use crate::model::layer::{layer_prefix, packed_shapes, LayerWeights};
+use crate::model::layer::{packed_shapes, LayerWeights};
 use crate::model::Model;
 
 /// One unit of a layer, measured.
@@ -65,7 +65,8 @@ pub struct KeptFp16 {
 /// Name of the part tensor holding scale group `k`'s applied scales (absent when the group's
 /// scales were not applied: the guard reverted it).
 fn scales_tensor(i: usize, k: usize) -> String {
-    format!("{}.awq_search_scales.{k}", layer_prefix(i))
+    // A name inside the part files only (never written to the shards), so it needs no root.
+    format!("model.layers.{i}.awq_search_scales.{k}")
 }
 
 /// The part tensors that carry a layer's applied scales to the end of the run (never copied
@@ -202,7 +203,7 @@ pub(super) fn apply(
             layer = Some((i, scaled_layer(model, &ckpt, i)?));
         }
         let layer = &layer.as_ref().expect("just built").1;
-        let p = layer_prefix(i);
+        let p = model.spec.roots.layer(i);
         for lin in &unit.linears {
             let prefix = format!("{p}.{lin}");
             unpacked(names, &prefix)?;
@@ -210,11 +211,12 @@ pub(super) fn apply(
                 format!("{prefix}.weight"),
                 &layer.linear(lin).weight,
             )?);
-            kept.entries.push(prefix.clone());
+            kept.entries.push(model.keep_entry(&prefix));
             kept.linears.push(prefix);
         }
         if unit.linears.len() > 1 {
-            kept.entries.push(format!("{p}.{}", unit.name));
+            kept.entries
+                .push(model.keep_entry(&format!("{p}.{}", unit.name)));
         }
         kept.units.push(format!("{p}.{}", unit.name));
         kept.extra_bytes += c.extra_bytes;

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::io::writer::OutTensor;
 use crate::model::config::ModelSpec;
 use crate::model::groups::{Inspect, PrevOp, ScaleGroup};
-use crate::model::layer::{layer_prefix, LayerWeights, LinearInputs};
+use crate::model::layer::{LayerWeights, LinearInputs};
 use crate::model::rope::Rope;
 use crate::quant::pack::pack;
 use crate::quant::search::{self, Gram, ScaleChoice};
@@ -203,11 +203,10 @@ pub(super) fn group_absmax(w: &Tensor, group: usize) -> Result<Vec<f32>> {
 /// A non-finite weight or `scales` value after scaling is refused here, never written.
 pub(super) fn layer_tensors(
     layer: &LayerWeights,
-    i: usize,
+    p: &str,
     opts: &QuantizeOptions,
     codes: &mut std::collections::HashMap<&'static str, rtn::Quantized>,
 ) -> Result<Vec<OutTensor>> {
-    let p = layer_prefix(i);
     let mut out = Vec::new();
     for (name, lin) in &layer.linears {
         let (rows, cols) = lin.weight.dims2()?;

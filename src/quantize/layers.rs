@@ -26,7 +26,6 @@ use crate::model::config::AwqFormat;
 use crate::model::groups::{clipped, ScaleGroup};
 use crate::model::layer::{LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
-use crate::model::EMBED;
 use crate::quant::clip;
 use crate::quant::search::ScaleChoice;
 
@@ -41,12 +40,13 @@ pub(super) struct Layers {
 }
 
 impl Layers {
-    /// Nothing yet: the names start with the embedding, which the head part holds.
+    /// Nothing yet (the head part's names, the embedding first, are added when the checkpoint
+    /// is written).
     pub fn new() -> Self {
         Layers {
             reports: Vec::new(),
             parts: Vec::new(),
-            names: vec![EMBED.to_string()],
+            names: Vec::new(),
             prefix_seconds: 0.0,
         }
     }
@@ -214,7 +214,7 @@ fn quantize_layer(
         }
         None => Default::default(),
     };
-    let mut tensors = layer_tensors(&layer, i, opts, &mut codes)?;
+    let mut tensors = layer_tensors(&layer, &spec.roots.layer(i), opts, &mut codes)?;
     t.quantize = clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     let names = tensors.iter().map(|t| t.name.clone()).collect();

@@ -15,7 +15,6 @@ use crate::calib::{self, Calibration};
 use crate::error::{Error, Result};
 use crate::io::output;
 use crate::io::writer::{Open, Staging};
-use crate::model::layer::layer_prefix;
 use crate::model::{Model, OutOfRange};
 use crate::quant::pack::{check_shape, group_hints, Layout};
 
@@ -104,7 +103,7 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
         .transpose()?;
     let (staging_dir, found) = Staging::probe(&opts.output)?;
     let (open, staging_note) = decide(opts, &staging_dir, &found, &staged_fingerprint)?;
-    let mut plan = make_plan(opts, &dir, &model.spec, &cal.summary);
+    let mut plan = make_plan(opts, &dir, &model.spec, &cal.summary, model.vision_parts());
     plan.staging = staging_note;
     plan.layer_range = range.as_ref().map(|r| [r.start, r.end]);
     if let (Some(n), None) = (opts.plan_shards, opts.capture) {
@@ -189,7 +188,7 @@ fn check_options(opts: &QuantizeOptions, model: &Model) -> Result<()> {
     let hints = group_hints(&inputs);
     for l in s.linears() {
         check_shape(
-            &format!("{}.{}.weight", layer_prefix(0), l.name),
+            &format!("{}.{}.weight", s.roots.layer(0), l.name),
             l.out,
             l.inp,
             opts.group,
@@ -204,6 +203,15 @@ fn check_options(opts: &QuantizeOptions, model: &Model) -> Result<()> {
             "--keep-fp16 is not supported for {} (a MoE model): measuring what each module's \
              quantization costs needs a second copy of the layer, which the one-layer memory \
              bound of MoE layers has no room for; drop --keep-fp16",
+            s.architecture
+        )));
+    }
+    if let (Some(_), Some((entry, module))) = (opts.keep_fp16, model.keep_entry_naming_vision()) {
+        return Err(Error::Usage(format!(
+            "--keep-fp16 is not supported for {}: a module it may keep would be listed in \
+             modules_to_not_convert as {entry:?} (relative to the decoder, the one form vLLM, \
+             transformers 4 and transformers 5 all match), and that entry also names the vision \
+             module {module}, so the list could not say which one it keeps; drop --keep-fp16",
             s.architecture
         )));
     }

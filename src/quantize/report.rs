@@ -52,6 +52,8 @@ pub struct Plan {
     pub layer_range: Option<[usize; 2]>,
     /// `--dry-run --shards N`: each shard's range and estimates.
     pub shards: Option<Vec<super::shard::ShardPlan>>,
+    /// A vision-language wrapper's float parts, copied unchanged (`None` for a causal LM).
+    pub vision: Option<crate::model::wrapped::VisionParts>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -226,8 +228,8 @@ fn rounding_summary(r: &Report) -> String {
     // Linears kept unquantized by --keep-fp16 have no codes.
     let kept = |l: &LayerReport, linear: &str| {
         r.kept_fp16.as_ref().is_some_and(|k| {
-            let name = format!("{}.{linear}", crate::model::layer::layer_prefix(l.layer));
-            k.linears.contains(&name)
+            let tail = format!(".layers.{}.{linear}", l.layer);
+            k.linears.iter().any(|n| n.ends_with(&tail))
         })
     };
     let records: Vec<_> = r
@@ -331,6 +333,7 @@ pub(super) fn make_plan(
     dir: &std::path::Path,
     spec: &crate::model::config::ModelSpec,
     cal: &CalibSummary,
+    vision: Option<crate::model::wrapped::VisionParts>,
 ) -> Plan {
     let linears = spec.linears();
     let scale_groups = scale_groups(spec)
@@ -366,7 +369,10 @@ pub(super) fn make_plan(
             .map(|l| l.out * l.inp * 2)
             .sum::<usize>();
     let heads = if spec.tied_embeddings { 1 } else { 2 };
-    let output = spec.layers * per_layer + heads * spec.vocab * spec.hidden * 2 + spec.hidden * 2;
+    let output = spec.layers * per_layer
+        + heads * spec.vocab * spec.hidden * 2
+        + spec.hidden * 2
+        + vision.as_ref().map_or(0, |v| v.bytes() as usize);
     // One layer in f32 three times (weights, the search's scratch copy, a candidate), the
     // captured activations and the MLP intermediates of one candidate, plus a fixed overhead
     // (tokenizer, embedding rows, runtime) measured on SmolLM2.
@@ -418,6 +424,7 @@ pub(super) fn make_plan(
         dtype: opts.dtype,
         staging: None,
         layer_range: None,
+        vision,
         shards: None,
     }
 }
@@ -576,7 +583,15 @@ pub(super) fn model_card(r: &Report) -> String {
     if let Some(id) = hub {
         let _ = write!(c, "base_model: {id}\nbase_model_relation: quantized\n");
     }
-    c += "library_name: transformers\npipeline_tag: text-generation\ntags:\n- awq\n- 4-bit\n- quantized\n---\n\n";
+    let vision = r.plan.vision.as_ref();
+    let pipeline = match vision {
+        Some(_) => "image-text-to-text",
+        None => "text-generation",
+    };
+    let _ = write!(
+        c,
+        "library_name: transformers\npipeline_tag: {pipeline}\ntags:\n- awq\n- 4-bit\n- quantized\n---\n\n"
+    );
     match &o.name {
         Some(title) => {
             let _ = writeln!(c, "# {title}\n");
@@ -613,11 +628,18 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         | scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
+         {parts}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
         why = r.dtype_reason,
+        parts = vision.map_or(String::new(), |v| format!(
+            "| parts | text decoder quantized, vision tower in float ({}: {} tensors, {:.1} MB, \
+             copied unchanged) |\n",
+            v.modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+            v.modules.iter().map(|m| m.tensors).sum::<usize>(),
+            v.bytes() as f64 / 1e6
+        )),
         tool = r.tool,
         bits = o.w_bit,
         group = o.group,
@@ -700,12 +722,22 @@ pub(super) fn model_card(r: &Report) -> String {
                   `awq quantize --version gemm` to serve it with vLLM or TGI.\n\n";
         }
     }
+    let load = match vision {
+        Some(_) => format!(
+            "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n\
+             processor = AutoProcessor.from_pretrained(\"{dir}\")\n\
+             model = AutoModelForImageTextToText.from_pretrained(\"{dir}\", device_map=\"auto\")"
+        ),
+        None => format!(
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
+             tokenizer = AutoTokenizer.from_pretrained(\"{dir}\")\n\
+             model = AutoModelForCausalLM.from_pretrained(\"{dir}\", device_map=\"auto\")"
+        ),
+    };
     let _ = write!(
         c,
         "transformers (needs the `autoawq` package):\n\n```sh\npip install transformers autoawq\n```\n\n\
-         ```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
-         tokenizer = AutoTokenizer.from_pretrained(\"{dir}\")\n\
-         model = AutoModelForCausalLM.from_pretrained(\"{dir}\", device_map=\"auto\")\n```\n\n\
+         ```python\n{load}\n```\n\n\
          Check it before shipping: `awq verify {dir}{for_}`. Per-layer details: \
          `quantization_report.json`.\n",
         for_ = match o.layout {

@@ -11,9 +11,7 @@ use crate::error::Result;
 use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
 use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
-use crate::model::{
-    Model, OutOfRange, EMBED, F16_MAX, FINAL_NORM, FINAL_NORM_BIAS, HEAD_MODULE, LM_HEAD,
-};
+use crate::model::{Model, OutOfRange, F16_MAX, HEAD_MODULE};
 
 /// The output's float dtype and why (for the report and the card).
 ///
@@ -132,8 +130,17 @@ pub(super) fn write_checkpoint(
         }
         None => None,
     };
+    // A wrapper's vision parts go last, copied from the source unchanged.
+    names.extend(model.vision_tensors());
     let part_ckpt = Checkpoint::open_files(parts)?;
-    let files = writer::write_shards(staged, &part_ckpt, &names, opts.shard_size, dtype)?;
+    let files = writer::write_shards(
+        staged,
+        &part_ckpt,
+        &model.ckpt,
+        &names,
+        opts.shard_size,
+        dtype,
+    )?;
     drop(part_ckpt);
 
     let version = opts.layout.name();
@@ -208,8 +215,8 @@ fn not_converted(model: &Model, kept: Option<&KeptFp16>) -> Option<Vec<String>> 
     Some(entries)
 }
 
-/// Embedding, final norm and (untied) head in `dtype`; their names are appended to `names`
-/// (the embedding's is already first).
+/// Embedding, final norm and (untied) head in `dtype`; the embedding's name goes first in
+/// `names`, the others after the layers'.
 fn head_tensors(
     model: &Model,
     dtype: FloatDtype,
@@ -217,34 +224,36 @@ fn head_tensors(
 ) -> Result<Vec<OutTensor>> {
     let spec = &model.spec;
     let shape = vec![spec.vocab, spec.hidden];
-    let embed = model.ckpt.f32(EMBED, &shape)?.flatten_all()?.to_vec1()?;
+    let embed_name = spec.roots.embed();
+    let embed = model
+        .ckpt
+        .f32(&embed_name, &shape)?
+        .flatten_all()?
+        .to_vec1()?;
     let mut head = vec![OutTensor::float(
-        EMBED.into(),
+        embed_name.clone(),
         shape.clone(),
         &embed,
         dtype,
     )?];
+    names.insert(0, embed_name);
     drop(embed);
     let norm = model.final_norm()?;
-    let final_norm = [
-        (FINAL_NORM, Some(norm.weight)),
-        (FINAL_NORM_BIAS, norm.bias),
-    ];
-    for (name, t) in final_norm {
-        if let Some(t) = t {
-            head.push(OutTensor::float(
-                name.into(),
-                vec![spec.hidden],
-                &t.to_vec1()?,
-                dtype,
-            )?);
-            names.push(name.into());
-        }
+    let final_norm = [Some(norm.weight), norm.bias].into_iter().flatten();
+    for (name, t) in model.final_norm_tensors().into_iter().zip(final_norm) {
+        head.push(OutTensor::float(
+            name.clone(),
+            vec![spec.hidden],
+            &t.to_vec1()?,
+            dtype,
+        )?);
+        names.push(name);
     }
     if !spec.tied_embeddings {
         let w = model.lm_head()?.flatten_all()?.to_vec1()?;
-        head.push(OutTensor::float(LM_HEAD.into(), shape, &w, dtype)?);
-        names.push(LM_HEAD.into());
+        let name = spec.roots.head_weight();
+        head.push(OutTensor::float(name.clone(), shape, &w, dtype)?);
+        names.push(name);
     }
     Ok(head)
 }

@@ -9,6 +9,10 @@
 //! tensor makes the checkpoint loadable by none of them. [`VerifyReport::ok`] is the verdict for
 //! the requested target at the requested degree, and the CLI exits 5 exactly when it is false.
 
+mod vision;
+
+pub use vision::VisionCheck;
+
 use std::path::Path;
 
 use safetensors::Dtype;
@@ -19,9 +23,9 @@ use crate::input_err;
 use crate::io::reader::Checkpoint;
 use crate::model::arch::Input;
 use crate::model::config::{AwqFormat, ModelSpec};
-use crate::model::layer::{layer_prefix, packed_shapes, read_packed_tensors};
+use crate::model::layer::{packed_shapes, read_packed_tensors};
 use crate::model::shapes::{LinearShape, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ};
-use crate::model::{load_spec, EMBED, FINAL_NORM, FINAL_NORM_BIAS, HEAD_MODULE, LM_HEAD};
+use crate::model::{final_norm_tensors, load_spec, locate, HEAD_MODULE};
 use crate::quant::pack::{unpack, Layout};
 
 /// Tensor-parallel degrees always reported (a `--tp N` outside them is added).
@@ -144,6 +148,8 @@ pub struct VerifyReport {
     pub targets: Vec<TargetSupport>,
     /// Which loaders accept the layout (GEMV is not loadable by vLLM or TGI).
     pub loaders: Vec<String>,
+    /// A vision-language wrapper's float parts as found (`None` for a causal LM).
+    pub vision: Option<VisionCheck>,
 }
 
 impl VerifyReport {
@@ -192,7 +198,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     if !dir.is_dir() {
         return Err(input_err!("{} is not a directory", dir.display()));
     }
-    let spec = load_spec(&dir.join("config.json"))?;
+    let mut spec = load_spec(&dir.join("config.json"))?;
     let Some(fmt) = spec.awq else {
         return Err(input_err!(
             "{}: config.json has no AWQ quantization_config, so this is not an AWQ checkpoint; \
@@ -201,6 +207,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         ));
     };
     let ckpt = Checkpoint::open_dir(dir)?;
+    locate(&mut spec, &ckpt)?;
     let mut v = Vec::new();
     let float_dtype = float_dtype(dir)?;
     let quality_gate_failed = failed_quality_gate(dir);
@@ -228,20 +235,22 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
             Err(e) => v.push(format!("{name}: {e}")),
         }
     };
-    float(EMBED, &[spec.vocab, spec.hidden], &mut v);
-    float(FINAL_NORM, &[spec.hidden], &mut v);
-    if spec.norm_bias {
-        float(FINAL_NORM_BIAS, &[spec.hidden], &mut v);
+    let roots = &spec.roots;
+    float(&roots.embed(), &[spec.vocab, spec.hidden], &mut v);
+    for name in final_norm_tensors(&spec) {
+        float(&name, &[spec.hidden], &mut v);
     }
+    let head = roots.head_weight();
     if spec.tied_embeddings {
-        if ckpt.contains(LM_HEAD) {
+        if ckpt.contains(&head) {
             v.push(format!(
-                "{LM_HEAD}: present although tie_word_embeddings is true (some loaders fail on it)"
+                "{head}: present although tie_word_embeddings is true (some loaders fail on it)"
             ));
         }
     } else {
-        float(LM_HEAD, &[spec.vocab, spec.hidden], &mut v);
+        float(&head, &[spec.vocab, spec.hidden], &mut v);
     }
+    let vision = vision::check(&spec, &ckpt, float_dtype, &mut v);
 
     let linears = spec.linears();
     let mut checked = 0;
@@ -249,7 +258,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     // Per linear kind, the layers that store it float.
     let mut float_layers = vec![0; linears.len()];
     for i in 0..spec.layers {
-        let p = layer_prefix(i);
+        let p = spec.roots.layer(i);
         for (name, width) in spec.layer_floats() {
             float(&format!("{p}.{name}"), &[width], &mut v);
         }
@@ -303,6 +312,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         float_dtype,
         float_linears: &float_linears,
         head_in_int4: head_quantized_by_transformers(&spec),
+        vision_in_int4: vision.as_ref().and_then(|c| c.transformers5.clone()),
     };
     let targets: Vec<TargetSupport> = Target::ALL
         .iter()
@@ -341,6 +351,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         tensor_parallel,
         targets,
         loaders,
+        vision,
     })
 }
 
@@ -354,6 +365,8 @@ struct Found<'a> {
     float_linears: &'a [String],
     /// Why transformers would build an int4 head ([`head_quantized_by_transformers`]).
     head_in_int4: Option<String>,
+    /// Why transformers 5 would build int4 layers in the vision parts ([`vision::check`]).
+    vision_in_int4: Option<String>,
 }
 
 /// Whether `target` loads the checkpoint: no violation, and for vLLM and TGI the GEMM layout
@@ -376,6 +389,9 @@ fn target_support(target: Target, tp: usize, found: &Found, at_tp: &TpSupport) -
              linear(s) are float (e.g. {first})",
             found.float_linears.len()
         ));
+    }
+    if let (Target::Transformers, Some(why)) = (target, &found.vision_in_int4) {
+        reasons.push(why.clone());
     }
     if let (Target::Transformers, Some(why)) = (target, &found.head_in_int4) {
         reasons.push(why.clone());
@@ -421,7 +437,7 @@ fn head_quantized_by_transformers(spec: &ModelSpec) -> Option<String> {
         format!(
             "modules_to_not_convert is a list ({} entries) without \"{HEAD_MODULE}\": transformers \
              4.50–4.51 add the head to their skip list only when the list is null, so they would \
-             load {HEAD_MODULE} as an int4 layer and leave {LM_HEAD} unused; add \
+             load {HEAD_MODULE} as an int4 layer and leave {HEAD_MODULE}.weight unused; add \
              \"{HEAD_MODULE}\" to quantization_config.modules_to_not_convert in config.json \
              (awq quantize writes it)",
             list.len()
@@ -466,7 +482,7 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
     let mut v = Vec::new();
     let units = spec.keep_units();
     for i in 0..spec.layers {
-        let p = layer_prefix(i);
+        let p = spec.roots.layer(i);
         for r in spec.router_linears() {
             let module = format!("{p}.{}", r.name);
             if !spec.not_converted_matches(&module) {
@@ -791,6 +807,7 @@ mod tests {
             float_dtype,
             float_linears: &[],
             head_in_int4: None,
+            vision_in_int4: None,
         }
     }
 
@@ -895,6 +912,7 @@ mod tests {
         let v: Vec<String> = vec![];
         let f = Found {
             head_in_int4: why,
+            vision_in_int4: None,
             ..found(&v, Dtype::F16)
         };
         assert!(!target_support(Target::Transformers, 1, &f, &t).loadable);
