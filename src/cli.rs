@@ -25,10 +25,11 @@ pub enum Command {
         after_help = "Example:\n  awq eval --model ./SmolLM2-135M --text wiki.valid.raw --max-tokens 8192"
     )]
     Eval(EvalArgs),
-    /// Quantize a checkpoint to 4-bit AWQ (GEMM or GEMV layout).
+    /// Quantize a checkpoint to 4-bit AWQ (GEMM or GEMV layout, or compressed-tensors).
     #[command(
-        after_help = "Examples:\n  awq quantize --model ./SmolLM2-135M --group 64 --calib wiki.valid.calib.txt -o ./SmolLM2-135M-awq\n  awq quantize --model org/name --calib data.jsonl --text-column content -o out --version gemv\n\n\
-vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 inference."
+        after_help = "Examples:\n  awq quantize --model ./SmolLM2-135M --group 64 --calib wiki.valid.calib.txt -o ./SmolLM2-135M-awq\n  awq quantize --model org/name --calib data.jsonl --text-column content -o out --version gemv\n  awq quantize --model org/name -o out --format compressed-tensors\n\n\
+vLLM loads the GEMM layout only; GEMV is for AutoAWQ/transformers batch-1 inference;\n\
+compressed-tensors loads in vLLM and in transformers with the compressed-tensors package."
     )]
     Quantize(Box<QuantizeArgs>),
     /// Summarize a checkpoint (fp or AWQ): architecture, quantization config, tensors, sizes.
@@ -172,6 +173,14 @@ pub enum VersionArg {
     Auto,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// AutoAWQ's GEMM or GEMV layout (`quant_method: awq`).
+    Awq,
+    /// compressed-tensors `pack-quantized` (`quant_method: compressed-tensors`).
+    CompressedTensors,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum WorkloadArg {
     /// Batched serving (vLLM, TGI).
@@ -232,7 +241,18 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub group: usize,
-    /// Packed layout. vLLM loads GEMM only; auto picks from the local GPUs.
+    /// What the checkpoint is written as: awq (AutoAWQ's layout, see --version) or
+    /// compressed-tensors (pack-quantized W4A16 asymmetric, as llm-compressor writes it, which
+    /// vLLM loads with its Marlin/Machete kernels). The search and the weights are the same.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "awq",
+        value_name = "FORMAT",
+        help_heading = "Quantization"
+    )]
+    pub format: FormatArg,
+    /// Packed layout of --format awq. vLLM loads GEMM only; auto picks from the local GPUs.
     #[arg(
         long,
         value_enum,
@@ -511,7 +531,15 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
                     .into(),
             ));
         }
+        if args.format == FormatArg::CompressedTensors && args.version != VersionArg::Gemm {
+            return Err(awq::error::Error::Usage(
+                "--version chooses AutoAWQ's layout; --format compressed-tensors has one layout \
+                 (pack-quantized): drop --version"
+                    .into(),
+            ));
+        }
         let layout_choice = match args.version {
+            _ if args.format == FormatArg::CompressedTensors => None,
             VersionArg::Auto => {
                 let workload = match args.workload.unwrap_or(WorkloadArg::Batch) {
                     WorkloadArg::Batch => awq::gpu::Workload::Batch,
@@ -522,6 +550,7 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             _ => None,
         };
         let layout = match (&layout_choice, args.version) {
+            _ if args.format == FormatArg::CompressedTensors => Layout::PackQuantized,
             (Some(choice), _) => choice.layout,
             (None, VersionArg::Gemv) => Layout::Gemv,
             _ => Layout::Gemm,

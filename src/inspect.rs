@@ -47,7 +47,7 @@ pub struct Summary {
     /// A wrapper's vision parts, per top-level module, with their sizes.
     pub vision: Option<crate::model::wrapped::VisionParts>,
     /// What `awq quantize` keeps float (its `modules_to_not_convert`, before `--keep-fp16`),
-    /// when the architecture is supported.
+    /// for an unquantized checkpoint of a supported architecture.
     pub stays_float: Option<Vec<String>>,
 }
 
@@ -114,7 +114,7 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
     let vision = spec
         .as_ref()
         .and_then(|s| Some(crate::model::wrapped::parts(s.vision.as_ref()?, &ckpt)));
-    let stays_float = spec.as_ref().map(|s| {
+    let stays_float = spec.as_ref().filter(|s| s.awq.is_none()).map(|s| {
         let mut v: Vec<String> = s
             .modules_to_not_convert()
             .unwrap_or_default()

@@ -242,6 +242,23 @@ pub fn inspect(w: &mut impl Write, s: &Summary) -> io::Result<()> {
         opt(s.vocab_size)
     )?;
     match &s.quantization_config {
+        Some(q) if q["quant_method"] == "compressed-tensors" => {
+            let weights = &q["config_groups"]["group_0"]["weights"];
+            writeln!(
+                w,
+                "quantization compressed-tensors {}, {}-bit {}, {} group {}; ignore {}",
+                q["format"].as_str().unwrap_or("?"),
+                weights["num_bits"],
+                if weights["symmetric"] == true {
+                    "symmetric"
+                } else {
+                    "asymmetric"
+                },
+                weights["strategy"].as_str().unwrap_or("?"),
+                weights["group_size"],
+                q["ignore"]
+            )?
+        }
         Some(q) => writeln!(w, "quantization {q}")?,
         None => writeln!(
             w,
@@ -323,6 +340,9 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
     for v in &r.violations {
         writeln!(w, "  FAIL {v}")?;
     }
+    for note in &r.notes {
+        writeln!(w, "  note: {note}")?;
+    }
     if let Some(v) = &r.vision {
         let modules: Vec<String> = v
             .parts
@@ -346,9 +366,12 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
         )?;
     } else {
         for t in &r.tensor_parallel {
-            let status = match (t.vllm_awq, t.vllm_awq_marlin) {
-                (true, true) => "vLLM awq + awq_marlin",
-                (true, false) => "vLLM awq (no Marlin)",
+            let ct = r.version == "pack-quantized";
+            let status = match (t.vllm_awq, t.vllm_awq_marlin, ct) {
+                (true, true, false) => "vLLM awq + awq_marlin",
+                (true, false, false) => "vLLM awq (no Marlin)",
+                (true, true, true) => "vLLM compressed-tensors (Marlin)",
+                (true, false, true) => "vLLM compressed-tensors (Machete, Hopper only)",
                 _ => "not loadable by vLLM",
             };
             writeln!(w, "  tp {}: {status}", t.tp)?;

@@ -1,7 +1,8 @@
 //! One job split over machines: shards quantized as parallel processes and merged are
 //! byte-identical to a single run (the report aside: it holds timings), with the default
-//! options and with `--keep-fp16 3% --rounding gptq`; every wrong shard set is refused before
-//! anything is written; a shard killed with SIGKILL resumes; the dry run plans N shards.
+//! options, with `--keep-fp16 3% --rounding gptq` and with `--format compressed-tensors`; every
+//! wrong shard set is refused before anything is written; a shard killed with SIGKILL resumes;
+//! the dry run plans N shards.
 
 mod common;
 
@@ -108,7 +109,12 @@ fn report(dir: &Path) -> serde_json::Value {
 
 #[test]
 fn three_shards_merge_to_the_bytes_of_a_single_run() {
-    for extra in [&[][..], &["--keep-fp16", "3%", "--rounding", "gptq"][..]] {
+    let extras = [
+        &[][..],
+        &["--keep-fp16", "3%", "--rounding", "gptq"][..],
+        &["--format", "compressed-tensors"][..],
+    ];
+    for extra in extras {
         let j = job();
         let single = j.dir("single");
         let r = awq(&j.args(&single, extra));
@@ -133,6 +139,14 @@ fn three_shards_merge_to_the_bytes_of_a_single_run() {
         let r = merge(&given, &merged, &["--json"]);
         assert_eq!(r.code, 0, "{extra:?}: {}", r.stderr);
         assert_eq!(files(&merged), files(&single), "{extra:?}");
+        // The merge keeps the format the shards were made in.
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+        let method = match extra.contains(&"compressed-tensors") {
+            true => "compressed-tensors",
+            false => "awq",
+        };
+        assert_eq!(cfg["quantization_config"]["quant_method"], method);
         let rep = report(&merged);
         let layers = rep["layers"].as_array().unwrap();
         assert_eq!(layers.len(), 6);

@@ -119,6 +119,16 @@ impl OutTensor {
             data,
         }
     }
+    pub fn i64(name: String, shape: Vec<usize>, values: &[i64]) -> Self {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self {
+            name,
+            dtype: Dtype::I64,
+            shape,
+            data,
+        }
+    }
+
     pub fn i32(name: String, shape: Vec<usize>, values: &[i32]) -> Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Self {

@@ -621,10 +621,14 @@ impl HfConfig {
     /// refused (Python loaders would iterate a string character by character, matching every
     /// module).
     fn not_converted(&self) -> Result<Option<Vec<String>>> {
-        let entries = self
-            .quantization_config
-            .as_ref()
-            .and_then(|q| q.get("modules_to_not_convert"));
+        let q = self.quantization_config.as_ref();
+        if q.and_then(|q| q.get("quant_method"))
+            .and_then(|m| m.as_str())
+            == Some("compressed-tensors")
+        {
+            return super::compressed::ignore(q.expect("checked")).map(Some);
+        }
+        let entries = q.and_then(|q| q.get("modules_to_not_convert"));
         let Some(entries) = entries.filter(|e| !e.is_null()) else {
             return Ok(None);
         };
@@ -649,9 +653,12 @@ impl HfConfig {
             return Ok(None);
         };
         let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+        if method == "compressed-tensors" {
+            return super::compressed::format(q).map(Some);
+        }
         if method != "awq" {
             return Err(input_err!(
-                "config.json: quantization_config.quant_method {method:?} is not supported (only unquantized or \"awq\" checkpoints)"
+                "config.json: quantization_config.quant_method {method:?} is not supported (only unquantized, \"awq\" or \"compressed-tensors\" pack-quantized checkpoints)"
             ));
         }
         let bits = q

@@ -74,6 +74,7 @@ pub fn packed_shapes(out: usize, inp: usize, fmt: AwqFormat) -> Result<[[usize; 
             let zw = gemv_zeros_width(inp, fmt.group)?;
             [[out, inp / 8], [out, zw], [out, 8 * zw]]
         }
+        Layout::PackQuantized => crate::quant::pack_quantized::shapes(out, inp, fmt.group),
     })
 }
 
@@ -91,22 +92,37 @@ fn read_packed(
             fmt.group
         ));
     }
-    let packed = read_packed_tensors(ckpt, prefix, packed_shapes(out, inp, fmt)?)?;
+    let packed = read_packed_tensors(ckpt, prefix, fmt.layout, packed_shapes(out, inp, fmt)?)?;
     unpack(&packed, fmt.layout, fmt.group)
 }
 
-/// The `qweight`, `qzeros` and `scales` of the linear `prefix`, checked against `shapes`.
+/// The codes, zero points and scales of the linear `prefix` (`qweight`, `qzeros`, `scales`;
+/// compressed-tensors' `weight_packed`, `weight_zero_point`, `weight_scale`), checked against
+/// `shapes`. AWQ scales are float16; compressed-tensors' are in the model's float dtype and
+/// are read as float16 (exact, unless a bfloat16 scale lies below float16's normal range).
 pub fn read_packed_tensors(
     ckpt: &Checkpoint,
     prefix: &str,
+    layout: Layout,
     [qw, qz, sc]: [[usize; 2]; 3],
 ) -> Result<Packed> {
+    let [w, z, s] = layout.tensor_names().map(|t| format!("{prefix}.{t}"));
+    let scales = match layout {
+        Layout::PackQuantized => ckpt
+            .f32(&s, &sc)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect(),
+        _ => ckpt.f16s(&s, &sc)?,
+    };
     Ok(Packed {
-        qweight: ckpt.i32s(&format!("{prefix}.qweight"), &qw)?,
+        qweight: ckpt.i32s(&w, &qw)?,
         qweight_shape: qw,
-        qzeros: ckpt.i32s(&format!("{prefix}.qzeros"), &qz)?,
+        qzeros: ckpt.i32s(&z, &qz)?,
         qzeros_shape: qz,
-        scales: ckpt.f16s(&format!("{prefix}.scales"), &sc)?,
+        scales,
         scales_shape: sc,
     })
 }

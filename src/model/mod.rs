@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod attention;
 pub mod cohere;
+pub mod compressed;
 pub mod config;
 pub mod gemma;
 pub mod gemma2;
@@ -261,7 +262,7 @@ impl Model {
                     None => expect(&format!("{name}.weight"), &[out, inp])?,
                     Some(fmt) => {
                         let shapes = layer::packed_shapes(out, inp, fmt)?;
-                        for (t, shape) in ["qweight", "qzeros", "scales"].iter().zip(shapes) {
+                        for (t, shape) in fmt.layout.tensor_names().iter().zip(shapes) {
                             expect(&format!("{name}.{t}"), &shape)?;
                         }
                     }

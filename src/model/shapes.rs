@@ -175,12 +175,17 @@ impl ModelSpec {
 
     /// Whether a `modules_to_not_convert` entry matches the module name `module` (a linear's,
     /// a router's or a merged module's): an entry that is a substring of it, the rule
-    /// transformers and vLLM apply.
+    /// transformers and vLLM apply; in a compressed-tensors checkpoint, an `ignore` entry that
+    /// names it exactly or as a `re:` pattern.
     pub fn not_converted_matches(&self, module: &str) -> bool {
-        self.not_converted
-            .iter()
-            .flatten()
-            .any(|e| module.contains(e.as_str()))
+        let entries = self.not_converted.iter().flatten();
+        match self.awq.map(|f| f.layout) {
+            // compressed-tensors' `ignore`: exact names or `re:` patterns.
+            Some(crate::quant::pack::Layout::PackQuantized) => entries
+                .into_iter()
+                .any(|e| super::compressed::ignores(e, module)),
+            _ => entries.into_iter().any(|e| module.contains(e.as_str())),
+        }
     }
 
     /// What `--keep-fp16` keeps or quantizes as one: the linears a loader merges into one

@@ -5,6 +5,7 @@
 pub mod clip;
 pub mod gptq;
 pub mod pack;
+pub mod pack_quantized;
 pub mod reduce;
 pub mod rtn;
 pub mod search;

@@ -18,6 +18,10 @@ pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 pub enum Layout {
     Gemm,
     Gemv,
+    /// compressed-tensors' `pack-quantized` (`--format compressed-tensors`; see
+    /// [`super::pack_quantized`]): not an AutoAWQ version, a format of its own.
+    #[serde(rename = "pack-quantized")]
+    PackQuantized,
 }
 
 impl Layout {
@@ -25,7 +29,22 @@ impl Layout {
         match self {
             Layout::Gemm => "gemm",
             Layout::Gemv => "gemv",
+            Layout::PackQuantized => "pack-quantized",
         }
+    }
+
+    /// The names of a packed linear's codes, zero points and scales, after its module name.
+    pub fn tensor_names(self) -> [&'static str; 3] {
+        match self {
+            Layout::Gemm | Layout::Gemv => ["qweight", "qzeros", "scales"],
+            Layout::PackQuantized => super::pack_quantized::TENSORS,
+        }
+    }
+
+    /// Whether this is one of AutoAWQ's layouts (`quant_method: awq`), rather than
+    /// compressed-tensors.
+    pub fn is_awq(self) -> bool {
+        self != Layout::PackQuantized
     }
 }
 
@@ -107,6 +126,7 @@ pub fn pack(q: &Quantized, layout: Layout) -> Result<Packed> {
     match layout {
         Layout::Gemm => Ok(pack_gemm(q)),
         Layout::Gemv => pack_gemv(q),
+        Layout::PackQuantized => Ok(super::pack_quantized::pack(q)),
     }
 }
 
@@ -189,6 +209,10 @@ pub fn unpack(p: &Packed, layout: Layout, group: usize) -> Result<Quantized> {
     let (out, inp) = match layout {
         Layout::Gemm => (p.scales_shape[1], p.qweight_shape[0]),
         Layout::Gemv => (p.qweight_shape[0], p.qweight_shape[1] * 8),
+        Layout::PackQuantized => {
+            let (out, inp) = (p.qweight_shape[0], p.scales_shape[1] * group);
+            return super::pack_quantized::unpack(p, out, inp, group);
+        }
     };
     if group == 0 || inp % group != 0 || out % 8 != 0 {
         return Err(bad("group"));
@@ -250,6 +274,7 @@ pub fn unpack(p: &Packed, layout: Layout, group: usize) -> Result<Quantized> {
                 }
             }
         }
+        Layout::PackQuantized => unreachable!("returned above"),
     }
     Ok(q)
 }

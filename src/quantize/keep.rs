@@ -28,6 +28,7 @@ use crate::model::config::AwqFormat;
 use crate::model::groups::scale_groups;
 use crate::model::layer::{packed_shapes, LayerWeights};
 use crate::model::Model;
+use crate::quant::pack::Layout;
 
 /// One unit of a layer, measured.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -165,6 +166,7 @@ pub fn select(layers: &[(usize, Vec<Fp16Candidate>)], budget: u64) -> Vec<(usize
 /// tensors by `.weight` in `names`. `parts` gains the new part.
 pub(super) fn apply(
     pct: f64,
+    layout: Layout,
     model: &Model,
     reports: &[LayerReport],
     staged_parts: &std::path::Path,
@@ -206,7 +208,7 @@ pub(super) fn apply(
         let p = model.spec.roots.layer(i);
         for lin in &unit.linears {
             let prefix = format!("{p}.{lin}");
-            unpacked(names, &prefix)?;
+            unpacked(names, &prefix, layout)?;
             tensors.push(OutTensor::f32(
                 format!("{prefix}.weight"),
                 &layer.linear(lin).weight,
@@ -244,13 +246,15 @@ fn scaled_layer(model: &Model, parts: &Checkpoint, i: usize) -> Result<LayerWeig
 }
 
 /// In the output's tensor list, linear `prefix`'s packed tensors become its `.weight`.
-fn unpacked(names: &mut Vec<String>, prefix: &str) -> Result<()> {
+fn unpacked(names: &mut Vec<String>, prefix: &str, layout: Layout) -> Result<()> {
+    let [w, z, s] = layout.tensor_names().map(|t| format!("{prefix}.{t}"));
+    let shape = format!("{prefix}.{}", crate::quant::pack_quantized::SHAPE_TENSOR);
     let at = names
         .iter()
-        .position(|n| *n == format!("{prefix}.qweight"))
-        .ok_or_else(|| Error::Runtime(format!("{prefix}.qweight is not in the parts")))?;
+        .position(|n| *n == w)
+        .ok_or_else(|| Error::Runtime(format!("{w} is not in the parts")))?;
     names[at] = format!("{prefix}.weight");
-    names.retain(|n| *n != format!("{prefix}.qzeros") && *n != format!("{prefix}.scales"));
+    names.retain(|n| *n != z && *n != s && *n != shape);
     Ok(())
 }
 

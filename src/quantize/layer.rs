@@ -229,21 +229,40 @@ pub(super) fn layer_tensors(
                  float16's range after scaling); nothing was written — rerun with --no-search"
             )));
         }
+        let [w, z, s] = opts.layout.tensor_names().map(|t| format!("{prefix}.{t}"));
         out.push(OutTensor::i32(
-            format!("{prefix}.qweight"),
+            w,
             packed.qweight_shape.to_vec(),
             &packed.qweight,
         ));
         out.push(OutTensor::i32(
-            format!("{prefix}.qzeros"),
+            z,
             packed.qzeros_shape.to_vec(),
             &packed.qzeros,
         ));
-        out.push(OutTensor::f16_bits(
-            format!("{prefix}.scales"),
-            packed.scales_shape.to_vec(),
-            &packed.scales,
-        ));
+        if opts.layout.is_awq() {
+            out.push(OutTensor::f16_bits(
+                s,
+                packed.scales_shape.to_vec(),
+                &packed.scales,
+            ));
+        } else {
+            // compressed-tensors keeps the scales in the model's float dtype: staged in f32
+            // (the float16 values exactly), written in the dtype chosen at the end.
+            let values: Vec<f32> = packed.scales.iter().map(|v| v.to_f32()).collect();
+            let t = candle_core::Tensor::from_vec(
+                values,
+                packed.scales_shape.to_vec(),
+                &candle_core::Device::Cpu,
+            )?;
+            out.push(OutTensor::f32(s, &t)?);
+            let shape = [rows as i64, cols as i64];
+            out.push(OutTensor::i64(
+                format!("{prefix}.{}", crate::quant::pack_quantized::SHAPE_TENSOR),
+                vec![2],
+                &shape,
+            ));
+        }
         if let Some(b) = &lin.bias {
             out.push(OutTensor::f32(format!("{prefix}.bias"), b)?);
         }

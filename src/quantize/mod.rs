@@ -23,6 +23,7 @@ use crate::quant::pack::Layout;
 use crate::quant::search::Grid;
 
 mod capture;
+mod ct_config;
 mod guard;
 mod keep;
 mod layer;

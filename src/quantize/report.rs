@@ -575,7 +575,15 @@ pub(super) fn model_card(r: &Report) -> String {
     let o = &r.options;
     let (name, hub) = card_names(o);
     let hub = hub.as_deref();
-    let layout = o.layout.name().to_uppercase();
+    let ct = o.layout == Layout::PackQuantized;
+    let layout = match ct {
+        true => "compressed-tensors".to_string(),
+        false => o.layout.name().to_uppercase(),
+    };
+    let written_as = match ct {
+        true => "in compressed-tensors' pack-quantized format (what llm-compressor writes)".into(),
+        false => format!("in AutoAWQ's {layout} layout"),
+    };
     // Not the output path: the card travels with the directory (and must not change the bytes
     // of the same run written elsewhere).
     let dir = "path/to/this-directory";
@@ -625,7 +633,7 @@ pub(super) fn model_card(r: &Report) -> String {
     let _ = write!(
         c,
         "Quantized from {source} to 4-bit weights with activation-aware weight quantization (AWQ) \
-         by `{tool}`, in AutoAWQ's {layout} layout.\n\n\
+         by `{tool}`, {written_as}.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
          {parts}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
@@ -683,6 +691,9 @@ pub(super) fn model_card(r: &Report) -> String {
     c += "## Use\n\nReplace `path/to/this-directory` with where this directory is (or its Hub id \
           once uploaded).\n\n";
     let kept = r.kept_fp16.as_ref().is_some_and(|k| !k.units.is_empty());
+    if ct {
+        return c + &compressed_tensors_use(dir, vision.is_some());
+    }
     if kept {
         c += "Some linears are kept unquantized (`--keep-fp16`, listed in \
               `modules_to_not_convert`): vLLM and transformers honour that; AutoAWQ's own loader \
@@ -716,6 +727,8 @@ pub(super) fn model_card(r: &Report) -> String {
                  text-generation-launcher --model-id {dir} --quantize awq\n```\n\n"
             );
         }
+        // Written by `compressed_tensors_use` above.
+        Layout::PackQuantized => {}
         Layout::Gemv => {
             c += "vLLM and TGI cannot load it: they load the GEMM layout only. GEMV loads in \
                   transformers (with the `autoawq` package) and AutoAWQ; re-quantize with \
@@ -741,11 +754,28 @@ pub(super) fn model_card(r: &Report) -> String {
          Check it before shipping: `awq verify {dir}{for_}`. Per-layer details: \
          `quantization_report.json`.\n",
         for_ = match o.layout {
-            Layout::Gemm => "",
+            Layout::Gemm | Layout::PackQuantized => "",
             Layout::Gemv => " --for transformers",
         },
     );
     c
+}
+
+/// The card's "Use" section for `--format compressed-tensors`.
+fn compressed_tensors_use(dir: &str, vision: bool) -> String {
+    let auto = match vision {
+        true => "AutoModelForImageTextToText",
+        false => "AutoModelForCausalLM",
+    };
+    format!(
+        "vLLM reads the format from config.json (its compressed-tensors W4A16 scheme, Marlin \
+         kernels where they apply):\n\n```sh\nvllm serve {dir}\n```\n\n\
+         transformers (needs the `compressed-tensors` package):\n\n```sh\npip install \
+         transformers compressed-tensors\n```\n\n```python\nfrom transformers import {auto}\n\n\
+         model = {auto}.from_pretrained(\"{dir}\", device_map=\"auto\")\n```\n\n\
+         Check it before shipping: `awq verify {dir}`. Per-layer details: \
+         `quantization_report.json`.\n"
+    )
 }
 
 #[cfg(test)]

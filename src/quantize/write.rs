@@ -126,7 +126,15 @@ pub(super) fn write_checkpoint(
     let kept_fp16 = match opts.keep_fp16 {
         Some(pct) => {
             let (dir, parts, names) = (&parts_dir, &mut parts, &mut names);
-            Some(keep::apply(pct, model, reports, dir, parts, names)?)
+            Some(keep::apply(
+                pct,
+                opts.layout,
+                model,
+                reports,
+                dir,
+                parts,
+                names,
+            )?)
         }
         None => None,
     };
@@ -144,28 +152,38 @@ pub(super) fn write_checkpoint(
     drop(part_ckpt);
 
     let version = opts.layout.name();
-    let qcfg = serde_json::json!({
-        "quant_method": "awq",
-        "zero_point": true,
-        "group_size": opts.group,
-        "bits": opts.w_bit,
-        "version": version,
-        "modules_to_not_convert": not_converted(model, kept_fp16.as_ref()),
-    });
+    let qcfg = match opts.layout.is_awq() {
+        true => serde_json::json!({
+            "quant_method": "awq",
+            "zero_point": true,
+            "group_size": opts.group,
+            "bits": opts.w_bit,
+            "version": version,
+            "modules_to_not_convert": not_converted(model, kept_fp16.as_ref()),
+        }),
+        false => {
+            let ignore = super::ct_config::ignore(model, kept_fp16.as_ref());
+            super::ct_config::config(opts.group, ignore)
+        }
+    };
     writer::write_json(
         &staged.join("config.json"),
         &writer::patch_config(&model.dir.join("config.json"), qcfg, dtype)?,
     )?;
-    writer::write_json(
-        &staged.join("quant_config.json"),
-        &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
-    )?;
-    let companions = writer::copy_companions(&model.dir, staged)?;
     let mut written = files.clone();
     if files.len() > 1 {
         written.push(crate::io::reader::INDEX_FILE.to_string());
     }
-    written.extend(["config.json".to_string(), "quant_config.json".to_string()]);
+    written.push("config.json".to_string());
+    // AutoAWQ's own file: compressed-tensors has none.
+    if opts.layout.is_awq() {
+        writer::write_json(
+            &staged.join("quant_config.json"),
+            &serde_json::json!({"zero_point": true, "q_group_size": opts.group, "w_bit": opts.w_bit, "version": version.to_uppercase()}),
+        )?;
+        written.push("quant_config.json".to_string());
+    }
+    let companions = writer::copy_companions(&model.dir, staged)?;
     written.extend(companions);
     Ok(Written {
         shards: files,

@@ -93,9 +93,11 @@ impl Default for VerifyOptions {
 pub struct TpSupport {
     /// The tensor-parallel degree.
     pub tp: usize,
-    /// vLLM's `awq` kernels (and TGI) can load the model at this degree.
+    /// vLLM's `awq` kernels (and TGI) can load the model at this degree; for a
+    /// compressed-tensors checkpoint, vLLM's `CompressedTensorsWNA16` scheme can.
     pub vllm_awq: bool,
-    /// vLLM's faster `awq_marlin` path applies to every linear at this degree.
+    /// vLLM's faster `awq_marlin` path applies to every linear at this degree; for a
+    /// compressed-tensors checkpoint, its Marlin kernels do.
     pub vllm_awq_marlin: bool,
     /// Why `awq` cannot load it (empty when `vllm_awq`).
     pub reasons: Vec<String>,
@@ -150,6 +152,8 @@ pub struct VerifyReport {
     pub loaders: Vec<String>,
     /// A vision-language wrapper's float parts as found (`None` for a causal LM).
     pub vision: Option<VisionCheck>,
+    /// What holds for some versions of a loader only (not part of the verdict).
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {
@@ -212,6 +216,22 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let float_dtype = float_dtype(dir)?;
     let quality_gate_failed = failed_quality_gate(dir);
     v.extend(not_converted(&spec));
+    if fmt.layout == Layout::PackQuantized && !spec.not_converted_matches(&spec.roots.head) {
+        v.push(format!(
+            "{}: quantization_config.ignore does not name the head, so vLLM and transformers \
+             expect it packed (the config group targets every Linear); add \"lm_head\"",
+            spec.roots.head
+        ));
+    }
+    let mut notes = Vec::new();
+    if fmt.layout == Layout::PackQuantized && spec.moe.is_some() {
+        notes.push(
+            "asymmetric experts load in vLLM releases with compressed-tensors' asymmetric MoE \
+             support (vllm-project/vllm#44025, merged June 2026); older releases assert \
+             \"Only symmetric quantization is supported for MoE\""
+                .to_string(),
+        );
+    }
 
     let float = |name: &str, shape: &[usize], v: &mut Vec<String>| {
         if !ckpt.contains(name) {
@@ -252,6 +272,11 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     let vision = vision::check(&spec, &ckpt, float_dtype, &mut v);
 
+    let [codes, _, _] = fmt.layout.tensor_names();
+    let list = match fmt.layout {
+        Layout::PackQuantized => "ignore",
+        _ => "modules_to_not_convert",
+    };
     let linears = spec.linears();
     let mut checked = 0;
     let mut float_linears = Vec::new();
@@ -273,10 +298,10 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
                 *float_layers += 1;
             }
             match packed {
-                Some(fmt) => check_linear(&ckpt, &prefix, l, fmt, &mut v),
-                None if ckpt.contains(&format!("{prefix}.qweight")) => v.push(format!(
-                    "{prefix}: a modules_to_not_convert entry matches it, so loaders expect a \
-                     float {prefix}.weight, but it holds qweight (an entry too broad?)"
+                Some(fmt) => check_linear(&ckpt, &prefix, l, fmt, float_dtype, &mut v),
+                None if ckpt.contains(&format!("{prefix}.{codes}")) => v.push(format!(
+                    "{prefix}: a {list} entry matches it, so loaders expect a float \
+                     {prefix}.weight, but it holds {codes} (an entry too broad?)"
                 )),
                 None => float(&format!("{prefix}.weight"), &[l.out, l.inp], &mut v),
             }
@@ -311,8 +336,16 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         violations: &v,
         float_dtype,
         float_linears: &float_linears,
-        head_in_int4: head_quantized_by_transformers(&spec),
+        head_in_int4: head_quantized_by_transformers(&spec).filter(|_| fmt.layout.is_awq()),
         vision_in_int4: vision.as_ref().and_then(|c| c.transformers5.clone()),
+        awq: fmt.layout.is_awq(),
+        moe_zero_points: (!fmt.layout.is_awq() && spec.moe.is_some()).then(|| {
+            "transformers 5 passes the fused experts of a compressed-tensors MoE to the \
+             decompressor without their weight_zero_point and fails to load asymmetric experts \
+             (\"Asymmetric quant requires zero-point values\"; measured with transformers \
+             5.25 and compressed-tensors 0.20.1; huggingface/transformers#47430, open)"
+                .to_string()
+        }),
     };
     let targets: Vec<TargetSupport> = Target::ALL
         .iter()
@@ -323,6 +356,10 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
             .iter()
             .any(|t| t.target == opts.target && t.loadable);
     let mut loaders: Vec<String> = match fmt.layout {
+        Layout::PackQuantized => vec![
+            "vllm (compressed-tensors)".into(),
+            "transformers (with compressed-tensors)".into(),
+        ],
         Layout::Gemm => vec![
             "vllm (awq, awq_marlin)".into(),
             "tgi".into(),
@@ -352,6 +389,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         targets,
         loaders,
         vision,
+        notes,
     })
 }
 
@@ -367,6 +405,10 @@ struct Found<'a> {
     head_in_int4: Option<String>,
     /// Why transformers 5 would build int4 layers in the vision parts ([`vision::check`]).
     vision_in_int4: Option<String>,
+    /// An AWQ layout (`false`: compressed-tensors).
+    awq: bool,
+    /// Why transformers drops the experts' zero points (compressed-tensors MoE).
+    moe_zero_points: Option<String>,
 }
 
 /// Whether `target` loads the checkpoint: no violation, and for vLLM and TGI the GEMM layout
@@ -400,7 +442,17 @@ fn target_support(target: Target, tp: usize, found: &Found, at_tp: &TpSupport) -
     if target.tensor_parallel() && !at_tp.vllm_awq {
         reasons.extend(at_tp.reasons.iter().cloned());
     }
-    if found.float_dtype == Dtype::BF16 && reasons.is_empty() {
+    if let (Target::Tgi, false) = (target, found.awq) {
+        reasons.push(
+            "awq verify checks TGI's rules for the AWQ layouts only, not for compressed-tensors \
+             (check it with --for vllm or --for transformers)"
+                .into(),
+        );
+    }
+    if let (Target::Transformers, Some(why)) = (target, &found.moe_zero_points) {
+        reasons.push(why.clone());
+    }
+    if found.float_dtype == Dtype::BF16 && reasons.is_empty() && found.awq {
         match target {
             Target::Vllm if !at_tp.vllm_awq_marlin => {
                 reasons.push(
@@ -552,6 +604,7 @@ fn check_linear(
     prefix: &str,
     l: &LinearShape,
     fmt: AwqFormat,
+    float_dtype: Dtype,
     v: &mut Vec<String>,
 ) {
     if !l.inp.is_multiple_of(fmt.group) {
@@ -576,13 +629,16 @@ fn check_linear(
         }
     };
     let before = v.len();
-    for ((part, dtype), shape) in [
-        ("qweight", Dtype::I32),
-        ("qzeros", Dtype::I32),
-        ("scales", Dtype::F16),
-    ]
-    .into_iter()
-    .zip(shapes)
+    // AWQ scales are float16; compressed-tensors' are in the model's float dtype.
+    let scale_dtype = match fmt.layout {
+        Layout::PackQuantized => float_dtype,
+        _ => Dtype::F16,
+    };
+    let names = fmt.layout.tensor_names();
+    for ((part, dtype), shape) in names
+        .into_iter()
+        .zip([Dtype::I32, Dtype::I32, scale_dtype])
+        .zip(shapes)
     {
         let name = format!("{prefix}.{part}");
         match ckpt.meta(&name) {
@@ -601,10 +657,34 @@ fn check_linear(
             Ok(_) => {}
         }
     }
+    if fmt.layout == Layout::PackQuantized {
+        let name = format!("{prefix}.{}", crate::quant::pack_quantized::SHAPE_TENSOR);
+        let want = [l.out as i64, l.inp as i64];
+        match ckpt.meta(&name) {
+            Err(_) => v.push(format!("{name}: missing")),
+            Ok(m) if m.dtype != Dtype::I64 || m.shape != [2] => v.push(format!(
+                "{name}: {:?} {:?}, expected I64 [2]",
+                m.dtype, m.shape
+            )),
+            Ok(_) => {
+                let got: Vec<i64> = ckpt
+                    .bytes(&name)
+                    .map(|b| {
+                        b.chunks_exact(8)
+                            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if got != want {
+                    v.push(format!("{name}: {got:?}, expected {want:?}"));
+                }
+            }
+        }
+    }
     if v.len() > before {
         return;
     }
-    let packed = match read_packed_tensors(ckpt, prefix, shapes) {
+    let packed = match read_packed_tensors(ckpt, prefix, fmt.layout, shapes) {
         Ok(p) => p,
         Err(e) => {
             v.push(format!("{prefix}: {e}"));
@@ -738,14 +818,15 @@ fn tp_support(
     }
     // The fused awq_gemm kernel (every step below 256 tokens, i.e. all of decoding) runs on the
     // merged modules and throws unless g % 32 == 0, out % 64 == 0 and out % g == 0
-    // (AWQ-SPEC §10.1).
-    if !fmt.group.is_multiple_of(32) {
+    // (AWQ-SPEC §10.1). compressed-tensors runs other kernels (see the end).
+    let awq_gemm = fmt.layout.is_awq();
+    if awq_gemm && !fmt.group.is_multiple_of(32) {
         awq.push(format!(
             "group {} is not a multiple of 32, which vLLM's awq_gemm kernel requires",
             fmt.group
         ));
     }
-    for &(module, out, _) in &merged {
+    for &(module, out, _) in merged.iter().filter(|_| awq_gemm) {
         if !out.is_multiple_of(64) || !out.is_multiple_of(fmt.group) {
             awq.push(format!(
                 "{module}: output partition {out} is not divisible by 64 and by group {} \
@@ -769,6 +850,18 @@ fn tp_support(
     if !MARLIN_GROUPS.contains(&fmt.group) {
         marlin.push(format!(
             "group {} is not one of Marlin's 32, 64, 128",
+            fmt.group
+        ));
+    }
+    // compressed-tensors W4A16 with zero points (vLLM `CompressedTensorsWNA16`,
+    // `choose_mp_linear_kernel`): Marlin takes uint4 with zero points under the rules above;
+    // else only Machete (Hopper, groups 64 and 128) does — AllSpark, BitBLAS and CUTLASS
+    // refuse zero points.
+    if !awq_gemm && !marlin.is_empty() && ![64, 128].contains(&fmt.group) {
+        awq.push(format!(
+            "no vLLM kernel for zero points applies: Marlin does not ({}), and Machete (Hopper \
+             only) takes groups 64 and 128, not {}",
+            marlin.join("; "),
             fmt.group
         ));
     }
@@ -808,6 +901,8 @@ mod tests {
             float_linears: &[],
             head_in_int4: None,
             vision_in_int4: None,
+            awq: true,
+            moe_zero_points: None,
         }
     }
 
@@ -913,6 +1008,8 @@ mod tests {
         let f = Found {
             head_in_int4: why,
             vision_in_int4: None,
+            awq: true,
+            moe_zero_points: None,
             ..found(&v, Dtype::F16)
         };
         assert!(!target_support(Target::Transformers, 1, &f, &t).loadable);
