@@ -49,6 +49,8 @@ pub struct Summary {
     /// What `awq quantize` keeps float (its `modules_to_not_convert`, before `--keep-fp16`),
     /// for an unquantized checkpoint of a supported architecture.
     pub stays_float: Option<Vec<String>>,
+    /// Why `awq quantize`/`eval` would refuse this directory (`None` when they read it).
+    pub unsupported: Option<String>,
 }
 
 /// Where a wrapper's text decoder lives and what it is.
@@ -96,12 +98,13 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
         });
     }
     // What awq makes of it, when it reads the architecture (unsupported ones are still listed).
-    let spec = crate::model::load_spec(&config_path)
-        .ok()
-        .and_then(|mut s| {
-            crate::model::locate(&mut s, &ckpt).ok()?;
-            Some(s)
-        });
+    let spec = crate::model::load_spec(&config_path).and_then(|mut s| {
+        crate::model::locate(&mut s, &ckpt)?;
+        Ok(s)
+    });
+    // Why awq would refuse it (the listing itself works for any architecture).
+    let unsupported = spec.as_ref().err().map(|e| e.to_string());
+    let spec = spec.ok();
     let text_decoder = spec
         .as_ref()
         .filter(|s| s.vision.is_some())
@@ -154,6 +157,7 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
         text_decoder,
         vision,
         stays_float,
+        unsupported,
     })
 }
 
@@ -165,7 +169,7 @@ fn text_architecture(cfg: &serde_json::Value) -> Option<String> {
             .and_then(|a| a.as_str()),
         cfg.get("model_type").and_then(|t| t.as_str()),
     )?;
-    let text = crate::model::wrapped::text_config(cfg, w, |_| None).ok()?;
+    let text = crate::model::wrapped::text_config(cfg, w, |_| None, &[]).ok()?;
     Some(text.get("architectures")?.get(0)?.as_str()?.to_string())
 }
 

@@ -246,7 +246,7 @@ pub fn inspect(w: &mut impl Write, s: &Summary) -> io::Result<()> {
             let weights = &q["config_groups"]["group_0"]["weights"];
             writeln!(
                 w,
-                "quantization compressed-tensors {}, {}-bit {}, {} group {}; ignore {}",
+                "quantization compressed-tensors {}, {}-bit {}, strategy {}, group_size {}; ignore {}",
                 q["format"].as_str().unwrap_or("?"),
                 weights["num_bits"],
                 if weights["symmetric"] == true {
@@ -305,6 +305,9 @@ pub fn inspect(w: &mut impl Write, s: &Summary) -> io::Result<()> {
             )?;
         }
     }
+    if let Some(why) = &s.unsupported {
+        writeln!(w, "awq cannot quantize or evaluate it: {why}")?;
+    }
     if let Some(list) = &s.stays_float {
         writeln!(w, "stays float when quantized: {}", list.join(", "))?;
     }
@@ -352,7 +355,12 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
             .collect();
         writeln!(
             w,
-            "  vision parts float, matched by modules_to_not_convert: {}",
+            "  vision parts float, matched by {}: {}",
+            if r.version == "pack-quantized" {
+                "ignore"
+            } else {
+                "modules_to_not_convert"
+            },
             modules.join(", ")
         )?;
         if let Some(note) = &v.dtype_note {

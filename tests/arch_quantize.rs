@@ -122,31 +122,7 @@ fn checked(family: &str) -> tempfile::TempDir {
     never_worse_than_rtn_on_each_layer(&out);
 
     let text = data("wikitext-2-raw/wiki.valid.raw");
-    let eval = Command::cargo_bin("awq")
-        .unwrap()
-        .args([
-            "eval",
-            "-q",
-            "--json",
-            "--seqlen",
-            "64",
-            "--max-tokens",
-            "1024",
-            "--text",
-        ])
-        .arg(&text)
-        .arg("--model")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(
-        eval.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
-    );
-    let ppl: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
-    assert!(ppl["perplexity"].as_f64().unwrap().is_finite(), "{family}");
+    assert!(perplexity(&out, 64, 1024).is_finite(), "{family}");
 
     let tok = awq::tokenize::load(&model).unwrap();
     let raw = std::fs::read_to_string(&text).unwrap();

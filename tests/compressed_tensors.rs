@@ -90,40 +90,17 @@ fn ok(o: &std::process::Output) -> String {
     text
 }
 
-fn perplexity(model: &Path, max_tokens: &str) -> f64 {
-    let text = data("wikitext-2-raw/wiki.valid.raw");
-    let o = Command::cargo_bin("awq")
-        .unwrap()
-        .args([
-            "eval",
-            "-q",
-            "--json",
-            "--seqlen",
-            "128",
-            "--max-tokens",
-            max_tokens,
-        ])
-        .arg("--text")
-        .arg(&text)
-        .arg("--model")
-        .arg(model)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
-    v["perplexity"].as_f64().unwrap()
-}
-
 #[test]
 fn an_llm_compressor_checkpoint_reads_verifies_and_evaluates() {
     let text = ok(&awq(&["verify"], &[&golden()]));
     assert!(text.contains("vLLM compressed-tensors (Marlin)"), "{text}");
-    let ppl = perplexity(&golden(), "1024");
+    let ppl = perplexity(&golden(), 128, 1024);
     assert!(ppl.is_finite() && ppl > 1.0, "{ppl}");
 }
 
 /// Both formats from one set of options: the same weights, so the same perplexity; the
 /// compressed-tensors config is the package's, and `verify` passes.
-fn same_run_in_both_formats(model: &Path, extra: &[&str], max_tokens: &str) -> (f64, f64) {
+fn same_run_in_both_formats(model: &Path, extra: &[&str], max_tokens: usize) -> (f64, f64) {
     let tmp = tempfile::tempdir().unwrap();
     let calib = data("wikitext-2-raw/wiki.valid.calib.txt");
     let run = |out: &Path, format: &str| {
@@ -148,7 +125,10 @@ fn same_run_in_both_formats(model: &Path, extra: &[&str], max_tokens: &str) -> (
     assert_eq!(q["config_groups"]["group_0"]["weights"]["symmetric"], false);
     assert!(!c.join("quant_config.json").exists());
     ok(&awq(&["verify"], &[&c]));
-    (perplexity(&a, max_tokens), perplexity(&c, max_tokens))
+    (
+        perplexity(&a, 128, max_tokens),
+        perplexity(&c, 128, max_tokens),
+    )
 }
 
 #[test]
@@ -162,7 +142,7 @@ fn the_same_run_in_both_formats_evaluates_the_same() {
         "32",
         "--split-long",
     ];
-    let (a, c) = same_run_in_both_formats(&fixture("arch/llama"), &extra, "1024");
+    let (a, c) = same_run_in_both_formats(&fixture("arch/llama"), &extra, 1024);
     assert!(
         (a - c).abs() <= 1e-6 * a,
         "awq {a} vs compressed-tensors {c}"
@@ -187,8 +167,9 @@ fn the_test_model_in_both_formats_evaluates_the_same() {
         "8",
         "--seqlen",
         "128",
+        "--split-long",
     ];
-    let (a, c) = same_run_in_both_formats(&model, &extra, "2048");
+    let (a, c) = same_run_in_both_formats(&model, &extra, 2048);
     eprintln!("SmolLM2 RTN g64: awq {a}, compressed-tensors {c}");
     assert!(
         (a - c).abs() <= 1e-6 * a,
@@ -260,4 +241,50 @@ fn version_is_refused_with_compressed_tensors() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("drop --version"));
+}
+
+/// Regression: `--keep-fp16` linears are listed in `ignore` one by one; compressed-tensors
+/// loaders expand vLLM's merged modules (`qkv_proj`) into them, so `verify` must not ask for the
+/// merged name as it does for AutoAWQ's list.
+#[test]
+fn keep_fp16_in_compressed_tensors_lists_linears_that_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ct");
+    let calib = data("wikitext-2-raw/wiki.valid.calib.txt");
+    let o = Command::cargo_bin("awq")
+        .unwrap()
+        .args([
+            "quantize",
+            "-q",
+            "--fast",
+            "--format",
+            "compressed-tensors",
+            "--group",
+            "32",
+        ])
+        .args([
+            "--seqlen",
+            "128",
+            "--n-samples",
+            "16",
+            "--split-long",
+            "--keep-fp16",
+            "15%",
+        ])
+        .arg("--calib")
+        .arg(&calib)
+        .arg("--model")
+        .arg(fixture("arch/llama"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let ignore = cfg["quantization_config"]["ignore"].as_array().unwrap();
+    assert!(ignore.len() > 1, "nothing kept: {ignore:?}");
+    for target in ["vllm", "transformers"] {
+        ok(&awq(&["verify", "--for", target], &[&out]));
+    }
 }

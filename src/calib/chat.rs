@@ -98,7 +98,8 @@ impl ChatTemplate {
         };
         Self::load(dir)?.ok_or_else(|| {
             missing(format!(
-                "{} has neither {TEMPLATE_FILE} nor a chat_template in {TOKENIZER_CONFIG}",
+                "{} has no {TEMPLATE_FILE}, no {PROCESSOR_TEMPLATE} and no chat_template in \
+                 {TOKENIZER_CONFIG}",
                 dir.display()
             ))
         })

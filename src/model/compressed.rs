@@ -54,6 +54,12 @@ pub fn format(q: &Value) -> Result<AwqFormat> {
             field("strategy")
         )));
     }
+    if !field("actorder").is_null() {
+        return Err(refuse(format!(
+            "act-order weights (actorder {}, a weight_g_idx per linear)",
+            field("actorder")
+        )));
+    }
     if field("symmetric") != false {
         return Err(refuse("symmetric weights (no weight_zero_point)".into()));
     }
@@ -110,6 +116,9 @@ mod tests {
         let mut sym = q.clone();
         sym["config_groups"]["group_0"]["weights"]["symmetric"] = true.into();
         assert!(format(&sym).unwrap_err().to_string().contains("symmetric"));
+        let mut act = q.clone();
+        act["config_groups"]["group_0"]["weights"]["actorder"] = "group".into();
+        assert!(format(&act).unwrap_err().to_string().contains("act-order"));
         let mut fp8 = q.clone();
         fp8["config_groups"]["group_0"]["format"] = "float-quantized".into();
         assert!(format(&fp8)

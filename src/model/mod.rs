@@ -132,7 +132,9 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
         raw.get("model_type").and_then(|t| t.as_str()),
     );
     if let Some(w) = wrapper {
-        raw = wrapped::text_config(&raw, w, family_of_model_type).map_err(at_path(config_path))?;
+        let families = FAMILIES.map(|f| f.model_type);
+        raw = wrapped::text_config(&raw, w, family_of_model_type, &families)
+            .map_err(at_path(config_path))?;
     }
     config::rope_parameters_as_scaling(&mut raw);
     config::check_rope_scaling(&raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;

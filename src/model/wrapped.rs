@@ -263,11 +263,13 @@ pub fn parts(vision: &Vision, ckpt: &crate::io::reader::Checkpoint) -> VisionPar
 /// the top level), the text config class's defaults for absent keys, `architectures` naming
 /// the causal-LM class whose rules apply, and the top level's `quantization_config` (where the
 /// Hub's AWQ VLMs keep it). `family_of` maps a text `model_type` to a supported causal-LM
-/// architecture. Refuses a text model we do not support.
+/// architecture; `families` lists those model types for the message that refuses a text model
+/// we do not support.
 pub fn text_config(
     raw: &Value,
     w: &Wrapper,
     family_of: impl Fn(&str) -> Option<&'static str>,
+    families: &[&str],
 ) -> Result<Value> {
     let nested = raw.get("text_config").filter(|t| t.is_object());
     let mut text = match nested {
@@ -293,11 +295,17 @@ pub fn text_config(
         .map(|t| t.architecture)
         .or_else(|| family_of(&model_type))
     else {
+        let mut supported: Vec<&str> = TEXT_MODELS.iter().map(|t| t.model_type).collect();
+        for f in families {
+            if !supported.contains(f) {
+                supported.push(f);
+            }
+        }
         return Err(input_err!(
             "config.json: {} wraps a text model of model_type {model_type:?}, which awq does not \
              support; supported text models: {}",
             w.architecture,
-            TEXT_MODELS.map(|t| t.model_type).join(", ")
+            supported.join(", ")
         ));
     };
     // transformers 5's `rope_parameters` carry rope_theta: read them before the class default
@@ -396,7 +404,7 @@ mod tests {
             "quantization_config": {"quant_method": "awq"}
         });
         let w = find(Some("Gemma3ForConditionalGeneration"), None).unwrap();
-        let t = text_config(&raw, w, family_of).unwrap();
+        let t = text_config(&raw, w, family_of, &["qwen3"]).unwrap();
         assert_eq!(t["architectures"][0], "Gemma3ForCausalLM");
         assert_eq!(t["num_attention_heads"], 8);
         assert_eq!(t["num_key_value_heads"], 4);
@@ -413,14 +421,16 @@ mod tests {
         let raw = serde_json::json!({"architectures": ["LlavaForConditionalGeneration"],
             "text_config": {"model_type": "opt"}});
         let w = find(Some("LlavaForConditionalGeneration"), None).unwrap();
-        let err = text_config(&raw, w, family_of).unwrap_err().to_string();
+        let err = text_config(&raw, w, family_of, &["qwen3"])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("\"opt\"") && err.contains("LlavaForConditionalGeneration"),
             "{err}"
         );
         // Any supported family may sit in a LLaVA wrapper, read as written.
         let raw = serde_json::json!({"text_config": {"model_type": "qwen3"}});
-        let t = text_config(&raw, w, family_of).unwrap();
+        let t = text_config(&raw, w, family_of, &["qwen3"]).unwrap();
         assert_eq!(t["architectures"][0], "Qwen3ForCausalLM");
     }
 

@@ -218,14 +218,7 @@ pub fn unpack(p: &Packed, layout: Layout, group: usize) -> Result<Quantized> {
         return Err(bad("group"));
     }
     let gs = inp / group;
-    let mut q = Quantized {
-        rows: out,
-        cols: inp,
-        group,
-        codes: vec![0; out * inp],
-        zeros: vec![0; out * gs],
-        scales: vec![f16::ZERO; out * gs],
-    };
+    let mut q = Quantized::zeroed(out, inp, group);
     match layout {
         Layout::Gemm => {
             let words = out / 8;

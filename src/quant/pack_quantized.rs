@@ -80,14 +80,8 @@ pub fn unpack(p: &Packed, out: usize, inp: usize, group: usize) -> Result<Quanti
         )));
     }
     let gs = inp / group;
-    let mut q = Quantized {
-        rows: out,
-        cols: inp,
-        group,
-        codes: vec![0; out * inp],
-        zeros: vec![0; out * gs],
-        scales: p.scales.clone(),
-    };
+    let mut q = Quantized::zeroed(out, inp, group);
+    q.scales.clone_from(&p.scales);
     for o in 0..out {
         for i in 0..inp {
             q.codes[o * inp + i] = nibble(p.qweight[o * qw[1] + i / 8], i % 8);

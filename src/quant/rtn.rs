@@ -25,6 +25,20 @@ pub struct Quantized {
 }
 
 impl Quantized {
+    /// All codes, zero points and scales zero, for an unpacker to fill: `[rows, cols]` in
+    /// groups of `group` (which divides `cols`).
+    pub fn zeroed(rows: usize, cols: usize, group: usize) -> Self {
+        let gs = cols / group;
+        Quantized {
+            rows,
+            cols,
+            group,
+            codes: vec![0; rows * cols],
+            zeros: vec![0; rows * gs],
+            scales: vec![f16::ZERO; rows * gs],
+        }
+    }
+
     pub fn groups(&self) -> usize {
         self.cols / self.group
     }

@@ -692,7 +692,8 @@ pub(super) fn model_card(r: &Report) -> String {
           once uploaded).\n\n";
     let kept = r.kept_fp16.as_ref().is_some_and(|k| !k.units.is_empty());
     if ct {
-        return c + &compressed_tensors_use(dir, vision.is_some());
+        let moe = r.layers.iter().any(|l| l.experts.is_some());
+        return c + &compressed_tensors_use(dir, vision.is_some(), moe);
     }
     if kept {
         c += "Some linears are kept unquantized (`--keep-fp16`, listed in \
@@ -762,18 +763,33 @@ pub(super) fn model_card(r: &Report) -> String {
 }
 
 /// The card's "Use" section for `--format compressed-tensors`.
-fn compressed_tensors_use(dir: &str, vision: bool) -> String {
+///
+/// transformers: the decompress-on-load form, because transformers 5.25's default compressed
+/// mode fails on asymmetric zero points on the CPU (measured, llm-compressor's own checkpoint
+/// too); a MoE does not load at all (its fused experts lose their zero points).
+fn compressed_tensors_use(dir: &str, vision: bool, moe: bool) -> String {
     let auto = match vision {
         true => "AutoModelForImageTextToText",
         false => "AutoModelForCausalLM",
     };
-    format!(
+    let vllm = format!(
         "vLLM reads the format from config.json (its compressed-tensors W4A16 scheme, Marlin \
-         kernels where they apply):\n\n```sh\nvllm serve {dir}\n```\n\n\
-         transformers (needs the `compressed-tensors` package):\n\n```sh\npip install \
-         transformers compressed-tensors\n```\n\n```python\nfrom transformers import {auto}\n\n\
-         model = {auto}.from_pretrained(\"{dir}\", device_map=\"auto\")\n```\n\n\
-         Check it before shipping: `awq verify {dir}`. Per-layer details: \
+         kernels where they apply):\n\n```sh\nvllm serve {dir}\n```\n\n"
+    );
+    let transformers = match moe {
+        true => "transformers cannot load it: it passes the fused experts to the decompressor \
+                 without their zero points (huggingface/transformers#47430); serve it with vLLM.\n\n"
+            .to_string(),
+        false => format!(
+            "transformers (needs the `compressed-tensors` package; decompressed on load):\n\n\
+             ```sh\npip install transformers compressed-tensors\n```\n\n```python\n\
+             from transformers import {auto}, CompressedTensorsConfig\n\n\
+             model = {auto}.from_pretrained(\"{dir}\", device_map=\"auto\",\n    \
+             quantization_config=CompressedTensorsConfig(dequantize=True))\n```\n\n"
+        ),
+    };
+    format!(
+        "{vllm}{transformers}Check it before shipping: `awq verify {dir}`. Per-layer details: \
          `quantization_report.json`.\n"
     )
 }

@@ -558,7 +558,10 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
                     unit.linears.len()
                 ));
             }
-            if unit.linears.len() < 2 {
+            // compressed-tensors loaders expand a merged module into its linears
+            // (`should_ignore_layer`): the merged name is never matched on its own.
+            let ct = spec.awq.is_some_and(|f| !f.layout.is_awq());
+            if unit.linears.len() < 2 || ct {
                 continue;
             }
             // vLLM versions that match entries against the merged module's name only

@@ -43,6 +43,23 @@ pub fn data(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(rel)
 }
 
+/// `awq eval --json` of `model` on the first `max_tokens` tokens of `wiki.valid.raw` in windows
+/// of `seqlen`: the perplexity (the command must succeed).
+pub fn perplexity(model: &Path, seqlen: usize, max_tokens: usize) -> f64 {
+    let o = std::process::Command::new(assert_cmd::cargo::cargo_bin("awq"))
+        .args(["eval", "-q", "--json", "--seqlen", &seqlen.to_string()])
+        .args(["--max-tokens", &max_tokens.to_string(), "--text"])
+        .arg(data("wikitext-2-raw/wiki.valid.raw"))
+        .arg("--model")
+        .arg(model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
 /// A tensor of a safetensors file as f32 (F32/F16) or as i64 values (I64/I32), with its shape.
 pub fn read_f32(bytes: &[u8], name: &str) -> (Vec<f32>, Vec<usize>) {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
