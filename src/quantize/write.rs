@@ -84,14 +84,17 @@ pub(super) fn check_space_for_head(
     let copies = if spec.tied_embeddings { 1 } else { 2 };
     let head = (copies * spec.vocab * spec.hidden * 2) as u64;
     let layers = crate::io::space::bytes_under(parts);
+    // A wrapper's vision parts are copied straight into the shards.
+    let vision = model.vision_parts().map_or(0, |v| v.bytes());
     crate::io::space::check(
         &opts.output,
-        2 * head + layers,
+        2 * head + layers + vision,
         &format!(
             "writing the head and the shards ({} of layer parts to assemble, {} of embedding \
-             and head)",
+             and head, {} of vision parts)",
             crate::io::space::human(layers),
-            crate::io::space::human(head)
+            crate::io::space::human(head),
+            crate::io::space::human(vision)
         ),
     )
 }
