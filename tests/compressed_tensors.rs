@@ -98,28 +98,37 @@ fn an_llm_compressor_checkpoint_reads_verifies_and_evaluates() {
     assert!(ppl.is_finite() && ppl > 1.0, "{ppl}");
 }
 
+/// `awq quantize -q --calib wiki.valid.calib.txt --model MODEL -o OUT` plus `extra`, which
+/// must succeed.
+fn quantize(model: &Path, out: &Path, extra: &[&str]) {
+    let mut c = Command::cargo_bin("awq").unwrap();
+    c.args(["quantize", "-q", "--calib"])
+        .arg(data("wikitext-2-raw/wiki.valid.calib.txt"))
+        .arg("--model")
+        .arg(model)
+        .arg("-o")
+        .arg(out)
+        .args(extra);
+    ok(&c.output().unwrap());
+}
+
+/// The `quantization_config` of the checkpoint in `dir`.
+fn quantization_config(dir: &Path) -> serde_json::Value {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"].clone()
+}
+
 /// Both formats from one set of options: the same weights, so the same perplexity; the
 /// compressed-tensors config is the package's, and `verify` passes.
 fn same_run_in_both_formats(model: &Path, extra: &[&str], max_tokens: usize) -> (f64, f64) {
     let tmp = tempfile::tempdir().unwrap();
-    let calib = data("wikitext-2-raw/wiki.valid.calib.txt");
-    let run = |out: &Path, format: &str| {
-        let mut c = Command::cargo_bin("awq").unwrap();
-        c.args(["quantize", "-q", "--format", format, "--calib"])
-            .arg(&calib)
-            .arg("--model")
-            .arg(model)
-            .arg("-o")
-            .arg(out)
-            .args(extra);
-        ok(&c.output().unwrap());
-    };
+    let run =
+        |out: &Path, format: &str| quantize(model, out, &[&["--format", format], extra].concat());
     let (a, c) = (tmp.path().join("awq"), tmp.path().join("ct"));
     run(&a, "awq");
     run(&c, "compressed-tensors");
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.join("config.json")).unwrap()).unwrap();
-    let q = &cfg["quantization_config"];
+    let q = &quantization_config(&c);
     assert_eq!(q["quant_method"], "compressed-tensors");
     assert_eq!(q["format"], "pack-quantized");
     assert_eq!(q["config_groups"]["group_0"]["weights"]["symmetric"], false);
@@ -183,37 +192,21 @@ fn the_test_model_in_both_formats_evaluates_the_same() {
 fn a_moe_model_in_compressed_tensors_verifies_for_vllm_with_a_note() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ct");
-    let calib = data("wikitext-2-raw/wiki.valid.calib.txt");
-    let o = Command::cargo_bin("awq")
-        .unwrap()
-        .args([
-            "quantize",
-            "-q",
-            "--fast",
-            "--format",
-            "compressed-tensors",
-            "--group",
-            "32",
-        ])
-        .args([
-            "--seqlen",
-            "64",
-            "--n-samples",
-            "16",
-            "--split-long",
-            "--calib",
-        ])
-        .arg(&calib)
-        .arg("--model")
-        .arg(fixture("arch/qwen3_moe"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    ok(&o);
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-    let ignore = cfg["quantization_config"]["ignore"].as_array().unwrap();
+    let extra = [
+        "--fast",
+        "--format",
+        "compressed-tensors",
+        "--group",
+        "32",
+        "--seqlen",
+        "64",
+        "--n-samples",
+        "16",
+        "--split-long",
+    ];
+    quantize(&fixture("arch/qwen3_moe"), &out, &extra);
+    let q = quantization_config(&out);
+    let ignore = q["ignore"].as_array().unwrap();
     assert!(
         ignore.contains(&serde_json::json!(r"re:.*\.mlp\.gate$")),
         "{ignore:?}"
@@ -250,39 +243,23 @@ fn version_is_refused_with_compressed_tensors() {
 fn keep_fp16_in_compressed_tensors_lists_linears_that_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ct");
-    let calib = data("wikitext-2-raw/wiki.valid.calib.txt");
-    let o = Command::cargo_bin("awq")
-        .unwrap()
-        .args([
-            "quantize",
-            "-q",
-            "--fast",
-            "--format",
-            "compressed-tensors",
-            "--group",
-            "32",
-        ])
-        .args([
-            "--seqlen",
-            "128",
-            "--n-samples",
-            "16",
-            "--split-long",
-            "--keep-fp16",
-            "15%",
-        ])
-        .arg("--calib")
-        .arg(&calib)
-        .arg("--model")
-        .arg(fixture("arch/llama"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    ok(&o);
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-    let ignore = cfg["quantization_config"]["ignore"].as_array().unwrap();
+    let extra = [
+        "--fast",
+        "--format",
+        "compressed-tensors",
+        "--group",
+        "32",
+        "--seqlen",
+        "128",
+        "--n-samples",
+        "16",
+        "--split-long",
+        "--keep-fp16",
+        "15%",
+    ];
+    quantize(&fixture("arch/llama"), &out, &extra);
+    let q = quantization_config(&out);
+    let ignore = q["ignore"].as_array().unwrap();
     assert!(ignore.len() > 1, "nothing kept: {ignore:?}");
     for target in ["vllm", "transformers"] {
         ok(&awq(&["verify", "--for", target], &[&out]));
