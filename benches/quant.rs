@@ -60,6 +60,7 @@ fn layer(spec: &awq::model::config::ModelSpec) -> LayerWeights {
             .map(|l| (l.name, linear(l.out, l.inp)))
             .collect(),
         routers: Vec::new(),
+        verbatim: Vec::new(),
     }
 }
 

@@ -40,7 +40,7 @@ fn check(family: &str) {
         h = model
             .layer(i)
             .unwrap()
-            .forward(spec, &rope, &h, seq, false)
+            .forward(&spec.layer(i), &rope, &h, seq, false)
             .unwrap()
             .0;
         if i + 1 < spec.layers {
@@ -79,6 +79,10 @@ fn check(family: &str) {
 
 family_tests!(check: llama, gemma, gemma2, gemma3, phi3, stablelm, starcoder2, cohere, granite,
     mixtral, qwen2_moe, qwen3_moe);
+
+// DeepSeek-V3 (latent attention, grouped-sigmoid router, dense first layer), the same model
+// stored as block-scaled fp8 (dequantized on load), and GLM-4.5.
+family_tests!(check: deepseek_v3, deepseek_v3_fp8, glm4_moe);
 
 // Vision-language wrappers: the text decoder's forward, in both weight layouts (transformers'
 // module names, and the original Hub release's as `<family>_hub`).

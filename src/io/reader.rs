@@ -40,6 +40,9 @@ pub struct Checkpoint {
     files: Vec<PathBuf>,
     maps: Vec<Mmap>,
     index: HashMap<String, TensorMeta>,
+    /// A block-scaled fp8 source's block (`weight_block_size`): F8_E4M3 tensors are read
+    /// dequantized with their `_scale_inv` ([`super::fp8`]).
+    fp8_block: Option<[usize; 2]>,
 }
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -110,7 +113,53 @@ impl Checkpoint {
             }
             maps.push(map);
         }
-        Ok(Self { files, maps, index })
+        Ok(Self {
+            files,
+            maps,
+            index,
+            fp8_block: None,
+        })
+    }
+
+    /// Reads F8_E4M3 tensors as block-scaled fp8 with `[rows, cols]` blocks (see
+    /// [`super::fp8`]); without it they are refused like any other non-float dtype.
+    pub fn with_fp8_blocks(mut self, block: Option<[usize; 2]>) -> Self {
+        self.fp8_block = block;
+        self
+    }
+
+    /// Whether `name` is an fp8 weight that is read dequantized.
+    fn is_fp8(&self, name: &str) -> bool {
+        self.fp8_block.is_some() && self.meta(name).is_ok_and(|m| m.dtype == Dtype::F8_E4M3)
+    }
+
+    /// An fp8 weight `[rows, cols]` dequantized with `{name}_scale_inv`, in f32.
+    fn fp8_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let block = self.fp8_block.expect("checked by is_fp8");
+        let m = self.meta(name)?;
+        let [rows, cols] = match m.shape[..] {
+            [r, c] => [r, c],
+            _ => {
+                return Err(input_err!(
+                    "tensor {name} in {} is F8_E4M3 with shape {:?}; block-scaled fp8 weights are \
+                     matrices",
+                    self.files[m.shard].display(),
+                    m.shape
+                ))
+            }
+        };
+        let scale_name = format!("{name}_scale_inv");
+        if !self.contains(&scale_name) {
+            return Err(input_err!(
+                "tensor {name} in {} is F8_E4M3 but {scale_name} is missing; an fp8 source \
+                 needs each weight's block scales (re-download the checkpoint)",
+                self.files[m.shard].display()
+            ));
+        }
+        let grid = super::fp8::scale_shape([rows, cols], block);
+        self.expect_shape(&scale_name, &grid)?;
+        let scales = to_f32(self.bytes(&scale_name)?, self.float_type(&scale_name)?);
+        Ok(super::fp8::dequantize(self.bytes(name)?, &scales, [rows, cols], block))
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -175,6 +224,12 @@ impl Checkpoint {
             Dtype::F16 => Ok(FloatType::F16),
             Dtype::BF16 => Ok(FloatType::BF16),
             Dtype::F32 => Ok(FloatType::F32),
+            Dtype::F8_E4M3 => Err(input_err!(
+                "tensor {name} in {} has dtype F8_E4M3, but config.json has no fp8 \
+                 quantization_config with weight_block_size; block-scaled fp8 (DeepSeek-V3's) is \
+                 the only fp8 source awq reads",
+                self.files[m.shard].display()
+            )),
             other => Err(input_err!(
                 "tensor {name} in {} has dtype {other:?}; only F16, BF16 and F32 weights are supported",
                 self.files[m.shard].display()
@@ -200,7 +255,10 @@ impl Checkpoint {
     /// overflowed checkpoint would otherwise poison every later layer silently).
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.expect_shape(name, shape)?;
-        let data = to_f32(self.bytes(name)?, self.float_type(name)?);
+        let data = match self.is_fp8(name) {
+            true => self.fp8_f32(name)?,
+            false => to_f32(self.bytes(name)?, self.float_type(name)?),
+        };
         if let Some(i) = data.par_iter().position_first(|v| !v.is_finite()) {
             let m = self.meta(name)?;
             return Err(input_err!(
@@ -218,6 +276,12 @@ impl Checkpoint {
     /// bytes in parallel chunks without keeping the converted tensor, then releases its pages.
     pub fn first_out_of_range(&self, name: &str, limit: f32) -> Result<Option<(usize, f32)>> {
         const CHUNK: usize = 1 << 16;
+        if self.is_fp8(name) {
+            let data = self.fp8_f32(name)?;
+            self.release(name);
+            let bad = data.par_iter().position_first(|v| !v.is_finite() || v.abs() > limit);
+            return Ok(bad.map(|i| (i, data[i])));
+        }
         let ft = self.float_type(name)?;
         let es = elem_size(ft);
         let found = self

@@ -36,6 +36,9 @@ pub enum AttnProj {
     Separate,
     /// One `qkv_proj` whose output rows are `[q; k; v]` (Phi-3).
     Fused,
+    /// Multi-head latent attention (DeepSeek-V3): low-rank q and kv projections with their
+    /// own norms; see [`super::mla::Mla`], which owns its tensors, groups and forward.
+    Latent,
 }
 
 /// The MLP.
@@ -53,24 +56,68 @@ pub enum Mlp {
 }
 
 /// The mixture-of-experts block: a router (a linear `hidden → experts`, kept unquantized) picks
-/// `top_k` experts per token by softmax probability; each expert is a gated SiLU MLP; Qwen2-MoE
-/// adds a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+/// `top_k` experts per token ([`Scoring`]); each expert is a gated MLP; Qwen2-MoE, DeepSeek-V3
+/// and GLM-4.5 add shared experts that see every token ([`Shared`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Moe {
     pub experts: usize,
     pub top_k: usize,
     /// Each expert's intermediate size.
     pub intermediate: usize,
-    /// Renormalise the top-k probabilities to sum to 1 (Mixtral, Qwen3-MoE).
+    /// Renormalise the top-k weights to sum to 1 (Mixtral, Qwen3-MoE, DeepSeek-V3).
     pub norm_topk: bool,
-    /// The shared expert's intermediate size (Qwen2-MoE).
-    pub shared: Option<usize>,
+    /// How the router's logits choose and weigh the experts.
+    pub scoring: Scoring,
+    /// The shared experts (Qwen2-MoE, DeepSeek-V3, GLM-4.5).
+    pub shared: Option<Shared>,
     /// The router's name relative to the layer (`block_sparse_moe.gate`, `mlp.gate`).
     pub router: &'static str,
+    /// Whether `modules_to_not_convert` must name the router. Mixtral's and Qwen MoE's are an
+    /// `nn.Linear` that loaders would quantize otherwise. DeepSeek-V3's and GLM-4.5's are a
+    /// module of their own (transformers' `DeepseekV3TopkRouter`, vLLM's `GateLinear` without
+    /// a quant config) and must not be named: `mlp.gate` would also match the dense layers'
+    /// `mlp.gate_proj` (vLLM `quant_utils.is_layer_skipped` matches substrings).
+    pub router_listed: bool,
     /// Expert `e`'s linears are `{experts}.{e}.{gate|up|down}`.
     pub experts_prefix: &'static str,
     /// Leaf names of an expert's gate, up and down projections (`w1`, `w3`, `w2` in Mixtral).
     pub leaves: [&'static str; 3],
+}
+
+/// How a router turns its logits into the chosen experts and their weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scoring {
+    /// Softmax over all experts, the `top_k` most probable (Mixtral, Qwen MoE).
+    Softmax,
+    /// DeepSeek-V3 / GLM-4.5 (`noaux_tc`): sigmoid scores; the router's
+    /// `e_score_correction_bias` is added for choosing only: experts in `groups` equal groups,
+    /// a group's score is the sum of its two best biased scores, the best `topk_groups` groups
+    /// stay, then the `top_k` best biased scores among them. The weights are the unbiased
+    /// scores (renormalised when `norm_topk`) times `scale` (`routed_scaling_factor`).
+    GroupedSigmoid {
+        groups: usize,
+        topk_groups: usize,
+        scale: f64,
+    },
+}
+
+/// Experts every token goes through, added to the routed experts' output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    /// Their intermediate size (DeepSeek-V3: `moe_intermediate_size × n_shared_experts`).
+    pub intermediate: usize,
+    /// Module of their gate/up/down projections (`mlp.shared_expert`, `mlp.shared_experts`).
+    pub prefix: &'static str,
+    /// Qwen2-MoE's `mlp.shared_expert_gate`: a `hidden → 1` linear (kept unquantized) whose
+    /// sigmoid scales the shared output; `None`: added as is.
+    pub gate: Option<&'static str>,
+}
+
+impl Shared {
+    /// The shared gate, up and down projections (names relative to the layer).
+    pub fn linears(&self) -> [&'static str; 3] {
+        ["gate_proj", "up_proj", "down_proj"].map(|leaf| intern(format!("{}.{leaf}", self.prefix)))
+    }
 }
 
 impl Moe {
@@ -88,7 +135,41 @@ impl Moe {
                 self.experts
             ));
         }
+        if let Scoring::GroupedSigmoid {
+            groups,
+            topk_groups,
+            ..
+        } = self.scoring
+        {
+            let per_group = self.experts / groups.max(1);
+            if groups == 0
+                || !self.experts.is_multiple_of(groups)
+                || per_group < 2
+                || topk_groups == 0
+                || topk_groups > groups
+                || self.top_k > topk_groups * per_group
+            {
+                return Err(input_err!(
+                    "config.json: n_group ({groups}) must divide n_routed_experts ({}) into groups \
+                     of at least 2, with 1 ≤ topk_group ({topk_groups}) ≤ n_group and \
+                     num_experts_per_tok ({}) ≤ topk_group × experts per group",
+                    self.experts,
+                    self.top_k
+                ));
+            }
+        }
         Ok(self)
+    }
+
+    /// The router's `e_score_correction_bias` (relative to the layer) for a grouped-sigmoid
+    /// router: a float32 `[experts]` tensor copied to the output unchanged.
+    pub fn correction_bias(&self) -> Option<&'static str> {
+        match self.scoring {
+            Scoring::GroupedSigmoid { .. } => {
+                Some(intern(format!("{}.e_score_correction_bias", self.router)))
+            }
+            Scoring::Softmax => None,
+        }
     }
 }
 
@@ -161,6 +242,10 @@ pub enum Input {
     Down,
     /// Expert `e`'s hidden activation on the tokens routed to it: its down projection.
     Expert(usize),
-    /// The shared expert's hidden activation (Qwen2-MoE): its down projection.
+    /// The shared experts' hidden activation: their down projection.
     SharedDown,
+    /// Latent attention: `q_a_layernorm`'s output, the input of `q_b_proj`.
+    QLatent,
+    /// Latent attention: `kv_a_layernorm`'s output, the input of `kv_b_proj`.
+    KvLatent,
 }

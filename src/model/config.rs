@@ -105,6 +105,37 @@ pub struct HfConfig {
     pub decoder_sparse_step: Option<usize>,
     /// Qwen MoE: layers with a dense MLP instead of experts.
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// DeepSeek-V3, GLM-4.5: routed experts per MoE layer.
+    pub n_routed_experts: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: shared experts (one MLP of `n × moe_intermediate_size`).
+    pub n_shared_experts: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: the first k layers have a dense MLP.
+    pub first_k_dense_replace: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: expert groups of the router, and how many groups stay.
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: multiplies the routed experts' weights.
+    pub routed_scaling_factor: Option<f64>,
+    /// DeepSeek-V3: rank of the q projection (`null`: one `q_proj`, no low-rank q).
+    #[serde(default, deserialize_with = "present_usize")]
+    pub q_lora_rank: Option<Option<usize>>,
+    /// DeepSeek-V3: rank of the compressed kv latent.
+    pub kv_lora_rank: Option<usize>,
+    /// DeepSeek-V3: per-head q/k features without and with rope, and v's.
+    pub qk_nope_head_dim: Option<usize>,
+    pub qk_rope_head_dim: Option<usize>,
+    pub v_head_dim: Option<usize>,
+    /// DeepSeek-V3: rope pairs `(2i, 2i+1)` (default true).
+    pub rope_interleave: Option<bool>,
+    /// DeepSeek-V3, GLM-4.5: multi-token-prediction layers stored after the decoder layers.
+    pub num_nextn_predict_layers: Option<usize>,
+}
+
+/// A key that is present (possibly null), as opposed to absent.
+fn present_usize<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<usize>>, D::Error> {
+    Option::<usize>::deserialize(d).map(Some)
 }
 
 /// A key that is present (possibly null), as opposed to absent.
@@ -441,6 +472,18 @@ pub struct ModelSpec {
     pub local_rope_theta: Option<f64>,
     /// The experts when `mlp` is [`Mlp::Moe`].
     pub moe: Option<Moe>,
+    /// Per layer, in a MoE model: `true` where the layer has a dense gated MLP of
+    /// `intermediate` instead of experts (DeepSeek-V3's `first_k_dense_replace`, Qwen MoE's
+    /// `mlp_only_layers`). Empty: every layer is as `mlp` says. See [`ModelSpec::layer`].
+    pub dense: Vec<bool>,
+    /// The latent attention's ranks and head sizes when `attn_proj` is [`AttnProj::Latent`].
+    pub mla: Option<super::mla::Mla>,
+    /// An fp8 source (`quantization_config.quant_method` "fp8"): the `[rows, cols]` block of
+    /// each `weight_scale_inv` entry; the linears are dequantized on load.
+    pub fp8_block: Option<[usize; 2]>,
+    /// Multi-token-prediction layers stored after the decoder layers (`layers.{layers + k}`),
+    /// which the output leaves out (see the README).
+    pub mtp_layers: usize,
     pub tied_embeddings: bool,
     /// Biases on q/k/v (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,
@@ -531,6 +574,10 @@ impl HfConfig {
             sliding_layers: None,
             local_rope_theta: None,
             moe: None,
+            dense: Vec::new(),
+            mla: None,
+            fp8_block: self.fp8_block()?,
+            mtp_layers: self.num_nextn_predict_layers.unwrap_or(0),
             tied_embeddings: self.tie_word_embeddings.unwrap_or(tie_default),
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
@@ -579,17 +626,18 @@ impl HfConfig {
         }
     }
 
-    /// Qwen MoE: refuses dense-MLP layers among the sparse ones (`mlp_only_layers`,
-    /// `decoder_sparse_step` > 1), which no released checkpoint uses.
-    pub fn every_layer_sparse(&self) -> Result<()> {
-        let dense = self.mlp_only_layers.as_ref().is_some_and(|l| !l.is_empty());
-        if dense || self.decoder_sparse_step.is_some_and(|s| s != 1) {
-            return Err(input_err!(
-                "config.json: dense MLP layers inside a mixture-of-experts model (mlp_only_layers, \
-                 decoder_sparse_step > 1) are not supported"
-            ));
+    /// Qwen MoE: which layers have a dense MLP (transformers: a layer is sparse unless it is in
+    /// `mlp_only_layers` or `(i + 1)` is not a multiple of `decoder_sparse_step`).
+    pub fn qwen_dense_layers(&self) -> Result<Vec<bool>> {
+        let step = self.decoder_sparse_step.unwrap_or(1);
+        if step == 0 {
+            return Err(input_err!("config.json: decoder_sparse_step must be positive"));
         }
-        Ok(())
+        let only = self.mlp_only_layers.clone().unwrap_or_default();
+        let dense: Vec<bool> = (0..self.num_hidden_layers)
+            .map(|i| only.contains(&i) || !(i + 1).is_multiple_of(step))
+            .collect();
+        Ok(if dense.iter().any(|&d| d) { dense } else { Vec::new() })
     }
 
     /// Per-layer sliding flags from `layer_types`, when the config has them.
@@ -648,11 +696,37 @@ impl HfConfig {
             })
     }
 
+    /// An fp8 source's block size: `quantization_config` with `quant_method` "fp8", `fmt`
+    /// "e4m3" (or absent) and a two-number `weight_block_size` (DeepSeek-V3, Kimi K2); `None`
+    /// for any other config.
+    fn fp8_block(&self) -> Result<Option<[usize; 2]>> {
+        let Some(q) = &self.quantization_config else {
+            return Ok(None);
+        };
+        if q.get("quant_method").and_then(|m| m.as_str()) != Some("fp8") {
+            return Ok(None);
+        }
+        let fmt = q.get("fmt").and_then(|f| f.as_str()).unwrap_or("e4m3");
+        let block: Option<Vec<usize>> = q
+            .get("weight_block_size")
+            .and_then(|b| serde_json::from_value(b.clone()).ok());
+        match block.as_deref() {
+            Some(&[r, c]) if r > 0 && c > 0 && fmt == "e4m3" => Ok(Some([r, c])),
+            _ => Err(input_err!(
+                "config.json: an fp8 source needs quantization_config.fmt \"e4m3\" and \
+                 weight_block_size [rows, cols] (DeepSeek-V3's block-scaled fp8); got {q}"
+            )),
+        }
+    }
+
     fn awq_format(&self) -> Result<Option<AwqFormat>> {
         let Some(q) = &self.quantization_config else {
             return Ok(None);
         };
         let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+        if method == "fp8" {
+            return Ok(None);
+        }
         if method == "compressed-tensors" {
             return super::compressed::format(q).map(Some);
         }

@@ -70,23 +70,19 @@ pub struct ScaleGroup {
 /// `mlp.act.scales`, which not every loader reads. We leave that pair unscaled (`c_proj` is still
 /// clipped and quantized), so the checkpoint is plain AWQ for every loader.
 pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
+    let mut groups = attention_groups(spec);
+    groups.extend(mlp_groups(spec));
+    groups
+}
+
+/// The attention's groups: `input_layernorm` → q/k/v (or, in a parallel block, q/k/v and the
+/// MLP's input linears), and v → o where the shapes allow.
+fn attention_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
     let (qd, kvd) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
     let attn_linears: Vec<&'static str> = match spec.attn_proj {
         AttnProj::Separate => vec![names::Q_PROJ, names::K_PROJ, names::V_PROJ],
         AttnProj::Fused => vec![names::QKV_PROJ],
-    };
-    let mlp_in: Vec<&'static str> = match spec.mlp {
-        Mlp::Gated => vec![names::GATE_PROJ, names::UP_PROJ],
-        Mlp::FusedGated => vec![names::GATE_UP_PROJ],
-        Mlp::Plain => vec![names::C_FC],
-        // Every expert's gate and up (and the shared expert's) in one group, inspected over the
-        // whole MoE block (AutoAWQ's mixtral.py / qwen3_moe.py).
-        Mlp::Moe => spec
-            .linears()
-            .into_iter()
-            .filter(|l| l.input == Input::Mlp)
-            .map(|l| l.name)
-            .collect(),
+        AttnProj::Latent => return spec.latent().scale_groups(),
     };
     let mut groups = Vec::new();
     let first = |name, linears, inspect| ScaleGroup {
@@ -100,7 +96,7 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
     if spec.block == Block::Parallel {
         groups.push(first(
             "qkv_mlp",
-            [attn_linears.clone(), mlp_in.clone()].concat(),
+            [attn_linears.clone(), mlp_inputs(spec)].concat(),
             Inspect::Block,
         ));
     } else {
@@ -108,8 +104,8 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
     }
     if kvd == qd && spec.hidden == qd {
         let v = match spec.attn_proj {
-            AttnProj::Separate => names::V_PROJ,
             AttnProj::Fused => names::QKV_PROJ,
+            _ => names::V_PROJ,
         };
         groups.push(ScaleGroup {
             name: "o",
@@ -120,6 +116,30 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
             compensate: Vec::new(),
         });
     }
+    groups
+}
+
+/// The linears that read the MLP's input.
+fn mlp_inputs(spec: &ModelSpec) -> Vec<&'static str> {
+    match spec.mlp {
+        Mlp::Gated => vec![names::GATE_PROJ, names::UP_PROJ],
+        Mlp::FusedGated => vec![names::GATE_UP_PROJ],
+        Mlp::Plain => vec![names::C_FC],
+        // Every expert's gate and up (and the shared expert's) in one group, inspected over the
+        // whole MoE block (AutoAWQ's mixtral.py / qwen3_moe.py).
+        Mlp::Moe => spec
+            .linears()
+            .into_iter()
+            .filter(|l| l.input == Input::Mlp)
+            .map(|l| l.name)
+            .collect(),
+    }
+}
+
+/// The MLP's groups: its norm → its input linears (with the router compensated), then each
+/// down projection against the linear before it.
+fn mlp_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
+    let mut groups = Vec::new();
     if let Some(norm) = spec.mlp_norm() {
         groups.push(ScaleGroup {
             name: if spec.mlp == Mlp::Plain {
@@ -128,7 +148,7 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
                 "gate_up"
             },
             prev: PrevOp::Norm(norm),
-            linears: mlp_in,
+            linears: mlp_inputs(spec),
             input: Input::Mlp,
             inspect: Inspect::Mlp,
             compensate: spec.router_linears().iter().map(|l| l.name).collect(),
@@ -159,13 +179,11 @@ pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
                 let name = super::arch::intern(format!("experts.{e}.down"));
                 groups.push(down(name, up, dn, Input::Expert(e)));
             }
-            if moe.shared.is_some() {
-                groups.push(down(
-                    "shared_expert.down",
-                    names::SHARED_UP_PROJ,
-                    names::SHARED_DOWN_PROJ,
-                    Input::SharedDown,
-                ));
+            if let Some(shared) = &moe.shared {
+                let [_, up, dn] = shared.linears();
+                let leaf = shared.prefix.trim_start_matches("mlp.");
+                let name = super::arch::intern(format!("{leaf}.down"));
+                groups.push(down(name, up, dn, Input::SharedDown));
             }
         }
     }

@@ -9,7 +9,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::arch::{Act, AttnProj, Block, Input, Mlp, NormKind};
+use super::arch::{Act, AttnProj, Block, Input, Mlp, Moe, NormKind, Scoring};
 use super::attention::{Attention, Rotary, Rounding};
 use super::config::{AwqFormat, ModelSpec};
 use super::rope::Rope;
@@ -223,6 +223,54 @@ impl Routing {
         }
         Self { experts: routed }
     }
+
+    /// Routes every row of `logits: [tokens, experts]` as DeepSeek-V3's `noaux_tc` router does
+    /// (transformers' `DeepseekV3MoE.route_tokens_to_experts`, `Glm4MoeMoE`; see
+    /// [`Scoring::GroupedSigmoid`]), in f32. The groups outside the best `topk_group` have their
+    /// biased scores set to 0 (not −∞, as `masked_fill(…, 0.0)`), and ties go to the lower
+    /// index.
+    pub fn grouped_sigmoid(logits: &[Vec<f32>], bias: &[f32], moe: &Moe) -> Self {
+        let Scoring::GroupedSigmoid {
+            groups,
+            topk_groups,
+            scale,
+        } = moe.scoring
+        else {
+            unreachable!("called for a grouped-sigmoid router")
+        };
+        let per_group = moe.experts / groups;
+        let by_score = |v: &[f32]| {
+            let mut order: Vec<usize> = (0..v.len()).collect();
+            order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+            order
+        };
+        let mut routed = vec![Vec::new(); moe.experts];
+        for (t, row) in logits.iter().enumerate() {
+            let scores: Vec<f32> = row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+            let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+            let group_scores: Vec<f32> = choice
+                .chunks_exact(per_group)
+                .map(|g| by_score(g).iter().take(2).map(|&e| g[e]).sum())
+                .collect();
+            let kept = &by_score(&group_scores)[..topk_groups];
+            for (g, chunk) in choice.chunks_exact_mut(per_group).enumerate() {
+                if !kept.contains(&g) {
+                    chunk.fill(0.0);
+                }
+            }
+            let top = &by_score(&choice)[..moe.top_k];
+            let sum: f32 = top.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20;
+            for &e in top {
+                let w = if moe.norm_topk {
+                    scores[e] / sum
+                } else {
+                    scores[e]
+                };
+                routed[e].push((t as u32, w * scale as f32));
+            }
+        }
+        Self { experts: routed }
+    }
 }
 
 /// A norm's parameters: `weight: [width]` and, for LayerNorms with bias, `bias: [width]`.
@@ -283,6 +331,8 @@ pub struct LayerWeights {
     /// Unquantized linears (a MoE router, `shared_expert_gate`), in
     /// [`ModelSpec::router_linears`] order.
     pub routers: Vec<(&'static str, Linear)>,
+    /// Float tensors copied to the output unchanged ([`ModelSpec::layer_verbatim`]).
+    pub verbatim: Vec<(&'static str, Tensor)>,
 }
 
 impl LayerWeights {
@@ -318,12 +368,24 @@ impl LayerWeights {
                 Ok((l.name, Linear { weight, bias: None }))
             })
             .collect::<Result<_>>()?;
+        let verbatim = spec
+            .layer_verbatim()
+            .into_iter()
+            .map(|(name, width)| Ok((name, ckpt.f32(&format!("{p}.{name}"), &[width])?)))
+            .collect::<Result<_>>()?;
         Ok(Self {
             index: i,
             norms,
             linears,
             routers,
+            verbatim,
         })
+    }
+
+    /// The verbatim float tensor `name` (a router's correction bias). Panics for a name the
+    /// spec does not list.
+    pub fn verbatim(&self, name: &str) -> &Tensor {
+        named(&self.verbatim, name, "tensor")
     }
 
     /// The unquantized linear `name` (a router). Panics for a name the spec does not list.
@@ -371,6 +433,7 @@ impl LayerWeights {
                 let y = self.linear(names::QKV_PROJ).forward(x)?;
                 [(0, qd), (qd, kvd), (qd + kvd, kvd)].map(|(at, len)| Ok(y.narrow(1, at, len)?))
             }
+            AttnProj::Latent => unreachable!("latent attention has its own forward"),
         };
         let head_norm = |t: Tensor, norm: &str| -> Result<Tensor> {
             let t = r(t)?;
@@ -404,6 +467,23 @@ impl LayerWeights {
         x: &Tensor,
         seq_len: usize,
     ) -> Result<Tensor> {
+        let spec = &*spec.layer(self.index);
+        Ok(self.attention_captured(spec, rope, x, seq_len, false)?.0)
+    }
+
+    /// [`Self::attention_context`] and, with `capture`, the inputs of the attention's inner
+    /// linears (a latent attention's `q_b_proj` and `kv_b_proj`).
+    fn attention_captured(
+        &self,
+        spec: &ModelSpec,
+        rope: &Rope,
+        x: &Tensor,
+        seq_len: usize,
+        capture: bool,
+    ) -> Result<(Tensor, LinearInputs)> {
+        if spec.attn_proj == AttnProj::Latent {
+            return self.latent_attention(spec, rope, x, seq_len, capture);
+        }
         let tokens = x.dim(0)?;
         let (h, hd) = (spec.heads, spec.head_dim);
         let [q, k, v] = self.qkv(spec, x)?;
@@ -424,13 +504,72 @@ impl LayerWeights {
             },
             round: Rounding::from_dtype(spec.serve_dtype),
         };
-        let start = std::time::Instant::now();
-        let ctx = attention.forward(&q, &k, &v);
-        crate::ops::record_matmul(attention.flop(tokens), start.elapsed());
-        Ok(Tensor::from_vec(ctx, (tokens, h * hd), &Device::Cpu)?)
+        let ctx = timed_attention(&attention, &q, &k, &v, tokens);
+        let ctx = Tensor::from_vec(ctx, (tokens, h * hd), &Device::Cpu)?;
+        Ok((ctx, LinearInputs::default()))
+    }
+
+    /// Multi-head latent attention ([`super::mla`]): the low-rank projections and their norms,
+    /// then the fused kernel on q/k/v rearranged to one head size.
+    fn latent_attention(
+        &self,
+        spec: &ModelSpec,
+        rope: &Rope,
+        x: &Tensor,
+        seq_len: usize,
+        capture: bool,
+    ) -> Result<(Tensor, LinearInputs)> {
+        use super::mla::{KV_A_NORM, KV_A_PROJ, KV_B_PROJ, Q_A_NORM, Q_A_PROJ, Q_B_PROJ};
+        let mla = spec.latent();
+        let (tokens, h) = (x.dim(0)?, spec.heads);
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let norm = |name: &str, t: &Tensor| r(self.norm(name).apply(spec, t)?);
+        let mut captured = LinearInputs::default();
+        let q = match mla.q_lora {
+            Some(_) => {
+                let q_latent = norm(Q_A_NORM, &r(self.linear(Q_A_PROJ).forward(x)?)?)?;
+                let q = r(self.linear(Q_B_PROJ).forward(&q_latent)?)?;
+                if capture {
+                    captured.set(Input::QLatent, q_latent);
+                }
+                q
+            }
+            None => r(self.linear(names::Q_PROJ).forward(x)?)?,
+        };
+        let kv_a = r(self.linear(KV_A_PROJ).forward(x)?)?;
+        let kv_latent = norm(KV_A_NORM, &kv_a.narrow(1, 0, mla.kv_lora)?.contiguous()?)?;
+        let k_rope = kv_a.narrow(1, mla.kv_lora, mla.rope)?;
+        let kv = r(self.linear(KV_B_PROJ).forward(&kv_latent)?)?;
+        if capture {
+            captured.set(Input::KvLatent, kv_latent);
+        }
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        let q = mla.q_for_kernel(&flat(&q)?, tokens, h);
+        let (k, v) = mla.kv_for_kernel(&flat(&kv)?, &flat(&k_rope)?, tokens, h);
+        let (cos, sin) = rope.tables(false);
+        let attention = Attention {
+            seq_len,
+            heads: h,
+            kv_heads: h,
+            head_dim: mla.kernel_head(),
+            scale: spec.attn_scale as f32,
+            window: None,
+            softcap: None,
+            rotary: Rotary {
+                cos,
+                sin,
+                dim: mla.rope,
+                interleaved: spec.rope_interleaved,
+            },
+            round: Rounding::from_dtype(spec.serve_dtype),
+        };
+        let ctx = timed_attention(&attention, &q, &k, &v, tokens);
+        Ok((mla.context_from_kernel(&ctx, tokens, h)?, captured))
     }
 
     /// `o_proj(attention(x))` for `x = input_layernorm(h)`: AWQ's inspected attention module.
+    /// Like every entry point here it takes the model's spec or this layer's
+    /// ([`ModelSpec::layer`]): a dense layer of a MoE model runs as dense either way.
     pub fn self_attn(
         &self,
         spec: &ModelSpec,
@@ -438,6 +577,7 @@ impl LayerWeights {
         x: &Tensor,
         seq_len: usize,
     ) -> Result<Tensor> {
+        let spec = &*spec.layer(self.index);
         self.linear(names::O_PROJ)
             .forward(&self.attention_context(spec, rope, x, seq_len)?)
     }
@@ -481,6 +621,7 @@ impl LayerWeights {
 
     /// The whole MLP (or MoE block) for its input `x`: AWQ's inspected MLP module.
     pub fn mlp(&self, spec: &ModelSpec, x: &Tensor) -> Result<Tensor> {
+        let spec = &*spec.layer(self.index);
         Ok(self.mlp_captured(spec, x, false)?.0)
     }
 
@@ -511,7 +652,13 @@ impl LayerWeights {
         let moe = spec.moe.as_ref().expect("a MoE spec has experts");
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
         let logits = self.router(moe.router).forward(x)?.to_vec2::<f32>()?;
-        let routing = Routing::from_logits(&logits, moe.experts, moe.top_k, moe.norm_topk);
+        let routing = match moe.scoring {
+            Scoring::Softmax => Routing::from_logits(&logits, moe.experts, moe.top_k, moe.norm_topk),
+            Scoring::GroupedSigmoid { .. } => {
+                let bias = self.verbatim(moe.correction_bias().expect("a grouped router has one"));
+                Routing::grouped_sigmoid(&logits, &bias.to_vec1::<f32>()?, moe)
+            }
+        };
         let (tokens, d) = x.dims2()?;
         let mut out = vec![0f32; tokens * d];
         let mut captured = LinearInputs::default();
@@ -534,11 +681,17 @@ impl LayerWeights {
             }
         }
         let mut out = Tensor::from_vec(out, (tokens, d), &Device::Cpu)?;
-        if moe.shared.is_some() {
-            let hidden = self.gated(spec, names::SHARED_GATE_PROJ, names::SHARED_UP_PROJ, x)?;
-            let y = r(self.linear(names::SHARED_DOWN_PROJ).forward(&hidden)?)?;
-            let g = candle_nn::ops::sigmoid(&self.router(names::SHARED_EXPERT_GATE).forward(x)?)?;
-            out = (out + y.broadcast_mul(&g)?)?;
+        if let Some(shared) = &moe.shared {
+            let [gate, up, down] = shared.linears();
+            let hidden = self.gated(spec, gate, up, x)?;
+            let y = r(self.linear(down).forward(&hidden)?)?;
+            out = match shared.gate {
+                Some(g) => {
+                    let g = candle_nn::ops::sigmoid(&self.router(g).forward(x)?)?;
+                    (out + y.broadcast_mul(&g)?)?
+                }
+                None => (out + y)?,
+            };
             if capture {
                 captured.set(Input::SharedDown, hidden);
             }
@@ -556,6 +709,7 @@ impl LayerWeights {
         seq_len: usize,
         capture: bool,
     ) -> Result<(Tensor, Option<LinearInputs>)> {
+        let spec = &*spec.layer(self.index);
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
         let residual = |t: Tensor| -> Result<Tensor> {
             if spec.residual_mult == 1.0 {
@@ -565,9 +719,8 @@ impl LayerWeights {
         };
         let norm = |name: &str, t: &Tensor| r(self.norm(name).apply(spec, t)?);
         let x = norm(names::INPUT_NORM, h)?;
-        let ctx = self.attention_context(spec, rope, &x, seq_len)?;
+        let (ctx, mut inputs) = self.attention_captured(spec, rope, &x, seq_len, capture)?;
         let attn = r(self.linear(names::O_PROJ).forward(&ctx)?)?;
-        let mut inputs = LinearInputs::default();
         let out = match spec.block {
             Block::Parallel => {
                 let (mlp, captured) = self.mlp_captured(spec, &x, capture)?;
@@ -596,6 +749,14 @@ impl LayerWeights {
         inputs.set(Input::O, ctx);
         Ok((out, capture.then_some(inputs)))
     }
+}
+
+/// Runs the fused attention kernel and records its FLOPs with the matmuls'.
+fn timed_attention(attention: &Attention, q: &[f32], k: &[f32], v: &[f32], tokens: usize) -> Vec<f32> {
+    let start = std::time::Instant::now();
+    let ctx = attention.forward(q, k, v);
+    crate::ops::record_matmul(attention.flop(tokens), start.elapsed());
+    ctx
 }
 
 /// The entry `name` of a layer's named list. Panics for a name the spec does not list (callers

@@ -2,7 +2,7 @@
 //! `gate`, experts `experts.{e}.w1/w3/w2` (gate/up/down), softmax over all experts, top-k,
 //! renormalised (transformers `modeling_mixtral.py`).
 
-use super::arch::{Mlp, Moe};
+use super::arch::{Mlp, Moe, Scoring};
 use super::config::{HfConfig, ModelSpec};
 use crate::error::Result;
 
@@ -18,8 +18,10 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
             top_k: cfg.num_experts_per_tok.unwrap_or(2),
             intermediate: cfg.intermediate_size,
             norm_topk: true,
+            scoring: Scoring::Softmax,
             shared: None,
             router: "block_sparse_moe.gate",
+            router_listed: true,
             experts_prefix: "block_sparse_moe.experts",
             leaves: ["w1", "w3", "w2"],
         }

@@ -9,15 +9,18 @@ pub mod attention;
 pub mod cohere;
 pub mod compressed;
 pub mod config;
+pub mod deepseek_v3;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3;
+pub mod glm4_moe;
 pub mod granite;
 pub mod groups;
 pub mod layer;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
+pub mod mla;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_moe;
@@ -62,7 +65,7 @@ macro_rules! family {
 }
 
 /// Every supported family: adding one is a file in this folder and a row here.
-const FAMILIES: [Family; 15] = [
+const FAMILIES: [Family; 17] = [
     family!(llama),
     family!(mistral),
     family!(qwen2),
@@ -78,6 +81,8 @@ const FAMILIES: [Family; 15] = [
     family!(mixtral),
     family!(qwen2_moe),
     family!(qwen3_moe),
+    family!(deepseek_v3),
+    family!(glm4_moe),
 ];
 
 /// Every architecture `awq` reads: the causal LMs, then the vision-language wrappers.
@@ -207,7 +212,7 @@ impl Model {
             Checkpoint::open_dir(dir)?;
         }
         let mut spec = load_spec(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(dir)?;
+        let ckpt = Checkpoint::open_dir(dir)?.with_fp8_blocks(spec.fp8_block);
         locate(&mut spec, &ckpt)?;
         let model = Self {
             dir: dir.to_path_buf(),
@@ -227,7 +232,7 @@ impl Model {
             .names()
             .iter()
             .filter_map(|n| r.layer_of(n))
-            .find(|i| *i >= s.layers)
+            .find(|i| *i >= s.layers + s.mtp_layers)
         {
             return Err(input_err!(
                 "{}: the weights hold {}, but config.json says num_hidden_layers is {}; the \
@@ -245,7 +250,8 @@ impl Model {
             self.ckpt
                 .expect_shape(&r.head_weight(), &[s.vocab, s.hidden])?;
         }
-        for i in 0..s.layers {
+        for i in 0..self.spec.layers {
+            let s = &*self.spec.layer(i);
             let p = r.layer(i);
             let expect =
                 |name: &str, shape: &[usize]| self.ckpt.expect_shape(&format!("{p}.{name}"), shape);
@@ -276,6 +282,9 @@ impl Model {
             for r in s.router_linears() {
                 expect(&format!("{}.weight", r.name), &[r.out, r.inp])?;
             }
+            for (name, width) in s.layer_verbatim() {
+                expect(name, &[width])?;
+            }
         }
         Ok(())
     }
@@ -291,7 +300,8 @@ impl Model {
         }
         // The vision parts are copied, not quantized; their values are checked all the same.
         out.extend(self.vision_tensors().into_iter().map(|n| (n, false)));
-        for i in 0..s.layers {
+        for i in 0..self.spec.layers {
+            let s = &*self.spec.layer(i);
             let p = s.roots.layer(i);
             out.extend(
                 s.layer_floats()
@@ -362,7 +372,7 @@ impl Model {
 
     /// Decoder layer `i` converted to f32.
     pub fn layer(&self, i: usize) -> Result<LayerWeights> {
-        let layer = LayerWeights::load(&self.ckpt, &self.spec, i)?;
+        let layer = LayerWeights::load(&self.ckpt, &self.spec.layer(i), i)?;
         self.ckpt.release(&format!("{}.", self.spec.roots.layer(i)));
         Ok(layer)
     }

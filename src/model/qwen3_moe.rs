@@ -3,7 +3,7 @@
 //! `mlp.experts.{e}.gate_proj/up_proj/down_proj`, no shared expert
 //! (transformers `modeling_qwen3_moe.py`).
 
-use super::arch::{Mlp, Moe};
+use super::arch::{Mlp, Moe, Scoring};
 use super::config::{HfConfig, ModelSpec};
 use crate::error::Result;
 
@@ -11,7 +11,6 @@ pub const ARCHITECTURE: &str = "Qwen3MoeForCausalLM";
 pub const MODEL_TYPE: &str = "qwen3_moe";
 
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
-    cfg.every_layer_sparse()?;
     let mut spec = super::qwen3::spec(cfg)?;
     spec.mlp = Mlp::Moe;
     spec.moe = Some(
@@ -20,12 +19,15 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
             top_k: cfg.num_experts_per_tok.unwrap_or(8),
             intermediate: cfg.moe_intermediate_size.unwrap_or(768),
             norm_topk: cfg.norm_topk_prob.unwrap_or(false),
+            scoring: Scoring::Softmax,
             shared: None,
             router: "mlp.gate",
+            router_listed: true,
             experts_prefix: "mlp.experts",
             leaves: ["gate_proj", "up_proj", "down_proj"],
         }
         .checked()?,
     );
+    spec.dense = cfg.qwen_dense_layers()?;
     Ok(spec)
 }

@@ -43,10 +43,6 @@ pub const INPUT_NORM: &str = "input_layernorm";
 pub const POST_ATTN_NORM: &str = "post_attention_layernorm";
 pub const PRE_FFN_NORM: &str = "pre_feedforward_layernorm";
 pub const POST_FFN_NORM: &str = "post_feedforward_layernorm";
-pub const SHARED_GATE_PROJ: &str = "mlp.shared_expert.gate_proj";
-pub const SHARED_UP_PROJ: &str = "mlp.shared_expert.up_proj";
-pub const SHARED_DOWN_PROJ: &str = "mlp.shared_expert.down_proj";
-pub const SHARED_EXPERT_GATE: &str = "mlp.shared_expert_gate";
 pub const Q_NORM: &str = "self_attn.q_norm";
 pub const K_NORM: &str = "self_attn.k_norm";
 
@@ -68,10 +64,14 @@ impl ModelSpec {
                 l(Q_PROJ, qd, d, self.qkv_bias, Input::Attn),
                 l(K_PROJ, kvd, d, self.qkv_bias, Input::Attn),
                 l(V_PROJ, kvd, d, self.qkv_bias, Input::Attn),
+                l(O_PROJ, d, qd, self.o_bias, Input::O),
             ],
-            AttnProj::Fused => vec![l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn)],
+            AttnProj::Fused => vec![
+                l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn),
+                l(O_PROJ, d, qd, self.o_bias, Input::O),
+            ],
+            AttnProj::Latent => self.latent().linears(self.heads, d),
         };
-        v.push(l(O_PROJ, d, qd, self.o_bias, Input::O));
         let mlp_in = match self.block {
             Block::Parallel => Input::Attn,
             _ => Input::Mlp,
@@ -103,11 +103,13 @@ impl ModelSpec {
                         routed(l(down, d, n, false, Input::Expert(e))),
                     ]);
                 }
-                if let Some(n) = moe.shared {
+                if let Some(shared) = &moe.shared {
+                    let [gate, up, down] = shared.linears();
+                    let n = shared.intermediate;
                     v.extend([
-                        l(SHARED_GATE_PROJ, n, d, false, mlp_in),
-                        l(SHARED_UP_PROJ, n, d, false, mlp_in),
-                        l(SHARED_DOWN_PROJ, d, n, false, Input::SharedDown),
+                        l(gate, n, d, false, mlp_in),
+                        l(up, n, d, false, mlp_in),
+                        l(down, d, n, false, Input::SharedDown),
                     ]);
                 }
             }
@@ -138,8 +140,57 @@ impl ModelSpec {
             expert: None,
         };
         let mut v = vec![l(moe.router, moe.experts)];
-        if moe.shared.is_some() {
-            v.push(l(SHARED_EXPERT_GATE, 1));
+        if let Some(gate) = moe.shared.as_ref().and_then(|s| s.gate) {
+            v.push(l(gate, 1));
+        }
+        v
+    }
+
+    /// The unquantized linears that `modules_to_not_convert` must name (see
+    /// [`super::arch::Moe::router_listed`]).
+    pub fn listed_routers(&self) -> Vec<LinearShape> {
+        match &self.moe {
+            Some(m) if m.router_listed => self.router_linears(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Float tensors of a layer that the quantizer never changes and the output copies from
+    /// the source with their dtype and bytes (a grouped-sigmoid router's float32
+    /// `e_score_correction_bias`), with their widths.
+    pub fn layer_verbatim(&self) -> Vec<(&'static str, usize)> {
+        let moe = self.moe.as_ref();
+        let bias = moe.and_then(|m| m.correction_bias().map(|b| (b, m.experts)));
+        bias.into_iter().collect()
+    }
+
+    /// The latent attention's sizes. Panics unless `attn_proj` is [`AttnProj::Latent`] (the
+    /// family sets both).
+    pub fn latent(&self) -> super::mla::Mla {
+        self.mla.expect("a latent attention spec has its ranks")
+    }
+
+    /// The spec of decoder layer `i`: this one, or, for a dense layer of a MoE model
+    /// ([`ModelSpec::dense`]), the same with a gated MLP of `intermediate` and no experts.
+    pub fn layer(&self, i: usize) -> std::borrow::Cow<'_, ModelSpec> {
+        use std::borrow::Cow;
+        match self.dense.get(i) {
+            Some(true) => Cow::Owned(ModelSpec {
+                mlp: Mlp::Gated,
+                moe: None,
+                dense: Vec::new(),
+                ..self.clone()
+            }),
+            _ => Cow::Borrowed(self),
+        }
+    }
+
+    /// The distinct layer specs of the model (one, or a MoE layer and a dense one), for checks
+    /// that hold for every layer.
+    pub fn layer_kinds(&self) -> Vec<std::borrow::Cow<'_, ModelSpec>> {
+        let mut v = vec![self.layer(self.dense.iter().position(|d| !d).unwrap_or(0))];
+        if let Some(i) = self.dense.iter().position(|&d| d) {
+            v.push(self.layer(i));
         }
         v
     }
@@ -159,7 +210,7 @@ impl ModelSpec {
                 .map(|e| super::arch::intern(format!("model.{e}")));
             v.entries.iter().copied().chain(t5)
         });
-        let entries: Vec<&'static str> = (self.router_linears().iter().map(|l| l.name))
+        let entries: Vec<&'static str> = (self.listed_routers().into_iter().map(|l| l.name))
             .chain(vision)
             .collect();
         (!entries.is_empty()).then_some(entries)
@@ -245,6 +296,9 @@ impl ModelSpec {
         }
         if self.qk_norm {
             v.extend([(Q_NORM, self.head_dim), (K_NORM, self.head_dim)]);
+        }
+        if self.attn_proj == AttnProj::Latent {
+            v.extend(self.latent().norms());
         }
         v
     }

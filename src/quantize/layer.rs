@@ -334,11 +334,17 @@ mod tests {
                 (l.name, Linear { weight, bias: None })
             })
             .collect();
+        let verbatim = spec
+            .layer_verbatim()
+            .into_iter()
+            .map(|(name, w)| (name, random(w, &mut rng, 0.0)))
+            .collect();
         LayerWeights {
             index: 0,
             norms,
             linears,
             routers,
+            verbatim,
         }
     }
 

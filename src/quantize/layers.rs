@@ -86,7 +86,7 @@ pub(super) fn run_layers(
         crate::interrupt::check()?;
         hidden = model
             .layer(i)?
-            .forward(spec, &rope, &hidden, seqlen, false)?
+            .forward(&spec.layer(i), &rope, &hidden, seqlen, false)?
             .0;
     }
     done.prefix_seconds = clock.elapsed().as_secs_f64();
@@ -100,7 +100,7 @@ pub(super) fn run_layers(
             let record = read_record(&record_path)?;
             hidden = model
                 .layer(i)?
-                .forward(spec, &rope, &hidden, seqlen, false)?
+                .forward(&spec.layer(i), &rope, &hidden, seqlen, false)?
                 .0;
             (record, 0.0)
         } else {
@@ -149,7 +149,8 @@ fn quantize_layer(
     part: &Path,
 ) -> Result<(LayerRecord, Tensor)> {
     let (model, seqlen) = (&prep.model, opts.calib.seqlen);
-    let spec = &model.spec;
+    let layer_spec = model.spec.layer(i);
+    let spec = &*layer_spec;
     let mut t = Timings::default();
     let clock = Instant::now();
     let mut layer = model.layer(i)?;
@@ -217,7 +218,12 @@ fn quantize_layer(
     let mut tensors = layer_tensors(&layer, &spec.roots.layer(i), opts, &mut codes)?;
     t.quantize = clock.elapsed().as_secs_f64();
     let clock = Instant::now();
-    let names = tensors.iter().map(|t| t.name.clone()).collect();
+    // The verbatim tensors are named for the shards, which copy them from the source.
+    let prefix = spec.roots.layer(i);
+    let verbatim = spec.layer_verbatim().into_iter();
+    let names = (tensors.iter().map(|t| t.name.clone()))
+        .chain(verbatim.map(|(n, _)| format!("{prefix}.{n}")))
+        .collect();
     let max_abs_float_weight = max_abs_float_tensors(&tensors);
     if opts.keep_fp16.is_some() {
         // Not listed in the record: the end of the run reads them, the shards never hold them.

@@ -328,6 +328,26 @@ pub struct ShardReport {
     pub host: String,
 }
 
+/// Bytes of one layer of `spec` in the output: packed linears (4-bit codes, int32 zeros per 8
+/// outputs, f16 scales per group) plus the fp16 tensors that stay unquantized.
+fn layer_bytes(spec: &crate::model::config::ModelSpec, group: usize) -> usize {
+    let g = group.max(1);
+    let linears: usize = spec
+        .linears()
+        .iter()
+        .map(|l| {
+            l.out * l.inp / 2
+                + (l.inp / g) * (l.out / 8) * 4
+                + (l.inp / g) * l.out * 2
+                + if l.bias { l.out * 2 } else { 0 }
+        })
+        .sum();
+    let floats: usize = spec.layer_floats().iter().map(|(_, w)| w * 2).sum();
+    let routers: usize = spec.router_linears().iter().map(|l| l.out * l.inp * 2).sum();
+    let verbatim: usize = spec.layer_verbatim().iter().map(|(_, w)| w * 4).sum();
+    linears + floats + routers + verbatim
+}
+
 pub(super) fn make_plan(
     opts: &QuantizeOptions,
     dir: &std::path::Path,
@@ -346,30 +366,11 @@ pub(super) fn make_plan(
             )
         })
         .collect();
-    // Packed linears (4-bit codes, int32 zeros per 8 outputs, f16 scales per group) plus the
-    // fp16 tensors that stay unquantized.
-    let g = opts.group.max(1);
-    let per_layer: usize = linears
-        .iter()
-        .map(|l| {
-            l.out * l.inp / 2
-                + (l.inp / g) * (l.out / 8) * 4
-                + (l.inp / g) * l.out * 2
-                + if l.bias { l.out * 2 } else { 0 }
-        })
-        .sum::<usize>()
-        + spec
-            .layer_floats()
-            .iter()
-            .map(|(_, w)| w * 2)
-            .sum::<usize>()
-        + spec
-            .router_linears()
-            .iter()
-            .map(|l| l.out * l.inp * 2)
-            .sum::<usize>();
+    let per_layer: usize = (0..spec.layers)
+        .map(|i| layer_bytes(&spec.layer(i), opts.group))
+        .sum();
     let heads = if spec.tied_embeddings { 1 } else { 2 };
-    let output = spec.layers * per_layer
+    let output = per_layer
         + heads * spec.vocab * spec.hidden * 2
         + spec.hidden * 2
         + vision.as_ref().map_or(0, |v| v.bytes() as usize);
@@ -381,7 +382,7 @@ pub(super) fn make_plan(
     // Per token: the layer's input and output, every captured input (an expert's only for
     // the tokens routed to it) and three MLP-wide intermediates of one candidate.
     let mlp_width = match &spec.moe {
-        Some(m) => m.top_k * m.intermediate + m.shared.unwrap_or(0),
+        Some(m) => m.top_k * m.intermediate + m.shared.as_ref().map_or(0, |s| s.intermediate),
         None => spec.intermediate,
     };
     let captured: usize = spec

@@ -535,7 +535,7 @@ fn not_converted(spec: &ModelSpec) -> Vec<String> {
     let units = spec.keep_units();
     for i in 0..spec.layers {
         let p = spec.roots.layer(i);
-        for r in spec.router_linears() {
+        for r in spec.layer(i).listed_routers() {
             let module = format!("{p}.{}", r.name);
             if !spec.not_converted_matches(&module) {
                 v.push(format!(

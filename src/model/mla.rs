@@ -1,0 +1,255 @@
+//! Multi-head latent attention (DeepSeek-V3, Kimi K2; transformers `modeling_deepseek_v3.py`,
+//! `DeepseekV3Attention`). This component owns its facts: its tensors, its AWQ scale groups and
+//! its forward, so the rest of the decoder only asks it.
+//!
+//! - q: `q_b_proj(q_a_layernorm(q_a_proj(x)))` (or one `q_proj` when `q_lora_rank` is null),
+//!   per head `[nope | rope]`.
+//! - kv: `kv_a_proj_with_mqa(x)` is `[latent (kv_lora) | k_rope]`; the latent goes through
+//!   `kv_a_layernorm` and `kv_b_proj`, per head `[k_nope | v]`; `k_rope` is one head shared by
+//!   all heads.
+//! - rope on the `rope` features of q and k only, softmax scale from `qk_head_dim` (set by the
+//!   family, with yarn's `mscale`).
+//!
+//! The fused kernel takes one head size for q, k and v. Two exact rewrites let it run MLA: q and
+//! k are stored per head as `[rope | nope]` (a dot product does not depend on the order of the
+//! features, as long as q and k share it), so the kernel's partial rope on the first features
+//! is MLA's rope; and the shorter of (q/k, v) is padded with zero features, which add nothing to
+//! a score or to the context.
+
+use candle_core::{Device, Tensor};
+
+use super::arch::Input;
+use super::groups::{Inspect, PrevOp, ScaleGroup};
+use super::shapes::{LinearShape, INPUT_NORM, O_PROJ, Q_PROJ};
+
+pub const Q_A_PROJ: &str = "self_attn.q_a_proj";
+pub const Q_A_NORM: &str = "self_attn.q_a_layernorm";
+pub const Q_B_PROJ: &str = "self_attn.q_b_proj";
+pub const KV_A_PROJ: &str = "self_attn.kv_a_proj_with_mqa";
+pub const KV_A_NORM: &str = "self_attn.kv_a_layernorm";
+pub const KV_B_PROJ: &str = "self_attn.kv_b_proj";
+
+/// The ranks and per-head sizes of a latent attention (config.json names in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mla {
+    /// `q_lora_rank`; `None`: q is one `q_proj`.
+    pub q_lora: Option<usize>,
+    /// `kv_lora_rank`.
+    pub kv_lora: usize,
+    /// `qk_nope_head_dim`.
+    pub nope: usize,
+    /// `qk_rope_head_dim`.
+    pub rope: usize,
+    /// `v_head_dim`.
+    pub v: usize,
+    /// `attention_bias`: biases on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj`.
+    pub bias: bool,
+}
+
+impl Mla {
+    /// q/k features per head (`qk_head_dim`).
+    pub fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+
+    /// The attention's linears for `heads` heads and model width `hidden`, in checkpoint
+    /// order, `o_proj` last.
+    pub fn linears(&self, heads: usize, hidden: usize) -> Vec<LinearShape> {
+        let l = |name, out, inp, bias, input| LinearShape {
+            name,
+            out,
+            inp,
+            bias,
+            input,
+            expert: None,
+        };
+        let q_out = heads * self.qk();
+        let mut v = match self.q_lora {
+            Some(r) => vec![
+                l(Q_A_PROJ, r, hidden, self.bias, Input::Attn),
+                l(Q_B_PROJ, q_out, r, false, Input::QLatent),
+            ],
+            None => vec![l(Q_PROJ, q_out, hidden, false, Input::Attn)],
+        };
+        v.extend([
+            l(
+                KV_A_PROJ,
+                self.kv_lora + self.rope,
+                hidden,
+                self.bias,
+                Input::Attn,
+            ),
+            l(
+                KV_B_PROJ,
+                heads * (self.nope + self.v),
+                self.kv_lora,
+                false,
+                Input::KvLatent,
+            ),
+            l(O_PROJ, hidden, heads * self.v, self.bias, Input::O),
+        ]);
+        v
+    }
+
+    /// Its norms with their widths.
+    pub fn norms(&self) -> Vec<(&'static str, usize)> {
+        let q = self.q_lora.map(|r| (Q_A_NORM, r));
+        q.into_iter().chain([(KV_A_NORM, self.kv_lora)]).collect()
+    }
+
+    /// Its scale groups, as AutoAWQ's `deepseek_v3.py` and llm-compressor's DeepseekV3 mapping
+    /// have them: `input_layernorm` → the q and kv down-projections (the whole attention
+    /// inspected); `q_a_layernorm` → `q_b_proj`; `kv_a_layernorm` → `kv_b_proj`. There is no
+    /// v→o group: o reads the attention over all heads, not one linear's rows.
+    pub fn scale_groups(&self) -> Vec<ScaleGroup> {
+        let first = match self.q_lora {
+            Some(_) => Q_A_PROJ,
+            None => Q_PROJ,
+        };
+        let group = |name, prev, linears, input, inspect| ScaleGroup {
+            name,
+            prev: PrevOp::Norm(prev),
+            linears,
+            input,
+            inspect,
+            compensate: Vec::new(),
+        };
+        let mut v = vec![group(
+            "qkv",
+            INPUT_NORM,
+            vec![first, KV_A_PROJ],
+            Input::Attn,
+            Inspect::SelfAttn,
+        )];
+        if self.q_lora.is_some() {
+            v.push(group(
+                "q_b",
+                Q_A_NORM,
+                vec![Q_B_PROJ],
+                Input::QLatent,
+                Inspect::Linear,
+            ));
+        }
+        v.push(group(
+            "kv_b",
+            KV_A_NORM,
+            vec![KV_B_PROJ],
+            Input::KvLatent,
+            Inspect::Linear,
+        ));
+        v
+    }
+
+    /// Features per head in the kernel: q/k and v padded to one size.
+    pub fn kernel_head(&self) -> usize {
+        self.qk().max(self.v)
+    }
+
+    /// Per-head kernel layout of q `[tokens, heads · qk]` (`[nope | rope]` per head): `[rope |
+    /// nope | zeros]`, `[tokens, heads · kernel_head]`.
+    pub fn q_for_kernel(&self, q: &[f32], tokens: usize, heads: usize) -> Vec<f32> {
+        let (hd, qk) = (self.kernel_head(), self.qk());
+        let mut out = vec![0f32; tokens * heads * hd];
+        for (src, dst) in q.chunks_exact(qk).zip(out.chunks_exact_mut(hd)) {
+            dst[..self.rope].copy_from_slice(&src[self.nope..]);
+            dst[self.rope..qk].copy_from_slice(&src[..self.nope]);
+        }
+        out
+    }
+
+    /// k and v in the kernel layout from `kv_b_proj`'s output (`[k_nope | v]` per head) and the
+    /// shared `k_rope` `[tokens, rope]`: k per head `[k_rope | k_nope | zeros]`, v `[v | zeros]`.
+    pub fn kv_for_kernel(
+        &self,
+        kv: &[f32],
+        k_rope: &[f32],
+        tokens: usize,
+        heads: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.kernel_head();
+        let (mut k, mut v) = (
+            vec![0f32; tokens * heads * hd],
+            vec![0f32; tokens * heads * hd],
+        );
+        let per_head = self.nope + self.v;
+        for t in 0..tokens {
+            let rope = &k_rope[t * self.rope..][..self.rope];
+            for h in 0..heads {
+                let src = &kv[(t * heads + h) * per_head..][..per_head];
+                let at = (t * heads + h) * hd;
+                k[at..at + self.rope].copy_from_slice(rope);
+                k[at + self.rope..at + self.qk()].copy_from_slice(&src[..self.nope]);
+                v[at..at + self.v].copy_from_slice(&src[self.nope..]);
+            }
+        }
+        (k, v)
+    }
+
+    /// The context `[tokens, heads · v]` from the kernel's `[tokens, heads · kernel_head]`.
+    pub fn context_from_kernel(
+        &self,
+        ctx: &[f32],
+        tokens: usize,
+        heads: usize,
+    ) -> candle_core::Result<Tensor> {
+        let hd = self.kernel_head();
+        let out: Vec<f32> = ctx
+            .chunks_exact(hd)
+            .flat_map(|head| head[..self.v].iter().copied())
+            .collect();
+        Tensor::from_vec(out, (tokens, heads * self.v), &Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MLA: Mla = Mla {
+        q_lora: Some(6),
+        kv_lora: 4,
+        nope: 3,
+        rope: 2,
+        v: 4,
+        bias: false,
+    };
+
+    #[test]
+    fn kernel_layout_puts_rope_first_and_pads_with_zeros() {
+        // One token, two heads; q per head [n n n r r].
+        let q = [1., 2., 3., 10., 11., 4., 5., 6., 12., 13.];
+        let kq = MLA.q_for_kernel(&q, 1, 2);
+        assert_eq!(kq, vec![10., 11., 1., 2., 3., 12., 13., 4., 5., 6.]);
+        // kv per head [k_nope ×3 | v ×4]; one shared k_rope.
+        let kv = [1., 2., 3., 7., 8., 9., 0.5, 4., 5., 6., 7.5, 8.5, 9.5, 0.25];
+        let (k, v) = MLA.kv_for_kernel(&kv, &[20., 21.], 1, 2);
+        assert_eq!(k, vec![20., 21., 1., 2., 3., 20., 21., 4., 5., 6.]);
+        assert_eq!(v, vec![7., 8., 9., 0.5, 0., 7.5, 8.5, 9.5, 0.25, 0.]);
+        let ctx = MLA.context_from_kernel(&v, 1, 2).unwrap();
+        assert_eq!(
+            ctx.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![7., 8., 9., 0.5, 7.5, 8.5, 9.5, 0.25]
+        );
+    }
+
+    #[test]
+    fn scale_groups_follow_autoawq_deepseek_v3() {
+        let names: Vec<_> = MLA
+            .scale_groups()
+            .iter()
+            .map(|g| (g.name, g.prev, g.linears.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("qkv", PrevOp::Norm(INPUT_NORM), vec![Q_A_PROJ, KV_A_PROJ]),
+                ("q_b", PrevOp::Norm(Q_A_NORM), vec![Q_B_PROJ]),
+                ("kv_b", PrevOp::Norm(KV_A_NORM), vec![KV_B_PROJ]),
+            ]
+        );
+        let no_lora = Mla { q_lora: None, ..MLA };
+        let g = no_lora.scale_groups();
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].linears, vec![Q_PROJ, KV_A_PROJ]);
+    }
+}
