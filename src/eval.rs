@@ -128,8 +128,13 @@ pub fn perplexity(model: &Model, ids: &[u32], seqlen: usize, events: Sink) -> Re
         let mut off = 0;
         while off < ids.len() {
             let len = per_chunk.min(ids.len() - off);
-            let (out, _) =
-                layer.forward(&spec.layer(i), &rope, &hidden.narrow(0, off, len)?, seqlen, false)?;
+            let (out, _) = layer.forward(
+                &spec.layer(i),
+                &rope,
+                &hidden.narrow(0, off, len)?,
+                seqlen,
+                false,
+            )?;
             outs.push(out);
             off += len;
         }

@@ -19,6 +19,9 @@ pub fn load(dir: &Path) -> Result<Tokenizer> {
 /// The error for a model directory without `tokenizer.json`: what it has instead and how to
 /// get the fast tokenizer (transformers converts a slow one when it loads it).
 fn missing_tokenizer(dir: &Path) -> crate::error::Error {
+    if dir.join("tiktoken.model").is_file() {
+        return tiktoken_only(dir);
+    }
     let slow: Vec<&str> = [
         "tokenizer.model",
         "vocab.json",
@@ -38,6 +41,28 @@ fn missing_tokenizer(dir: &Path) -> crate::error::Error {
          transformers: python -c \"from transformers import AutoTokenizer as T; \
          T.from_pretrained('{d}').save_pretrained('{d}')\" (it converts a slow tokenizer), \
          or copy tokenizer.json from the base model's repository",
+        dir.join("tokenizer.json").display(),
+        d = dir.display()
+    )
+}
+
+/// Kimi K2 ships a tiktoken vocabulary with a remote-code tokenizer class (`tokenization_kimi.py`)
+/// and no `tokenizer.json`; transformers' generic conversion would use the wrong split pattern
+/// and special-token ids, and awq runs no remote code. The fix: convert it once with
+/// transformers' `TikTokenConverter`, keeping the class's own pattern and special tokens.
+fn tiktoken_only(dir: &Path) -> crate::error::Error {
+    input_err!(
+        "{} is missing: {d} has only tiktoken.model, a tiktoken tokenizer that transformers reads \
+         only with remote code (Kimi K2's tokenization_kimi.py); awq runs no remote code and \
+         needs tokenizer.json. Convert it once, keeping the model's own split pattern and special \
+         tokens (transformers 4.x and tiktoken installed; you run the model's code here, so read \
+         it first): python -c \"from transformers import AutoTokenizer as A, \
+         PreTrainedTokenizerFast as F; from transformers.convert_slow_tokenizer import \
+         TikTokenConverter as C; s = A.from_pretrained('{d}', trust_remote_code=True); \
+         sp = [t for t, _ in sorted(s.special_tokens.items(), key=lambda x: x[1])]; \
+         F(tokenizer_object=C(vocab_file=s.vocab_file, pattern=s.pat_str, \
+         additional_special_tokens=sp).converted()).save_pretrained('{d}')\" — then compare its \
+         ids with s.encode on a mixed-language text before quantizing",
         dir.join("tokenizer.json").display(),
         d = dir.display()
     )

@@ -103,6 +103,12 @@ fn check(family: &str) {
 
 /// [`check`], keeping the output (in the returned directory, at `awq`).
 fn checked(family: &str) -> tempfile::TempDir {
+    checked_for(family, &[])
+}
+
+/// [`checked`] with `verify_args` for `awq verify` (a tiny model whose shapes no vLLM kernel
+/// takes is verified for transformers).
+fn checked_for(family: &str, verify_args: &[&str]) -> tempfile::TempDir {
     let model = fixture(&format!("arch/{family}"));
     let tmp = tempfile::tempdir().unwrap();
     let (out, rtn) = (tmp.path().join("awq"), tmp.path().join("rtn"));
@@ -115,7 +121,7 @@ fn checked(family: &str) -> tempfile::TempDir {
         &["--no-search", "--no-clip", "--rounding", "rtn"],
     );
 
-    let verify = awq(&["verify", "--json"], &out);
+    let verify = awq(&[&["verify", "--json"], verify_args].concat(), &out);
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
     assert_eq!(report["ok"], true, "{family}: {report:#}");
     assert_eq!(report["violations"], serde_json::json!([]), "{family}");
@@ -213,6 +219,115 @@ fn qwen2_moe() {
     router_reads_what_it_read("qwen2_moe", &["mlp.gate", "mlp.shared_expert_gate"]);
 }
 
+/// DeepSeek-V3: latent attention, a dense first layer, the grouped-sigmoid router. Its tiny
+/// shapes (q_b 96 outputs, fused q_a/kv_a 104) fit no vLLM kernel, so it is verified for
+/// transformers; `verify`'s vLLM rules for the real shapes are unit tests.
+#[test]
+fn deepseek_v3() {
+    let tmp = checked_for("deepseek_v3", &["--for", "transformers"]);
+    sigmoid_router_reads_what_it_read("deepseek_v3", &tmp.path().join("awq"));
+}
+
+/// The same model stored as block-scaled fp8: dequantized on load; the output carries no trace
+/// of the fp8 config, the scales or the fp8 dtype.
+#[test]
+fn deepseek_v3_fp8() {
+    let tmp = checked_for("deepseek_v3_fp8", &["--for", "transformers"]);
+    let out = tmp.path().join("awq");
+    sigmoid_router_reads_what_it_read("deepseek_v3_fp8", &out);
+    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(
+        !config.contains("fp8") && !config.contains("weight_block_size"),
+        "{config}"
+    );
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(t.names().iter().all(|n| !n.ends_with("_scale_inv")));
+    assert!(t
+        .tensors()
+        .iter()
+        .all(|(_, v)| v.dtype() != safetensors::Dtype::F8_E4M3));
+}
+
+/// A checkpoint with a multi-token-prediction layer (`num_nextn_predict_layers` 1, the layer
+/// stored as `model.layers.3.*` after the 3 decoder layers, as DeepSeek-V3 stores layer 61):
+/// quantized with a warning, the layer left out, the count set to 0 in the output config.
+/// Without the count, the same tensors are refused as a config that does not match the
+/// weights.
+#[test]
+fn mtp_layers_are_left_out_with_a_warning() {
+    let src = fixture("arch/deepseek_v3");
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let mtp: Vec<_> = tensors
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.2."))
+        .map(|(n, v)| (n.replace("layers.2.", "layers.3."), v.clone()))
+        .collect();
+    tensors.extend(mtp);
+    safetensors::serialize_to_file(tensors, None, &model.join("model.safetensors")).unwrap();
+    let run = |out: &Path| {
+        Command::cargo_bin("awq")
+            .unwrap()
+            .args([
+                "quantize",
+                "--group",
+                "32",
+                "--n-samples",
+                "8",
+                "--seqlen",
+                "64",
+            ])
+            .arg("--calib")
+            .arg(data("wikitext-2-raw/wiki.valid.calib.txt"))
+            .arg("--model")
+            .arg(&model)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let refused = run(&tmp.path().join("refused"));
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("num_hidden_layers"));
+    assert!(!tmp.path().join("refused").exists());
+
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    config["num_nextn_predict_layers"] = 1.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    let o = run(&out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("multi-token-prediction layer(s) from model.layers.3 on are left out"),
+        "{stderr}"
+    );
+    let written = std::fs::read(out.join("model.safetensors")).unwrap();
+    let written = safetensors::SafeTensors::deserialize(&written).unwrap();
+    assert!(written
+        .names()
+        .iter()
+        .all(|n| !n.starts_with("model.layers.3.")));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_nextn_predict_layers"], 0);
+}
+
+#[test]
+fn glm4_moe() {
+    let tmp = checked("glm4_moe");
+    sigmoid_router_reads_what_it_read("glm4_moe", &tmp.path().join("awq"));
+}
+
 #[test]
 fn qwen3_moe() {
     check("qwen3_moe");
@@ -302,26 +417,79 @@ fn router_reads_what_it_read(family: &str, routers: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     quantize(&model, &out, &[]);
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     let mut listed = routers.to_vec();
     listed.push("lm_head");
-    assert_eq!(
-        config["quantization_config"]["modules_to_not_convert"],
-        serde_json::json!(listed)
-    );
+    assert_eq!(modules_to_not_convert(&out), serde_json::json!(listed));
     lm_head_is_listed_so_transformers_keeps_the_head_float(&out);
-    for layer in 0..2 {
+    router_columns_scaled_with_the_norm(family, &model, &out, routers);
+}
+
+fn modules_to_not_convert(out: &Path) -> serde_json::Value {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    config["quantization_config"]["modules_to_not_convert"].clone()
+}
+
+/// DeepSeek-V3's and GLM-4.5's router (`mlp.gate`, its own module in transformers and vLLM):
+/// its columns are scaled with the norm as in [`router_reads_what_it_read`], its float32
+/// `e_score_correction_bias` is copied byte for byte, and `modules_to_not_convert` stays null
+/// (no entry: `mlp.gate` would also match the dense layer's `mlp.gate_proj`).
+fn sigmoid_router_reads_what_it_read(family: &str, out: &Path) {
+    let model = fixture(&format!("arch/{family}"));
+    assert_eq!(modules_to_not_convert(out), serde_json::Value::Null);
+    router_columns_scaled_with_the_norm(family, &model, out, &["mlp.gate"]);
+    let raw = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    let (src, dst) = (raw(&model), raw(out));
+    let (src, dst) = (
+        safetensors::SafeTensors::deserialize(&src).unwrap(),
+        safetensors::SafeTensors::deserialize(&dst).unwrap(),
+    );
+    for layer in 1..3 {
+        let name = format!("model.layers.{layer}.mlp.gate.e_score_correction_bias");
+        let (a, b) = (src.tensor(&name).unwrap(), dst.tensor(&name).unwrap());
+        assert_eq!(b.dtype(), safetensors::Dtype::F32, "{family} {name}");
+        assert_eq!(
+            (a.shape(), a.data()),
+            (b.shape(), b.data()),
+            "{family} {name}"
+        );
+    }
+    let layer0 = |t: &safetensors::SafeTensors| {
+        t.names()
+            .iter()
+            .any(|n| n.starts_with("model.layers.0.mlp.gate."))
+    };
+    assert!(!layer0(&src) && !layer0(&dst), "{family}: layer 0 is dense");
+    // The dense layer's gate_proj is packed like every other linear.
+    assert!(
+        dst.tensor("model.layers.0.mlp.gate_proj.qweight").is_ok(),
+        "{family}"
+    );
+}
+
+/// Router weight × norm weight unchanged in every layer that has a router.
+fn router_columns_scaled_with_the_norm(family: &str, model: &Path, out: &Path, routers: &[&str]) {
+    let (model, out) = (model, out);
+    for layer in 0..3 {
         let p = format!("model.layers.{layer}");
+        let has = |r: &&&str| {
+            let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+            let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            t.tensor(&format!("{p}.{r}.weight")).is_ok()
+        };
+        let routers: Vec<&&str> = routers.iter().filter(has).collect();
+        if routers.is_empty() {
+            continue;
+        }
         let norm = |dir: &Path| tensor(dir, &format!("{p}.post_attention_layernorm.weight"));
-        let (n0, n1) = (norm(&model), norm(&out));
+        let (n0, n1) = (norm(model), norm(out));
         assert!(
             n0.iter().zip(&n1).any(|(a, b)| (a - b).abs() > 1e-3),
             "{family}: scaled"
         );
         for router in routers {
             let name = format!("{p}.{router}.weight");
-            let (r0, r1) = (tensor(&model, &name), tensor(&out, &name));
+            let (r0, r1) = (tensor(model, &name), tensor(out, &name));
             let hidden = n0.len();
             let mut worst = 0f32;
             for (i, (a, b)) in r0.iter().zip(&r1).enumerate() {

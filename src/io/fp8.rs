@@ -31,7 +31,12 @@ pub fn scale_shape([rows, cols]: [usize; 2], [br, bc]: [usize; 2]) -> [usize; 2]
 
 /// Dequantizes a `[rows, cols]` fp8 weight (`codes`, row-major) with its `scale_inv` grid
 /// (row-major, [`scale_shape`]), in f32.
-pub fn dequantize(codes: &[u8], scale_inv: &[f32], [rows, cols]: [usize; 2], block: [usize; 2]) -> Vec<f32> {
+pub fn dequantize(
+    codes: &[u8],
+    scale_inv: &[f32],
+    [rows, cols]: [usize; 2],
+    block: [usize; 2],
+) -> Vec<f32> {
     let lut: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
     let [_, grid_cols] = scale_shape([rows, cols], block);
     let mut out = vec![0f32; rows * cols];

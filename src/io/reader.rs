@@ -159,7 +159,12 @@ impl Checkpoint {
         let grid = super::fp8::scale_shape([rows, cols], block);
         self.expect_shape(&scale_name, &grid)?;
         let scales = to_f32(self.bytes(&scale_name)?, self.float_type(&scale_name)?);
-        Ok(super::fp8::dequantize(self.bytes(name)?, &scales, [rows, cols], block))
+        Ok(super::fp8::dequantize(
+            self.bytes(name)?,
+            &scales,
+            [rows, cols],
+            block,
+        ))
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -279,7 +284,9 @@ impl Checkpoint {
         if self.is_fp8(name) {
             let data = self.fp8_f32(name)?;
             self.release(name);
-            let bad = data.par_iter().position_first(|v| !v.is_finite() || v.abs() > limit);
+            let bad = data
+                .par_iter()
+                .position_first(|v| !v.is_finite() || v.abs() > limit);
             return Ok(bad.map(|i| (i, data[i])));
         }
         let ft = self.float_type(name)?;

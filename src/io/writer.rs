@@ -355,6 +355,15 @@ pub fn patch_config(
         .ok_or_else(|| Error::Input(format!("{} is not a JSON object", source.display())))?;
     obj.insert("quantization_config".into(), quantization_config);
     obj.insert("torch_dtype".into(), dtype.torch_name().into());
+    // The multi-token-prediction layers are not written (DeepSeek-V3, GLM-4.5): a loader that
+    // reads this count would look for them.
+    if obj
+        .get("num_nextn_predict_layers")
+        .and_then(|n| n.as_u64())
+        .is_some_and(|n| n > 0)
+    {
+        obj.insert("num_nextn_predict_layers".into(), 0.into());
+    }
     // transformers 5 writes `dtype`, also inside a wrapper's `text_config`: every copy says
     // the same, or loaders would read the source's.
     if obj.contains_key("dtype") {

@@ -631,13 +631,19 @@ impl HfConfig {
     pub fn qwen_dense_layers(&self) -> Result<Vec<bool>> {
         let step = self.decoder_sparse_step.unwrap_or(1);
         if step == 0 {
-            return Err(input_err!("config.json: decoder_sparse_step must be positive"));
+            return Err(input_err!(
+                "config.json: decoder_sparse_step must be positive"
+            ));
         }
         let only = self.mlp_only_layers.clone().unwrap_or_default();
         let dense: Vec<bool> = (0..self.num_hidden_layers)
             .map(|i| only.contains(&i) || !(i + 1).is_multiple_of(step))
             .collect();
-        Ok(if dense.iter().any(|&d| d) { dense } else { Vec::new() })
+        Ok(if dense.iter().any(|&d| d) {
+            dense
+        } else {
+            Vec::new()
+        })
     }
 
     /// Per-layer sliding flags from `layer_types`, when the config has them.

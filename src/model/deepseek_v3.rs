@@ -24,7 +24,10 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
         v: cfg.v_head_dim.unwrap_or(128),
         bias: cfg.attention_bias,
     };
-    if [mla.kv_lora, mla.nope, mla.v].contains(&0) || mla.q_lora == Some(0) || mla.rope % 2 != 0 {
+    if [mla.kv_lora, mla.nope, mla.v].contains(&0)
+        || mla.q_lora == Some(0)
+        || !mla.rope.is_multiple_of(2)
+    {
         return Err(input_err!(
             "config.json: kv_lora_rank, q_lora_rank, qk_nope_head_dim and v_head_dim must be \
              positive and qk_rope_head_dim even (got {mla:?})"

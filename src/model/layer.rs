@@ -543,7 +543,8 @@ impl LayerWeights {
         if capture {
             captured.set(Input::KvLatent, kv_latent);
         }
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        let flat =
+            |t: &Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
         let q = mla.q_for_kernel(&flat(&q)?, tokens, h);
         let (k, v) = mla.kv_for_kernel(&flat(&kv)?, &flat(&k_rope)?, tokens, h);
         let (cos, sin) = rope.tables(false);
@@ -653,7 +654,9 @@ impl LayerWeights {
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
         let logits = self.router(moe.router).forward(x)?.to_vec2::<f32>()?;
         let routing = match moe.scoring {
-            Scoring::Softmax => Routing::from_logits(&logits, moe.experts, moe.top_k, moe.norm_topk),
+            Scoring::Softmax => {
+                Routing::from_logits(&logits, moe.experts, moe.top_k, moe.norm_topk)
+            }
             Scoring::GroupedSigmoid { .. } => {
                 let bias = self.verbatim(moe.correction_bias().expect("a grouped router has one"));
                 Routing::grouped_sigmoid(&logits, &bias.to_vec1::<f32>()?, moe)
@@ -752,7 +755,13 @@ impl LayerWeights {
 }
 
 /// Runs the fused attention kernel and records its FLOPs with the matmuls'.
-fn timed_attention(attention: &Attention, q: &[f32], k: &[f32], v: &[f32], tokens: usize) -> Vec<f32> {
+fn timed_attention(
+    attention: &Attention,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    tokens: usize,
+) -> Vec<f32> {
     let start = std::time::Instant::now();
     let ctx = attention.forward(q, k, v);
     crate::ops::record_matmul(attention.flop(tokens), start.elapsed());

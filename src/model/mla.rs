@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 
 use super::arch::Input;
 use super::groups::{Inspect, PrevOp, ScaleGroup};
-use super::shapes::{LinearShape, INPUT_NORM, O_PROJ, Q_PROJ};
+use super::shapes::{LinearShape, Split, INPUT_NORM, O_PROJ, Q_PROJ};
 
 pub const Q_A_PROJ: &str = "self_attn.q_a_proj";
 pub const Q_A_NORM: &str = "self_attn.q_a_layernorm";
@@ -28,6 +28,8 @@ pub const Q_B_PROJ: &str = "self_attn.q_b_proj";
 pub const KV_A_PROJ: &str = "self_attn.kv_a_proj_with_mqa";
 pub const KV_A_NORM: &str = "self_attn.kv_a_layernorm";
 pub const KV_B_PROJ: &str = "self_attn.kv_b_proj";
+/// vLLM's module for q_a and kv_a together.
+pub const FUSED_QKV_A_PROJ: &str = "self_attn.fused_qkv_a_proj";
 
 /// The ranks and per-head sizes of a latent attention (config.json names in brackets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,38 +57,41 @@ impl Mla {
     /// The attention's linears for `heads` heads and model width `hidden`, in checkpoint
     /// order, `o_proj` last.
     pub fn linears(&self, heads: usize, hidden: usize) -> Vec<LinearShape> {
-        let l = |name, out, inp, bias, input| LinearShape {
-            name,
-            out,
-            inp,
-            bias,
-            input,
-            expert: None,
+        let l = |name, out, inp, bias, input| LinearShape::new(name, [out, inp], bias, input);
+        let heads_of = |per_head| Split::Heads {
+            per_head,
+            kv: false,
         };
         let q_out = heads * self.qk();
+        let kv_a = l(
+            KV_A_PROJ,
+            self.kv_lora + self.rope,
+            hidden,
+            self.bias,
+            Input::Attn,
+        )
+        .split(Split::Replicated);
+        // vLLM (`deepseek_v2.py`) runs q_a and kv_a as one replicated `fused_qkv_a_proj`; q_b
+        // and kv_b split by heads, o by the heads of its input.
         let mut v = match self.q_lora {
             Some(r) => vec![
-                l(Q_A_PROJ, r, hidden, self.bias, Input::Attn),
-                l(Q_B_PROJ, q_out, r, false, Input::QLatent),
+                l(Q_A_PROJ, r, hidden, self.bias, Input::Attn)
+                    .split(Split::Replicated)
+                    .merged(FUSED_QKV_A_PROJ),
+                l(Q_B_PROJ, q_out, r, false, Input::QLatent).split(heads_of(self.qk())),
+                kv_a.merged(FUSED_QKV_A_PROJ),
             ],
-            None => vec![l(Q_PROJ, q_out, hidden, false, Input::Attn)],
+            None => vec![
+                l(Q_PROJ, q_out, hidden, false, Input::Attn).split(heads_of(self.qk())),
+                kv_a,
+            ],
         };
+        let kv_out = heads * (self.nope + self.v);
         v.extend([
-            l(
-                KV_A_PROJ,
-                self.kv_lora + self.rope,
-                hidden,
-                self.bias,
-                Input::Attn,
-            ),
-            l(
-                KV_B_PROJ,
-                heads * (self.nope + self.v),
-                self.kv_lora,
-                false,
-                Input::KvLatent,
-            ),
-            l(O_PROJ, hidden, heads * self.v, self.bias, Input::O),
+            l(KV_B_PROJ, kv_out, self.kv_lora, false, Input::KvLatent)
+                .split(heads_of(self.nope + self.v)),
+            l(O_PROJ, hidden, heads * self.v, self.bias, Input::O)
+                .split(Split::RowHeads { per_head: self.v }),
         ]);
         v
     }
@@ -247,7 +252,10 @@ mod tests {
                 ("kv_b", PrevOp::Norm(KV_A_NORM), vec![KV_B_PROJ]),
             ]
         );
-        let no_lora = Mla { q_lora: None, ..MLA };
+        let no_lora = Mla {
+            q_lora: None,
+            ..MLA
+        };
         let g = no_lora.scale_groups();
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].linears, vec![Q_PROJ, KV_A_PROJ]);

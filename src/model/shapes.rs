@@ -17,6 +17,66 @@ pub struct LinearShape {
     pub input: Input,
     /// Expert `e`'s gate/up/down: the linear only sees the tokens routed to that expert.
     pub expert: Option<usize>,
+    /// How vLLM splits it over tensor-parallel ranks.
+    pub split: Split,
+    /// The module vLLM packs it into (`self_attn.qkv_proj` for q/k/v, `mlp.gate_up_proj` for
+    /// gate/up, `self_attn.fused_qkv_a_proj` for a latent attention's q_a/kv_a), or its own
+    /// name. Linears merged into one module must be all quantized or all float.
+    pub merged: &'static str,
+}
+
+/// How vLLM splits a linear over tensor-parallel ranks (`ColumnParallelLinear`,
+/// `RowParallelLinear`, `QKVParallelLinear`, `ReplicatedLinear`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Outputs divided evenly over the ranks.
+    Column,
+    /// Inputs divided evenly over the ranks.
+    Row,
+    /// Outputs by attention heads of `per_head` features: q heads split over the ranks; with
+    /// `kv`, key/value heads split, or replicate when fewer than the ranks.
+    Heads { per_head: usize, kv: bool },
+    /// vLLM's `QKVParallelLinear` over one fused `qkv_proj`: each rank's q heads plus its k and
+    /// v heads, `per_head` features each.
+    QkvHeads { per_head: usize },
+    /// Inputs by q heads of `per_head` features (o_proj).
+    RowHeads { per_head: usize },
+    /// Not split (vLLM `disable_tp`: a latent attention's q_a/kv_a projections).
+    Replicated,
+}
+
+impl LinearShape {
+    /// A linear split as its input suggests (the layer's inputs: column parallel; anything
+    /// read inside the block: row parallel), merged with nothing.
+    pub fn new(name: &'static str, [out, inp]: [usize; 2], bias: bool, input: Input) -> Self {
+        let split = match input {
+            Input::Attn | Input::Mlp => Split::Column,
+            _ => Split::Row,
+        };
+        Self {
+            name,
+            out,
+            inp,
+            bias,
+            input,
+            expert: None,
+            split,
+            merged: name,
+        }
+    }
+
+    pub fn split(self, split: Split) -> Self {
+        Self { split, ..self }
+    }
+
+    pub fn merged(self, merged: &'static str) -> Self {
+        Self { merged, ..self }
+    }
+
+    /// Whether vLLM splits its inputs (row parallel) rather than its outputs.
+    pub fn row_parallel(&self) -> bool {
+        matches!(self.split, Split::Row | Split::RowHeads { .. })
+    }
 }
 
 /// Linears kept or quantized together by `--keep-fp16` ([`ModelSpec::keep_units`]).
@@ -51,24 +111,20 @@ impl ModelSpec {
     pub fn linears(&self) -> Vec<LinearShape> {
         let (d, i) = (self.hidden, self.intermediate);
         let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let l = |name, out, inp, bias, input| LinearShape {
-            name,
-            out,
-            inp,
-            bias,
-            input,
-            expert: None,
+        let l = |name, out, inp, bias, input| LinearShape::new(name, [out, inp], bias, input);
+        let hd = self.head_dim;
+        let heads = |kv| Split::Heads { per_head: hd, kv };
+        let o = l(O_PROJ, d, qd, self.o_bias, Input::O).split(Split::RowHeads { per_head: hd });
+        let qkv = |name, out| {
+            let linear = l(name, out, d, self.qkv_bias, Input::Attn);
+            linear.split(heads(name != Q_PROJ)).merged(QKV_PROJ)
         };
         let mut v = match self.attn_proj {
-            AttnProj::Separate => vec![
-                l(Q_PROJ, qd, d, self.qkv_bias, Input::Attn),
-                l(K_PROJ, kvd, d, self.qkv_bias, Input::Attn),
-                l(V_PROJ, kvd, d, self.qkv_bias, Input::Attn),
-                l(O_PROJ, d, qd, self.o_bias, Input::O),
-            ],
+            AttnProj::Separate => vec![qkv(Q_PROJ, qd), qkv(K_PROJ, kvd), qkv(V_PROJ, kvd), o],
             AttnProj::Fused => vec![
-                l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn),
-                l(O_PROJ, d, qd, self.o_bias, Input::O),
+                l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn)
+                    .split(Split::QkvHeads { per_head: hd }),
+                o,
             ],
             AttnProj::Latent => self.latent().linears(self.heads, d),
         };
@@ -79,8 +135,8 @@ impl ModelSpec {
         let b = self.mlp_bias;
         match self.mlp {
             Mlp::Gated => v.extend([
-                l(GATE_PROJ, i, d, b, mlp_in),
-                l(UP_PROJ, i, d, b, mlp_in),
+                l(GATE_PROJ, i, d, b, mlp_in).merged(GATE_UP_PROJ),
+                l(UP_PROJ, i, d, b, mlp_in).merged(GATE_UP_PROJ),
                 l(DOWN_PROJ, d, i, b, Input::Down),
             ]),
             Mlp::FusedGated => v.extend([
@@ -106,9 +162,10 @@ impl ModelSpec {
                 if let Some(shared) = &moe.shared {
                     let [gate, up, down] = shared.linears();
                     let n = shared.intermediate;
+                    let merged = intern(format!("{}.gate_up_proj", shared.prefix));
                     v.extend([
-                        l(gate, n, d, false, mlp_in),
-                        l(up, n, d, false, mlp_in),
+                        l(gate, n, d, false, mlp_in).merged(merged),
+                        l(up, n, d, false, mlp_in).merged(merged),
                         l(down, d, n, false, Input::SharedDown),
                     ]);
                 }
@@ -131,13 +188,8 @@ impl ModelSpec {
         let Some(moe) = &self.moe else {
             return Vec::new();
         };
-        let l = |name, out| LinearShape {
-            name,
-            out,
-            inp: self.hidden,
-            bias: false,
-            input: Input::Mlp,
-            expert: None,
+        let l = |name, out| {
+            LinearShape::new(name, [out, self.hidden], false, Input::Mlp).split(Split::Replicated)
         };
         let mut v = vec![l(moe.router, moe.experts)];
         if let Some(gate) = moe.shared.as_ref().and_then(|s| s.gate) {
@@ -247,11 +299,7 @@ impl ModelSpec {
     pub fn keep_units(&self) -> Vec<KeepUnit> {
         let mut units: Vec<KeepUnit> = Vec::new();
         for l in self.linears().into_iter().filter(|l| l.expert.is_none()) {
-            let merged = match l.name {
-                Q_PROJ | K_PROJ | V_PROJ => QKV_PROJ,
-                GATE_PROJ | UP_PROJ => GATE_UP_PROJ,
-                other => other,
-            };
+            let merged = l.merged;
             match units.iter_mut().find(|u| u.name == merged) {
                 Some(u) => u.linears.push(l.name),
                 None => units.push(KeepUnit {

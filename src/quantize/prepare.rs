@@ -280,6 +280,17 @@ pub const GPTQ_TOKENS_PER_INPUT: usize = 4;
 /// size that makes a crowd of files, a group size vLLM and TGI cannot run.
 pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
     let mut out = Vec::new();
+    let spec = &prep.model.spec;
+    if spec.mtp_layers > 0 {
+        let first = spec.roots.layer(spec.layers);
+        out.push(format!(
+            "the {} multi-token-prediction layer(s) from {first} on are left out and \
+             num_nextn_predict_layers is set to 0: transformers ignores them, and vLLM and \
+             SGLang would run them with the AWQ config, which needs them quantized with their \
+             own calibration; serve without MTP speculative decoding (see the README)",
+            spec.mtp_layers
+        ));
+    }
     if let Some(max) = prep
         .model
         .spec

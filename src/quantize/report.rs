@@ -343,7 +343,11 @@ fn layer_bytes(spec: &crate::model::config::ModelSpec, group: usize) -> usize {
         })
         .sum();
     let floats: usize = spec.layer_floats().iter().map(|(_, w)| w * 2).sum();
-    let routers: usize = spec.router_linears().iter().map(|l| l.out * l.inp * 2).sum();
+    let routers: usize = spec
+        .router_linears()
+        .iter()
+        .map(|l| l.out * l.inp * 2)
+        .sum();
     let verbatim: usize = spec.layer_verbatim().iter().map(|(_, w)| w * 4).sum();
     linears + floats + routers + verbatim
 }

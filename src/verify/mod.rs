@@ -21,10 +21,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::input_err;
 use crate::io::reader::Checkpoint;
-use crate::model::arch::Input;
 use crate::model::config::{AwqFormat, ModelSpec};
 use crate::model::layer::{packed_shapes, read_packed_tensors};
-use crate::model::shapes::{LinearShape, K_PROJ, O_PROJ, QKV_PROJ, Q_PROJ, V_PROJ};
+use crate::model::shapes::{LinearShape, Split};
 use crate::model::{final_norm_tensors, load_spec, locate, HEAD_MODULE};
 use crate::quant::pack::{unpack, Layout};
 
@@ -103,6 +102,24 @@ pub struct TpSupport {
     pub reasons: Vec<String>,
     /// Why `awq_marlin` does not apply (beyond `reasons`).
     pub marlin_reasons: Vec<String>,
+}
+
+impl TpSupport {
+    /// The support of a model whose layers are of several kinds (dense and MoE): each kind's,
+    /// combined.
+    fn all(kinds: impl Iterator<Item = TpSupport>) -> TpSupport {
+        kinds
+            .reduce(|mut a, b| {
+                a.vllm_awq &= b.vllm_awq;
+                a.vllm_awq_marlin &= b.vllm_awq_marlin;
+                a.reasons.extend(b.reasons);
+                a.marlin_reasons.extend(b.marlin_reasons);
+                dedup_in_order(&mut a.reasons);
+                dedup_in_order(&mut a.marlin_reasons);
+                a
+            })
+            .expect("a model has a layer")
+    }
 }
 
 /// Whether one loader can load the checkpoint, and why not.
@@ -277,25 +294,30 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         Layout::PackQuantized => "ignore",
         _ => "modules_to_not_convert",
     };
-    let linears = spec.linears();
     let mut checked = 0;
     let mut float_linears = Vec::new();
-    // Per linear kind, the layers that store it float.
-    let mut float_layers = vec![0; linears.len()];
+    // Per linear name, the layers that have it and those that store it float.
+    let mut float_layers: std::collections::HashMap<&str, [usize; 2]> = Default::default();
     for i in 0..spec.layers {
+        let layer_spec = spec.layer(i);
         let p = spec.roots.layer(i);
-        for (name, width) in spec.layer_floats() {
+        for (name, width) in layer_spec.layer_floats() {
             float(&format!("{p}.{name}"), &[width], &mut v);
         }
-        for r in spec.router_linears() {
+        for r in layer_spec.router_linears() {
             float(&format!("{p}.{}.weight", r.name), &[r.out, r.inp], &mut v);
         }
-        for (l, float_layers) in linears.iter().zip(&mut float_layers) {
+        for (name, width) in layer_spec.layer_verbatim() {
+            verbatim(&ckpt, &format!("{p}.{name}"), width, &mut v);
+        }
+        for l in &layer_spec.linears() {
             let prefix = format!("{p}.{}", l.name);
             let packed = spec.packed(&prefix);
+            let count = float_layers.entry(l.name).or_default();
+            count[0] += 1;
             if packed.is_none() {
                 float_linears.push(prefix.clone());
-                *float_layers += 1;
+                count[1] += 1;
             }
             match packed {
                 Some(fmt) => check_linear(&ckpt, &prefix, l, fmt, float_dtype, &mut v),
@@ -312,21 +334,27 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
     }
 
-    // Linear kinds stored float in every layer (`--keep-fp16` everywhere): no kernel rule.
-    let float_everywhere: Vec<&str> = linears
+    // Linear kinds stored float in every layer that has them (`--keep-fp16` everywhere): no
+    // kernel rule.
+    let float_everywhere: Vec<&str> = float_layers
         .iter()
-        .zip(&float_layers)
-        .filter(|(_, n)| **n == spec.layers)
-        .map(|(l, _)| l.name)
+        .filter(|(_, [has, float])| has == float)
+        .map(|(name, _)| *name)
         .collect();
     let mut degrees = TP_DEGREES.to_vec();
     if !degrees.contains(&tp) {
         degrees.push(tp);
         degrees.sort_unstable();
     }
+    let kinds = spec.layer_kinds();
     let tensor_parallel: Vec<TpSupport> = degrees
         .iter()
-        .map(|&d| tp_support(&spec, &linears, &float_everywhere, fmt, d))
+        .map(|&d| {
+            let each = kinds
+                .iter()
+                .map(|k| tp_support(k, &k.linears(), &float_everywhere, fmt, d));
+            TpSupport::all(each)
+        })
         .collect();
     let at_tp = tensor_parallel
         .iter()
@@ -519,6 +547,18 @@ fn failed_quality_gate(dir: &Path) -> Option<String> {
     })
 }
 
+/// A verbatim float tensor (a router's `e_score_correction_bias`, copied from the source with
+/// its dtype): present and `[width]`.
+fn verbatim(ckpt: &Checkpoint, name: &str, width: usize, v: &mut Vec<String>) {
+    match ckpt.meta(name) {
+        Err(_) => v.push(format!("{name}: missing")),
+        Ok(m) if m.shape != [width] => {
+            v.push(format!("{name}: shape {:?}, expected [{width}]", m.shape))
+        }
+        Ok(_) => {}
+    }
+}
+
 /// Drops repeated lines, keeping the first of each.
 fn dedup_in_order(lines: &mut Vec<String>) {
     let mut seen = std::collections::HashSet::new();
@@ -532,9 +572,9 @@ fn dedup_in_order(lines: &mut Vec<String>) {
 /// weight, so an entry too broad (`gate` also catches every `gate_proj`) shows up there.
 fn not_converted(spec: &ModelSpec) -> Vec<String> {
     let mut v = Vec::new();
-    let units = spec.keep_units();
     for i in 0..spec.layers {
         let p = spec.roots.layer(i);
+        let units = spec.layer(i).keep_units();
         for r in spec.layer(i).listed_routers() {
             let module = format!("{p}.{}", r.name);
             if !spec.not_converted_matches(&module) {
@@ -758,28 +798,31 @@ fn tp_support(
     for l in linears {
         // Experts share their shapes: one line per kind of expert linear, not per expert.
         let shown = crate::model::arch::expert_pattern(l.name);
-        // Row-parallel: the linears that read attention context or an MLP's hidden activation.
-        let row_parallel = !matches!(l.input, Input::Attn | Input::Mlp);
-        let split = if l.name == K_PROJ || l.name == V_PROJ {
+        let row_parallel = l.row_parallel();
+        let split = match l.split {
             // Reported above when the key/value heads do not split.
-            kv_per_rank.map(|h| h * spec.head_dim)
-        } else if l.name == Q_PROJ || l.name == O_PROJ {
-            heads_split.then(|| spec.heads / tp * spec.head_dim)
-        } else if l.name == QKV_PROJ {
-            // vLLM's QKVParallelLinear: this rank's q heads plus its k and v heads.
-            kv_per_rank
-                .filter(|_| heads_split)
-                .map(|kv| (spec.heads / tp + 2 * kv) * spec.head_dim)
-        } else {
-            let whole = if row_parallel { l.inp } else { l.out };
-            if !whole.is_multiple_of(tp) {
-                awq.push(format!(
-                    "{}: {whole} {} do not split over {tp} ranks",
-                    shown,
-                    if row_parallel { "inputs" } else { "outputs" }
-                ));
+            Split::Heads { per_head, kv: true } => kv_per_rank.map(|h| h * per_head),
+            Split::Heads {
+                per_head,
+                kv: false,
             }
-            whole.is_multiple_of(tp).then(|| whole / tp)
+            | Split::RowHeads { per_head } => heads_split.then(|| spec.heads / tp * per_head),
+            // vLLM's QKVParallelLinear: this rank's q heads plus its k and v heads.
+            Split::QkvHeads { per_head } => kv_per_rank
+                .filter(|_| heads_split)
+                .map(|kv| (spec.heads / tp + 2 * kv) * per_head),
+            Split::Replicated => Some(if row_parallel { l.inp } else { l.out }),
+            Split::Column | Split::Row => {
+                let whole = if row_parallel { l.inp } else { l.out };
+                if !whole.is_multiple_of(tp) {
+                    awq.push(format!(
+                        "{}: {whole} {} do not split over {tp} ranks",
+                        shown,
+                        if row_parallel { "inputs" } else { "outputs" }
+                    ));
+                }
+                whole.is_multiple_of(tp).then(|| whole / tp)
+            }
         };
         let Some(split) = split else { continue };
         // A linear kept float in every layer splits like any linear; the kernels' rules below
@@ -809,11 +852,7 @@ fn tp_support(
         if l.expert.is_some() {
             continue;
         }
-        let module = match l.name.rsplit_once('.') {
-            Some(("self_attn", "q_proj" | "k_proj" | "v_proj")) => "self_attn.qkv_proj",
-            Some(("mlp", "gate_proj" | "up_proj")) => "mlp.gate_up_proj",
-            _ => l.name,
-        };
+        let module = l.merged;
         match merged.iter_mut().find(|m| m.0 == module) {
             Some(m) => m.1 += out,
             None => merged.push((module, out, inp)),

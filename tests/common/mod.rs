@@ -60,7 +60,7 @@ pub fn perplexity(model: &Path, seqlen: usize, max_tokens: usize) -> f64 {
     v["perplexity"].as_f64().unwrap()
 }
 
-/// A tensor of a safetensors file as f32 (F32/F16) or as i64 values (I64/I32), with its shape.
+/// A tensor of a safetensors file as f32 (F32/F16/BF16) or as i64 values (I64/I32), with its shape.
 pub fn read_f32(bytes: &[u8], name: &str) -> (Vec<f32>, Vec<usize>) {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
     let t = st
@@ -75,6 +75,10 @@ pub fn read_f32(bytes: &[u8], name: &str) -> (Vec<f32>, Vec<usize>) {
         safetensors::Dtype::F16 => data
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         d => panic!("{name}: unexpected dtype {d:?}"),
     };
