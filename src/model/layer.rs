@@ -826,4 +826,54 @@ mod tests {
         let (a, b) = (norm.experts[2][0].1, norm.experts[0][0].1);
         assert!((a + b - 1.0).abs() < 1e-6 && (a / b - 1f32.exp()).abs() < 1e-5);
     }
+
+    fn sigmoid_moe(groups: usize, topk_groups: usize, norm_topk: bool) -> Moe {
+        Moe {
+            experts: 4,
+            top_k: 2,
+            intermediate: 8,
+            norm_topk,
+            scoring: Scoring::GroupedSigmoid {
+                groups,
+                topk_groups,
+                scale: 2.5,
+            },
+            shared: None,
+            router: "mlp.gate",
+            router_listed: false,
+            experts_prefix: "mlp.experts",
+            leaves: ["gate_proj", "up_proj", "down_proj"],
+        }
+    }
+
+    #[test]
+    fn grouped_sigmoid_routing_chooses_with_the_bias_and_weighs_without_it() {
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        // Experts {0, 1} and {2, 3}. Unbiased, group 0 would win (2.0 + 1.0); the bias on
+        // expert 2 makes group 1 win (its top-2 biased sum), and expert 2 outranks 3.
+        let logits = vec![vec![2.0, 1.0, 0.0, 0.5]];
+        let bias = [0.0, 0.0, 0.9, 0.0];
+        let r = Routing::grouped_sigmoid(&logits, &bias, &sigmoid_moe(2, 1, true));
+        assert_eq!(r.tokens(), vec![0, 0, 1, 1]);
+        let (w2, w3) = (r.experts[2][0].1, r.experts[3][0].1);
+        // Weights: the unbiased scores renormalised, times routed_scaling_factor.
+        let sum = sig(0.0) + sig(0.5);
+        assert!((w2 - 2.5 * sig(0.0) / sum).abs() < 1e-6, "{w2}");
+        assert!((w3 - 2.5 * sig(0.5) / sum).abs() < 1e-6, "{w3}");
+        // Without renormalisation the weights are the scores times the factor.
+        let r = Routing::grouped_sigmoid(&logits, &bias, &sigmoid_moe(2, 1, false));
+        assert!((r.experts[2][0].1 - 2.5 * sig(0.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn grouped_sigmoid_routing_masks_dropped_groups_to_zero_not_minus_infinity() {
+        // A negative bias pushes every kept expert's biased score below 0: the masked experts
+        // (0.0, transformers' masked_fill) then rank above them, as in transformers.
+        let logits = vec![vec![0.0, 0.0, 3.0, 3.0]];
+        let bias = [-2.0, -2.0, -1.5, -1.6];
+        let r = Routing::grouped_sigmoid(&logits, &bias, &sigmoid_moe(2, 1, true));
+        // Biased scores: group 0 −1.5 and −1.5 (sum −3), group 1 −0.55 and −0.65 (sum −1.2),
+        // so group 1 is kept; group 0's experts, masked to 0.0, still outrank it.
+        assert_eq!(r.tokens(), vec![1, 1, 0, 0]);
+    }
 }

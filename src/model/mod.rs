@@ -529,6 +529,15 @@ pub fn final_norm_tensors(spec: &ModelSpec) -> Vec<String> {
 /// substrings of module names, so it also covers a wrapper's `language_model.lm_head`.
 pub const HEAD_MODULE: &str = "lm_head";
 
+/// The spec of a complete `config.json` (tests of other modules use released configs).
+#[cfg(test)]
+pub(crate) fn test_spec(config: serde_json::Value) -> ModelSpec {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    load_spec(&path).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

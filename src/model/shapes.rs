@@ -237,12 +237,13 @@ impl ModelSpec {
         }
     }
 
-    /// The distinct layer specs of the model (one, or a MoE layer and a dense one), for checks
-    /// that hold for every layer.
-    pub fn layer_kinds(&self) -> Vec<std::borrow::Cow<'_, ModelSpec>> {
-        let mut v = vec![self.layer(self.dense.iter().position(|d| !d).unwrap_or(0))];
+    /// The distinct layer specs of the model (one, or a MoE layer and a dense one), each with
+    /// the first layer of its kind, for checks that hold for every layer.
+    pub fn layer_kinds(&self) -> Vec<(usize, std::borrow::Cow<'_, ModelSpec>)> {
+        let first_sparse = self.dense.iter().position(|d| !d).unwrap_or(0);
+        let mut v = vec![(first_sparse, self.layer(first_sparse))];
         if let Some(i) = self.dense.iter().position(|&d| d) {
-            v.push(self.layer(i));
+            v.insert(0, (i, self.layer(i)));
         }
         v
     }

@@ -15,6 +15,7 @@ use crate::calib::{self, Calibration};
 use crate::error::{Error, Result};
 use crate::io::output;
 use crate::io::writer::{Open, Staging};
+use crate::model::shapes::LinearShape;
 use crate::model::{Model, OutOfRange};
 use crate::quant::pack::{check_shape, group_hints, Layout};
 
@@ -184,16 +185,26 @@ fn check_options(opts: &QuantizeOptions, model: &Model) -> Result<()> {
         return Err(Error::Usage("--group must be positive".into()));
     }
     let s = &model.spec;
-    let inputs: Vec<usize> = s.linears().iter().map(|l| l.inp).collect();
+    // Every kind of layer (a MoE model's dense layers have their own MLP width), each named by
+    // its first layer.
+    let kinds: Vec<(usize, Vec<LinearShape>)> = (s.layer_kinds().into_iter())
+        .map(|(i, k)| (i, k.linears()))
+        .collect();
+    let inputs: Vec<usize> = kinds
+        .iter()
+        .flat_map(|(_, ls)| ls.iter().map(|l| l.inp))
+        .collect();
     let hints = group_hints(&inputs);
-    for l in s.linears() {
-        check_shape(
-            &format!("{}.{}.weight", s.roots.layer(0), l.name),
-            l.out,
-            l.inp,
-            opts.group,
-            &hints,
-        )?;
+    for (i, linears) in &kinds {
+        for l in linears {
+            check_shape(
+                &format!("{}.{}.weight", s.roots.layer(*i), l.name),
+                l.out,
+                l.inp,
+                opts.group,
+                &hints,
+            )?;
+        }
     }
     if opts.layout == Layout::Gemv {
         crate::quant::pack::gemv_zeros_width(s.hidden, opts.group)?;

@@ -352,7 +352,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         .map(|&d| {
             let each = kinds
                 .iter()
-                .map(|k| tp_support(k, &k.linears(), &float_everywhere, fmt, d));
+                .map(|(_, k)| tp_support(k, &k.linears(), &float_everywhere, fmt, d));
             TpSupport::all(each)
         })
         .collect();
@@ -1058,5 +1058,98 @@ mod tests {
         assert!(target_support(Target::Vllm, 1, &f, &t).loadable);
         spec.not_converted = Some(vec!["block_sparse_moe.gate".into(), "lm_head".into()]);
         assert_eq!(head_quantized_by_transformers(&spec), None);
+    }
+
+    /// DeepSeek-V3's released config.json (the keys the spec reads).
+    pub(crate) fn deepseek_v3() -> ModelSpec {
+        crate::model::test_spec(serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+            "n_group": 8, "topk_group": 4, "first_k_dense_replace": 3, "norm_topk_prob": true,
+            "routed_scaling_factor": 2.5, "q_lora_rank": 1536, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "num_nextn_predict_layers": 1, "vocab_size": 129280, "rms_norm_eps": 1e-06,
+            "max_position_embeddings": 163840, "rope_theta": 10000,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                             "type": "yarn"},
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                    "quant_method": "fp8", "weight_block_size": [128, 128]}
+        }))
+    }
+
+    fn model_at(spec: &ModelSpec, group: usize, tp: usize) -> TpSupport {
+        let fmt = AwqFormat {
+            group,
+            layout: Layout::Gemm,
+        };
+        let kinds = spec.layer_kinds();
+        TpSupport::all(
+            kinds
+                .iter()
+                .map(|(_, k)| tp_support(k, &k.linears(), &[], fmt, tp)),
+        )
+    }
+
+    /// DeepSeek-V3 in vLLM: q_b/kv_b split by heads, o by its input heads, q_a and kv_a one
+    /// replicated `fused_qkv_a_proj` of 1536 + 576 outputs. At group 64 every degree up to 8
+    /// takes both kernels; at group 128 the fused projection's 2112 outputs are not a multiple
+    /// of the group, which awq_gemm refuses and Marlin accepts.
+    #[test]
+    fn deepseek_v3_splits_latent_attention_as_vllm_does() {
+        let spec = deepseek_v3();
+        assert_eq!(spec.fp8_block, Some([128, 128]));
+        assert_eq!((spec.mtp_layers, spec.layer_kinds().len()), (1, 2));
+        for tp in [1, 2, 4, 8] {
+            let t = model_at(&spec, 64, tp);
+            assert!(t.vllm_awq && t.vllm_awq_marlin, "tp {tp}: {t:?}");
+        }
+        let t = model_at(&spec, 128, 8);
+        assert!(!t.vllm_awq && t.marlin_reasons.is_empty(), "{t:?}");
+        assert_eq!(
+            t.reasons,
+            vec![
+                "self_attn.fused_qkv_a_proj: output partition 2112 is not divisible by 64 and \
+                  by group 128 (vLLM's awq_gemm kernel)"
+            ]
+        );
+        // 128 heads do not split over 3 ranks.
+        assert!(!model_at(&spec, 64, 3).vllm_awq);
+    }
+
+    /// GLM-4.5-Air's released config: 96 heads of 128 over 8 key/value heads, q/k/v biases,
+    /// 128 experts of 1408 and one shared expert, the first layer dense.
+    #[test]
+    fn glm4_5_air_splits_like_a_gqa_moe() {
+        let spec = crate::model::test_spec(serde_json::json!({
+            "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+            "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+            "num_hidden_layers": 46, "num_attention_heads": 96, "num_key_value_heads": 8,
+            "head_dim": 128, "partial_rotary_factor": 0.5, "attention_bias": true,
+            "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8,
+            "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": true,
+            "routed_scaling_factor": 1.0, "use_qk_norm": false, "num_nextn_predict_layers": 1,
+            "vocab_size": 151552, "rms_norm_eps": 1e-05, "rope_theta": 1000000,
+            "max_position_embeddings": 131072
+        }));
+        assert_eq!(
+            (spec.rotary_dim, spec.qk_norm, spec.qkv_bias),
+            (64, false, true)
+        );
+        // The dense layer's 10944 inputs of down_proj take group 64 (171 groups), not 128; split
+        // over 2 ranks they are 5472, which group 64 does not divide either.
+        let t = model_at(&spec, 128, 1);
+        assert_eq!(
+            t.reasons,
+            vec!["mlp.down_proj: input partition 10944 is not divisible by group 128"]
+        );
+        assert!(model_at(&spec, 64, 1).vllm_awq);
+        let t = model_at(&spec, 64, 2);
+        assert_eq!(
+            t.reasons,
+            vec!["mlp.down_proj: input partition 5472 is not divisible by group 64"]
+        );
     }
 }
