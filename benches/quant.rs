@@ -61,6 +61,7 @@ fn layer(spec: &awq::model::config::ModelSpec) -> LayerWeights {
             .collect(),
         routers: Vec::new(),
         verbatim: Vec::new(),
+        experts: None,
     }
 }
 

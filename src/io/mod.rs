@@ -3,6 +3,7 @@
 pub mod fingerprint;
 pub mod fp8;
 pub mod output;
+pub mod part;
 pub mod reader;
 pub mod source;
 pub mod space;

@@ -202,19 +202,45 @@ impl Checkpoint {
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, m)| m)
         {
-            #[cfg(unix)]
-            // SAFETY: the maps are read-only views of files this process does not modify, so
-            // MADV_DONTNEED only discards clean pages; later accesses re-read the same bytes.
-            unsafe {
-                let _ = self.maps[m.shard].unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    m.start,
-                    m.end - m.start,
-                );
-            }
-            #[cfg(not(unix))]
-            let _ = m;
+            self.drop_pages(m);
         }
+    }
+
+    /// [`Checkpoint::release`] for the tensors of one linear (`{prefix}.weight` and its fp8
+    /// scales, or its packed tensors), found by name rather than by scanning every tensor: a
+    /// MoE layer releases each expert after each read.
+    pub fn release_linear(&self, prefix: &str) {
+        const PARTS: [&str; 9] = [
+            "weight",
+            "weight_scale_inv",
+            "qweight",
+            "qzeros",
+            "scales",
+            "weight_packed",
+            "weight_zero_point",
+            "weight_scale",
+            "weight_shape",
+        ];
+        for part in PARTS {
+            if let Some(m) = self.index.get(&format!("{prefix}.{part}")) {
+                self.drop_pages(m);
+            }
+        }
+    }
+
+    fn drop_pages(&self, m: &TensorMeta) {
+        #[cfg(unix)]
+        // SAFETY: the maps are read-only views of files this process does not modify, so
+        // MADV_DONTNEED only discards clean pages; later accesses re-read the same bytes.
+        unsafe {
+            let _ = self.maps[m.shard].unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                m.start,
+                m.end - m.start,
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = m;
     }
 
     /// Raw little-endian bytes of a tensor, straight from the mmap.

@@ -165,7 +165,7 @@ fn inject_enospc(written: &Path) -> Result<()> {
 
 /// A failed write of `path`; "no space left on device" is [`Error::DiskFull`] (the caller says
 /// what was kept and how to continue).
-fn write_err(path: &Path, e: impl std::fmt::Display) -> Error {
+pub(super) fn write_err(path: &Path, e: impl std::fmt::Display) -> Error {
     let e = e.to_string();
     let message = format!("cannot write {}: {e}", path.display());
     if e.contains("os error 28") {
@@ -196,7 +196,7 @@ pub fn write_file(path: &Path, tensors: &[OutTensor]) -> Result<()> {
 
 /// Writes through `write(tmp)` and renames `tmp` to `path`, so `path` is either absent or
 /// complete even if the process dies mid-write (resume relies on it).
-fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(super) fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);

@@ -17,6 +17,9 @@ use super::shapes as names;
 use crate::quant::pack::{gemv_zeros_width, unpack, Layout, Packed};
 use crate::quant::rtn::Quantized;
 
+use std::sync::Arc;
+
+use super::experts::{Expert, Experts};
 use crate::error::Result;
 use crate::io::reader::Checkpoint;
 
@@ -28,7 +31,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(
+    /// The linear `prefix` (`.weight`, or the packed tensors the spec says, dequantized) as
+    /// f32 `[out, in]`, with its `.bias` when `bias`.
+    pub fn load(
         ckpt: &Checkpoint,
         spec: &ModelSpec,
         prefix: &str,
@@ -333,11 +338,18 @@ pub struct LayerWeights {
     pub routers: Vec<(&'static str, Linear)>,
     /// Float tensors copied to the output unchanged ([`ModelSpec::layer_verbatim`]).
     pub verbatim: Vec<(&'static str, Tensor)>,
+    /// A MoE layer's routed experts, read one at a time ([`super::experts`]); they are then
+    /// not in `linears`. `None`: every linear is in `linears` (a layer built in memory).
+    pub experts: Option<Experts>,
 }
 
 impl LayerWeights {
-    pub fn load(ckpt: &Checkpoint, spec: &ModelSpec, i: usize) -> Result<Self> {
+    pub fn load(ckpt: &Arc<Checkpoint>, spec: &ModelSpec, i: usize) -> Result<Self> {
         let p = spec.roots.layer(i);
+        let experts = spec
+            .moe
+            .as_ref()
+            .map(|_| Experts::new(ckpt.clone(), spec, p.clone()));
         let norms = spec
             .layer_norms()
             .into_iter()
@@ -354,6 +366,7 @@ impl LayerWeights {
         let linears = spec
             .linears()
             .into_iter()
+            .filter(|l| l.expert.is_none())
             .map(|l| {
                 let lin =
                     Linear::load(ckpt, spec, &format!("{p}.{}", l.name), l.out, l.inp, l.bias)?;
@@ -379,7 +392,17 @@ impl LayerWeights {
             linears,
             routers,
             verbatim,
+            experts,
         })
+    }
+
+    /// Routed expert `e`'s gate, up and down projections, in f32: read from the checkpoint
+    /// (see [`super::experts`]), or copied from `linears` for a layer built in memory.
+    pub fn expert(&self, spec: &ModelSpec, e: usize) -> Result<Expert> {
+        match &self.experts {
+            Some(experts) => experts.get(e),
+            None => Ok(spec.expert_linears(e).map(|n| self.linear(n).clone())),
+        }
     }
 
     /// The verbatim float tensor `name` (a router's correction bias). Panics for a name the
@@ -666,13 +689,13 @@ impl LayerWeights {
         let mut out = vec![0f32; tokens * d];
         let mut captured = LinearInputs::default();
         for (e, routed) in routing.experts.iter().enumerate() {
-            let [gate, up, down] = spec.expert_linears(e);
             let hidden = if routed.is_empty() {
                 Tensor::zeros((0, moe.intermediate), candle_core::DType::F32, &Device::Cpu)?
             } else {
                 let xe = x.index_select(&routing.index(e)?, 0)?;
-                let hidden = self.gated(spec, gate, up, &xe)?;
-                let y = r(self.linear(down).forward(&hidden)?)?.to_vec2::<f32>()?;
+                let [gate, up, down] = self.expert(spec, e)?;
+                let hidden = gate_product(spec, gate.forward(&xe)?, up.forward(&xe)?)?;
+                let y = r(down.forward(&hidden)?)?.to_vec2::<f32>()?;
                 for ((t, w), row) in routed.iter().zip(&y) {
                     let dst = &mut out[*t as usize * d..][..d];
                     dst.iter_mut().zip(row).for_each(|(o, v)| *o += w * v);

@@ -10,6 +10,7 @@ pub mod cohere;
 pub mod compressed;
 pub mod config;
 pub mod deepseek_v3;
+pub mod experts;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3;
@@ -193,7 +194,7 @@ pub fn locate(spec: &mut ModelSpec, ckpt: &Checkpoint) -> Result<()> {
 pub struct Model {
     pub dir: PathBuf,
     pub spec: ModelSpec,
-    pub ckpt: Checkpoint,
+    pub ckpt: std::sync::Arc<Checkpoint>,
 }
 
 impl Model {
@@ -212,7 +213,7 @@ impl Model {
             Checkpoint::open_dir(dir)?;
         }
         let mut spec = load_spec(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(dir)?.with_fp8_blocks(spec.fp8_block);
+        let ckpt = std::sync::Arc::new(Checkpoint::open_dir(dir)?.with_fp8_blocks(spec.fp8_block));
         locate(&mut spec, &ckpt)?;
         let model = Self {
             dir: dir.to_path_buf(),

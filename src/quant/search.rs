@@ -62,21 +62,47 @@ pub fn x_mean(x: &Tensor) -> Result<Vec<f32>> {
 /// AutoAWQ's normalised weight magnitude per input channel: every group of each row scaled to
 /// [0, 1] by its abs-max (+1e-6), then averaged over all rows of all linears.
 pub fn w_mean(weights: &[&Tensor], group: usize) -> Result<Vec<f32>> {
-    let cols = weights[0].dim(1)?;
-    let mut sum = vec![0f64; cols];
-    let mut rows = 0usize;
+    let mut acc = WMean::new(weights[0].dim(1)?, group);
     for w in weights {
-        for row in w.to_vec2::<f32>()? {
-            for (k, grp) in row.chunks(group).enumerate() {
-                let m = grp.iter().fold(0f32, |a, x| a.max(x.abs())) + 1e-6;
-                for (j, x) in grp.iter().enumerate() {
-                    sum[k * group + j] += (x.abs() / m) as f64;
-                }
-            }
-            rows += 1;
+        acc.add(w)?;
+    }
+    Ok(acc.finish())
+}
+
+/// [`w_mean`] accumulated one weight at a time (a MoE layer's experts are read one by one),
+/// with the same sums in the same order.
+pub struct WMean {
+    sum: Vec<f64>,
+    rows: usize,
+    group: usize,
+}
+
+impl WMean {
+    pub fn new(cols: usize, group: usize) -> Self {
+        Self {
+            sum: vec![0f64; cols],
+            rows: 0,
+            group,
         }
     }
-    Ok(sum.into_iter().map(|s| (s / rows as f64) as f32).collect())
+
+    pub fn add(&mut self, w: &Tensor) -> Result<()> {
+        for row in w.to_vec2::<f32>()? {
+            for (k, grp) in row.chunks(self.group).enumerate() {
+                let m = grp.iter().fold(0f32, |a, x| a.max(x.abs())) + 1e-6;
+                for (j, x) in grp.iter().enumerate() {
+                    self.sum[k * self.group + j] += (x.abs() / m) as f64;
+                }
+            }
+            self.rows += 1;
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Vec<f32> {
+        let rows = self.rows as f64;
+        self.sum.into_iter().map(|s| (s / rows) as f32).collect()
+    }
 }
 
 /// Candidate scales for `ratio` (duo scaling), normalised so that sqrt(max·min) = 1.
@@ -103,10 +129,16 @@ pub fn candidate(x_mean: &[f32], w_mean: &[f32], ratio: f32) -> Vec<f32> {
 pub fn col_absmax(weights: &[&Tensor]) -> Result<Vec<f32>> {
     let mut m = vec![0f32; weights[0].dim(1)?];
     for w in weights {
-        let cols = w.abs()?.max(0)?.to_vec1::<f32>()?;
-        m.iter_mut().zip(cols).for_each(|(a, c)| *a = a.max(c));
+        col_absmax_into(&mut m, w)?;
     }
     Ok(m)
+}
+
+/// Raises `m` to each column's largest |value| of `w`.
+pub fn col_absmax_into(m: &mut [f32], w: &Tensor) -> Result<()> {
+    let cols = w.abs()?.max(0)?.to_vec1::<f32>()?;
+    m.iter_mut().zip(cols).for_each(|(a, c)| *a = a.max(c));
+    Ok(())
 }
 
 /// Whether the scaled weights `W · diag(s)` stay within float16's range. AutoAWQ scales and

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::io::writer::OutTensor;
 use crate::model::config::ModelSpec;
 use crate::model::groups::{Inspect, PrevOp, ScaleGroup};
-use crate::model::layer::{LayerWeights, LinearInputs};
+use crate::model::layer::{LayerWeights, Linear, LinearInputs};
 use crate::model::rope::Rope;
 use crate::quant::pack::pack;
 use crate::quant::search::{self, Gram, ScaleChoice};
@@ -40,20 +40,18 @@ pub(super) fn search_group(
     opts: &QuantizeOptions,
 ) -> Result<ScaleChoice> {
     let x_all = inputs.get(g.input);
-    let weights: Vec<&Tensor> = g.linears.iter().map(|n| &layer.linear(n).weight).collect();
     let x_mean = search::x_mean(x_all)?;
     let subset = match opts.search_blocks {
         Some(n) => Some(search_subset(x_all, seqlen, n)?),
         None => None,
     };
     let x = subset.as_ref().unwrap_or(x_all);
-    let w_mean = search::w_mean(&weights, opts.group)?;
+    let (w_mean, col_absmax) = weight_stats(layer, spec, g, opts.group)?;
     // A candidate whose scaled weights leave float16 is rejected (infinite loss).
-    let col_absmax = search::col_absmax(&weights)?;
     let fits = |s: &[f32]| search::fits_f16(&col_absmax, s);
     let (n_grid, grid) = (opts.n_grid, opts.grid);
     if g.inspect == Inspect::Linear {
-        let w = weights[0];
+        let w = &layer.linear(g.linears[0]).weight;
         let (out, inp) = w.dims2()?;
         if Gram::pays_off(x.dim(0)?, inp, out, n_grid + 1) {
             let gram = Gram::new(x)?;
@@ -69,8 +67,14 @@ pub(super) fn search_group(
     }
     // The module runs on pieces of whole sequences: the candidates' intermediates (the MLP's
     // gate/up/product, attention's q/k/v) then stay at piece size whatever the number of
-    // calibration tokens. The loss is the same sum of squares, divided once.
-    let pieces = pieces(x, seqlen)?;
+    // calibration tokens. The loss is the same sum of squares, divided once. Streamed experts
+    // run on all tokens at once: each is read once per candidate, and its intermediates are
+    // its routed tokens' only.
+    let streamed = streamed_experts(layer, g);
+    let pieces = match streamed {
+        true => vec![x.clone()],
+        false => pieces(x, seqlen)?,
+    };
     let reference = pieces
         .iter()
         .map(|p| inspect(layer, g, p, spec, rope, seqlen))
@@ -82,9 +86,12 @@ pub(super) fn search_group(
         if !fits(s) {
             return Ok(f64::INFINITY);
         }
-        for n in &g.linears {
+        for n in g.linears.iter().filter(|n| !is_streamed(layer, n)) {
             scratch.linear_mut(n).weight =
                 search::scaled_fake_quant(&layer.linear(n).weight, s, opts.group)?;
+        }
+        if let Some(experts) = scratch.experts.as_mut().filter(|_| streamed) {
+            experts.set_candidate(Some((s, opts.group)));
         }
         let mut sum = 0f64;
         for (p, r) in pieces.iter().zip(&reference) {
@@ -94,6 +101,53 @@ pub(super) fn search_group(
         Ok(sum / elements as f64)
     };
     search::search(&x_mean, &w_mean, grid, n_grid, loss)
+}
+
+/// Whether the linear `name` is one of the layer's streamed experts ([`crate::model::experts`]).
+fn is_streamed(layer: &LayerWeights, name: &str) -> bool {
+    layer
+        .experts
+        .as_ref()
+        .is_some_and(|x| x.find(name).is_some())
+}
+
+/// Whether group `g` holds streamed experts (the MoE layer's gate/up group).
+fn streamed_experts(layer: &LayerWeights, g: &ScaleGroup) -> bool {
+    g.linears.iter().any(|n| is_streamed(layer, n))
+}
+
+/// The group's normalised weight magnitude per input column ([`search::w_mean`]) and each
+/// column's largest |weight|, over its linears in order; streamed experts are read one at a
+/// time (gate and up of one expert from one read).
+fn weight_stats(
+    layer: &LayerWeights,
+    spec: &ModelSpec,
+    g: &ScaleGroup,
+    group: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let first = g.linears[0];
+    let cols = match layer.experts.as_ref().and_then(|x| x.find(first)) {
+        Some(_) => spec.hidden,
+        None => layer.linear(first).weight.dim(1)?,
+    };
+    let mut w_mean = search::WMean::new(cols, group);
+    let mut absmax = vec![0f32; cols];
+    let mut held: Option<(usize, crate::model::experts::Expert)> = None;
+    for n in &g.linears {
+        let found = layer.experts.as_ref().and_then(|x| x.find(n));
+        let w = match found {
+            Some((e, k)) => {
+                if held.as_ref().is_none_or(|(h, _)| *h != e) {
+                    held = Some((e, layer.expert(spec, e)?));
+                }
+                &held.as_ref().expect("read above").1[k].weight
+            }
+            None => &layer.linear(n).weight,
+        };
+        w_mean.add(w)?;
+        search::col_absmax_into(&mut absmax, w)?;
+    }
+    Ok((w_mean.finish(), absmax))
 }
 
 /// An expert that sees fewer calibration tokens than this keeps the identity scale for its down
@@ -170,9 +224,16 @@ pub(super) fn apply_scales(
             }
         }
     }
-    for name in &g.linears {
+    let streamed = streamed_experts(layer, g);
+    let held: Vec<&str> = (g.linears.iter().copied())
+        .filter(|n| !is_streamed(layer, n))
+        .collect();
+    for name in held {
         let lin = layer.linear_mut(name);
         lin.weight = lin.weight.broadcast_mul(&st)?;
+    }
+    if let Some(experts) = layer.experts.as_mut().filter(|_| streamed) {
+        experts.scale_inputs(s);
     }
     Ok(())
 }
@@ -195,78 +256,83 @@ pub(super) fn group_absmax(w: &Tensor, group: usize) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// The layer's output tensors in checkpoint order: packed linears (+bias), routers, norms.
-/// Linears with precomputed `codes` (error-feedback rounding) are packed from those, the others
-/// with round-to-nearest.
-/// Float tensors are staged in f32 and converted to the output dtype when the shards are
-/// written (the dtype is decided once every layer's activations are known: `--dtype auto`).
-/// A non-finite weight or `scales` value after scaling is refused here, never written.
-pub(super) fn layer_tensors(
-    layer: &LayerWeights,
+/// One linear's packed tensors (+bias): from `codes` (error-feedback rounding) when given,
+/// else by round-to-nearest. A non-finite weight or `scales` value after scaling is refused
+/// here, never written. Biases (like every float tensor) are staged in f32 and converted to
+/// the output dtype when the shards are written (`--dtype auto` decides once every layer's
+/// activations are known).
+pub(super) fn linear_tensors(
+    name: &str,
+    lin: &Linear,
     p: &str,
     opts: &QuantizeOptions,
-    codes: &mut std::collections::HashMap<&'static str, rtn::Quantized>,
+    codes: Option<rtn::Quantized>,
 ) -> Result<Vec<OutTensor>> {
     let mut out = Vec::new();
-    for (name, lin) in &layer.linears {
-        let (rows, cols) = lin.weight.dims2()?;
-        let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(bad) = w.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Runtime(format!(
-                "{p}.{name}.weight has a non-finite value at index {bad} after scaling; nothing was \
+
+    let (rows, cols) = lin.weight.dims2()?;
+    let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(bad) = w.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Runtime(format!(
+            "{p}.{name}.weight has a non-finite value at index {bad} after scaling; nothing was \
                  written — rerun with --no-search to quantize without AWQ scales"
-            )));
-        }
-        let q = match codes.remove(name) {
-            Some(q) => q,
-            None => rtn::quantize_f16(&w, rows, cols, opts.group),
-        };
-        let packed = pack(&q, opts.layout)?;
-        let prefix = format!("{p}.{name}");
-        if let Some(bad) = packed.scales.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Runtime(format!(
-                "{prefix}.scales: group scale {bad} is not finite in float16 (the weights exceed \
-                 float16's range after scaling); nothing was written — rerun with --no-search"
-            )));
-        }
-        let [w, z, s] = opts.layout.tensor_names().map(|t| format!("{prefix}.{t}"));
-        out.push(OutTensor::i32(
-            w,
-            packed.qweight_shape.to_vec(),
-            &packed.qweight,
-        ));
-        out.push(OutTensor::i32(
-            z,
-            packed.qzeros_shape.to_vec(),
-            &packed.qzeros,
-        ));
-        if opts.layout.is_awq() {
-            out.push(OutTensor::f16_bits(
-                s,
-                packed.scales_shape.to_vec(),
-                &packed.scales,
-            ));
-        } else {
-            // compressed-tensors keeps the scales in the model's float dtype: staged in f32
-            // (the float16 values exactly), written in the dtype chosen at the end.
-            let values: Vec<f32> = packed.scales.iter().map(|v| v.to_f32()).collect();
-            let t = candle_core::Tensor::from_vec(
-                values,
-                packed.scales_shape.to_vec(),
-                &candle_core::Device::Cpu,
-            )?;
-            out.push(OutTensor::f32(s, &t)?);
-            let shape = [rows as i64, cols as i64];
-            out.push(OutTensor::i64(
-                format!("{prefix}.{}", crate::quant::pack_quantized::SHAPE_TENSOR),
-                vec![2],
-                &shape,
-            ));
-        }
-        if let Some(b) = &lin.bias {
-            out.push(OutTensor::f32(format!("{prefix}.bias"), b)?);
-        }
+        )));
     }
+    let q = match codes {
+        Some(q) => q,
+        None => rtn::quantize_f16(&w, rows, cols, opts.group),
+    };
+    let packed = pack(&q, opts.layout)?;
+    let prefix = format!("{p}.{name}");
+    if let Some(bad) = packed.scales.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Runtime(format!(
+            "{prefix}.scales: group scale {bad} is not finite in float16 (the weights exceed \
+                 float16's range after scaling); nothing was written — rerun with --no-search"
+        )));
+    }
+    let [w, z, s] = opts.layout.tensor_names().map(|t| format!("{prefix}.{t}"));
+    out.push(OutTensor::i32(
+        w,
+        packed.qweight_shape.to_vec(),
+        &packed.qweight,
+    ));
+    out.push(OutTensor::i32(
+        z,
+        packed.qzeros_shape.to_vec(),
+        &packed.qzeros,
+    ));
+    if opts.layout.is_awq() {
+        out.push(OutTensor::f16_bits(
+            s,
+            packed.scales_shape.to_vec(),
+            &packed.scales,
+        ));
+    } else {
+        // compressed-tensors keeps the scales in the model's float dtype: staged in f32
+        // (the float16 values exactly), written in the dtype chosen at the end.
+        let values: Vec<f32> = packed.scales.iter().map(|v| v.to_f32()).collect();
+        let t = candle_core::Tensor::from_vec(
+            values,
+            packed.scales_shape.to_vec(),
+            &candle_core::Device::Cpu,
+        )?;
+        out.push(OutTensor::f32(s, &t)?);
+        let shape = [rows as i64, cols as i64];
+        out.push(OutTensor::i64(
+            format!("{prefix}.{}", crate::quant::pack_quantized::SHAPE_TENSOR),
+            vec![2],
+            &shape,
+        ));
+    }
+    if let Some(b) = &lin.bias {
+        out.push(OutTensor::f32(format!("{prefix}.bias"), b)?);
+    }
+    Ok(out)
+}
+
+/// The layer's float tensors: routers, then norms.
+pub(super) fn float_tensors(layer: &LayerWeights, p: &str) -> Result<Vec<OutTensor>> {
+    let mut out = Vec::new();
     for (name, router) in &layer.routers {
         out.push(OutTensor::f32(
             format!("{p}.{name}.weight"),
@@ -345,6 +411,7 @@ mod tests {
             linears,
             routers,
             verbatim,
+            experts: None,
         }
     }
 

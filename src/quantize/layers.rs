@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::experts::{finish_expert, ExpertInputs, Finished};
 use super::guard::{guard_blocks, Guard, Searched};
 use super::keep;
 use super::layer::{
-    apply_scales, group_absmax, layer_tensors, pieces, scaled_input, search_group,
+    apply_scales, float_tensors, group_absmax, linear_tensors, pieces, scaled_input, search_group,
     MIN_EXPERT_TOKENS,
 };
 use super::prepare::Prepared;
@@ -20,6 +21,7 @@ use super::rounding;
 use super::{ClipSides, QuantizeOptions, Rounding};
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
+use crate::io::part::PartWriter;
 use crate::io::writer;
 use crate::model::arch::Input;
 use crate::model::config::AwqFormat;
@@ -176,13 +178,15 @@ fn quantize_layer(
         false => None,
     };
     let experts = inputs.routing.as_ref().map(expert_reports);
+    // Streamed experts are finished one by one when the layer is written.
+    let expert_inputs = (layer.experts.is_some()).then(|| ExpertInputs::take(spec, &mut inputs));
 
     let clock = Instant::now();
     let clips = match opts.clip {
         true => clip_layer(spec, &mut layer, inputs, opts.group, opts.clip_sides)?,
         false => Vec::new(),
     };
-    let clip_mean_shrink = clips
+    let clip_mean_shrink: Vec<(String, f32)> = clips
         .iter()
         .map(|(name, _, shrink)| (name.to_string(), *shrink))
         .collect();
@@ -215,22 +219,38 @@ fn quantize_layer(
         }
         None => Default::default(),
     };
-    let mut tensors = layer_tensors(&layer, &spec.roots.layer(i), opts, &mut codes)?;
     t.quantize = clock.elapsed().as_secs_f64();
+    let (part, finished) = write_part(
+        opts,
+        spec,
+        rope,
+        &layer,
+        expert_inputs.as_ref(),
+        &mut codes,
+        part,
+        &mut t,
+    )?;
     let clock = Instant::now();
     // The verbatim tensors are named for the shards, which copy them from the source.
     let prefix = spec.roots.layer(i);
     let verbatim = spec.layer_verbatim().into_iter();
-    let names = (tensors.iter().map(|t| t.name.clone()))
+    let names = (part.names().into_iter())
         .chain(verbatim.map(|(n, _)| format!("{prefix}.{n}")))
         .collect();
-    let max_abs_float_weight = max_abs_float_tensors(&tensors);
+    let max_abs_float_weight = part.max_abs_f32();
+    let mut part = part;
     if opts.keep_fp16.is_some() {
         // Not listed in the record: the end of the run reads them, the shards never hold them.
-        tensors.extend(keep::scales_tensors(i, &searched.scales, &applied)?);
+        for tensor in keep::scales_tensors(i, &searched.scales, &applied)? {
+            part.push(tensor)?;
+        }
     }
-    writer::write_file(part, &tensors)?;
-    t.write = clock.elapsed().as_secs_f64();
+    part.finish()?;
+    t.write += clock.elapsed().as_secs_f64();
+    let groups = merge_reports(spec, groups, finished.reports);
+    let clip_mean_shrink = (clip_mean_shrink.into_iter())
+        .chain(finished.shrinks.iter().map(|(n, s)| (n.to_string(), *s)))
+        .collect();
     let record = LayerRecord {
         report: LayerReport {
             layer: i,
@@ -248,6 +268,67 @@ fn quantize_layer(
         tensors: names,
     };
     Ok((record, out))
+}
+
+/// Writes the layer's part in checkpoint order: each linear packed (a streamed expert finished
+/// when its gate comes up, see [`super::experts`]), then routers and norms. Returns the part,
+/// still open (the caller adds what the record does not list), and what the experts reported.
+#[allow(clippy::too_many_arguments)]
+fn write_part(
+    opts: &QuantizeOptions,
+    spec: &crate::model::config::ModelSpec,
+    rope: &Rope,
+    layer: &LayerWeights,
+    expert_inputs: Option<&ExpertInputs>,
+    codes: &mut std::collections::HashMap<&'static str, crate::quant::rtn::Quantized>,
+    path: &Path,
+    t: &mut Timings,
+) -> Result<(PartWriter, Finished)> {
+    let mut part = PartWriter::create(path)?;
+    let mut finished = Finished::default();
+    let p = spec.roots.layer(layer.index);
+    for l in spec.linears() {
+        let expert = layer.experts.as_ref().and_then(|x| x.find(l.name));
+        match (expert, expert_inputs) {
+            (Some((e, 0)), Some(inputs)) => {
+                let done = &mut finished;
+                finish_expert(opts, spec, rope, layer, e, inputs, &p, &mut part, done, t)?;
+            }
+            // An expert's up and down are written with its gate.
+            (Some(_), _) => {}
+            (None, _) => {
+                let clock = Instant::now();
+                let lin = layer.linear(l.name);
+                for tensor in linear_tensors(l.name, lin, &p, opts, codes.remove(l.name))? {
+                    part.push(tensor)?;
+                }
+                t.quantize += clock.elapsed().as_secs_f64();
+            }
+        }
+    }
+    for tensor in float_tensors(layer, &p)? {
+        part.push(tensor)?;
+    }
+    Ok((part, finished))
+}
+
+/// The layer's group reports in group order: the layer-wide groups' (searched first) with the
+/// streamed experts' down groups (searched when written) in their places.
+fn merge_reports(
+    spec: &crate::model::config::ModelSpec,
+    layer_wide: Vec<GroupReport>,
+    experts: Vec<GroupReport>,
+) -> Vec<GroupReport> {
+    if experts.is_empty() {
+        return layer_wide;
+    }
+    let (mut wide, mut per_expert) = (layer_wide.into_iter(), experts.into_iter());
+    (crate::model::groups::scale_groups(spec).iter())
+        .filter_map(|g| match g.input {
+            Input::Expert(_) => per_expert.next(),
+            _ => wide.next(),
+        })
+        .collect()
 }
 
 /// What the layer-output checks decided.
@@ -312,10 +393,16 @@ fn search_layer(
     layer: &mut LayerWeights,
     inputs: &mut LinearInputs,
 ) -> Result<(Vec<GroupReport>, Searched, Option<Grams>)> {
-    let groups = crate::model::groups::scale_groups(spec);
+    // Streamed experts' down groups are searched expert by expert when the layer is written
+    // (`super::experts`); their inputs stay as captured until then.
+    let streamed = layer.experts.is_some();
+    let per_expert = |input: Input| streamed && matches!(input, Input::Expert(_));
+    let groups: Vec<ScaleGroup> = (crate::model::groups::scale_groups(spec).into_iter())
+        .filter(|g| !per_expert(g.input))
+        .collect();
     let mut grams = (opts.rounding == Rounding::Gptq).then(Vec::new);
     // An input no group scales (o_proj's under grouped-query attention) is final already.
-    for input in spec.inputs() {
+    for input in spec.inputs().into_iter().filter(|i| !per_expert(*i)) {
         if !groups.iter().any(|g| g.input == input) {
             finish_input(spec, inputs, input, &[], grams.as_mut())?;
         }
@@ -347,7 +434,7 @@ fn search_layer(
 }
 
 /// One group's search (or its identity, unscored): the report and the chosen scales.
-fn search_one(
+pub(super) fn search_one(
     opts: &QuantizeOptions,
     spec: &crate::model::config::ModelSpec,
     rope: &Rope,
@@ -501,10 +588,16 @@ fn clip_layer(
         let Some(x) = inputs.take(input) else {
             continue;
         };
-        for l in linears
-            .iter()
-            .filter(|l| l.input == input && clipped(l.name))
-        {
+        let streamed = |name: &str| {
+            layer
+                .experts
+                .as_ref()
+                .is_some_and(|x| x.find(name).is_some())
+        };
+        let mine: Vec<&crate::model::shapes::LinearShape> = (linears.iter())
+            .filter(|l| l.input == input && clipped(l.name) && !streamed(l.name))
+            .collect();
+        for l in mine {
             let routed;
             let x = match (l.expert, &inputs.routing) {
                 (Some(e), Some(routing)) if input == Input::Mlp => {
@@ -516,25 +609,36 @@ fn clip_layer(
             if l.expert.is_some() && x.dim(0)? < MIN_EXPERT_TOKENS {
                 continue;
             }
-            let lin = layer.linear_mut(l.name);
-            let separate = sides == ClipSides::Separate;
-            let bounds = clip::search(&lin.weight, &clip::subsample(x)?, group, separate)?;
-            let absmax = group_absmax(&lin.weight, group)?;
-            let shrink = bounds
-                .iter()
-                .zip(&absmax)
-                .map(|([lo, hi], a)| match *a > 0.0 {
-                    true => lo.abs().max(*hi) / a,
-                    false => 1.0,
-                })
-                .sum::<f32>()
-                / bounds.len() as f32;
-            lin.weight = clip::apply(&lin.weight, &bounds, group)?;
+            let (bounds, shrink) = clip_linear(layer.linear_mut(l.name), x, group, sides)?;
             shrinks.push((l.name, bounds, shrink));
         }
         drop(x);
     }
     Ok(shrinks)
+}
+
+/// Clips one linear against its input `x` (subsampled here): the bounds and the mean shrink of
+/// the group maxima.
+pub(super) fn clip_linear(
+    lin: &mut crate::model::layer::Linear,
+    x: &Tensor,
+    group: usize,
+    sides: ClipSides,
+) -> Result<(Vec<clip::Bounds>, f32)> {
+    let separate = sides == ClipSides::Separate;
+    let bounds = clip::search(&lin.weight, &clip::subsample(x)?, group, separate)?;
+    let absmax = group_absmax(&lin.weight, group)?;
+    let shrink = bounds
+        .iter()
+        .zip(&absmax)
+        .map(|([lo, hi], a)| match *a > 0.0 {
+            true => lo.abs().max(*hi) / a,
+            false => 1.0,
+        })
+        .sum::<f32>()
+        / bounds.len() as f32;
+    lin.weight = clip::apply(&lin.weight, &bounds, group)?;
+    Ok((bounds, shrink))
 }
 
 /// Largest |value| of the layer's output and of every linear's input (what a float16 server
@@ -548,17 +652,4 @@ fn max_abs_activations(out: &Tensor, inputs: &LinearInputs) -> Result<f32> {
         })?);
     }
     Ok(m)
-}
-
-/// Largest |value| among the float tensors staged in f32 (norms and biases after scaling).
-fn max_abs_float_tensors(tensors: &[writer::OutTensor]) -> f32 {
-    tensors
-        .iter()
-        .filter(|t| t.dtype == safetensors::Dtype::F32)
-        .flat_map(|t| {
-            t.data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
-        })
-        .fold(0f32, f32::max)
 }

@@ -24,6 +24,7 @@ use crate::quant::search::Grid;
 
 mod capture;
 mod ct_config;
+mod experts;
 mod guard;
 mod keep;
 mod layer;

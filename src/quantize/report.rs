@@ -381,7 +381,13 @@ pub(super) fn make_plan(
     // One layer in f32 three times (weights, the search's scratch copy, a candidate), the
     // captured activations and the MLP intermediates of one candidate, plus a fixed overhead
     // (tokenizer, embedding rows, runtime) measured on SmolLM2.
-    let layer_params: usize = linears.iter().map(|l| l.out * l.inp).sum();
+    // A MoE layer's routed experts are read one at a time (`model::experts`): one of them
+    // counts.
+    let one_expert: usize = spec.moe.as_ref().map_or(0, |m| 3 * m.intermediate * spec.hidden);
+    let layer_params: usize = (linears.iter().filter(|l| l.expert.is_none()))
+        .map(|l| l.out * l.inp)
+        .sum::<usize>()
+        + one_expert;
     let t = cal.tokens;
     // Per token: the layer's input and output, every captured input (an expert's only for
     // the tokens routed to it) and three MLP-wide intermediates of one candidate.
