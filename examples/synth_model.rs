@@ -2,9 +2,11 @@
 //! `scripts/bench.sh`: Llama-2-7B-shaped (hidden 4096, intermediate 11008, 32 heads) by default,
 //! or Qwen3-30B-A3B-shaped (`qwen3-moe`) and its dense twin (`qwen3-dense`), or Gemma 3 4B's
 //! wrapped text decoder (`gemma3-4b`: the release's `text_config`, which leaves most fields to
-//! the class defaults, plus a SigLIP-sized vision part that stays float). The tokenizer (and
-//! therefore the vocabulary size) is copied from an existing model directory. One safetensors
-//! shard per layer plus an index, fp16.
+//! the class defaults, plus a SigLIP-sized vision part that stays float), or DeepSeek-V3's MoE
+//! layer (`deepseek-v3`: the release's dimensions, every layer MoE, linears stored as fp8 with
+//! 128 × 128 block scales as the release ships them). The tokenizer (and therefore the
+//! vocabulary size) is copied from an existing model directory. Safetensors shards plus an
+//! index, fp16 (or fp8).
 //!
 //! `cargo run --release --example synth_model -- OUT_DIR LAYERS TOKENIZER_DIR [PRESET [HIDDEN INTER HEADS]]`
 
@@ -51,6 +53,26 @@ fn preset(name: &str, layers: usize, vocab: usize, dims: [usize; 3]) -> serde_js
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128,
         "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": true
     });
+    if name == "deepseek-v3" {
+        // deepseek-ai/DeepSeek-V3's config.json, with our depth and vocabulary and no dense
+        // layers first (every layer is the MoE layer measured).
+        return serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": layers, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+            "n_group": 8, "topk_group": 4, "first_k_dense_replace": 0, "norm_topk_prob": true,
+            "routed_scaling_factor": 2.5, "q_lora_rank": 1536, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "vocab_size": vocab, "rms_norm_eps": 1e-06, "max_position_embeddings": 163840,
+            "rope_theta": 10000, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                             "type": "yarn"},
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                    "quant_method": "fp8", "weight_block_size": [128, 128]}
+        });
+    }
     if name == "gemma3-4b" {
         // google/gemma-3-4b-it's config.json, with our depth and vocabulary.
         return serde_json::json!({
@@ -69,7 +91,9 @@ fn preset(name: &str, layers: usize, vocab: usize, dims: [usize; 3]) -> serde_js
         "llama" => vec![],
         "qwen3-dense" => vec![&qwen3],
         "qwen3-moe" => vec![&qwen3, &moe],
-        other => panic!("unknown preset {other} (llama, qwen3-dense, qwen3-moe, gemma3-4b)"),
+        other => {
+            panic!("unknown preset {other} (llama, qwen3-dense, qwen3-moe, gemma3-4b, deepseek-v3)")
+        }
     };
     for o in overrides {
         for (k, v) in o.as_object().unwrap() {
@@ -77,6 +101,39 @@ fn preset(name: &str, layers: usize, vocab: usize, dims: [usize; 3]) -> serde_js
         }
     }
     c
+}
+
+/// `w: [rows, cols]` as DeepSeek-V3 stores it: float8_e4m3fn codes and a float32
+/// `weight_scale_inv` per block (max |block| / 448).
+fn fp8(name: String, [rows, cols]: [usize; 2], w: &[f32], block: [usize; 2]) -> [OutTensor; 2] {
+    let [gr, gc] = awq::io::fp8::scale_shape([rows, cols], block);
+    let mut scale = vec![0f32; gr * gc];
+    for (r, row) in w.chunks_exact(cols).enumerate() {
+        for (c, x) in row.iter().enumerate() {
+            let s = &mut scale[(r / block[0]) * gc + c / block[1]];
+            *s = s.max(x.abs() / 448.0);
+        }
+    }
+    let codes: Vec<u8> = w
+        .par_chunks(cols)
+        .enumerate()
+        .flat_map_iter(|(r, row)| {
+            let scale = &scale;
+            row.iter().enumerate().map(move |(c, x)| {
+                let s = scale[(r / block[0]) * gc + c / block[1]];
+                awq::io::fp8::f32_to_e4m3(if s > 0.0 { x / s } else { 0.0 })
+            })
+        })
+        .collect();
+    [
+        OutTensor {
+            name: name.clone(),
+            dtype: safetensors::Dtype::F8_E4M3,
+            shape: vec![rows, cols],
+            data: codes,
+        },
+        OutTensor::f32_values(format!("{name}_scale_inv"), vec![gr, gc], &scale),
+    ]
 }
 
 fn main() {
@@ -152,10 +209,35 @@ fn main() {
         }
         shard("model-vision.safetensors", ts);
     }
+    // A shard holds at most this many bytes of linears (a DeepSeek-V3 layer is 11 GB in fp8).
+    const SHARD_BYTES: usize = 2 << 30;
     for i in 0..layers {
         let p = roots.layer(i);
         let mut ts = Vec::new();
-        for l in spec.linears().into_iter().chain(spec.router_linears()) {
+        let mut bytes = 0;
+        let mut part = 0;
+        for l in spec.linears() {
+            let name = format!("{p}.{}.weight", l.name);
+            let before = ts.len();
+            match spec.fp8_block {
+                Some(block) => {
+                    // Seeds of their own, apart from `t`'s.
+                    let seed = 1_000_000 + ts.len() as u64 + 1000 * (i * 100 + part) as u64;
+                    let w = random(l.out * l.inp, 0.035, seed);
+                    ts.extend(fp8(name, [l.out, l.inp], &w, block));
+                }
+                None => ts.push(t(name, vec![l.out, l.inp])),
+            }
+            bytes += ts[before..].iter().map(|t| t.data.len()).sum::<usize>();
+            if bytes > SHARD_BYTES {
+                shard(
+                    &format!("model-layer-{i:03}-{part:02}.safetensors"),
+                    std::mem::take(&mut ts),
+                );
+                (bytes, part) = (0, part + 1);
+            }
+        }
+        for l in spec.router_linears() {
             ts.push(t(format!("{p}.{}.weight", l.name), vec![l.out, l.inp]));
         }
         for (name, width) in spec.layer_floats() {
@@ -165,7 +247,14 @@ fn main() {
                 &ones(width),
             ));
         }
-        shard(&format!("model-layer-{i:03}.safetensors"), ts);
+        for (name, width) in spec.layer_verbatim() {
+            ts.push(OutTensor::f32_values(
+                format!("{p}.{name}"),
+                vec![width],
+                &vec![0.0; width],
+            ));
+        }
+        shard(&format!("model-layer-{i:03}-{part:02}.safetensors"), ts);
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(

@@ -8,11 +8,12 @@
 #   scripts/bench.sh synth-moe LAYERS [flags...]        # Qwen3-30B-A3B-shaped MoE, 16 x 512
 #   scripts/bench.sh synth-dense LAYERS [flags...]      # its dense twin (same active parameters)
 #   scripts/bench.sh synth-gemma3-4b LAYERS [flags...]  # Gemma 3 4B's wrapped text decoder, 16 x 512
+#   scripts/bench.sh synth-deepseek-v3 LAYERS [flags...] # DeepSeek-V3's MoE layer, fp8 on disk, 16 x 512
 #
 # Extra flags are appended (e.g. --fast, --max-blocks 8). Threads: RAYON_NUM_THREADS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kind=${1:?usage: scripts/bench.sh smollm2|smollm2-2l|synth7b|synth-moe|synth-dense|synth-gemma3-4b [LAYERS] [flags...]}
+kind=${1:?usage: scripts/bench.sh smollm2|smollm2-2l|synth7b|synth-moe|synth-dense|synth-gemma3-4b|synth-deepseek-v3 [LAYERS] [flags...]}
 shift
 data=data/wikitext-2-raw
 # AWQ_BIN names a binary to measure instead of building this checkout's.
@@ -72,11 +73,11 @@ synth7b)
     fi
     args=(--group 128 --calib "$data/wiki.valid.calib.txt" --seqlen 512 --max-blocks 16)
     ;;
-synth-moe | synth-dense | synth-gemma3-4b)
+synth-moe | synth-dense | synth-gemma3-4b | synth-deepseek-v3)
     layers=${1:?LAYERS}
     shift
     preset=${kind#synth-}
-    [ "$kind" = synth-gemma3-4b ] || preset=qwen3-${kind#synth-}
+    case $kind in synth-moe | synth-dense) preset=qwen3-${kind#synth-} ;; esac
     model=${TMPDIR:-/tmp}/awq-$preset-$layers
     if [ ! -f "$model/config.json" ]; then
         cargo run --release --quiet --example synth_model -- "$model" "$layers" \

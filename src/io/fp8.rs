@@ -24,6 +24,30 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     sign * magnitude
 }
 
+/// f32 to the nearest `float8_e4m3fn` (ties to the even code), saturating at ±448 as
+/// DeepSeek's and PyTorch's casts of already-scaled blocks never exceed it. For writing
+/// fp8 test and benchmark checkpoints.
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    static POSITIVE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    // The positive finite codes 0x00..=0x7e increase with their value.
+    let table = POSITIVE.get_or_init(|| (0..=0x7e).map(e4m3_to_f32).collect());
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs().min(448.0);
+    let hi = table.partition_point(|&v| v < a).min(0x7e);
+    if hi == 0 || table[hi] == a {
+        return sign | hi as u8;
+    }
+    let lo = hi - 1;
+    let (dl, dh) = (a - table[lo], table[hi] - a);
+    let code = match dl.partial_cmp(&dh) {
+        Some(std::cmp::Ordering::Less) => lo,
+        Some(std::cmp::Ordering::Greater) => hi,
+        _ if lo % 2 == 0 => lo,
+        _ => hi,
+    };
+    sign | code as u8
+}
+
 /// The scale grid's shape for a `[rows, cols]` weight and `[br, bc]` blocks.
 pub fn scale_shape([rows, cols]: [usize; 2], [br, bc]: [usize; 2]) -> [usize; 2] {
     [rows.div_ceil(br), cols.div_ceil(bc)]
@@ -65,6 +89,18 @@ mod tests {
         assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // the smallest subnormal
         assert_eq!(e4m3_to_f32(0x3c), 1.5);
         assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
+    }
+
+    #[test]
+    fn encoding_rounds_to_the_nearest_code_and_decodes_back() {
+        for code in (0u8..=0x7e).chain(0x80..=0xfe) {
+            assert_eq!(f32_to_e4m3(e4m3_to_f32(code)), code, "{code:#x}");
+        }
+        // 1.0 is 0x38, 1.125 is 0x39, 1.25 is 0x3a: halfway goes to the even code.
+        assert_eq!(f32_to_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_e4m3(1.1875), 0x3a);
+        assert_eq!(f32_to_e4m3(1.07), 0x39);
+        assert_eq!(f32_to_e4m3(1000.0), 0x7e);
     }
 
     #[test]

@@ -100,6 +100,15 @@ impl OutTensor {
             shape,
         })
     }
+    /// `values` as an F32 tensor (in a part, F32 means staged: see [`OutTensor::f32`]).
+    pub fn f32_values(name: String, shape: Vec<usize>, values: &[f32]) -> Self {
+        Self {
+            name,
+            dtype: Dtype::F32,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
     /// A float tensor staged in f32, converted to the output dtype by [`write_shards`].
     pub fn f32(name: String, t: &candle_core::Tensor) -> Result<Self> {
         let values = t.flatten_all()?.to_vec1::<f32>()?;

@@ -37,7 +37,7 @@ pub enum AttnProj {
     /// One `qkv_proj` whose output rows are `[q; k; v]` (Phi-3).
     Fused,
     /// Multi-head latent attention (DeepSeek-V3): low-rank q and kv projections with their
-    /// own norms; see [`super::mla::Mla`], which owns its tensors, groups and forward.
+    /// own norms; see [`super::attention::mla::Mla`], which owns its tensors, groups and forward.
     Latent,
 }
 

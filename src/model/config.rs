@@ -477,7 +477,7 @@ pub struct ModelSpec {
     /// `mlp_only_layers`). Empty: every layer is as `mlp` says. See [`ModelSpec::layer`].
     pub dense: Vec<bool>,
     /// The latent attention's ranks and head sizes when `attn_proj` is [`AttnProj::Latent`].
-    pub mla: Option<super::mla::Mla>,
+    pub mla: Option<super::attention::mla::Mla>,
     /// An fp8 source (`quantization_config.quant_method` "fp8"): the `[rows, cols]` block of
     /// each `weight_scale_inv` entry; the linears are dequantized on load.
     pub fp8_block: Option<[usize; 2]>,

@@ -1,13 +1,13 @@
 //! `DeepseekV3ForCausalLM`: DeepSeek-V3, R1, V3.1 and Kimi K2 (`model_type` `kimi_k2`, the same
-//! class). Multi-head latent attention ([`super::mla`]); the first `first_k_dense_replace`
+//! class). Multi-head latent attention ([`super::attention::mla`]); the first `first_k_dense_replace`
 //! layers have a dense gated MLP, the others `n_routed_experts` experts behind a grouped
 //! sigmoid router with `e_score_correction_bias` ([`Scoring::GroupedSigmoid`]) plus shared
 //! experts; yarn rope on the rope features, in interleaved pairs (transformers
 //! `modeling_deepseek_v3.py`, `configuration_deepseek_v3.py`).
 
 use super::arch::{AttnProj, Mlp, Moe, Scoring, Shared};
+use super::attention::mla::Mla;
 use super::config::{HfConfig, ModelSpec};
-use super::mla::Mla;
 use crate::error::Result;
 use crate::input_err;
 

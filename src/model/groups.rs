@@ -9,7 +9,7 @@
 //! a scaled previous linear divides its bias rows too) and q/k norms sit inside the inspected
 //! attention.
 
-use super::arch::{AttnProj, Block, Input, Mlp};
+use super::arch::{Block, Input};
 use super::config::ModelSpec;
 use super::shapes as names;
 
@@ -58,33 +58,20 @@ pub struct ScaleGroup {
     pub compensate: Vec<&'static str>,
 }
 
-/// The groups searched for a model, in AutoAWQ's order.
-///
-/// The v→o group exists only when v's rows match o exactly (`v` part `[o.in, o.out]`), which is
-/// AutoAWQ's `v_proj.weight.shape == o_proj.weight.shape`: with grouped-query attention there
-/// are fewer v rows than o inputs and the scales cannot fold. (AutoAWQ's phi3.py adds the
-/// qkv→o group unconditionally, which with GQA would divide k and q rows; we do not.)
-///
-/// Starcoder2's `c_fc → gelu → c_proj` has an activation between the linears, so there is no
-/// linear directly before `c_proj`: AutoAWQ folds into the activation instead and stores
-/// `mlp.act.scales`, which not every loader reads. We leave that pair unscaled (`c_proj` is still
-/// clipped and quantized), so the checkpoint is plain AWQ for every loader.
+/// The groups searched for a layer, in AutoAWQ's order: the norm before the attention → the
+/// attention's input linears (in a parallel block, and the MLP's: AutoAWQ inspects the whole
+/// layer); the attention's inner groups; the MLP norm → the MLP's input linears, with the
+/// routers that read that norm compensated; the MLP's inner groups. What each component
+/// scales and how is its own ([`super::attention`], [`super::mlp`]); which norm feeds which is
+/// the layer's.
 pub fn scale_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
-    let mut groups = attention_groups(spec);
-    groups.extend(mlp_groups(spec));
-    groups
-}
-
-/// The attention's groups: `input_layernorm` → q/k/v (or, in a parallel block, q/k/v and the
-/// MLP's input linears), and v → o where the shapes allow.
-fn attention_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
-    let (qd, kvd) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
-    let attn_linears: Vec<&'static str> = match spec.attn_proj {
-        AttnProj::Separate => vec![names::Q_PROJ, names::K_PROJ, names::V_PROJ],
-        AttnProj::Fused => vec![names::QKV_PROJ],
-        AttnProj::Latent => return spec.latent().scale_groups(),
+    let (attention, mlp) = (super::attention::of(spec), super::mlp::of(spec));
+    let mlp_inputs = |input| -> Vec<&'static str> {
+        (mlp.linears(spec, input).into_iter())
+            .filter(|l| l.input == input)
+            .map(|l| l.name)
+            .collect()
     };
-    let mut groups = Vec::new();
     let first = |name, linears, inspect| ScaleGroup {
         name,
         prev: PrevOp::Norm(names::INPUT_NORM),
@@ -93,100 +80,27 @@ fn attention_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
         inspect,
         compensate: Vec::new(),
     };
-    if spec.block == Block::Parallel {
-        groups.push(first(
+    let attn_in = attention.input_linears(spec);
+    let mut groups = vec![match spec.block {
+        Block::Parallel => first(
             "qkv_mlp",
-            [attn_linears.clone(), mlp_inputs(spec)].concat(),
+            [attn_in, mlp_inputs(Input::Attn)].concat(),
             Inspect::Block,
-        ));
-    } else {
-        groups.push(first("qkv", attn_linears.clone(), Inspect::SelfAttn));
-    }
-    if kvd == qd && spec.hidden == qd {
-        let v = match spec.attn_proj {
-            AttnProj::Fused => names::QKV_PROJ,
-            _ => names::V_PROJ,
-        };
-        groups.push(ScaleGroup {
-            name: "o",
-            prev: PrevOp::Linear(v),
-            linears: vec![names::O_PROJ],
-            input: Input::O,
-            inspect: Inspect::Linear,
-            compensate: Vec::new(),
-        });
-    }
-    groups
-}
-
-/// The linears that read the MLP's input.
-fn mlp_inputs(spec: &ModelSpec) -> Vec<&'static str> {
-    match spec.mlp {
-        Mlp::Gated => vec![names::GATE_PROJ, names::UP_PROJ],
-        Mlp::FusedGated => vec![names::GATE_UP_PROJ],
-        Mlp::Plain => vec![names::C_FC],
-        // Every expert's gate and up (and the shared expert's) in one group, inspected over the
-        // whole MoE block (AutoAWQ's mixtral.py / qwen3_moe.py).
-        Mlp::Moe => spec
-            .linears()
-            .into_iter()
-            .filter(|l| l.input == Input::Mlp)
-            .map(|l| l.name)
-            .collect(),
-    }
-}
-
-/// The MLP's groups: its norm → its input linears (with the router compensated), then each
-/// down projection against the linear before it.
-fn mlp_groups(spec: &ModelSpec) -> Vec<ScaleGroup> {
-    let mut groups = Vec::new();
+        ),
+        _ => first("qkv", attn_in, Inspect::SelfAttn),
+    }];
+    groups.extend(attention.inner_groups(spec));
     if let Some(norm) = spec.mlp_norm() {
         groups.push(ScaleGroup {
-            name: if spec.mlp == Mlp::Plain {
-                "fc"
-            } else {
-                "gate_up"
-            },
+            name: mlp.input_group(),
             prev: PrevOp::Norm(norm),
-            linears: mlp_inputs(spec),
+            linears: mlp_inputs(Input::Mlp),
             input: Input::Mlp,
             inspect: Inspect::Mlp,
-            compensate: spec.router_linears().iter().map(|l| l.name).collect(),
+            compensate: mlp.routers(spec).iter().map(|l| l.name).collect(),
         });
     }
-    let down = |name, up, down, input| ScaleGroup {
-        name,
-        prev: PrevOp::Linear(up),
-        linears: vec![down],
-        input,
-        inspect: Inspect::Linear,
-        compensate: Vec::new(),
-    };
-    match spec.mlp {
-        Mlp::Gated => groups.push(down("down", names::UP_PROJ, names::DOWN_PROJ, Input::Down)),
-        Mlp::FusedGated => groups.push(down(
-            "down",
-            names::GATE_UP_PROJ,
-            names::DOWN_PROJ,
-            Input::Down,
-        )),
-        Mlp::Plain => {}
-        // Each expert's down against its own up, on the tokens routed to it.
-        Mlp::Moe => {
-            let moe = spec.moe.as_ref().expect("a MoE spec has experts");
-            for e in 0..moe.experts {
-                let [_, up, dn] = spec.expert_linears(e);
-                let name = super::arch::intern(format!("experts.{e}.down"));
-                groups.push(down(name, up, dn, Input::Expert(e)));
-            }
-            if let Some(shared) = &moe.shared {
-                let [_, up, dn] = shared.linears();
-                let leaf = shared.prefix.trim_start_matches("mlp.");
-                let name = super::arch::intern(format!("{leaf}.down"));
-                groups.push(down(name, up, dn, Input::SharedDown));
-            }
-        }
-    }
+    groups.extend(mlp.inner_groups(spec));
     groups
 }
 

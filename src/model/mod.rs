@@ -21,7 +21,7 @@ pub mod layer;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
-pub mod mla;
+pub mod mlp;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_moe;

@@ -3,7 +3,7 @@
 //! per-layer attention window — derived from the family's components, so that the loader, the
 //! writer, `verify` and the plan all agree on one list.
 
-use super::arch::{intern, AttnProj, Block, Input, Mlp};
+use super::arch::{intern, Block, Input, Mlp};
 use super::config::ModelSpec;
 
 /// One linear of a decoder layer: name relative to the layer, `[out, in]`, whether it has a
@@ -107,70 +107,15 @@ pub const Q_NORM: &str = "self_attn.q_norm";
 pub const K_NORM: &str = "self_attn.k_norm";
 
 impl ModelSpec {
-    /// The linears of every decoder layer, in checkpoint order.
+    /// The linears of every decoder layer, in checkpoint order: the attention component's,
+    /// then the MLP component's ([`super::attention`], [`super::mlp`]).
     pub fn linears(&self) -> Vec<LinearShape> {
-        let (d, i) = (self.hidden, self.intermediate);
-        let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let l = |name, out, inp, bias, input| LinearShape::new(name, [out, inp], bias, input);
-        let hd = self.head_dim;
-        let heads = |kv| Split::Heads { per_head: hd, kv };
-        let o = l(O_PROJ, d, qd, self.o_bias, Input::O).split(Split::RowHeads { per_head: hd });
-        let qkv = |name, out| {
-            let linear = l(name, out, d, self.qkv_bias, Input::Attn);
-            linear.split(heads(name != Q_PROJ)).merged(QKV_PROJ)
-        };
-        let mut v = match self.attn_proj {
-            AttnProj::Separate => vec![qkv(Q_PROJ, qd), qkv(K_PROJ, kvd), qkv(V_PROJ, kvd), o],
-            AttnProj::Fused => vec![
-                l(QKV_PROJ, qd + 2 * kvd, d, self.qkv_bias, Input::Attn)
-                    .split(Split::QkvHeads { per_head: hd }),
-                o,
-            ],
-            AttnProj::Latent => self.latent().linears(self.heads, d),
-        };
         let mlp_in = match self.block {
             Block::Parallel => Input::Attn,
             _ => Input::Mlp,
         };
-        let b = self.mlp_bias;
-        match self.mlp {
-            Mlp::Gated => v.extend([
-                l(GATE_PROJ, i, d, b, mlp_in).merged(GATE_UP_PROJ),
-                l(UP_PROJ, i, d, b, mlp_in).merged(GATE_UP_PROJ),
-                l(DOWN_PROJ, d, i, b, Input::Down),
-            ]),
-            Mlp::FusedGated => v.extend([
-                l(GATE_UP_PROJ, 2 * i, d, b, mlp_in),
-                l(DOWN_PROJ, d, i, b, Input::Down),
-            ]),
-            Mlp::Plain => v.extend([l(C_FC, i, d, b, mlp_in), l(C_PROJ, d, i, b, Input::Down)]),
-            Mlp::Moe => {
-                let moe = self.moe.as_ref().expect("a MoE spec has experts");
-                for e in 0..moe.experts {
-                    let [gate, up, down] = self.expert_linears(e);
-                    let n = moe.intermediate;
-                    let routed = |l: LinearShape| LinearShape {
-                        expert: Some(e),
-                        ..l
-                    };
-                    v.extend([
-                        routed(l(gate, n, d, false, mlp_in)),
-                        routed(l(up, n, d, false, mlp_in)),
-                        routed(l(down, d, n, false, Input::Expert(e))),
-                    ]);
-                }
-                if let Some(shared) = &moe.shared {
-                    let [gate, up, down] = shared.linears();
-                    let n = shared.intermediate;
-                    let merged = intern(format!("{}.gate_up_proj", shared.prefix));
-                    v.extend([
-                        l(gate, n, d, false, mlp_in).merged(merged),
-                        l(up, n, d, false, mlp_in).merged(merged),
-                        l(down, d, n, false, Input::SharedDown),
-                    ]);
-                }
-            }
-        }
+        let mut v = super::attention::of(self).linears(self);
+        v.extend(super::mlp::of(self).linears(self, mlp_in));
         v
     }
 
@@ -183,19 +128,9 @@ impl ModelSpec {
 
     /// Linears that stay unquantized (float weights, no bias): a MoE layer's router and
     /// Qwen2-MoE's `shared_expert_gate`. Their names, as module names, are what
-    /// `modules_to_not_convert` must match.
+    /// `modules_to_not_convert` must match (see [`ModelSpec::listed_routers`]).
     pub fn router_linears(&self) -> Vec<LinearShape> {
-        let Some(moe) = &self.moe else {
-            return Vec::new();
-        };
-        let l = |name, out| {
-            LinearShape::new(name, [out, self.hidden], false, Input::Mlp).split(Split::Replicated)
-        };
-        let mut v = vec![l(moe.router, moe.experts)];
-        if let Some(gate) = moe.shared.as_ref().and_then(|s| s.gate) {
-            v.push(l(gate, 1));
-        }
-        v
+        super::mlp::of(self).routers(self)
     }
 
     /// The unquantized linears that `modules_to_not_convert` must name (see
@@ -211,14 +146,12 @@ impl ModelSpec {
     /// the source with their dtype and bytes (a grouped-sigmoid router's float32
     /// `e_score_correction_bias`), with their widths.
     pub fn layer_verbatim(&self) -> Vec<(&'static str, usize)> {
-        let moe = self.moe.as_ref();
-        let bias = moe.and_then(|m| m.correction_bias().map(|b| (b, m.experts)));
-        bias.into_iter().collect()
+        super::mlp::of(self).verbatim(self)
     }
 
     /// The latent attention's sizes. Panics unless `attn_proj` is [`AttnProj::Latent`] (the
     /// family sets both).
-    pub fn latent(&self) -> super::mla::Mla {
+    pub fn latent(&self) -> super::attention::mla::Mla {
         self.mla.expect("a latent attention spec has its ranks")
     }
 
@@ -343,12 +276,7 @@ impl ModelSpec {
             }
             Block::Parallel => {}
         }
-        if self.qk_norm {
-            v.extend([(Q_NORM, self.head_dim), (K_NORM, self.head_dim)]);
-        }
-        if self.attn_proj == AttnProj::Latent {
-            v.extend(self.latent().norms());
-        }
+        v.extend(super::attention::of(self).norms(self));
         v
     }
 

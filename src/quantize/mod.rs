@@ -444,6 +444,9 @@ fn produce(
         }
     };
 
+    if let Some(message) = report::expert_tokens(&done.reports) {
+        events(&Event::Notice { message });
+    }
     if let Some(message) = report::quiet_experts(&done.reports) {
         events(&Event::Warning { message });
     }

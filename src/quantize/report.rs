@@ -145,6 +145,34 @@ impl Timings {
     }
 }
 
+/// The distribution of calibration tokens over a MoE model's experts: per expert and layer,
+/// the fewest, the median and the most, and how many fell below the search threshold; `None`
+/// for a dense model. Each expert's scale search and clipping see only its routed tokens, so
+/// this says how much of the calibration each expert got.
+pub(super) fn expert_tokens(layers: &[LayerReport]) -> Option<String> {
+    let mut tokens: Vec<usize> = (layers.iter())
+        .flat_map(|l| l.experts.iter().flatten().map(|e| e.tokens))
+        .collect();
+    if tokens.is_empty() {
+        return None;
+    }
+    tokens.sort_unstable();
+    let quiet = tokens
+        .iter()
+        .filter(|&&t| t < super::layer::MIN_EXPERT_TOKENS)
+        .count();
+    let moe_layers = layers.iter().filter(|l| l.experts.is_some()).count();
+    Some(format!(
+        "calibration tokens per expert over {moe_layers} MoE layer(s): fewest {}, median {}, \
+         most {}; {quiet} of {} expert-layers below {} (round-to-nearest)",
+        tokens[0],
+        tokens[tokens.len() / 2],
+        tokens[tokens.len() - 1],
+        tokens.len(),
+        super::layer::MIN_EXPERT_TOKENS
+    ))
+}
+
 /// A warning naming the MoE experts that saw too few calibration tokens to search or clip
 /// (plain round-to-nearest), per layer; `None` when every expert had enough.
 pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
@@ -383,7 +411,10 @@ pub(super) fn make_plan(
     // (tokenizer, embedding rows, runtime) measured on SmolLM2.
     // A MoE layer's routed experts are read one at a time (`model::experts`): one of them
     // counts.
-    let one_expert: usize = spec.moe.as_ref().map_or(0, |m| 3 * m.intermediate * spec.hidden);
+    let one_expert: usize = spec
+        .moe
+        .as_ref()
+        .map_or(0, |m| 3 * m.intermediate * spec.hidden);
     let layer_params: usize = (linears.iter().filter(|l| l.expert.is_none()))
         .map(|l| l.out * l.inp)
         .sum::<usize>()

@@ -1,6 +1,6 @@
 //! Multi-head latent attention (DeepSeek-V3, Kimi K2; transformers `modeling_deepseek_v3.py`,
-//! `DeepseekV3Attention`). This component owns its facts: its tensors, its AWQ scale groups and
-//! its forward, so the rest of the decoder only asks it.
+//! `DeepseekV3Attention`): [`Mla`] holds the ranks and sizes the config gives, [`Latent`] is the
+//! component (its tensors, vLLM's split rules, its scale groups and its forward).
 //!
 //! - q: `q_b_proj(q_a_layernorm(q_a_proj(x)))` (or one `q_proj` when `q_lora_rank` is null),
 //!   per head `[nope | rope]`.
@@ -18,9 +18,15 @@
 
 use candle_core::{Device, Tensor};
 
-use super::arch::Input;
-use super::groups::{Inspect, PrevOp, ScaleGroup};
-use super::shapes::{LinearShape, Split, INPUT_NORM, O_PROJ, Q_PROJ};
+use super::kernel::{Kernel, Rotary, Rounding};
+use super::{flat, timed, Attention};
+use crate::error::Result;
+use crate::model::arch::Input;
+use crate::model::config::ModelSpec;
+use crate::model::groups::{Inspect, PrevOp, ScaleGroup};
+use crate::model::layer::{round_to, LayerWeights, LinearInputs};
+use crate::model::rope::Rope;
+use crate::model::shapes::{LinearShape, Split, O_PROJ, Q_PROJ};
 
 pub const Q_A_PROJ: &str = "self_attn.q_a_proj";
 pub const Q_A_NORM: &str = "self_attn.q_a_layernorm";
@@ -102,47 +108,31 @@ impl Mla {
         q.into_iter().chain([(KV_A_NORM, self.kv_lora)]).collect()
     }
 
-    /// Its scale groups, as AutoAWQ's `deepseek_v3.py` and llm-compressor's DeepseekV3 mapping
-    /// have them: `input_layernorm` → the q and kv down-projections (the whole attention
-    /// inspected); `q_a_layernorm` → `q_b_proj`; `kv_a_layernorm` → `kv_b_proj`. There is no
-    /// v→o group: o reads the attention over all heads, not one linear's rows.
-    pub fn scale_groups(&self) -> Vec<ScaleGroup> {
-        let first = match self.q_lora {
-            Some(_) => Q_A_PROJ,
-            None => Q_PROJ,
-        };
-        let group = |name, prev, linears, input, inspect| ScaleGroup {
+    /// The linears that read `input_layernorm`'s output: the q and kv down-projections.
+    pub fn input_linears(&self) -> Vec<&'static str> {
+        match self.q_lora {
+            Some(_) => vec![Q_A_PROJ, KV_A_PROJ],
+            None => vec![Q_PROJ, KV_A_PROJ],
+        }
+    }
+
+    /// Its groups after the first, as AutoAWQ's `deepseek_v3.py` and llm-compressor's
+    /// DeepseekV3 mapping have them: `q_a_layernorm` → `q_b_proj`; `kv_a_layernorm` →
+    /// `kv_b_proj` (the first, from `input_layernorm`, scales [`Mla::input_linears`] and inspects
+    /// the whole attention). There is no v→o group: o reads the attention over all heads, not
+    /// one linear's rows.
+    pub fn inner_groups(&self) -> Vec<ScaleGroup> {
+        let group = |name, prev, linear, input| ScaleGroup {
             name,
             prev: PrevOp::Norm(prev),
-            linears,
+            linears: vec![linear],
             input,
-            inspect,
+            inspect: Inspect::Linear,
             compensate: Vec::new(),
         };
-        let mut v = vec![group(
-            "qkv",
-            INPUT_NORM,
-            vec![first, KV_A_PROJ],
-            Input::Attn,
-            Inspect::SelfAttn,
-        )];
-        if self.q_lora.is_some() {
-            v.push(group(
-                "q_b",
-                Q_A_NORM,
-                vec![Q_B_PROJ],
-                Input::QLatent,
-                Inspect::Linear,
-            ));
-        }
-        v.push(group(
-            "kv_b",
-            KV_A_NORM,
-            vec![KV_B_PROJ],
-            Input::KvLatent,
-            Inspect::Linear,
-        ));
-        v
+        let q = (self.q_lora.is_some()).then(|| group("q_b", Q_A_NORM, Q_B_PROJ, Input::QLatent));
+        let kv = group("kv_b", KV_A_NORM, KV_B_PROJ, Input::KvLatent);
+        q.into_iter().chain([kv]).collect()
     }
 
     /// Features per head in the kernel: q/k and v padded to one size.
@@ -206,6 +196,84 @@ impl Mla {
     }
 }
 
+/// The latent attention component; its sizes are the spec's ([`ModelSpec::latent`]).
+pub struct Latent;
+
+impl Attention for Latent {
+    fn linears(&self, spec: &ModelSpec) -> Vec<LinearShape> {
+        spec.latent().linears(spec.heads, spec.hidden)
+    }
+
+    fn norms(&self, spec: &ModelSpec) -> Vec<(&'static str, usize)> {
+        spec.latent().norms()
+    }
+
+    fn input_linears(&self, spec: &ModelSpec) -> Vec<&'static str> {
+        spec.latent().input_linears()
+    }
+
+    fn inner_groups(&self, spec: &ModelSpec) -> Vec<ScaleGroup> {
+        spec.latent().inner_groups()
+    }
+
+    /// The low-rank projections and their norms, then the kernel on q/k/v rearranged to one
+    /// head size (see the module docs).
+    fn context(
+        &self,
+        layer: &LayerWeights,
+        spec: &ModelSpec,
+        rope: &Rope,
+        x: &Tensor,
+        seq_len: usize,
+        capture: bool,
+    ) -> Result<(Tensor, LinearInputs)> {
+        let mla = spec.latent();
+        let (tokens, h) = (x.dim(0)?, spec.heads);
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let norm = |name: &str, t: &Tensor| r(layer.norm(name).apply(spec, t)?);
+        let mut captured = LinearInputs::default();
+        let q = match mla.q_lora {
+            Some(_) => {
+                let q_latent = norm(Q_A_NORM, &r(layer.linear(Q_A_PROJ).forward(x)?)?)?;
+                let q = r(layer.linear(Q_B_PROJ).forward(&q_latent)?)?;
+                if capture {
+                    captured.set(Input::QLatent, q_latent);
+                }
+                q
+            }
+            None => r(layer.linear(Q_PROJ).forward(x)?)?,
+        };
+        let kv_a = r(layer.linear(KV_A_PROJ).forward(x)?)?;
+        let kv_latent = norm(KV_A_NORM, &kv_a.narrow(1, 0, mla.kv_lora)?.contiguous()?)?;
+        let k_rope = kv_a.narrow(1, mla.kv_lora, mla.rope)?;
+        let kv = r(layer.linear(KV_B_PROJ).forward(&kv_latent)?)?;
+        if capture {
+            captured.set(Input::KvLatent, kv_latent);
+        }
+        let q = mla.q_for_kernel(&flat(q)?, tokens, h);
+        let (k, v) = mla.kv_for_kernel(&flat(kv)?, &flat(k_rope)?, tokens, h);
+        let (cos, sin) = rope.tables(false);
+        let kernel = Kernel {
+            seq_len,
+            heads: h,
+            kv_heads: h,
+            head_dim: mla.kernel_head(),
+            scale: spec.attn_scale as f32,
+            window: None,
+            softcap: None,
+            rotary: Rotary {
+                cos,
+                sin,
+                dim: mla.rope,
+                interleaved: spec.rope_interleaved,
+            },
+            round: Rounding::from_dtype(spec.serve_dtype),
+        };
+        let ctx = timed(&kernel, &q, &k, &v, tokens);
+        Ok((mla.context_from_kernel(&ctx, tokens, h)?, captured))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,15 +307,13 @@ mod tests {
 
     #[test]
     fn scale_groups_follow_autoawq_deepseek_v3() {
-        let names: Vec<_> = MLA
-            .scale_groups()
-            .iter()
+        assert_eq!(MLA.input_linears(), vec![Q_A_PROJ, KV_A_PROJ]);
+        let names: Vec<_> = (MLA.inner_groups().iter())
             .map(|g| (g.name, g.prev, g.linears.clone()))
             .collect();
         assert_eq!(
             names,
             vec![
-                ("qkv", PrevOp::Norm(INPUT_NORM), vec![Q_A_PROJ, KV_A_PROJ]),
                 ("q_b", PrevOp::Norm(Q_A_NORM), vec![Q_B_PROJ]),
                 ("kv_b", PrevOp::Norm(KV_A_NORM), vec![KV_B_PROJ]),
             ]
@@ -256,8 +322,7 @@ mod tests {
             q_lora: None,
             ..MLA
         };
-        let g = no_lora.scale_groups();
-        assert_eq!(g.len(), 2);
-        assert_eq!(g[0].linears, vec![Q_PROJ, KV_A_PROJ]);
+        assert_eq!(no_lora.input_linears(), vec![Q_PROJ, KV_A_PROJ]);
+        assert_eq!(no_lora.inner_groups().len(), 1);
     }
 }

@@ -85,7 +85,7 @@ impl Rotary<'_> {
 
 /// One causal self-attention over `n` sequences of `seq_len` tokens.
 #[derive(Debug, Clone, Copy)]
-pub struct Attention<'a> {
+pub struct Kernel<'a> {
     pub seq_len: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -102,7 +102,7 @@ pub struct Attention<'a> {
     pub round: Option<Rounding>,
 }
 
-impl Attention<'_> {
+impl Kernel<'_> {
     /// Attention context `[tokens, heads · head_dim]` (row-major) for `q: [tokens, heads ·
     /// head_dim]` and `k`, `v: [tokens, kv_heads · head_dim]`, where `tokens = n · seq_len`
     /// and rope is not yet applied to `q` and `k`. Panics when the shapes disagree (callers
@@ -141,7 +141,7 @@ impl Attention<'_> {
         out
     }
 
-    /// Multiply–accumulate count of [`Attention::forward`] (q·kᵀ and p·v over the visible
+    /// Multiply–accumulate count of [`Kernel::forward`] (q·kᵀ and p·v over the visible
     /// blocks), for the work report.
     pub fn flop(&self, tokens: usize) -> u64 {
         let per_seq: usize = (0..self.seq_len.div_ceil(BLOCK_Q))
@@ -215,7 +215,7 @@ impl Attention<'_> {
 
     /// Attention of `queries` (positions `r0..`) over `keys`/`values` (positions `k0..`):
     /// `[rows, head_dim]`. Rows whose visible keys fit one step of [`BLOCK_K`] keys take the
-    /// two-pass softmax ([`Attention::single_step`]); longer ones the online recurrence.
+    /// two-pass softmax ([`Kernel::single_step`]); longer ones the online recurrence.
     fn block(
         &self,
         queries: &[f32],
@@ -268,7 +268,7 @@ impl Attention<'_> {
         acc
     }
 
-    /// [`Attention::block`] when every row's visible keys fit one step: the unfused softmax,
+    /// [`Kernel::block`] when every row's visible keys fit one step: the unfused softmax,
     /// operation for operation as candle's `softmax_last_dim` (the libm exponential, its
     /// summation order, probabilities normalised before the value product), so sequences of
     /// up to [`BLOCK_K`] tokens give the unfused path's results bit for bit on x86-64 and the
@@ -477,7 +477,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Straightforward attention in f64: rope, scores, mask, softmax, weighted values.
-    fn naive(a: &Attention, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
+    fn naive(a: &Kernel, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
         let (hd, h, kvh, l) = (a.head_dim, a.heads, a.kv_heads, a.seq_len);
         let r = a.rotary;
         let half = r.dim / 2;
@@ -561,7 +561,7 @@ mod tests {
         ) {
             let (hd, h) = (2 * half + 2 * unrotated, kvh * rep);
             let (cos, sin) = tables(seq_len, 2 * half);
-            let a = Attention {
+            let a = Kernel {
                 seq_len, heads: h, kv_heads: kvh, head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(), window, softcap,
                 rotary: Rotary { cos: &cos, sin: &sin, dim: 2 * half, interleaved },
@@ -593,7 +593,7 @@ mod tests {
         {
             let (n, h) = (2, kvh * rep);
             let (cos, sin) = tables(seq_len, hd);
-            let a = Attention {
+            let a = Kernel {
                 seq_len,
                 heads: h,
                 kv_heads: kvh,
@@ -676,7 +676,7 @@ mod tests {
     #[test]
     fn flop_counts_the_visible_blocks() {
         let (cos, sin) = tables(256, 4);
-        let a = Attention {
+        let a = Kernel {
             seq_len: 256,
             heads: 2,
             kv_heads: 1,
