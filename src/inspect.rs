@@ -124,6 +124,20 @@ pub fn inspect(dir: &Path) -> Result<Summary> {
             .iter()
             .map(|e| e.to_string())
             .collect();
+        // Routers no list needs to name (DeepSeek-V3's `mlp.gate`) and the tensors copied
+        // byte for byte (its `e_score_correction_bias`) stay float all the same.
+        let unlisted = (s.layer_kinds().into_iter())
+            .flat_map(|(_, k)| {
+                let routers = k.router_linears().into_iter().map(|l| l.name);
+                let verbatim = k.layer_verbatim().into_iter().map(|(n, _)| n);
+                routers.chain(verbatim).collect::<Vec<_>>()
+            })
+            .map(str::to_string);
+        for name in unlisted {
+            if !v.iter().any(|e| name.contains(e.as_str())) {
+                v.push(name);
+            }
+        }
         v.push(crate::model::HEAD_MODULE.to_string());
         v
     });

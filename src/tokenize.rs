@@ -54,15 +54,18 @@ fn tiktoken_only(dir: &Path) -> crate::error::Error {
     input_err!(
         "{} is missing: {d} has only tiktoken.model, a tiktoken tokenizer that transformers reads \
          only with remote code (Kimi K2's tokenization_kimi.py); awq runs no remote code and \
-         needs tokenizer.json. Convert it once, keeping the model's own split pattern and special \
-         tokens (transformers 4.x and tiktoken installed; you run the model's code here, so read \
-         it first): python -c \"from transformers import AutoTokenizer as A, \
-         PreTrainedTokenizerFast as F; from transformers.convert_slow_tokenizer import \
-         TikTokenConverter as C; s = A.from_pretrained('{d}', trust_remote_code=True); \
-         sp = [t for t, _ in sorted(s.special_tokens.items(), key=lambda x: x[1])]; \
+         needs tokenizer.json. Convert it once into a scratch directory, keeping the model's own \
+         split pattern and special tokens, then copy only tokenizer.json into {d} (saving into \
+         {d} itself would rewrite its tokenizer_config.json). With transformers 4.x and \
+         tiktoken installed (this runs the model's code: read it first): python -c \"from \
+         transformers import AutoTokenizer as A, PreTrainedTokenizerFast as F; from \
+         transformers.convert_slow_tokenizer import TikTokenConverter as C; s = \
+         A.from_pretrained('{d}', trust_remote_code=True); sp = [t for t, _ in \
+         sorted(s.special_tokens.items(), key=lambda x: x[1])]; \
          F(tokenizer_object=C(vocab_file=s.vocab_file, pattern=s.pat_str, \
-         additional_special_tokens=sp).converted()).save_pretrained('{d}')\" — then compare its \
-         ids with s.encode on a mixed-language text before quantizing",
+         additional_special_tokens=sp).converted()).save_pretrained('/tmp/kimi-tokenizer')\" && \
+         cp /tmp/kimi-tokenizer/tokenizer.json {d}/ — then compare its ids with s.encode on a \
+         mixed-language text before quantizing",
         dir.join("tokenizer.json").display(),
         d = dir.display()
     )

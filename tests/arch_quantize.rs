@@ -320,6 +320,18 @@ fn mtp_layers_are_left_out_with_a_warning() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_nextn_predict_layers"], 0);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("| multi-token-prediction layers | 1 left out"),
+        "{card}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["plan"]["mtp_layers_left_out"], 1);
+    // The plan lists the dense first layer's MLP beside the experts'.
+    let linears = report["plan"]["linears"].to_string();
+    assert!(linears.contains("mlp.gate_proj") && linears.contains("mlp.experts.7.down_proj"));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The components a decoder layer is built from. A family (one small file per architecture) is a
-//! choice of these plus its config defaults; the one decoder in `layer.rs` reads the choice, so
-//! adding a family is data, not a copy of the forward.
+//! choice of these plus its config defaults; each attention and MLP kind is implemented once in
+//! `attention/` and `mlp/`, and the one decoder in `layer.rs` composes them, so adding a family
+//! is data, not a copy of the forward.
 
 use crate::error::Result;
 use crate::input_err;
@@ -149,11 +150,17 @@ impl Moe {
                 || topk_groups > groups
                 || self.top_k > topk_groups * per_group
             {
+                let fitting: Vec<String> = (1..=self.experts / 2)
+                    .filter(|g| self.experts.is_multiple_of(*g))
+                    .map(|g| g.to_string())
+                    .collect();
                 return Err(input_err!(
                     "config.json: n_group ({groups}) must divide n_routed_experts ({}) into groups \
-                     of at least 2, with 1 ≤ topk_group ({topk_groups}) ≤ n_group and \
-                     num_experts_per_tok ({}) ≤ topk_group × experts per group",
+                     of at least 2 (n_group {} fit), with 1 ≤ topk_group ({topk_groups}) ≤ n_group \
+                     and num_experts_per_tok ({}) ≤ topk_group × experts per group; the released \
+                     config.json has values that do",
                     self.experts,
+                    fitting.join(", "),
                     self.top_k
                 ));
             }

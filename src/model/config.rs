@@ -718,9 +718,16 @@ impl HfConfig {
             .and_then(|b| serde_json::from_value(b.clone()).ok());
         match block.as_deref() {
             Some(&[r, c]) if r > 0 && c > 0 && fmt == "e4m3" => Ok(Some([r, c])),
+            _ if fmt != "e4m3" => Err(input_err!(
+                "config.json: quantization_config.fmt {fmt:?} is not supported; awq reads \
+                 block-scaled fp8 in \"e4m3\" (DeepSeek-V3's and Kimi K2's)"
+            )),
             _ => Err(input_err!(
-                "config.json: an fp8 source needs quantization_config.fmt \"e4m3\" and \
-                 weight_block_size [rows, cols] (DeepSeek-V3's block-scaled fp8); got {q}"
+                "config.json: quantization_config.weight_block_size is missing or not two \
+                 positive numbers (got {}); a block-scaled fp8 source names its scale blocks, \
+                 e.g. [128, 128] in DeepSeek-V3's release — restore the release's config.json",
+                q.get("weight_block_size")
+                    .map_or("nothing".to_string(), |b| b.to_string())
             )),
         }
     }

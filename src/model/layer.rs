@@ -1,6 +1,7 @@
-//! The one decoder layer every family runs, built from the components the spec chooses
-//! (`arch.rs`): norm kind, sequential / sandwich / parallel block, separate or fused projections,
-//! gated or plain MLP. It is written so that AWQ can see inside it: the input of every linear
+//! The one decoder layer every family runs: the layer's weights, and the block that composes
+//! the spec's components (norm kind; sequential / sandwich / parallel block; the attention
+//! component of [`super::attention`] and the MLP component of [`super::mlp`], which own their
+//! tensors and forwards). It is written so that AWQ can see inside it: the input of every linear
 //! can be captured, and the attention block and the MLP can be run on their own (AWQ's "modules
 //! to inspect").
 //!

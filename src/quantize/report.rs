@@ -54,6 +54,10 @@ pub struct Plan {
     pub shards: Option<Vec<super::shard::ShardPlan>>,
     /// A vision-language wrapper's float parts, copied unchanged (`None` for a causal LM).
     pub vision: Option<crate::model::wrapped::VisionParts>,
+    /// Multi-token-prediction layers of the source left out of the output (DeepSeek-V3,
+    /// GLM-4.5: `num_nextn_predict_layers`, set to 0 in the output).
+    #[serde(default)]
+    pub mtp_layers_left_out: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -446,10 +450,15 @@ pub(super) fn make_plan(
         model_dir: dir.to_path_buf(),
         architecture: spec.architecture.clone(),
         layers: spec.layers,
-        linears: linears
-            .iter()
-            .map(|l| (l.name.to_string(), [l.out, l.inp]))
-            .collect(),
+        // Every kind of layer's linears (a MoE model's dense layers too), once each.
+        linears: (spec.layer_kinds().iter())
+            .flat_map(|(_, k)| k.linears())
+            .fold(Vec::new(), |mut v: Vec<(String, [usize; 2])>, l| {
+                if !v.iter().any(|(n, _)| n == l.name) {
+                    v.push((l.name.to_string(), [l.out, l.inp]));
+                }
+                v
+            }),
         scale_groups,
         calibration: cal.clone(),
         w_bit: opts.w_bit,
@@ -467,6 +476,7 @@ pub(super) fn make_plan(
         staging: None,
         layer_range: None,
         vision,
+        mtp_layers_left_out: spec.mtp_layers,
         shards: None,
     }
 }
@@ -678,7 +688,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, {written_as}.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         {parts}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
+         {parts}{mtp}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -690,6 +700,13 @@ pub(super) fn model_card(r: &Report) -> String {
             v.modules.iter().map(|m| m.tensors).sum::<usize>(),
             v.bytes() as f64 / 1e6
         )),
+        mtp = match r.plan.mtp_layers_left_out {
+            0 => String::new(),
+            n => format!(
+                "| multi-token-prediction layers | {n} left out (`num_nextn_predict_layers` set to \
+                 0): serve without MTP speculative decoding |\n"
+            ),
+        },
         tool = r.tool,
         bits = o.w_bit,
         group = o.group,
