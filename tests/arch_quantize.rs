@@ -481,14 +481,11 @@ fn sigmoid_router_reads_what_it_read(family: &str, out: &Path) {
 
 /// Router weight × norm weight unchanged in every layer that has a router.
 fn router_columns_scaled_with_the_norm(family: &str, model: &Path, out: &Path, routers: &[&str]) {
-    let (model, out) = (model, out);
+    let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+    let source = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for layer in 0..3 {
         let p = format!("model.layers.{layer}");
-        let has = |r: &&&str| {
-            let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
-            let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            t.tensor(&format!("{p}.{r}.weight")).is_ok()
-        };
+        let has = |r: &&&str| source.tensor(&format!("{p}.{r}.weight")).is_ok();
         let routers: Vec<&&str> = routers.iter().filter(has).collect();
         if routers.is_empty() {
             continue;
