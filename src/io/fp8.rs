@@ -69,8 +69,12 @@ pub fn dequantize(
         .enumerate()
         .for_each(|(r, (dst, src))| {
             let scales = &scale_inv[(r / block[0]) * grid_cols..][..grid_cols];
-            for (c, (d, &b)) in dst.iter_mut().zip(src).enumerate() {
-                *d = lut[b as usize] * scales[c / block[1]];
+            // Block by block: one factor per run of columns, no division per element.
+            let runs = dst.chunks_mut(block[1]).zip(src.chunks(block[1]));
+            for ((d, b), &scale) in runs.zip(scales) {
+                d.iter_mut()
+                    .zip(b)
+                    .for_each(|(d, &b)| *d = lut[b as usize] * scale);
             }
         });
     out

@@ -290,7 +290,7 @@ impl Checkpoint {
             true => self.fp8_f32(name)?,
             false => to_f32(self.bytes(name)?, self.float_type(name)?),
         };
-        if let Some(i) = data.par_iter().position_first(|v| !v.is_finite()) {
+        if let Some(i) = first_non_finite(&data) {
             let m = self.meta(name)?;
             return Err(input_err!(
                 "tensor {name} in {} has a non-finite value ({}) at index {i}; the checkpoint is corrupt \
@@ -310,10 +310,7 @@ impl Checkpoint {
         if self.is_fp8(name) {
             let data = self.fp8_f32(name)?;
             self.release(name);
-            let bad = data
-                .par_iter()
-                .position_first(|v| !v.is_finite() || v.abs() > limit);
-            return Ok(bad.map(|i| (i, data[i])));
+            return Ok(first_beyond(&data, limit).map(|i| (i, data[i])));
         }
         let ft = self.float_type(name)?;
         let es = elem_size(ft);
@@ -402,6 +399,23 @@ impl Checkpoint {
             ),
         }
     }
+}
+
+/// The index of the first NaN or infinity in `data`.
+fn first_non_finite(data: &[f32]) -> Option<usize> {
+    first_beyond(data, f32::INFINITY)
+}
+
+/// The index of the first value of `data` that is non-finite or beyond ±`limit`. Chunks are
+/// scanned in parallel with a branch-free fold (which vectorizes); a per-element
+/// `position_first` is an order of magnitude slower and dominated reading a DeepSeek-V3 expert.
+fn first_beyond(data: &[f32], limit: f32) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
+    let bad = |v: &f32| !v.is_finite() || v.abs() > limit;
+    let any = |c: &[f32]| c.iter().fold(false, |a, v| a | bad(v));
+    let chunk = data.par_chunks(CHUNK).position_first(any)?;
+    let start = chunk * CHUNK;
+    data[start..].iter().position(bad).map(|i| start + i)
 }
 
 fn elem_size(ft: FloatType) -> usize {
@@ -589,4 +603,22 @@ fn no_weights(dir: &Path) -> Error {
         "pass the directory that holds the weights".to_string()
     };
     input_err!("no weights in {d}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards; {hint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_beyond_finds_the_first_bad_value_across_chunks() {
+        let mut v = vec![1f32; 3 << 16];
+        assert_eq!(first_beyond(&v, 2.0), None);
+        assert_eq!(first_non_finite(&v), None);
+        v[(2 << 16) + 5] = f32::NAN;
+        v[(1 << 16) + 7] = 3.0;
+        assert_eq!(first_beyond(&v, 2.0), Some((1 << 16) + 7));
+        assert_eq!(first_non_finite(&v), Some((2 << 16) + 5));
+        v[3] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&v), Some(3));
+    }
 }

@@ -92,11 +92,21 @@ pub fn ignore(q: &Value) -> Result<Vec<String>> {
 /// not a valid expression matches nothing.
 pub fn ignores(entry: &str, module: &str) -> bool {
     match entry.strip_prefix("re:") {
-        Some(pattern) => {
-            regex::Regex::new(&format!("^(?:{pattern})")).is_ok_and(|re| re.is_match(module))
-        }
+        Some(pattern) => compiled(pattern).is_some_and(|re| re.is_match(module)),
         None => entry == module,
     }
+}
+
+/// `pattern` anchored at the start and compiled once per process (`None`: not a valid
+/// expression). The loaders ask per module and tensor: thousands of times on a MoE model.
+fn compiled(pattern: &str) -> Option<regex::Regex> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<regex::Regex>>>> = OnceLock::new();
+    let mut cache = (CACHE.get_or_init(Default::default).lock())
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let entry = cache.entry(pattern.to_string());
+    (entry.or_insert_with(|| regex::Regex::new(&format!("^(?:{pattern})")).ok())).clone()
 }
 
 #[cfg(test)]

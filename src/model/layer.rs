@@ -396,47 +396,112 @@ impl LayerWeights {
         seq_len: usize,
         capture: bool,
     ) -> Result<(Tensor, Option<LinearInputs>)> {
+        let half = self.attention_half(spec, rope, h, seq_len, capture)?;
+        self.mlp_half(spec, half, capture)
+    }
+
+    /// The layer up to the MLP's input: attention and its residual. Its rows are the tokens of
+    /// `h`, so halves of whole sequences concatenate ([`AttentionHalf::cat`]) into the half of
+    /// all of them: a MoE layer runs attention piece by piece and its experts once.
+    pub fn attention_half(
+        &self,
+        spec: &ModelSpec,
+        rope: &Rope,
+        h: &Tensor,
+        seq_len: usize,
+        capture: bool,
+    ) -> Result<AttentionHalf> {
         let spec = &*spec.layer(self.index);
         let r = |t: Tensor| round_to(t, spec.serve_dtype);
-        let residual = |t: Tensor| -> Result<Tensor> {
-            if spec.residual_mult == 1.0 {
-                return Ok(t);
-            }
-            r((t * spec.residual_mult)?)
-        };
-        let norm = |name: &str, t: &Tensor| r(self.norm(name).apply(spec, t)?);
-        let x = norm(names::INPUT_NORM, h)?;
+        let x = r(self.norm(names::INPUT_NORM).apply(spec, h)?)?;
         let (ctx, mut inputs) =
             attention::of(spec).context(self, spec, rope, &x, seq_len, capture)?;
         let attn = r(self.linear(names::O_PROJ).forward(&ctx)?)?;
-        let out = match spec.block {
-            Block::Parallel => {
-                let (mlp, captured) = mlp::of(spec).forward(self, spec, &x, capture)?;
-                inputs.absorb(captured);
-                r((r((h + residual(attn)?)?)? + residual(mlp)?)?)?
-            }
+        let attn = match spec.block {
+            Block::Sandwich => r(self.norm(names::POST_ATTN_NORM).apply(spec, &attn)?)?,
+            Block::Sequential | Block::Parallel => attn,
+        };
+        let resid = r((h + residual(spec, attn)?)?)?;
+        let mlp_in = match spec.block {
+            Block::Parallel => x.clone(),
             Block::Sequential | Block::Sandwich => {
-                let sandwich = spec.block == Block::Sandwich;
-                let attn = match sandwich {
-                    true => norm(names::POST_ATTN_NORM, &attn)?,
-                    false => attn,
-                };
-                let h = r((h + residual(attn)?)?)?;
-                let mlp_in = norm(spec.mlp_norm().expect("sequential blocks have one"), &h)?;
-                let (mlp, captured) = mlp::of(spec).forward(self, spec, &mlp_in, capture)?;
-                let mlp = match sandwich {
-                    true => norm(names::POST_FFN_NORM, &mlp)?,
-                    false => mlp,
-                };
-                inputs.set(Input::Mlp, mlp_in);
-                inputs.absorb(captured);
-                r((h + residual(mlp)?)?)?
+                let norm = spec.mlp_norm().expect("sequential blocks have one");
+                r(self.norm(norm).apply(spec, &resid)?)?
             }
         };
         inputs.set(Input::Attn, x);
         inputs.set(Input::O, ctx);
+        Ok(AttentionHalf {
+            resid,
+            mlp_in,
+            inputs,
+        })
+    }
+
+    /// The rest of the layer: the MLP on `half.mlp_in`, added to the residual. With `capture`,
+    /// also the input of every linear (the attention's from `half`).
+    pub fn mlp_half(
+        &self,
+        spec: &ModelSpec,
+        half: AttentionHalf,
+        capture: bool,
+    ) -> Result<(Tensor, Option<LinearInputs>)> {
+        let spec = &*spec.layer(self.index);
+        let r = |t: Tensor| round_to(t, spec.serve_dtype);
+        let AttentionHalf {
+            resid,
+            mlp_in,
+            mut inputs,
+        } = half;
+        let (mlp, captured) = mlp::of(spec).forward(self, spec, &mlp_in, capture)?;
+        let mlp = match spec.block {
+            Block::Sandwich => r(self.norm(names::POST_FFN_NORM).apply(spec, &mlp)?)?,
+            Block::Sequential | Block::Parallel => mlp,
+        };
+        let out = r((resid + residual(spec, mlp)?)?)?;
+        if spec.block != Block::Parallel {
+            inputs.set(Input::Mlp, mlp_in);
+        }
+        inputs.absorb(captured);
         Ok((out, capture.then_some(inputs)))
     }
+}
+
+/// A layer's state between attention and MLP ([`LayerWeights::attention_half`]), rows = tokens.
+pub struct AttentionHalf {
+    /// `h + attention(h)`: what the MLP's output is added to.
+    pub resid: Tensor,
+    /// The MLP's input.
+    pub mlp_in: Tensor,
+    /// The attention linears' inputs.
+    pub inputs: LinearInputs,
+}
+
+impl AttentionHalf {
+    /// The halves of consecutive pieces of whole sequences as one, rows in order.
+    pub fn cat(halves: Vec<AttentionHalf>) -> Result<AttentionHalf> {
+        let rows = |f: &dyn Fn(&AttentionHalf) -> Tensor| -> Result<Tensor> {
+            let parts: Vec<Tensor> = halves.iter().map(f).collect();
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let mut inputs = LinearInputs::default();
+        for (kind, _) in halves[0].inputs.iter() {
+            inputs.set(kind, rows(&|h| h.inputs.get(kind).clone())?);
+        }
+        Ok(AttentionHalf {
+            resid: rows(&|h| h.resid.clone())?,
+            mlp_in: rows(&|h| h.mlp_in.clone())?,
+            inputs,
+        })
+    }
+}
+
+/// `t` scaled by the spec's residual multiplier (Granite), rounded as a server stores it.
+fn residual(spec: &ModelSpec, t: Tensor) -> Result<Tensor> {
+    if spec.residual_mult == 1.0 {
+        return Ok(t);
+    }
+    round_to((t * spec.residual_mult)?, spec.serve_dtype)
 }
 
 /// The entry `name` of a layer's named list. Panics for a name the spec does not list (callers

@@ -330,6 +330,7 @@ impl Model {
     pub fn check_ranges(&self) -> Result<Option<OutOfRange>> {
         let mut beyond = None;
         for (name, quantized) in self.tensor_roles() {
+            crate::interrupt::check()?;
             let Some((index, value)) = self.ckpt.first_out_of_range(&name, F16_MAX)? else {
                 continue;
             };

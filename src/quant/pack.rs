@@ -6,6 +6,7 @@
 //! a width that depends on the group size.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::rtn::Quantized;
 use crate::error::{Error, Result};
@@ -134,15 +135,25 @@ fn pack_gemm(q: &Quantized) -> Packed {
     let (out, inp, gs) = (q.rows, q.cols, q.groups());
     let words = out / 8;
     let mut qweight = vec![0i32; inp * words];
-    for i in 0..inp {
-        for c in 0..words {
-            let mut word = 0u32;
-            for (slot, &j) in AWQ_ORDER.iter().enumerate() {
-                word |= (q.codes[(8 * c + j) * inp + i] as u32) << (4 * slot);
+    // Blocks of input columns in parallel; within one, each word's eight source rows are read
+    // along the block (a column-by-column walk of `codes` missed the cache on every read).
+    const BLOCK: usize = 64;
+    qweight
+        .par_chunks_mut(words * BLOCK)
+        .enumerate()
+        .for_each(|(b, chunk)| {
+            let (i0, n) = (b * BLOCK, chunk.len() / words);
+            for c in 0..words {
+                let rows = AWQ_ORDER.map(|j| &q.codes[(8 * c + j) * inp + i0..][..n]);
+                for di in 0..n {
+                    let mut word = 0u32;
+                    for (slot, row) in rows.iter().enumerate() {
+                        word |= (row[di] as u32) << (4 * slot);
+                    }
+                    chunk[di * words + c] = word as i32;
+                }
             }
-            qweight[i * words + c] = word as i32;
-        }
-    }
+        });
     let mut qzeros = vec![0i32; gs * words];
     let mut scales = vec![f16::ZERO; gs * out];
     for k in 0..gs {

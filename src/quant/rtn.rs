@@ -105,19 +105,22 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
         .for_each(|(r, ((code_row, zero_row), scale_row))| {
             let m = magic();
             let row = &w[r * cols..(r + 1) * cols];
+            // The f16 roundings of a whole group at once: half's slice conversions use the
+            // vector instructions, the same values as `h` one element at a time.
+            let (mut x16, mut grp) = (vec![f16::ZERO; group], vec![0f32; group]);
             for k in 0..gs {
-                let grp = &row[k * group..(k + 1) * group];
+                round_f16(&row[k * group..(k + 1) * group], &mut x16, &mut grp);
                 let (mn, mx) = grp
                     .iter()
                     .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-                        let x = h(x);
                         (a.min(x), b.max(x))
                     });
                 let s = group_scale(mx - mn, min_range);
                 let z = (-rne(h(mn / s), m)).clamp(0.0, QMAX);
-                for (c, &x) in code_row[k * group..(k + 1) * group].iter_mut().zip(grp) {
-                    let v = rne(h(h(x) / s), m) + z;
-                    *c = v.clamp(0.0, QMAX) as u8;
+                grp.iter_mut().for_each(|x| *x /= s);
+                round_f16_in_place(&mut grp, &mut x16);
+                for (c, &v) in code_row[k * group..(k + 1) * group].iter_mut().zip(&grp) {
+                    *c = (rne(v, m) + z).clamp(0.0, QMAX) as u8;
                 }
                 zero_row[k] = z as u8;
                 scale_row[k] = f16::from_f32(s);
@@ -131,6 +134,20 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
         zeros,
         scales,
     }
+}
+
+/// `dst = h(src)` element-wise through the scratch `x16` (all three the same length).
+fn round_f16(src: &[f32], x16: &mut [f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    x16.convert_from_f32_slice(src);
+    x16.convert_to_f32_slice(dst);
+}
+
+/// `v = h(v)` element-wise through the scratch `x16`.
+fn round_f16_in_place(v: &mut [f32], x16: &mut [f16]) {
+    use half::slice::HalfFloatSliceExt;
+    x16.convert_from_f32_slice(v);
+    x16.convert_to_f32_slice(v);
 }
 
 /// The f16 scale of a group whose values span `span = max − min`. AutoAWQ rounds the span to

@@ -6,6 +6,7 @@
 //! can never exceed plain round-to-nearest's. The identity's loss is always recorded.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::reduce;
 use super::rtn::fake_quantize;
@@ -86,16 +87,25 @@ impl WMean {
         }
     }
 
+    /// Adds the rows of `w: [out, cols]`. Each column's sum runs over the rows in order, so the
+    /// result is the same however the columns are split over threads.
     pub fn add(&mut self, w: &Tensor) -> Result<()> {
-        for row in w.to_vec2::<f32>()? {
-            for (k, grp) in row.chunks(self.group).enumerate() {
-                let m = grp.iter().fold(0f32, |a, x| a.max(x.abs())) + 1e-6;
-                for (j, x) in grp.iter().enumerate() {
-                    self.sum[k * self.group + j] += (x.abs() / m) as f64;
-                }
-            }
-            self.rows += 1;
-        }
+        let (cols, group) = (self.sum.len(), self.group);
+        reduce::with_slice(w, |v| {
+            self.sum
+                .par_chunks_mut(group)
+                .enumerate()
+                .for_each(|(k, sum)| {
+                    for row in v.chunks_exact(cols) {
+                        let grp = &row[k * group..][..sum.len()];
+                        let m = grp.iter().fold(0f32, |a, x| a.max(x.abs())) + 1e-6;
+                        for (s, x) in sum.iter_mut().zip(grp) {
+                            *s += (x.abs() / m) as f64;
+                        }
+                    }
+                });
+        })?;
+        self.rows += w.dim(0)?;
         Ok(())
     }
 
@@ -134,10 +144,23 @@ pub fn col_absmax(weights: &[&Tensor]) -> Result<Vec<f32>> {
     Ok(m)
 }
 
-/// Raises `m` to each column's largest |value| of `w`.
+/// Raises `m` to each column's largest |value| of `w` (a maximum: exact in any order, so
+/// rows are split over threads).
 pub fn col_absmax_into(m: &mut [f32], w: &Tensor) -> Result<()> {
-    let cols = w.abs()?.max(0)?.to_vec1::<f32>()?;
-    m.iter_mut().zip(cols).for_each(|(a, c)| *a = a.max(c));
+    const ROWS: usize = 64;
+    let cols = m.len();
+    let fold = |mut a: Vec<f32>, rows: &[f32]| {
+        for row in rows.chunks_exact(cols) {
+            a.iter_mut().zip(row).for_each(|(a, x)| *a = a.max(x.abs()));
+        }
+        a
+    };
+    let found = reduce::with_slice(w, |v| {
+        v.par_chunks(cols * ROWS)
+            .fold(|| vec![0f32; cols], fold)
+            .reduce(|| vec![0f32; cols], |a, b| fold(a, &b))
+    })?;
+    m.iter_mut().zip(found).for_each(|(a, c)| *a = a.max(c));
     Ok(())
 }
 
@@ -155,7 +178,6 @@ pub fn fits_f16(col_absmax: &[f32], s: &[f32]) -> bool {
 pub fn scaled_fake_quant(w: &Tensor, s: &[f32], group: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let mut v = w.flatten_all()?.to_vec1::<f32>()?;
-    use rayon::prelude::*;
     v.par_chunks_mut(inp).for_each(|row| {
         row.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
         fake_quantize(row, group);
@@ -264,6 +286,36 @@ mod tests {
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{t} x {n}"
             );
+        }
+    }
+
+    /// The column-parallel `w_mean` and the row-parallel column maxima are the plain
+    /// row-by-row loops bit for bit (the search's choices, and so the output bytes, follow them).
+    #[test]
+    fn parallel_weight_statistics_equal_the_sequential_loops() {
+        let mut rng = crate::calib::SplitMix64::new(3);
+        for (rows, cols, group) in [(1, 8, 8), (3, 64, 32), (200, 256, 128), (517, 384, 64)] {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| (rng.next_u64() >> 40) as f32 / 1e5 - 80.0)
+                .collect();
+            let w = Tensor::from_vec(v.clone(), (rows, cols), &Device::Cpu).unwrap();
+            let mut sum = vec![0f64; cols];
+            let mut absmax = vec![0f32; cols];
+            for row in v.chunks(cols) {
+                for (k, grp) in row.chunks(group).enumerate() {
+                    let m = grp.iter().fold(0f32, |a, x| a.max(x.abs())) + 1e-6;
+                    for (j, x) in grp.iter().enumerate() {
+                        sum[k * group + j] += (x.abs() / m) as f64;
+                        absmax[k * group + j] = absmax[k * group + j].max(x.abs());
+                    }
+                }
+            }
+            let want: Vec<u32> = (sum.iter())
+                .map(|s| ((s / rows as f64) as f32).to_bits())
+                .collect();
+            let got = w_mean(&[&w], group).unwrap();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+            assert_eq!(col_absmax(&[&w]).unwrap(), absmax, "{rows} x {cols}");
         }
     }
 

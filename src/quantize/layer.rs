@@ -134,6 +134,7 @@ fn weight_stats(
     let mut absmax = vec![0f32; cols];
     let mut held: Option<(usize, crate::model::experts::Expert)> = None;
     for n in &g.linears {
+        crate::interrupt::check()?;
         let found = layer.experts.as_ref().and_then(|x| x.find(n));
         let w = match found {
             Some((e, k)) => {

@@ -26,7 +26,7 @@ use crate::io::writer;
 use crate::model::arch::Input;
 use crate::model::config::AwqFormat;
 use crate::model::groups::{clipped, ScaleGroup};
-use crate::model::layer::{LayerWeights, LinearInputs, Routing};
+use crate::model::layer::{AttentionHalf, LayerWeights, LinearInputs, Routing};
 use crate::model::rope::Rope;
 use crate::quant::clip;
 use crate::quant::search::ScaleChoice;
@@ -291,6 +291,7 @@ fn write_part(
         let expert = layer.experts.as_ref().and_then(|x| x.find(l.name));
         match (expert, expert_inputs) {
             (Some((e, 0)), Some(inputs)) => {
+                crate::interrupt::check()?;
                 let done = &mut finished;
                 finish_expert(opts, spec, rope, layer, e, inputs, &p, &mut part, done, t)?;
             }
@@ -516,7 +517,8 @@ fn expert_reports(routing: &Routing) -> Vec<ExpertReport> {
 /// piece (whole sequences, see [`pieces`]) into buffers of the final size: the MLP's gate/up
 /// intermediates exist for one piece at a time, and nothing is held twice. A MoE layer's
 /// routing is merged across pieces (token indices offset by each piece's start), so each
-/// expert's captured rows stay in the order of its routed tokens.
+/// expert's captured rows stay in the order of its routed tokens. A layer with streamed experts
+/// runs only its attention in pieces ([`LayerWeights::attention_half`]).
 fn forward_captured(
     layer: &LayerWeights,
     spec: &crate::model::config::ModelSpec,
@@ -524,6 +526,15 @@ fn forward_captured(
     hidden: &Tensor,
     seqlen: usize,
 ) -> Result<(Tensor, LinearInputs)> {
+    if layer.experts.is_some() {
+        // Streamed experts: attention piece by piece, the MoE block once over all tokens, so
+        // each expert is read (and converted to f32) once and multiplies all its routed rows.
+        let halves = (pieces(hidden, seqlen)?.iter())
+            .map(|p| layer.attention_half(spec, rope, p, seqlen, true))
+            .collect::<Result<Vec<_>>>()?;
+        let (out, inputs) = layer.mlp_half(spec, AttentionHalf::cat(halves)?, true)?;
+        return Ok((out, inputs.expect("captured")));
+    }
     let tokens = hidden.dim(0)?;
     // Slot 0 is the output, then one per captured input kind.
     let mut bufs: Vec<(Option<Input>, Vec<f32>, usize)> = Vec::new();

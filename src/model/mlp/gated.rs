@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use super::{down, down_group, gate_product, Mlp};
+use super::{down, down_group, gate_product, gated_hidden, Mlp};
 use crate::error::Result;
 use crate::model::arch::Input;
 use crate::model::config::ModelSpec;
@@ -36,8 +36,8 @@ impl Mlp for Gated {
         x: &Tensor,
         capture: bool,
     ) -> Result<(Tensor, LinearInputs)> {
-        let gate = layer.linear(GATE_PROJ).forward(x)?;
-        let hidden = gate_product(spec, gate, layer.linear(UP_PROJ).forward(x)?)?;
+        let (gate, up) = (layer.linear(GATE_PROJ), layer.linear(UP_PROJ));
+        let hidden = gated_hidden(spec, gate, up, x)?;
         down(layer, spec, DOWN_PROJ, hidden, capture)
     }
 }

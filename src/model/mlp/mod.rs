@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use super::arch::{Act, Input, Mlp as Kind};
 use super::config::ModelSpec;
 use super::groups::ScaleGroup;
-use super::layer::{round_to, LayerWeights, LinearInputs};
+use super::layer::{round_to, LayerWeights, Linear, LinearInputs};
 use super::shapes::LinearShape;
 use crate::error::Result;
 
@@ -84,6 +84,12 @@ fn gate_product(spec: &ModelSpec, gate: Tensor, up: Tensor) -> Result<Tensor> {
         (Act::Silu, None) => crate::ops::silu_mul(&gate, &up),
         _ => r((r(act(spec, &r(gate)?)?)? * r(up)?)?),
     }
+}
+
+/// `act(gate(x)) · up(x)`: a gated MLP's hidden activation (a dense layer's, an expert's, the
+/// shared experts').
+fn gated_hidden(spec: &ModelSpec, gate: &Linear, up: &Linear, x: &Tensor) -> Result<Tensor> {
+    gate_product(spec, gate.forward(x)?, up.forward(x)?)
 }
 
 /// A down projection's output for its `hidden` input, rounded, and the captured input.

@@ -12,7 +12,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{down_group, gate_product, Mlp};
+use super::{down_group, gated_hidden, Mlp};
 use crate::error::Result;
 use crate::model::arch::{intern, Input, Moe, Scoring};
 use crate::model::config::ModelSpec;
@@ -111,12 +111,13 @@ impl Mlp for MoeBlock {
         let mut out = vec![0f32; tokens * d];
         let mut captured = LinearInputs::default();
         for (e, routed) in routing.experts.iter().enumerate() {
+            crate::interrupt::check()?;
             let hidden = if routed.is_empty() {
                 Tensor::zeros((0, moe.intermediate), candle_core::DType::F32, &Device::Cpu)?
             } else {
                 let xe = x.index_select(&routing.index(e)?, 0)?;
                 let [gate, up, down] = layer.expert(spec, e)?;
-                let hidden = gate_product(spec, gate.forward(&xe)?, up.forward(&xe)?)?;
+                let hidden = gated_hidden(spec, &gate, &up, &xe)?;
                 let y = r(down.forward(&hidden)?)?.to_vec2::<f32>()?;
                 for ((t, w), row) in routed.iter().zip(&y) {
                     let dst = &mut out[*t as usize * d..][..d];
@@ -131,8 +132,7 @@ impl Mlp for MoeBlock {
         let mut out = Tensor::from_vec(out, (tokens, d), &Device::Cpu)?;
         if let Some(shared) = &moe.shared {
             let [gate, up, down] = shared.linears();
-            let g = layer.linear(gate).forward(x)?;
-            let hidden = gate_product(spec, g, layer.linear(up).forward(x)?)?;
+            let hidden = gated_hidden(spec, layer.linear(gate), layer.linear(up), x)?;
             let y = r(layer.linear(down).forward(&hidden)?)?;
             out = match shared.gate {
                 Some(g) => {
