@@ -470,7 +470,7 @@ fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
         (
             "2",
             false,
-            vec!["self_attn.qkv_proj: output partition 96 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)"],
+            vec!["self_attn.qkv_proj: output partition 96 must be a multiple of 64 and of group 32 (vLLM's awq_gemm kernel)"],
         ),
         (
             "3",
@@ -488,7 +488,7 @@ fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
             false,
             vec![
                 "self_attn.o_proj: input partition 16 is not divisible by group 32",
-                "self_attn.qkv_proj: output partition 48 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)",
+                "self_attn.qkv_proj: output partition 48 must be a multiple of 64 and of group 32 (vLLM's awq_gemm kernel)",
             ],
         ),
         (
@@ -497,8 +497,8 @@ fn verify_any_tp_degree_and_the_verdict_matches_the_exit_status() {
             vec![
                 "4 attention heads do not split over 8 ranks",
                 "mlp.down_proj: input partition 16 is not divisible by group 32",
-                "self_attn.qkv_proj: output partition 32 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)",
-                "mlp.gate_up_proj: output partition 32 is not divisible by 64 and by group 32 (vLLM's awq_gemm kernel)",
+                "self_attn.qkv_proj: output partition 32 must be a multiple of 64 and of group 32 (vLLM's awq_gemm kernel)",
+                "mlp.gate_up_proj: output partition 32 must be a multiple of 64 and of group 32 (vLLM's awq_gemm kernel)",
             ],
         ),
     ] {

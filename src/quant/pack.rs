@@ -103,7 +103,7 @@ pub fn check_shape(
                 "no common size (32, 64, 128, 256) divides every linear of this model".to_string()
             }
             _ => format!(
-                "use --group {}",
+                "use --group {} (the sizes that divide every linear of this model)",
                 hints
                     .iter()
                     .map(|g| g.to_string())

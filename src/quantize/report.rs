@@ -196,8 +196,8 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
     (!per_layer.is_empty()).then(|| {
         format!(
             "{} saw fewer than {} calibration tokens and were quantized with plain \
-             round-to-nearest (no scale search, no clipping); more or more varied calibration text \
-             (--n-samples, --calib) reaches more experts",
+             round-to-nearest (no scale search, no clipping); more calibration tokens (--n-samples, \
+             --max-blocks, --seqlen) or more varied text (--calib) reach more experts",
             per_layer.join("; "),
             super::layer::MIN_EXPERT_TOKENS
         )

@@ -871,7 +871,7 @@ fn tp_support(
     for &(module, out, _) in merged.iter().filter(|_| awq_gemm) {
         if !out.is_multiple_of(64) || !out.is_multiple_of(fmt.group) {
             awq.push(format!(
-                "{module}: output partition {out} is not divisible by 64 and by group {} \
+                "{module}: output partition {out} must be a multiple of 64 and of group {} \
                  (vLLM's awq_gemm kernel)",
                 fmt.group
             ));
@@ -1111,8 +1111,8 @@ mod tests {
         assert_eq!(
             t.reasons,
             vec![
-                "self_attn.fused_qkv_a_proj: output partition 2112 is not divisible by 64 and \
-                  by group 128 (vLLM's awq_gemm kernel)"
+                "self_attn.fused_qkv_a_proj: output partition 2112 must be a multiple of 64 \
+                  and of group 128 (vLLM's awq_gemm kernel)"
             ]
         );
         // 128 heads do not split over 3 ranks.
