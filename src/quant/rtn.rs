@@ -109,7 +109,8 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
             // vector instructions, the same values as `h` one element at a time.
             let (mut x16, mut grp) = (vec![f16::ZERO; group], vec![0f32; group]);
             for k in 0..gs {
-                round_f16(&row[k * group..(k + 1) * group], &mut x16, &mut grp);
+                grp.copy_from_slice(&row[k * group..(k + 1) * group]);
+                round_f16(&mut grp, &mut x16);
                 let (mn, mx) = grp
                     .iter()
                     .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
@@ -118,7 +119,7 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
                 let s = group_scale(mx - mn, min_range);
                 let z = (-rne(h(mn / s), m)).clamp(0.0, QMAX);
                 grp.iter_mut().for_each(|x| *x /= s);
-                round_f16_in_place(&mut grp, &mut x16);
+                round_f16(&mut grp, &mut x16);
                 for (c, &v) in code_row[k * group..(k + 1) * group].iter_mut().zip(&grp) {
                     *c = (rne(v, m) + z).clamp(0.0, QMAX) as u8;
                 }
@@ -136,15 +137,8 @@ pub fn quantize_f16(w: &[f32], rows: usize, cols: usize, group: usize) -> Quanti
     }
 }
 
-/// `dst = h(src)` element-wise through the scratch `x16` (all three the same length).
-fn round_f16(src: &[f32], x16: &mut [f16], dst: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    x16.convert_from_f32_slice(src);
-    x16.convert_to_f32_slice(dst);
-}
-
-/// `v = h(v)` element-wise through the scratch `x16`.
-fn round_f16_in_place(v: &mut [f32], x16: &mut [f16]) {
+/// `v = h(v)` element-wise through the scratch `x16` (the same length).
+fn round_f16(v: &mut [f32], x16: &mut [f16]) {
     use half::slice::HalfFloatSliceExt;
     x16.convert_from_f32_slice(v);
     x16.convert_to_f32_slice(v);
