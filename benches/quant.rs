@@ -114,6 +114,45 @@ fn benches(c: &mut Criterion) {
         b.iter(|| l.mlp(&spec, &x).unwrap())
     });
     g.finish();
+    expert_benches(c);
+}
+
+/// One DeepSeek-V3 routed expert's finishing (hidden 7168, expert width 2048, group 128, the
+/// 256 routed tokens an expert sees on average at 16 x 512 calibration tokens and top-8 of 256):
+/// the pieces `scripts/bench.sh synth-deepseek-v3` spends its per-expert time in.
+fn expert_benches(c: &mut Criterion) {
+    const H: usize = 7168;
+    const E: usize = 2048;
+    const G: usize = 128;
+    const T: usize = 256;
+    let mut g = c.benchmark_group("deepseek-v3 expert");
+    g.sample_size(10);
+    let down = randn((H, E), 0.02);
+    let x = randn((T, E), 1.0);
+    let s: Vec<f32> = (0..E).map(|i| 0.5 + (i % 7) as f32 * 0.2).collect();
+    g.bench_function("scaled_fake_quant down 7168x2048", |b| {
+        b.iter(|| search::scaled_fake_quant(&down, &s, G).unwrap())
+    });
+    let reference = x.matmul(&down.t().unwrap()).unwrap();
+    g.bench_function("down grid step, 256 tokens", |b| {
+        b.iter(|| {
+            let cand = search::scaled_fake_quant(&down, &s, G).unwrap();
+            reduce::mse(&reference, &x.matmul(&cand.t().unwrap()).unwrap()).unwrap()
+        })
+    });
+    let gate = randn((E, H), 0.02);
+    let xg = randn((T, H), 1.0);
+    g.bench_function("clip search gate 2048x7168, 256 tokens", |b| {
+        b.iter(|| clip::search(&gate, &xg, G, false).unwrap())
+    });
+    g.bench_function("clip search down 7168x2048, 256 tokens", |b| {
+        b.iter(|| clip::search(&down, &x, G, false).unwrap())
+    });
+    let wv = gate.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    g.bench_function("quantize_f16 + pack gate 2048x7168", |b| {
+        b.iter(|| pack(&rtn::quantize_f16(&wv, E, H, G), Layout::Gemm).unwrap())
+    });
+    g.finish();
 }
 
 criterion_group!(quant, benches);

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::rtn::fake_quantize;
 use crate::error::Result;
 use crate::ops::matmul;
+use crate::quant::reduce;
 
 pub const N_GRID: usize = 20;
 pub const MAX_SHRINK: f32 = 0.5;
@@ -42,92 +43,171 @@ pub type Bounds = [f32; 2];
 /// The error of a candidate for row `o` and group `k` is AutoAWQ's `mean_t (x_tk·(q − w_ok))²`,
 /// computed as the quadratic form `dᵀ·G_k·d / T'` with `d = q − w_ok` and `G_k = x_kᵀx_k`
 /// (group × group, formed once per group): the same objective at `group` instead of `T'`
-/// multiply-adds per element and candidate.
+/// multiply-adds per element and candidate. A pass's candidates of every row are stacked as
+/// one matrix `D` and multiplied by `G_k` at once (a GEMM, not one `G·d` per candidate).
 pub fn search(w: &Tensor, x: &Tensor, group: usize, separate: bool) -> Result<Vec<Bounds>> {
     let (out, inp) = w.dims2()?;
     let gs = inp / group;
-    let tokens = x.dim(0)? as f32;
-    let grams: Vec<Vec<f32>> = (0..gs)
-        .map(|k| -> Result<Vec<f32>> {
-            let xk = x.narrow(1, k * group, group)?.contiguous()?;
-            Ok(matmul(&xk.t()?, &xk)?.flatten_all()?.to_vec1::<f32>()?)
-        })
-        .collect::<Result<_>>()?;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
-    let steps = (MAX_SHRINK * N_GRID as f32) as usize;
-    let factor = |i: usize| 1.0 - i as f32 / N_GRID as f32;
     let mut best = vec![[0f32; 2]; out * gs];
-    best.par_chunks_mut(gs)
-        .zip(wv.par_chunks(inp))
-        .for_each(|(best_row, w_row)| {
-            let mut scratch = Scratch::new(group);
-            for (k, (best, wk)) in best_row.iter_mut().zip(w_row.chunks(group)).enumerate() {
-                let mut err = |b: Bounds| scratch.error(wk, &grams[k], b, group) / tokens;
-                let m0 = wk.iter().fold(0f32, |a, x| a.max(x.abs()));
-                let mut best_err = 1e9f32;
-                *best = [-m0, m0];
-                for i in 0..steps {
-                    let m = m0 * factor(i);
-                    let e = err([-m, m]);
-                    if e < best_err {
-                        best_err = e;
-                        *best = [-m, m];
-                    }
-                }
-                if separate {
-                    let (mn, mx) = wk
-                        .iter()
-                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-                            (a.min(x), b.max(x))
-                        });
-                    for side in [1, 0] {
-                        let end = if side == 1 { mx } else { mn };
-                        for i in 0..steps {
-                            let mut b = *best;
-                            b[side] = end * factor(i);
-                            let e = err(b);
-                            if e < best_err {
-                                best_err = e;
-                                *best = b;
-                            }
-                        }
-                    }
-                }
+    let mut best_err = vec![0f32; out * gs];
+    for k in 0..gs {
+        crate::interrupt::check()?;
+        let xk = x.narrow(1, k * group, group)?.contiguous()?;
+        let pass = Pass {
+            w: &wv,
+            inp,
+            k,
+            group,
+            gram: matmul(&xk.t()?, &xk)?,
+            tokens: x.dim(0)? as f32,
+        };
+        let (best_k, err_k) = pass.symmetric()?;
+        for (o, (b, e)) in best_k.into_iter().zip(err_k).enumerate() {
+            best[o * gs + k] = b;
+            best_err[o * gs + k] = e;
+        }
+        if separate {
+            for side in [1, 0] {
+                pass.refine(side, &mut best, &mut best_err, gs)?;
             }
-        });
+        }
+    }
     Ok(best)
 }
 
-/// Buffers for one row's candidate errors.
-struct Scratch {
-    q: Vec<f32>,
-    d: Vec<f32>,
-    gd: Vec<f32>,
+/// Shrink steps: `1 − i/20` for `i < 10`.
+const STEPS: usize = (MAX_SHRINK * N_GRID as f32) as usize;
+
+fn factor(i: usize) -> f32 {
+    1.0 - i as f32 / N_GRID as f32
 }
 
-impl Scratch {
-    fn new(group: usize) -> Self {
-        Self {
-            q: vec![0.0; group],
-            d: vec![0.0; group],
-            gd: vec![0.0; group],
-        }
+/// Rows at most per GEMM: bounds `D` at `ROWS × STEPS × group` floats (21 MB at group 128).
+const ROWS: usize = 4096;
+
+/// One group's search: the weights' column block `k` and its Gram matrix.
+struct Pass<'a> {
+    w: &'a [f32],
+    inp: usize,
+    k: usize,
+    group: usize,
+    gram: Tensor,
+    tokens: f32,
+}
+
+impl Pass<'_> {
+    /// Row `o`'s weights of this group.
+    fn row(&self, o: usize) -> &[f32] {
+        &self.w[o * self.inp + self.k * self.group..][..self.group]
     }
 
-    /// `dᵀ·G·d` for the group `wk` clamped to `[lo, hi]` and fake-quantized.
-    fn error(&mut self, wk: &[f32], g: &[f32], [lo, hi]: Bounds, group: usize) -> f32 {
-        let Self { q, d, gd } = self;
-        q.iter_mut().zip(wk).for_each(|(q, v)| *q = v.clamp(lo, hi));
-        fake_quantize(q, group);
-        d.iter_mut()
-            .zip(q.iter().zip(wk))
-            .for_each(|(d, (q, v))| *d = q - v);
-        // G·d as a sum of G's rows (G is symmetric), which vectorizes.
-        gd.fill(0.0);
-        for (dj, g_row) in d.iter().zip(g.chunks(group)) {
-            gd.iter_mut().zip(g_row).for_each(|(a, g)| *a += dj * g);
+    fn rows(&self) -> usize {
+        self.w.len() / self.inp
+    }
+
+    /// AutoAWQ's symmetric search: each row's first best of `±m0·factor(i)` (error below 1e9).
+    fn symmetric(&self) -> Result<(Vec<Bounds>, Vec<f32>)> {
+        let cands = |o: usize, c: &mut [Bounds]| {
+            let m0 = self.row(o).iter().fold(0f32, |a, x| a.max(x.abs()));
+            for (i, b) in c.iter_mut().enumerate() {
+                *b = [-m0 * factor(i), m0 * factor(i)];
+            }
+        };
+        let errs = self.errors(cands)?;
+        let mut best = Vec::with_capacity(self.rows());
+        let mut best_err = Vec::with_capacity(self.rows());
+        for (o, e_row) in errs.chunks(STEPS).enumerate() {
+            let m0 = self.row(o).iter().fold(0f32, |a, x| a.max(x.abs()));
+            let (mut b, mut be) = ([-m0, m0], 1e9f32);
+            for (i, &e) in e_row.iter().enumerate() {
+                if e < be {
+                    (b, be) = ([-m0 * factor(i), m0 * factor(i)], e);
+                }
+            }
+            best.push(b);
+            best_err.push(be);
         }
-        d.iter().zip(gd.iter()).map(|(a, b)| a * b).sum::<f32>()
+        Ok((best, best_err))
+    }
+
+    /// Moves one side (`1`: upper, `0`: lower) of each row's bounds over `end·factor(i)`,
+    /// keeping a step only where it lowers the error (`best` and `best_err` are `[out, gs]`).
+    fn refine(
+        &self,
+        side: usize,
+        best: &mut [Bounds],
+        best_err: &mut [f32],
+        gs: usize,
+    ) -> Result<()> {
+        let end = |o: usize| {
+            let r = self.row(o).iter();
+            match side {
+                1 => r.fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
+                _ => r.fold(f32::INFINITY, |a, &x| a.min(x)),
+            }
+        };
+        let step = |base: Bounds, o: usize, i: usize| {
+            let mut b = base;
+            b[side] = end(o) * factor(i);
+            b
+        };
+        let at = |o: usize| o * gs + self.k;
+        let errs = self.errors(|o, c| {
+            for (i, b) in c.iter_mut().enumerate() {
+                *b = step(best[at(o)], o, i);
+            }
+        })?;
+        for (o, e_row) in errs.chunks(STEPS).enumerate() {
+            let base = best[at(o)];
+            let (mut b, mut be) = (base, best_err[at(o)]);
+            for (i, &e) in e_row.iter().enumerate() {
+                if e < be {
+                    (b, be) = (step(base, o, i), e);
+                }
+            }
+            best[at(o)] = b;
+            best_err[at(o)] = be;
+        }
+        Ok(())
+    }
+
+    /// `dᵀ·G·d / T'` of every row's `STEPS` candidates (`[out, STEPS]` row-major), where
+    /// `cands(o, c)` fills row `o`'s candidate bounds and `d` is the group clamped to a
+    /// candidate, fake-quantized, minus the group.
+    fn errors(&self, cands: impl Fn(usize, &mut [Bounds]) + Sync) -> Result<Vec<f32>> {
+        let (rows, group) = (self.rows(), self.group);
+        let mut errs = vec![0f32; rows * STEPS];
+        for (c, errs) in errs.chunks_mut(ROWS * STEPS).enumerate() {
+            let first = c * ROWS;
+            let mut d = vec![0f32; errs.len() * group];
+            d.par_chunks_mut(STEPS * group)
+                .enumerate()
+                .for_each(|(r, d_row)| {
+                    let (o, mut bounds) = (first + r, [[0f32; 2]; STEPS]);
+                    cands(o, &mut bounds);
+                    let wk = self.row(o);
+                    for (d, [lo, hi]) in d_row.chunks_mut(group).zip(bounds) {
+                        d.iter_mut().zip(wk).for_each(|(d, v)| *d = v.clamp(lo, hi));
+                        fake_quantize(d, group);
+                        d.iter_mut().zip(wk).for_each(|(d, v)| *d -= v);
+                    }
+                });
+            let n = errs.len();
+            let d = Tensor::from_vec(d, (n, group), &Device::Cpu)?;
+            let gd = matmul(&d, &self.gram)?;
+            let tokens = self.tokens;
+            reduce::with_slice(&d, |d| {
+                reduce::with_slice(&gd, |gd| {
+                    errs.par_iter_mut()
+                        .zip(d.par_chunks(group).zip(gd.par_chunks(group)))
+                        .for_each(|(e, (d, gd))| {
+                            *e = d.iter().zip(gd).map(|(a, b)| a * b).sum::<f32>() / tokens
+                        })
+                })
+            })??;
+        }
+        Ok(errs)
     }
 }
 
