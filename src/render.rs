@@ -50,6 +50,20 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
             v.bytes() as f64 / 1e6
         )?;
     }
+    if let Some([rows, cols]) = plan.fp8_block {
+        writeln!(
+            w,
+            "source       fp8 (e4m3, one scale per {rows}×{cols} block): dequantized on load, one \
+             layer (one expert) at a time; the output keeps no trace of fp8"
+        )?;
+    }
+    if plan.mtp_layers_left_out > 0 {
+        writeln!(
+            w,
+            "mtp          {} multi-token-prediction layer(s) left out (see the README)",
+            plan.mtp_layers_left_out
+        )?;
+    }
     let cal = &plan.calibration;
     // With --split-long, documents_used counts pieces: say so rather than "89 of 20 documents".
     let used = if cal.documents_split > 0 {
@@ -94,6 +108,15 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
     }));
     for line in groups {
         writeln!(w, "  group      {line}")?;
+    }
+    if let Some(e) = &plan.experts {
+        writeln!(
+            w,
+            "experts      {} routed per layer in {} MoE layer(s), top-{}: about {:.0} calibration \
+             tokens each on average (the router decides the spread); below {} an expert keeps \
+             round-to-nearest",
+            e.experts, e.moe_layers, e.top_k, e.mean_tokens, e.min_tokens
+        )?;
     }
     writeln!(
         w,
@@ -378,16 +401,16 @@ pub fn verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
             let status = match (t.vllm_awq, t.vllm_awq_marlin, ct) {
                 (true, true, false) => "vLLM awq + awq_marlin",
                 (true, false, false) => "vLLM awq (no Marlin)",
+                (false, true, false) => "vLLM awq_marlin only (compute capability 8.0+)",
                 (true, true, true) => "vLLM compressed-tensors (Marlin)",
                 (true, false, true) => "vLLM compressed-tensors (Machete, Hopper only)",
                 _ => "not loadable by vLLM",
             };
             writeln!(w, "  tp {}: {status}", t.tp)?;
-            // Why not loadable; when loadable, why not Marlin.
-            let marlin = if t.vllm_awq {
-                &t.marlin_reasons[..]
-            } else {
-                &[][..]
+            // Why each kernel path that does not apply refuses it.
+            let marlin = match t.vllm_awq_marlin {
+                false => &t.marlin_reasons[..],
+                true => &[][..],
             };
             for reason in t.reasons.iter().chain(marlin) {
                 writeln!(w, "         {reason}")?;

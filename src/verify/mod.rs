@@ -95,12 +95,13 @@ pub struct TpSupport {
     /// vLLM's `awq` kernels (and TGI) can load the model at this degree; for a
     /// compressed-tensors checkpoint, vLLM's `CompressedTensorsWNA16` scheme can.
     pub vllm_awq: bool,
-    /// vLLM's faster `awq_marlin` path applies to every linear at this degree; for a
-    /// compressed-tensors checkpoint, its Marlin kernels do.
+    /// vLLM's faster `awq_marlin` path (compute capability 8.0+, vLLM's default there) applies
+    /// to every linear at this degree; for a compressed-tensors checkpoint, its Marlin kernels
+    /// do. Independent of the `awq_gemm` kernel's rules: a model can load through Marlin only.
     pub vllm_awq_marlin: bool,
     /// Why `awq` cannot load it (empty when `vllm_awq`).
     pub reasons: Vec<String>,
-    /// Why `awq_marlin` does not apply (beyond `reasons`).
+    /// Why `awq_marlin` does not apply (beyond the tensor-parallel split rules in `reasons`).
     pub marlin_reasons: Vec<String>,
 }
 
@@ -467,8 +468,16 @@ fn target_support(target: Target, tp: usize, found: &Found, at_tp: &TpSupport) -
         reasons.push(why.clone());
     }
     let tp = if target.tensor_parallel() { tp } else { 1 };
-    if target.tensor_parallel() && !at_tp.vllm_awq {
+    // vLLM loads through either kernel path (awq_marlin on Ampere or newer); TGI through awq.
+    let splits = match target {
+        Target::Vllm => at_tp.vllm_awq || at_tp.vllm_awq_marlin,
+        _ => at_tp.vllm_awq,
+    };
+    if target.tensor_parallel() && !splits {
         reasons.extend(at_tp.reasons.iter().cloned());
+        if target == Target::Vllm {
+            reasons.extend(at_tp.marlin_reasons.iter().cloned());
+        }
     }
     if let (Target::Tgi, false) = (target, found.awq) {
         reasons.push(
@@ -862,15 +871,19 @@ fn tp_support(
     // merged modules and throws unless g % 32 == 0, out % 64 == 0 and out % g == 0
     // (AWQ-SPEC §10.1). compressed-tensors runs other kernels (see the end).
     let awq_gemm = fmt.layout.is_awq();
+    // vLLM's awq_marlin (the default on compute capability 8.0+) runs each linear on Marlin
+    // when Marlin takes it and falls back to the awq kernels per linear otherwise
+    // (`AWQMarlinConfig.get_quant_method`), so the awq_gemm rules bind only the `awq` path.
+    let mut kernel = Vec::new();
     if awq_gemm && !fmt.group.is_multiple_of(32) {
-        awq.push(format!(
+        kernel.push(format!(
             "group {} is not a multiple of 32, which vLLM's awq_gemm kernel requires",
             fmt.group
         ));
     }
     for &(module, out, _) in merged.iter().filter(|_| awq_gemm) {
         if !out.is_multiple_of(64) || !out.is_multiple_of(fmt.group) {
-            awq.push(format!(
+            kernel.push(format!(
                 "{module}: output partition {out} must be a multiple of 64 and of group {} \
                  (vLLM's awq_gemm kernel)",
                 fmt.group
@@ -907,13 +920,15 @@ fn tp_support(
             fmt.group
         ));
     }
+    let splits = awq.is_empty();
+    let vllm_awq_marlin = splits && marlin.is_empty();
+    awq.extend(kernel);
     dedup_in_order(&mut awq);
     dedup_in_order(&mut marlin);
-    let vllm_awq = awq.is_empty();
     TpSupport {
         tp,
-        vllm_awq,
-        vllm_awq_marlin: vllm_awq && marlin.is_empty(),
+        vllm_awq: awq.is_empty(),
+        vllm_awq_marlin,
         reasons: awq,
         marlin_reasons: marlin,
     }
@@ -1107,7 +1122,8 @@ mod tests {
             assert!(t.vllm_awq && t.vllm_awq_marlin, "tp {tp}: {t:?}");
         }
         let t = model_at(&spec, 128, 8);
-        assert!(!t.vllm_awq && t.marlin_reasons.is_empty(), "{t:?}");
+        assert!(!t.vllm_awq && t.vllm_awq_marlin, "{t:?}");
+        assert!(t.marlin_reasons.is_empty(), "{t:?}");
         assert_eq!(
             t.reasons,
             vec![
@@ -1115,8 +1131,32 @@ mod tests {
                   and of group 128 (vLLM's awq_gemm kernel)"
             ]
         );
-        // 128 heads do not split over 3 ranks.
-        assert!(!model_at(&spec, 64, 3).vllm_awq);
+        // 128 heads do not split over 3 ranks: neither kernel path loads it.
+        let t = model_at(&spec, 64, 3);
+        assert!(!t.vllm_awq && !t.vllm_awq_marlin, "{t:?}");
+    }
+
+    /// vLLM's awq_marlin falls back to the awq kernels per linear and back again, so a model
+    /// that only Marlin takes loads in vLLM (Ampere or newer); TGI runs the awq kernels.
+    #[test]
+    fn marlin_only_model_loads_in_vllm_not_in_tgi() {
+        let at_tp = model_at(&deepseek_v3(), 128, 1);
+        let found = Found {
+            violations: &[],
+            float_dtype: Dtype::F16,
+            float_linears: &[],
+            head_in_int4: None,
+            vision_in_int4: None,
+            awq: true,
+            moe_zero_points: None,
+        };
+        let vllm = target_support(Target::Vllm, 1, &found, &at_tp);
+        assert!(vllm.loadable, "{vllm:?}");
+        let tgi = target_support(Target::Tgi, 1, &found, &at_tp);
+        assert!(
+            !tgi.loadable && tgi.reasons[0].contains("awq_gemm"),
+            "{tgi:?}"
+        );
     }
 
     /// GLM-4.5-Air's released config: 96 heads of 128 over 8 key/value heads, q/k/v biases,
