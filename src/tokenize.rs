@@ -37,10 +37,13 @@ fn missing_tokenizer(dir: &Path) -> crate::error::Error {
         format!("only {} (a slow tokenizer)", slow.join(", "))
     };
     input_err!(
-        "{} is missing ({found}); awq needs the fast tokenizer tokenizer.json. Write it with \
-         transformers: python -c \"from transformers import AutoTokenizer as T; \
-         T.from_pretrained('{d}').save_pretrained('{d}')\" (it converts a slow tokenizer), \
-         or copy tokenizer.json from the base model's repository",
+        "{} is missing ({found}); awq needs the fast tokenizer tokenizer.json. Convert it once \
+         with transformers into a scratch directory and copy only tokenizer.json into {d} \
+         (saving into {d} itself would rewrite its tokenizer_config.json): python -c \"from \
+         transformers import AutoTokenizer as T; \
+         T.from_pretrained('{d}').save_pretrained('/tmp/awq-tokenizer')\" && cp \
+         /tmp/awq-tokenizer/tokenizer.json {d}/ — or copy tokenizer.json from the base \
+         model's repository",
         dir.join("tokenizer.json").display(),
         d = dir.display()
     )

@@ -911,3 +911,61 @@ fn verify_applies_kernel_rules_to_packed_linears_only() {
     assert_eq!(tp4(&all_float)["ok"], true, "{:#}", tp4(&all_float));
     assert_eq!(tp4(&packed)["ok"], false, "{:#}", tp4(&packed));
 }
+
+/// The dry run of a MoE fp8 source says what a run will do with it before any work: the fp8
+/// dequantization, the MTP layers left out, both layer kinds' scale groups (dense and MoE) and
+/// how many calibration tokens an expert sees on average.
+#[test]
+fn dry_run_plans_fp8_sources_experts_and_dense_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::cargo_bin("awq")
+        .unwrap()
+        .args(["quantize", "-q", "--dry-run", "--json", "--group", "32"])
+        .args([
+            "--seqlen",
+            "16",
+            "--max-blocks",
+            "4",
+            "--split-long",
+            "--calib",
+        ])
+        .arg(data("wikitext-2-raw/wiki.valid.calib.txt"))
+        .arg("--model")
+        .arg(fixture("arch/deepseek_v3_fp8"))
+        .arg("-o")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let plan: serde_json::Value = (out.lines())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("plan").cloned())
+        .expect("a start event with the plan");
+    assert_eq!(plan["fp8_block"], serde_json::json!([16, 16]), "{plan}");
+    let e = &plan["experts"];
+    assert_eq!(
+        (e["experts"].as_u64(), e["top_k"].as_u64()),
+        (Some(8), Some(2)),
+        "{e}"
+    );
+    assert_eq!(e["moe_layers"].as_u64(), Some(2), "{e}");
+    // 4 blocks of 16 tokens, each routed to 2 of 8 experts.
+    assert_eq!(e["mean_tokens"].as_f64(), Some(16.0), "{e}");
+    let groups: Vec<String> = (plan["scale_groups"].as_array().unwrap().iter())
+        .map(|g| format!("{}: {}", g[0].as_str().unwrap(), g[1]))
+        .collect();
+    assert!(
+        groups.iter().any(|g| g.contains("mlp.gate_proj")),
+        "{groups:?}"
+    );
+    assert!(
+        groups.iter().any(|g| g.contains("mlp.experts.0.gate_proj")),
+        "{groups:?}"
+    );
+}

@@ -321,9 +321,7 @@ impl Checkpoint {
             .filter_map(|(c, bytes)| {
                 let mut buf = vec![0f32; bytes.len() / es];
                 convert_into(bytes, ft, &mut buf);
-                buf.iter()
-                    .position(|v| !v.is_finite() || v.abs() > limit)
-                    .map(|i| (c * CHUNK + i, buf[i]))
+                first_beyond(&buf, limit).map(|i| (c * CHUNK + i, buf[i]))
             })
             .min_by_key(|(i, _)| *i);
         self.release(name);

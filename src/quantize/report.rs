@@ -58,6 +58,29 @@ pub struct Plan {
     /// GLM-4.5: `num_nextn_predict_layers`, set to 0 in the output).
     #[serde(default)]
     pub mtp_layers_left_out: usize,
+    /// An fp8 source's `weight_block_size` (`[rows, cols]` per `weight_scale_inv` entry): its
+    /// linears are dequantized on load and the output keeps no trace of fp8.
+    #[serde(default)]
+    pub fp8_block: Option<[usize; 2]>,
+    /// A MoE model's routed experts and what each sees of the calibration.
+    #[serde(default)]
+    pub experts: Option<ExpertPlan>,
+}
+
+/// What the routed experts of a MoE model see of the calibration, before it runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExpertPlan {
+    /// Layers with routed experts.
+    pub moe_layers: usize,
+    /// Routed experts per MoE layer.
+    pub experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Calibration tokens an expert sees on average (`tokens × top_k / experts`); the router
+    /// decides the actual spread, reported at the end of the run.
+    pub mean_tokens: f64,
+    /// Below this many tokens an expert keeps round-to-nearest (no search, no clipping).
+    pub min_tokens: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -190,7 +213,8 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
                 .filter(|e| e.round_to_nearest)
                 .map(|e| format!("{} ({} tokens)", e.expert, e.tokens))
                 .collect();
-            (!quiet.is_empty()).then(|| format!("layer {}: experts {}", l.layer, quiet.join(", ")))
+            // Indices as in the tensor names (0-based; the progress line counts from 1).
+            (!quiet.is_empty()).then(|| format!("layers.{}: experts {}", l.layer, quiet.join(", ")))
         })
         .collect();
     (!per_layer.is_empty()).then(|| {
@@ -392,16 +416,22 @@ pub(super) fn make_plan(
     vision: Option<crate::model::wrapped::VisionParts>,
 ) -> Plan {
     let linears = spec.linears();
-    let scale_groups = scale_groups(spec)
-        .into_iter()
+    // Every kind of layer's groups (a MoE model's dense layers too), once each.
+    let scale_groups = (spec.layer_kinds().iter())
+        .flat_map(|(_, k)| scale_groups(k))
         .map(|g| {
             (
                 g.name.to_string(),
-                g.linears.iter().map(|l| l.to_string()).collect(),
+                g.linears.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
                 g.inspect.name().to_string(),
             )
         })
-        .collect();
+        .fold(Vec::new(), |mut v, g| {
+            if !v.contains(&g) {
+                v.push(g);
+            }
+            v
+        });
     let per_layer: usize = (0..spec.layers)
         .map(|i| layer_bytes(&spec.layer(i), opts.group))
         .sum();
@@ -446,6 +476,16 @@ pub(super) fn make_plan(
         .sum();
     let activations = t * (2 * spec.hidden + captured + 3 * mlp_width);
     let peak = 4 * (3 * layer_params + activations) + 4 * t * spec.hidden + 250 * (1 << 20);
+    let moe: Vec<_> = (0..spec.layers)
+        .filter_map(|i| spec.layer(i).moe.clone())
+        .collect();
+    let experts = moe.first().map(|m| ExpertPlan {
+        moe_layers: moe.len(),
+        experts: m.experts,
+        top_k: m.top_k,
+        mean_tokens: (t * m.top_k) as f64 / m.experts as f64,
+        min_tokens: super::layer::MIN_EXPERT_TOKENS,
+    });
     Plan {
         model_dir: dir.to_path_buf(),
         architecture: spec.architecture.clone(),
@@ -478,6 +518,8 @@ pub(super) fn make_plan(
         vision,
         mtp_layers_left_out: spec.mtp_layers,
         shards: None,
+        fp8_block: spec.fp8_block,
+        experts,
     }
 }
 
