@@ -253,15 +253,17 @@ fn run_verify(args: cli::VerifyArgs) -> Result<()> {
         },
     };
     let r = awq::verify::verify(&args.dir, &opts)?;
-    if args.json {
+    let written = if args.json {
         let json = serde_json::to_string(&r).map_err(|e| Error::Runtime(e.to_string()))?;
-        to_stdout(|w| writeln!(w, "{json}"))?;
+        to_stdout(|w| writeln!(w, "{json}"))
     } else {
-        to_stdout(|w| render::verify(w, &r))?;
-    }
-    // `ok` (printed above) is the verdict; the exit status follows it.
+        to_stdout(|w| render::verify(w, &r))
+    };
+    // `ok` (printed above) is the verdict and the exit status follows it, also when stdout's
+    // reader went away early (`awq verify DIR | head -1` under pipefail must not pass a broken
+    // checkpoint).
     match r.failure() {
         Some(why) => Err(Error::Quality(why)),
-        None => Ok(()),
+        None => written,
     }
 }

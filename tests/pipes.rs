@@ -164,3 +164,36 @@ fn quantize_json_finishes_when_stdout_closes() {
         );
     }
 }
+
+/// `set -o pipefail; awq verify DIR | head -1` must not pass a checkpoint that fails: verify's
+/// exit status is its verdict, whoever reads (or stops reading) its report.
+#[test]
+fn verify_keeps_its_failing_verdict_when_stdout_closes() {
+    let f = fixture();
+    let broken = f.tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for entry in std::fs::read_dir(&f.awq).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, broken.join(path.file_name().unwrap())).unwrap();
+    }
+    // A group size the packed tensors do not have.
+    let config = broken.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let group = v["quantization_config"]["group_size"].as_u64().unwrap();
+    v["quantization_config"]["group_size"] = (group * 2).into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let dir = broken.to_str().unwrap();
+    for args in [vec!["verify", dir], vec!["verify", "--json", dir]] {
+        for close in [Close::AfterOneByte, Close::Immediately] {
+            let (code, stderr) = piped(&args, close);
+            assert_eq!(
+                code,
+                Some(5),
+                "awq {} ({close:?}): {stderr}",
+                args.join(" ")
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
