@@ -31,11 +31,16 @@ fn missing_tokenizer(dir: &Path) -> crate::error::Error {
     .into_iter()
     .filter(|f| dir.join(f).is_file())
     .collect();
-    let found = if slow.is_empty() {
-        "no tokenizer file at all".to_string()
-    } else {
-        format!("only {} (a slow tokenizer)", slow.join(", "))
-    };
+    if slow.is_empty() {
+        return input_err!(
+            "{} is missing and {d} holds no tokenizer file at all; awq needs the fast tokenizer \
+             tokenizer.json: copy it (with tokenizer_config.json) from the base model's \
+             repository into {d}",
+            dir.join("tokenizer.json").display(),
+            d = dir.display()
+        );
+    }
+    let found = format!("only {} (a slow tokenizer)", slow.join(", "));
     input_err!(
         "{} is missing ({found}); awq needs the fast tokenizer tokenizer.json. Convert it once \
          with transformers into a scratch directory and copy only tokenizer.json into {d} \

@@ -157,7 +157,16 @@ impl Checkpoint {
             ));
         }
         let grid = super::fp8::scale_shape([rows, cols], block);
-        self.expect_shape(&scale_name, &grid)?;
+        let found = &self.meta(&scale_name)?.shape;
+        if found[..] != grid[..] {
+            return Err(input_err!(
+                "tensor {scale_name} in {} has shape {found:?}, but config.json's \
+                 quantization_config.weight_block_size {block:?} implies {grid:?} for the \
+                 [{rows}, {cols}] weight (one scale per block, ceil-divided); restore the \
+                 release's weight_block_size",
+                self.files[m.shard].display()
+            ));
+        }
         let scales = to_f32(self.bytes(&scale_name)?, self.float_type(&scale_name)?);
         Ok(super::fp8::dequantize(
             self.bytes(name)?,

@@ -431,6 +431,9 @@ pub enum RopeKind {
 pub struct ModelSpec {
     /// `architectures[0]` of config.json, e.g. `LlamaForCausalLM`.
     pub architecture: String,
+    /// config.json's top-level `model_type` (a wrapper's, e.g. `qwen2_5_vl`; Kimi K2's
+    /// `kimi_k2` on the DeepSeek-V3 architecture): what TGI dispatches on.
+    pub model_type: Option<String>,
     pub hidden: usize,
     pub intermediate: usize,
     pub layers: usize,
@@ -547,6 +550,7 @@ impl HfConfig {
         let rotary_dim = self.rotary_dim(head_dim)?;
         Ok(ModelSpec {
             architecture: self.architectures.first().cloned().unwrap_or_default(),
+            model_type: self.model_type.clone(),
             hidden: self.hidden_size,
             intermediate: self.intermediate_size,
             layers: self.num_hidden_layers,
@@ -745,7 +749,9 @@ impl HfConfig {
         }
         if method != "awq" {
             return Err(input_err!(
-                "config.json: quantization_config.quant_method {method:?} is not supported (only unquantized, \"awq\" or \"compressed-tensors\" pack-quantized checkpoints)"
+                "config.json: quantization_config.quant_method {method:?} is not supported: awq \
+                 reads unquantized checkpoints, block-scaled \"fp8\" sources (DeepSeek-V3's, Kimi \
+                 K2's), and \"awq\" or \"compressed-tensors\" pack-quantized checkpoints"
             ));
         }
         let bits = q

@@ -131,6 +131,7 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::input_io(config_path, e))?;
     let mut raw: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| input_err!("{} is not valid JSON: {e}", config_path.display()))?;
+    let top_model_type = (raw.get("model_type").and_then(|t| t.as_str())).map(str::to_string);
     let wrapper = wrapped::find(
         raw.get("architectures")
             .and_then(|a| a.get(0))
@@ -144,8 +145,10 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
     }
     config::rope_parameters_as_scaling(&mut raw);
     config::check_rope_scaling(&raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;
-    let cfg: HfConfig =
-        serde_json::from_value(raw).map_err(|e| input_err!("{}: {e}", config_path.display()))?;
+    // The path of a mistyped field (`kv_lora_rank: "32"`), which serde_json's own message
+    // leaves out for a parsed value.
+    let cfg: HfConfig = serde_path_to_error::deserialize(raw)
+        .map_err(|e| input_err!("{}: {}: {}", config_path.display(), e.path(), e.inner()))?;
     let arch = resolve_architecture(&cfg);
     let family = arch
         .as_deref()
@@ -179,6 +182,7 @@ pub fn load_spec(config_path: &Path) -> Result<ModelSpec> {
         };
         spec.architecture = w.architecture.to_string();
     }
+    spec.model_type = top_model_type;
     Ok(spec)
 }
 

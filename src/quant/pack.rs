@@ -102,6 +102,9 @@ pub fn check_shape(
             [] => {
                 "no common size (32, 64, 128, 256) divides every linear of this model".to_string()
             }
+            [one] => {
+                format!("use --group {one} (the size that divides every linear of this model)")
+            }
             _ => format!(
                 "use --group {} (the sizes that divide every linear of this model)",
                 hints

@@ -237,11 +237,12 @@ pub fn run(opts: &QuantizeOptions, events: Sink) -> Result<Outcome> {
             return Ok(Outcome::UpToDate);
         }
     };
+    // The plan first, so `--json | head -1` is the start event; then what it warns of, and the
+    // staging note (the plan carries the same sentence).
+    events(&Event::Plan(&prep.plan));
     for message in prepare::warnings(opts, &prep) {
         events(&Event::Warning { message });
     }
-    // After the plan (it carries the same sentence), so `--json | head -1` is the start event.
-    events(&Event::Plan(&prep.plan));
     if let Some(note) = &prep.plan.staging {
         events(&Event::Notice {
             message: note.clone(),

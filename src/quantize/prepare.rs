@@ -351,6 +351,18 @@ pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
              prefer 128, 64 or 32",
             opts.group
         ));
+    } else if opts.layout != Layout::Gemv {
+        let t = crate::verify::vllm_support(spec, opts.group, opts.layout, 1);
+        if !(t.vllm_awq || t.vllm_awq_marlin) {
+            let why: Vec<&str> = (t.reasons.iter().chain(&t.marlin_reasons))
+                .map(String::as_str)
+                .collect();
+            out.push(format!(
+                "vLLM will not load the output at tensor-parallel 1 ({}); transformers will \
+                 (`awq verify` gives every degree) — another --group may fit",
+                why.join("; ")
+            ));
+        }
     }
     out
 }

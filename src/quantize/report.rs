@@ -27,6 +27,9 @@ pub struct Quality {
 pub struct Plan {
     pub model_dir: PathBuf,
     pub architecture: String,
+    /// config.json's top-level `model_type` (what TGI dispatches on).
+    #[serde(default)]
+    pub model_type: Option<String>,
     pub layers: usize,
     /// The linears quantized in every layer, `[out, in]`.
     pub linears: Vec<(String, [usize; 2])>,
@@ -211,7 +214,10 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
                 .as_ref()?
                 .iter()
                 .filter(|e| e.round_to_nearest)
-                .map(|e| format!("{} ({} tokens)", e.expert, e.tokens))
+                .map(|e| match e.tokens {
+                    1 => format!("{} (1 token)", e.expert),
+                    n => format!("{} ({n} tokens)", e.expert),
+                })
                 .collect();
             // Indices as in the tensor names (0-based; the progress line counts from 1).
             (!quiet.is_empty()).then(|| format!("layers.{}: experts {}", l.layer, quiet.join(", ")))
@@ -237,6 +243,11 @@ fn guard_summary(r: &Report) -> String {
             false => "no".into(),
         };
     }
+    let moe = r.layers.iter().filter(|l| l.experts.is_some()).count();
+    let unguarded = match moe {
+        0 => String::new(),
+        n => format!(" (the {n} MoE layers are not guarded: a second copy would break the one-layer memory bound)"),
+    };
     let changed: Vec<String> = r
         .layers
         .iter()
@@ -248,11 +259,11 @@ fn guard_summary(r: &Report) -> String {
         .collect();
     match changed.len() {
         0 => format!(
-            "yes, {guarded} of {} layers checked; AWQ as searched was kept on every one",
+            "yes, {guarded} of {} layers checked{unguarded}; AWQ as searched was kept on every one",
             r.layers.len()
         ),
         n => format!(
-            "yes, {guarded} of {} layers checked; {n} moved toward round-to-nearest where AWQ's choice was clearly worse on the layer's output ({})",
+            "yes, {guarded} of {} layers checked{unguarded}; {n} moved toward round-to-nearest where AWQ's choice was clearly worse on the layer's output ({})",
             r.layers.len(),
             changed.join("; ")
         ),
@@ -489,6 +500,7 @@ pub(super) fn make_plan(
     Plan {
         model_dir: dir.to_path_buf(),
         architecture: spec.architecture.clone(),
+        model_type: spec.model_type.clone(),
         layers: spec.layers,
         // Every kind of layer's linears (a MoE model's dense layers too), once each.
         linears: (spec.layer_kinds().iter())
@@ -730,7 +742,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, {written_as}.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         {parts}{mtp}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
+         {source_weights}{parts}{mtp}{experts}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -741,6 +753,12 @@ pub(super) fn model_card(r: &Report) -> String {
             v.modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
             v.modules.iter().map(|m| m.tensors).sum::<usize>(),
             v.bytes() as f64 / 1e6
+        )),
+        source_weights = r.plan.fp8_block.map_or(String::new(), |[rows, cols]| format!(
+            "| source weights | fp8 (e4m3, one scale per {rows}×{cols} block), dequantized on load |\n"
+        )),
+        experts = expert_tokens(&r.layers).map_or(String::new(), |t| format!(
+            "| routed experts | {t} |\n"
         )),
         mtp = match r.plan.mtp_layers_left_out {
             0 => String::new(),
@@ -821,14 +839,24 @@ pub(super) fn model_card(r: &Report) -> String {
                  kept unquantized (`--keep-fp16`).\n\n"
             );
         }
-        Layout::Gemm => {
-            let _ = write!(
-                c,
-                "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply; \
-                 `--quantization awq` would force the slower ones), or TGI:\n\n```sh\nvllm serve {dir}\n\
-                 text-generation-launcher --model-id {dir} --quantize awq\n```\n\n"
-            );
-        }
+        Layout::Gemm => match crate::verify::tgi_refuses(r.plan.model_type.as_deref()) {
+            None => {
+                let _ = write!(
+                    c,
+                    "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply; \
+                     `--quantization awq` would force the slower ones), or TGI:\n\n```sh\nvllm serve {dir}\n\
+                     text-generation-launcher --model-id {dir} --quantize awq\n```\n\n"
+                );
+            }
+            Some(why) => {
+                let _ = write!(
+                    c,
+                    "vLLM (it picks its faster `awq_marlin` kernels by itself where they apply; \
+                     `--quantization awq` would force the slower ones):\n\n```sh\nvllm serve {dir}\n```\n\n\
+                     TGI cannot serve it: {why}.\n\n"
+                );
+            }
+        },
         // Written by `compressed_tensors_use` above.
         Layout::PackQuantized => {}
         Layout::Gemv => {

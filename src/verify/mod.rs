@@ -34,6 +34,64 @@ pub const TP_DEGREES: [usize; 4] = [1, 2, 4, 8];
 const MARLIN_GROUPS: [usize; 3] = [32, 64, 128];
 
 /// Why vLLM and TGI refuse a GEMV checkpoint, and what to do instead (README, model card).
+/// The `model_type`s TGI implements itself (text-generation-inference,
+/// `server/text_generation_server/models/__init__.py`, `ModelType`, at its last development in
+/// January 2026). Any other goes to its transformers fallback, which refuses AWQ ("awq
+/// quantization is not supported for AutoModel").
+const TGI_MODEL_TYPES: [&str; 39] = [
+    "deepseek_v2",
+    "deepseek_v3",
+    "idefics2",
+    "idefics3",
+    "llava_next",
+    "llama",
+    "llama4",
+    "phi3",
+    "granite",
+    "gemma",
+    "paligemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "cohere",
+    "dbrx",
+    "mamba",
+    "mistral",
+    "mixtral",
+    "gpt_bigcode",
+    "phi",
+    "phimoe",
+    "baichuan",
+    "falcon",
+    "starcoder2",
+    "qwen2",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "opt",
+    "t5",
+    "galactica",
+    "santacoder",
+    "bloom",
+    "mpt",
+    "gpt2",
+    "gpt_neox",
+    "gptj",
+    "idefics",
+    "mllama",
+];
+
+/// Why TGI cannot serve a model of `model_type` with AWQ, if it cannot.
+pub fn tgi_refuses(model_type: Option<&str>) -> Option<String> {
+    match model_type {
+        Some(t) if TGI_MODEL_TYPES.contains(&t) => None,
+        Some(t) => Some(format!(
+            "TGI implements no model_type {t:?}; its transformers fallback refuses AWQ (\"awq \
+             quantization is not supported for AutoModel\")"
+        )),
+        None => Some("config.json has no model_type, which TGI dispatches on".to_string()),
+    }
+}
+
 pub const GEMV_NOT_SERVABLE: &str = "the GEMV layout: vLLM and TGI load the GEMM layout only; \
      GEMV loads in transformers (with the autoawq package) and AutoAWQ \
      (check it with --for transformers), or re-quantize with --version gemm";
@@ -368,6 +426,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         head_in_int4: head_quantized_by_transformers(&spec).filter(|_| fmt.layout.is_awq()),
         vision_in_int4: vision.as_ref().and_then(|c| c.transformers5.clone()),
         awq: fmt.layout.is_awq(),
+        tgi_model: tgi_refuses(spec.model_type.as_deref()),
         moe_zero_points: (!fmt.layout.is_awq() && spec.moe.is_some()).then(|| {
             "transformers 5 passes the fused experts of a compressed-tensors MoE to the \
              decompressor without their weight_zero_point and fails to load asymmetric experts \
@@ -397,6 +456,9 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         ],
         Layout::Gemv => vec!["transformers (with autoawq)".into(), "autoawq".into()],
     };
+    if tgi_refuses(spec.model_type.as_deref()).is_some() {
+        loaders.retain(|l| l != "tgi");
+    }
     if !float_linears.is_empty() {
         // TGI reads no modules_to_not_convert; AutoAWQ's loader matches entries against names
         // relative to the layer, so per-layer entries do not reach it.
@@ -436,6 +498,8 @@ struct Found<'a> {
     vision_in_int4: Option<String>,
     /// An AWQ layout (`false`: compressed-tensors).
     awq: bool,
+    /// Why TGI does not implement the model ([`tgi_refuses`]).
+    tgi_model: Option<String>,
     /// Why transformers drops the experts' zero points (compressed-tensors MoE).
     moe_zero_points: Option<String>,
 }
@@ -453,6 +517,9 @@ fn target_support(target: Target, tp: usize, found: &Found, at_tp: &TpSupport) -
             "the checkpoint is broken: {} violation(s), first: {first}",
             found.violations.len()
         ));
+    }
+    if let (Target::Tgi, Some(why)) = (target, &found.tgi_model) {
+        reasons.push(why.clone());
     }
     if let (Target::Tgi, Some(first)) = (target, found.float_linears.first()) {
         reasons.push(format!(
@@ -766,6 +833,18 @@ fn check_linear(
 /// int32 pack factor), and their fused GEMM `group % 32 == 0`, `out % 64 == 0` and
 /// `out % group == 0` over the merged modules; Marlin also needs `out % 64 == 0` over the merged qkv and gate_up
 /// projections, `in % 128 == 0` and a group in {32, 64, 128}. GEMV is not loadable at all.
+/// vLLM's verdict on a model `spec` would be written as (`group`, `layout`, every linear
+/// packed) at degree `tp`: what `awq verify` will say, known before layer 1.
+pub fn vllm_support(spec: &ModelSpec, group: usize, layout: Layout, tp: usize) -> TpSupport {
+    let fmt = AwqFormat { group, layout };
+    let kinds = spec.layer_kinds();
+    TpSupport::all(
+        kinds
+            .iter()
+            .map(|(_, k)| tp_support(k, &k.linears(), &[], fmt, tp)),
+    )
+}
+
 fn tp_support(
     spec: &ModelSpec,
     linears: &[LinearShape],
@@ -959,6 +1038,7 @@ mod tests {
             head_in_int4: None,
             vision_in_int4: None,
             awq: true,
+            tgi_model: None,
             moe_zero_points: None,
         }
     }
@@ -1096,16 +1176,7 @@ mod tests {
     }
 
     fn model_at(spec: &ModelSpec, group: usize, tp: usize) -> TpSupport {
-        let fmt = AwqFormat {
-            group,
-            layout: Layout::Gemm,
-        };
-        let kinds = spec.layer_kinds();
-        TpSupport::all(
-            kinds
-                .iter()
-                .map(|(_, k)| tp_support(k, &k.linears(), &[], fmt, tp)),
-        )
+        vllm_support(spec, group, Layout::Gemm, tp)
     }
 
     /// DeepSeek-V3 in vLLM: q_b/kv_b split by heads, o by its input heads, q_a and kv_a one
@@ -1136,20 +1207,44 @@ mod tests {
         assert!(!t.vllm_awq && !t.vllm_awq_marlin, "{t:?}");
     }
 
+    /// TGI serves AWQ for the model types it implements only: GLM-4.5 and Kimi K2 (the
+    /// DeepSeek-V3 architecture under `model_type` `kimi_k2`) go to its transformers fallback,
+    /// which refuses AWQ.
+    #[test]
+    fn tgi_refuses_model_types_it_does_not_implement() {
+        for t in [
+            "llama",
+            "qwen2",
+            "deepseek_v3",
+            "gemma3",
+            "mixtral",
+            "qwen2_5_vl",
+        ] {
+            assert_eq!(tgi_refuses(Some(t)), None, "{t}");
+        }
+        for t in [
+            "glm4_moe",
+            "kimi_k2",
+            "qwen3",
+            "qwen3_moe",
+            "qwen2_moe",
+            "mistral3",
+        ] {
+            assert!(tgi_refuses(Some(t)).is_some_and(|w| w.contains(t)), "{t}");
+        }
+        let at_tp = model_at(&deepseek_v3(), 64, 1);
+        let mut kimi = found(&[], Dtype::F16);
+        kimi.tgi_model = tgi_refuses(Some("kimi_k2"));
+        assert!(!target_support(Target::Tgi, 1, &kimi, &at_tp).loadable);
+        assert!(target_support(Target::Vllm, 1, &kimi, &at_tp).loadable);
+    }
+
     /// vLLM's awq_marlin falls back to the awq kernels per linear and back again, so a model
     /// that only Marlin takes loads in vLLM (Ampere or newer); TGI runs the awq kernels.
     #[test]
     fn marlin_only_model_loads_in_vllm_not_in_tgi() {
         let at_tp = model_at(&deepseek_v3(), 128, 1);
-        let found = Found {
-            violations: &[],
-            float_dtype: Dtype::F16,
-            float_linears: &[],
-            head_in_int4: None,
-            vision_in_int4: None,
-            awq: true,
-            moe_zero_points: None,
-        };
+        let found = found(&[], Dtype::F16);
         let vllm = target_support(Target::Vllm, 1, &found, &at_tp);
         assert!(vllm.loadable, "{vllm:?}");
         let tgi = target_support(Target::Tgi, 1, &found, &at_tp);

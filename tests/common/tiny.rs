@@ -109,9 +109,21 @@ fn encode(store: Store, v: &[f32]) -> Vec<u8> {
 }
 
 impl Tiny {
+    /// What a real config.json of this architecture names itself (TGI dispatches on it).
+    fn model_type(&self) -> &'static str {
+        match self.arch {
+            "LlamaForCausalLM" => "llama",
+            "MistralForCausalLM" => "mistral",
+            "Qwen2ForCausalLM" => "qwen2",
+            "Qwen3ForCausalLM" => "qwen3",
+            other => panic!("no model_type for {other}"),
+        }
+    }
+
     pub fn config_json(&self) -> serde_json::Value {
         let mut c = serde_json::json!({
             "architectures": [self.arch],
+            "model_type": self.model_type(),
             "hidden_size": self.hidden,
             "intermediate_size": self.inter,
             "num_hidden_layers": self.layers,
