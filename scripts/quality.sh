@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The quality matrix: SmolLM2-135M at group 64 and 32, plus a requantized copy (its linears
 # first rounded to a group-32 RTN grid, as a model dequantized from an earlier 4-bit checkpoint
-# is) quantized at group 64; each method on 32 x 512 blocks of wiki.valid.calib.txt, perplexity
-# on the first 8192 tokens of wiki.valid.raw (windows of 2048). Prints one table: perplexity,
+# is) and a k-quant copy (a Q4_K_M-like mixed grid, examples/kquant_grid.rs, as a model
+# dequantized from a GGUF is), both quantized at group 64; each method on 32 x 512 blocks of
+# wiki.valid.calib.txt, perplexity on the first 8192 tokens of wiki.valid.raw (windows of
+# 2048). Prints one table: perplexity,
 # % of the RTN -> fp16 gap closed, wall seconds, peak RSS.
 #
 #   AWQ_TEST_MODEL=... scripts/quality.sh [METHOD...]   # default: the methods in the README's table
@@ -17,10 +19,12 @@ src=${AWQ_TEST_MODEL:?set AWQ_TEST_MODEL to the SmolLM2 test model}
 data=data/wikitext-2-raw
 bin=${AWQ_BIN:-./target/release/awq}
 work=${QUALITY_DIR:-${TMPDIR:-/tmp}/awq-quality}
-cargo build --release --quiet --bin awq --example rtn_grid
+cargo build --release --quiet --bin awq --example rtn_grid --example kquant_grid
 mkdir -p "$work"
 requant=$work/smollm2-rtn32
 [ -f "$requant/model.safetensors" ] || ./target/release/examples/rtn_grid "$src" "$requant" 32
+kquant=$work/smollm2-kquant
+[ -f "$kquant/model.safetensors" ] || ./target/release/examples/kquant_grid "$src" "$kquant"
 
 methods=("$@")
 [ ${#methods[@]} -gt 0 ] || methods=(awq gptq fast fast-sep fast-keep3 fast-gptq fast-gptq-sep fast-gptq-keep3 fast-gptq-sep-keep3)
@@ -45,7 +49,7 @@ ppl() {
         python3 -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["perplexity"])'
 }
 printf '%-14s %-5s %-13s %9s %8s %8s %9s\n' model group method ppl gap% wall_s rss_MB
-for case in "smollm2 64 $src" "smollm2 32 $src" "requant32 64 $requant"; do
+for case in "smollm2 64 $src" "smollm2 32 $src" "requant32 64 $requant" "kquant 64 $kquant"; do
     read -r name group model <<<"$case"
     fp=$(ppl "$model")
     printf '%-14s %-5s %-13s %9s %8s %8s %9s\n' "$name" "$group" fp16 "$fp" 100.0 - -
