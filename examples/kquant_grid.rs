@@ -23,9 +23,9 @@
 
 use std::path::Path;
 
-use awq::io::writer::{write_file, OutTensor};
-use awq::model::Model;
 use half::f16;
+
+mod common;
 
 const SUPER: usize = 256;
 
@@ -36,47 +36,23 @@ fn main() {
         std::process::exit(2);
     }
     let (src, out) = (Path::new(&args[0]), Path::new(&args[1]));
-    let model = Model::open(src).unwrap();
-    let layers = model.spec.layers;
-    std::fs::create_dir_all(out).unwrap();
+    let layers = awq::model::load_spec(&src.join("config.json"))
+        .unwrap()
+        .layers;
     let (mut q4, mut q6) = (0, 0);
-    let mut tensors = Vec::new();
-    for (name, quantized) in model.tensor_roles() {
-        let shape = model.ckpt.meta(&name).unwrap().shape.clone();
-        let mut w = model
-            .ckpt
-            .f32(&name, &shape)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        if quantized {
-            let six = more_bits(&name, layers);
-            for row in w.chunks_mut(shape[1]) {
-                for sb in row.chunks_mut(SUPER) {
-                    match six {
-                        true => q6_k(sb),
-                        false => q4_k(sb),
-                    }
-                }
-            }
-            if six {
-                q6 += 1
-            } else {
-                q4 += 1
+    common::rewrite_linears(src, out, |name, cols, w| {
+        let six = more_bits(name, layers);
+        for sb in w.chunks_mut(cols).flat_map(|row| row.chunks_mut(SUPER)) {
+            match six {
+                true => q6_k(sb),
+                false => q4_k(sb),
             }
         }
-        tensors.push(OutTensor::f16(name, shape, &w));
-    }
-    write_file(&out.join("model.safetensors"), &tensors).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if !name.ends_with(".safetensors") && !name.ends_with(".index.json") && path.is_file() {
-            std::fs::copy(&path, out.join(&name)).unwrap();
+        match six {
+            true => q6 += 1,
+            false => q4 += 1,
         }
-    }
+    });
     eprintln!(
         "wrote {} ({q4} linears on a Q4_K-like grid, {q6} on Q6_K)",
         out.display()

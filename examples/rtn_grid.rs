@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use awq::io::writer::{write_file, OutTensor};
-use awq::model::Model;
 use awq::quant::rtn;
+
+mod common;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,33 +20,11 @@ fn main() {
     }
     let (src, out) = (Path::new(&args[0]), Path::new(&args[1]));
     let group: usize = args[2].parse().expect("GROUP");
-    let model = Model::open(src).unwrap();
-    std::fs::create_dir_all(out).unwrap();
-    let mut tensors = Vec::new();
-    for (name, quantized) in model.tensor_roles() {
-        let shape = model.ckpt.meta(&name).unwrap().shape.clone();
-        let mut w = model
-            .ckpt
-            .f32(&name, &shape)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        if quantized {
-            let (rows, cols) = (shape[0], shape[1]);
-            w = rtn::quantize_f16(&w, rows, cols, group).dequantize();
-        }
-        tensors.push(OutTensor::f16(name, shape, &w));
-    }
-    write_file(&out.join("model.safetensors"), &tensors).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if !name.ends_with(".safetensors") && !name.ends_with(".index.json") && path.is_file() {
-            std::fs::copy(&path, out.join(&name)).unwrap();
-        }
-    }
+    common::rewrite_linears(src, out, |_, cols, w| {
+        let rows = w.len() / cols;
+        let q = rtn::quantize_f16(w, rows, cols, group).dequantize();
+        w.copy_from_slice(&q);
+    });
     eprintln!(
         "wrote {} (linears on a group-{group} RTN grid)",
         out.display()

@@ -52,7 +52,6 @@ pub fn search(w: &Tensor, x: &Tensor, group: usize, separate: bool) -> Result<Ve
     let mut best = vec![[0f32; 2]; out * gs];
     let mut best_err = vec![0f32; out * gs];
     for k in 0..gs {
-        crate::interrupt::check()?;
         let xk = x.narrow(1, k * group, group)?.contiguous()?;
         let pass = Pass {
             w: &wv,
