@@ -234,19 +234,23 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
     })
 }
 
+/// Why the guard skips MoE layers, in both of the card's guard rows.
+const MOE_UNGUARDED: &str =
+    "not guarded: a second copy of the layer would break the one-layer memory bound";
+
 /// The model card's guard row: off, or how many layers it checked and changed, and how.
 fn guard_summary(r: &Report) -> String {
     let guarded = r.layers.iter().filter(|l| l.guard.is_some()).count();
     if guarded == 0 {
         return match r.options.guard && r.layers.iter().any(|l| l.experts.is_some()) {
-            true => "no (MoE layers are not guarded: a second copy of the layer would break the one-layer memory bound)".into(),
+            true => format!("no (MoE layers are {MOE_UNGUARDED})"),
             false => "no".into(),
         };
     }
     let moe = r.layers.iter().filter(|l| l.experts.is_some()).count();
     let unguarded = match moe {
         0 => String::new(),
-        n => format!(" (the {n} MoE layers are not guarded: a second copy would break the one-layer memory bound)"),
+        n => format!(" (the {n} MoE layers are {MOE_UNGUARDED})"),
     };
     let changed: Vec<String> = r
         .layers

@@ -456,7 +456,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
         ],
         Layout::Gemv => vec!["transformers (with autoawq)".into(), "autoawq".into()],
     };
-    if tgi_refuses(spec.model_type.as_deref()).is_some() {
+    if found.tgi_model.is_some() {
         loaders.retain(|l| l != "tgi");
     }
     if !float_linears.is_empty() {
