@@ -237,6 +237,13 @@ impl Checkpoint {
         }
     }
 
+    /// [`Checkpoint::release`] for one tensor, by its exact name.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(m) = self.index.get(name) {
+            self.drop_pages(m);
+        }
+    }
+
     fn drop_pages(&self, m: &TensorMeta) {
         #[cfg(unix)]
         // SAFETY: the maps are read-only views of files this process does not modify, so
