@@ -73,6 +73,7 @@ pub fn show(outcome: Outcome, output: &Path, progress: &Progress, json_events: b
                 "work": report.work,
                 "quality": report.quality,
                 "kept_fp16": report.kept_fp16,
+                "end_to_end": report.end_to_end,
                 "shards": report.shards,
             }),
         );

@@ -197,7 +197,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     let p = &w.seconds;
     writeln!(out,
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
-             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s, fp16 budget {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
+             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s, end-to-end check {:.1}s, fp16 budget {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
              matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
             output.display(),
             report.layers.len(),
@@ -210,6 +210,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             p.search,
             p.clip,
             p.guard,
+            p.end_to_end,
             p.fp16_budget,
             p.quantize,
             p.write,
@@ -232,6 +233,14 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             k.budget_bytes as f64 / 1e6,
             if k.units.is_empty() { "" } else { ": " },
             k.units.join(", ")
+        )?;
+    }
+    if let Some(e) = &report.end_to_end {
+        writeln!(
+            out,
+            "end-to-end check: KL from the float model {:.4} as written, {:.4} round-to-nearest \
+             (next-token loss {:.4}, {:.4}, float {:.4}; {} predictions on calibration blocks)",
+            e.written.kl, e.rtn.kl, e.written.loss, e.rtn.loss, e.fp_loss, e.predictions
         )?;
     }
     if let Some(q) = &report.quality {

@@ -363,6 +363,29 @@ fn never_worse_than_rtn_on_each_layer(out: &Path) {
         assert!(f("tokens") > 0.0, "{g}");
         assert!(f("chosen") <= f("rtn") && f("chosen") <= f("awq"), "{g}");
     }
+    end_to_end_check_on_dense_models_only(&report);
+}
+
+/// The end-to-end check ran on a dense model (finite losses for the float model and every
+/// version) and not on a model with MoE layers.
+fn end_to_end_check_on_dense_models_only(report: &serde_json::Value) {
+    let e2e = &report["end_to_end"];
+    let layers = report["layers"].as_array().unwrap();
+    if layers.iter().any(|l| l.get("experts").is_some()) {
+        assert!(e2e.is_null(), "{e2e}");
+        return;
+    }
+    assert!(e2e["predictions"].as_u64().unwrap() > 0, "{e2e}");
+    assert!(e2e["fp_loss"].as_f64().unwrap() > 0.0, "{e2e}");
+    for k in ["awq", "scales_only", "rtn", "written"] {
+        let (loss, kl) = (
+            e2e[k]["loss"].as_f64().unwrap(),
+            e2e[k]["kl"].as_f64().unwrap(),
+        );
+        assert!(loss.is_finite() && loss > 0.0, "{k}: {e2e}");
+        // A divergence, and a quantized model is not the float one.
+        assert!(kl.is_finite() && kl > 0.0, "{k}: {e2e}");
+    }
 }
 
 /// `--rounding gptq` keeps error feedback only where it lowers a linear's calibration loss, and

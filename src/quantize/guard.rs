@@ -25,14 +25,18 @@
 //! Memory: variants are rebuilt from the checkpoint (the mmap) one at a time, so the guard holds
 //! the searched layer plus one variant, never a third copy.
 
+use std::collections::HashMap;
+
 use candle_core::Tensor;
 
+use super::end_to_end::Streams;
 use super::layer::{apply_scales, pieces};
 use crate::error::Result;
 use crate::model::config::ModelSpec;
 use crate::model::groups::{PrevOp, ScaleGroup};
 use crate::model::layer::{LayerWeights, Norm};
 use crate::model::rope::Rope;
+use crate::quant::rtn::Quantized;
 use crate::quant::{clip, reduce, rtn};
 
 /// How much lower a fallback's layer-output error must be than AWQ's before it is taken (and
@@ -57,6 +61,10 @@ pub struct GuardReport {
     /// How the written layer differs from AWQ as searched (`clip dropped: mlp.down_proj`,
     /// `scales dropped: o`, `round-to-nearest`); empty when AWQ won.
     pub fallbacks: Vec<String>,
+    /// The end-to-end check's streams after this layer, against the float model's output on
+    /// the same blocks (`None` where the check does not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<super::end_to_end::StreamErrors>,
 }
 
 /// What the searches chose for one layer.
@@ -91,16 +99,20 @@ pub(super) struct Guard<'a> {
     pub next_norm: Norm,
     /// Loads the layer as in the checkpoint.
     pub load: &'a dyn Fn() -> Result<LayerWeights>,
+    /// Seconds spent advancing the end-to-end check's streams (see [`Guard::choose`]).
+    pub stream_seconds: std::cell::Cell<f64>,
 }
 
 impl Guard<'_> {
     /// Chooses the variant to write. `searched_layer` is AWQ as searched (scaled and clipped,
     /// not yet quantized); it is returned unchanged when it wins. Also returns which groups'
-    /// scales the chosen layer holds.
+    /// scales the chosen layer holds. With `streams`, the end-to-end check's AWQ, scales-only
+    /// and round-to-nearest streams advance through their versions of the layer.
     pub fn choose(
         &self,
         searched: &Searched,
         searched_layer: LayerWeights,
+        mut streams: Option<&mut Streams>,
     ) -> Result<(LayerWeights, GuardReport, Vec<bool>)> {
         let (ng, nc) = (searched.groups.len(), searched.clips.len());
         let awq = Variant {
@@ -115,14 +127,28 @@ impl Guard<'_> {
             groups: vec![false; ng],
             clips: vec![false; nc],
         };
-        let e_awq = self.error(quantized(searched_layer.clone(), self.group)?)?;
+        let q_awq = quantized(searched_layer.clone(), self.group)?;
+        let e_awq = self.error(&q_awq)?;
+        self.advance(&q_awq, streams.as_deref_mut().map(|s| &mut s.awq))?;
+        // Without clips, scales-only is AWQ as searched; without groups either, so is RTN.
+        if nc == 0 {
+            self.advance(&q_awq, streams.as_deref_mut().map(|s| &mut s.scales_only))?;
+        }
+        if ng == 0 && nc == 0 {
+            self.advance(&q_awq, streams.as_deref_mut().map(|s| &mut s.rtn))?;
+        }
+        // Dropped before another version is built: the searched layer plus one version.
+        drop(q_awq);
         let e_scales = match nc {
             0 => e_awq,
-            _ => self.error_of(searched, &scales_only)?,
+            _ => {
+                let stream = streams.as_deref_mut().map(|s| &mut s.scales_only);
+                self.measure(searched, &scales_only, stream)?
+            }
         };
         let e_rtn = match ng {
             0 if nc == 0 => e_awq,
-            _ => self.error_of(searched, &rtn)?,
+            _ => self.measure(searched, &rtn, streams.map(|s| &mut s.rtn))?,
         };
         // A fallback must beat AWQ as searched by FALLBACK_MARGIN; among those, the lowest.
         let mut best = [(e_scales, &scales_only), (e_rtn, &rtn)]
@@ -153,6 +179,7 @@ impl Guard<'_> {
             rtn: e_rtn,
             chosen: best.0,
             fallbacks: describe(searched, &chosen),
+            streams: None,
         };
         let layer = if chosen == awq {
             searched_layer
@@ -199,11 +226,44 @@ impl Guard<'_> {
     }
 
     fn error_of(&self, searched: &Searched, v: &Variant) -> Result<f64> {
-        self.error(quantized(self.build(searched, v)?, self.group)?)
+        self.measure(searched, v, None)
+    }
+
+    /// The error of `v`, advancing `stream` through it.
+    fn measure(
+        &self,
+        searched: &Searched,
+        v: &Variant,
+        stream: Option<&mut Tensor>,
+    ) -> Result<f64> {
+        let q = quantized(self.build(searched, v)?, self.group)?;
+        self.advance(&q, stream)?;
+        self.error(&q)
+    }
+
+    /// `stream` (an end-to-end check's hidden states) through `layer` (quantized).
+    pub fn advance(&self, layer: &LayerWeights, stream: Option<&mut Tensor>) -> Result<()> {
+        if let Some(x) = stream {
+            let clock = std::time::Instant::now();
+            *x = super::end_to_end::advance(layer, self.spec, self.rope, x, self.seqlen)?;
+            let spent = self.stream_seconds.get() + clock.elapsed().as_secs_f64();
+            self.stream_seconds.set(spent);
+        }
+        Ok(())
+    }
+
+    /// Mean squared difference of `x` (hidden states) from `reference` (the fp layer's output
+    /// on the same rows, through `next_norm`), read through `next_norm`.
+    pub fn deviation(&self, x: &Tensor, reference: &Tensor) -> Result<f64> {
+        let x = self.next_norm.apply(self.spec, x)?;
+        let sum = reduce::with_slice(reference, |r| {
+            reduce::with_slice(&x, |o| reduce::sq_diff(r, o))
+        })??;
+        Ok(sum / reference.elem_count().max(1) as f64)
     }
 
     /// Mean squared difference of the layer's output from the fp output on the guard blocks.
-    pub fn error(&self, layer: LayerWeights) -> Result<f64> {
+    pub fn error(&self, layer: &LayerWeights) -> Result<f64> {
         let mut sum = 0f64;
         let mut at = 0;
         for piece in pieces(&self.input, self.seqlen)? {
@@ -221,11 +281,26 @@ impl Guard<'_> {
 }
 
 /// `layer` with every linear replaced by what its packed form dequantizes to.
-pub(super) fn quantized(mut layer: LayerWeights, group: usize) -> Result<LayerWeights> {
-    for (_, lin) in layer.linears.iter_mut() {
+pub(super) fn quantized(layer: LayerWeights, group: usize) -> Result<LayerWeights> {
+    as_written(layer, group, &HashMap::new())
+}
+
+/// `layer` with every linear replaced by what its packed form dequantizes to: its `codes` where
+/// given (error feedback), round-to-nearest otherwise.
+pub(super) fn as_written(
+    mut layer: LayerWeights,
+    group: usize,
+    codes: &HashMap<&'static str, Quantized>,
+) -> Result<LayerWeights> {
+    for (name, lin) in layer.linears.iter_mut() {
         let (rows, cols) = lin.weight.dims2()?;
-        let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
-        let q = rtn::quantize_f16(&w, rows, cols, group).dequantize();
+        let q = match codes.get(name) {
+            Some(q) => q.dequantize(),
+            None => {
+                let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
+                rtn::quantize_f16(&w, rows, cols, group).dequantize()
+            }
+        };
         lin.weight = Tensor::from_vec(q, (rows, cols), &candle_core::Device::Cpu)?;
     }
     Ok(layer)
@@ -249,16 +324,26 @@ fn describe(searched: &Searched, v: &Variant) -> Vec<String> {
         .collect()
 }
 
-/// Blocks `3, 7, 11, …` of `x: [blocks·seqlen, d]` (every 4th), or every block when there are
-/// fewer than 4.
-pub(super) fn guard_blocks(x: &Tensor, seqlen: usize) -> Result<Tensor> {
-    let blocks = x.dim(0)? / seqlen;
-    if blocks < 4 {
-        return Ok(x.clone());
+/// The guard's blocks among `blocks` calibration blocks: `3, 7, 11, …` (every 4th), or every
+/// block when there are fewer than 4.
+pub(super) fn guard_block_indices(blocks: usize) -> Vec<usize> {
+    match blocks < 4 {
+        true => (0..blocks).collect(),
+        false => (3..blocks).step_by(4).collect(),
     }
-    let picked: Vec<Tensor> = (3..blocks)
-        .step_by(4)
+}
+
+/// The guard's blocks (see [`guard_block_indices`]) of `x: [blocks·seqlen, d]`, at most `max`.
+pub(super) fn guard_blocks_upto(x: &Tensor, seqlen: usize, max: usize) -> Result<Tensor> {
+    let picked: Vec<Tensor> = guard_block_indices(x.dim(0)? / seqlen)
+        .into_iter()
+        .take(max)
         .map(|b| x.narrow(0, b * seqlen, seqlen))
         .collect::<candle_core::Result<_>>()?;
     Ok(Tensor::cat(&picked, 0)?)
+}
+
+/// Every guard block of `x: [blocks·seqlen, d]`.
+pub(super) fn guard_blocks(x: &Tensor, seqlen: usize) -> Result<Tensor> {
+    guard_blocks_upto(x, seqlen, usize::MAX)
 }

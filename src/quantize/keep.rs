@@ -105,7 +105,7 @@ pub(super) fn measure(
     // perplexity was 19.05 instead of 18.95.
     let base = match base {
         Some(e) => e,
-        None => guard.error(all.clone())?,
+        None => guard.error(&all)?,
     };
     guard
         .spec
@@ -122,7 +122,7 @@ pub(super) fn measure(
             }
             Ok(Fp16Candidate {
                 unit: unit.name.to_string(),
-                error_drop: (base - guard.error(v)?).max(0.0),
+                error_drop: (base - guard.error(&v)?).max(0.0),
                 extra_bytes: extra,
             })
         })

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::end_to_end::{self, EndToEndReport, Streams};
 use super::experts::{finish_expert, ExpertInputs, Finished};
-use super::guard::{guard_blocks, Guard, Searched};
+use super::guard::{as_written, guard_blocks, Guard, Searched};
 use super::keep;
 use super::layer::{
     apply_scales, float_tensors, group_absmax, linear_tensors, pieces, scaled_input, search_group,
@@ -39,6 +40,8 @@ pub(super) struct Layers {
     pub names: Vec<String>,
     /// Seconds of the float forward through the layers before the range (a shard's prefix).
     pub prefix_seconds: f64,
+    /// The end-to-end check (`None` where it does not run, see [`end_to_end`]).
+    pub end_to_end: Option<EndToEndReport>,
 }
 
 impl Layers {
@@ -50,6 +53,7 @@ impl Layers {
             parts: Vec::new(),
             names: Vec::new(),
             prefix_seconds: 0.0,
+            end_to_end: None,
         }
     }
 
@@ -83,6 +87,10 @@ pub(super) fn run_layers(
         None => model.embed(&prep.cal.ids)?,
     };
     let mut done = Layers::new();
+    let mut streams = match checks_end_to_end(opts, prep, &range) {
+        true => Some(Streams::new(end_to_end::rows(&hidden, seqlen)?)),
+        false => None,
+    };
     let clock = Instant::now();
     for i in (0..range.start).filter(|_| !handed_over) {
         crate::interrupt::check()?;
@@ -92,21 +100,24 @@ pub(super) fn run_layers(
             .0;
     }
     done.prefix_seconds = clock.elapsed().as_secs_f64();
-    for i in range {
+    for i in range.clone() {
         crate::interrupt::check()?;
         let part = parts_dir.join(format!("layer-{i:05}.safetensors"));
         let record_path = parts_dir.join(format!("layer-{i:05}.json"));
         let (record, seconds) = if record_path.is_file() {
             // Finished before an interruption (the fingerprint matched): keep its part and
-            // recompute only the original layer's output that feeds the next one.
+            // recompute only the original layer's output that feeds the next one. The
+            // end-to-end check lacks this layer's versions, so it stops.
             let record = read_record(&record_path)?;
+            streams = None;
             hidden = model
                 .layer(i)?
                 .forward(&spec.layer(i), &rope, &hidden, seqlen, false)?
                 .0;
             (record, 0.0)
         } else {
-            let (record, out) = quantize_layer(opts, prep, &rope, &hidden, i, &part)?;
+            let (record, out) =
+                quantize_layer(opts, prep, &rope, &hidden, i, &part, streams.as_mut())?;
             hidden = out;
             work.seconds.add(&record.report.seconds);
             // Written after the part: a layer counts as done for a resume only with both.
@@ -125,7 +136,31 @@ pub(super) fn run_layers(
         });
         done.push(part, record);
     }
+    if let Some(streams) = streams {
+        let clock = Instant::now();
+        let layer_seconds = done.reports.iter().map(|r| r.seconds.end_to_end).sum();
+        let fp = end_to_end::rows(&hidden, seqlen)?;
+        let ids = end_to_end::ids(&prep.cal.ids, seqlen);
+        let report = end_to_end::losses(model, &streams, &fp, &ids, seqlen, layer_seconds)?;
+        work.seconds.end_to_end += clock.elapsed().as_secs_f64();
+        done.end_to_end = Some(report);
+    }
     Ok(done)
+}
+
+/// Whether the run carries the end-to-end check's streams: the guard runs, something is
+/// searched or clipped, every layer is dense, this run quantizes them all (a shard lacks the
+/// quantized layers before its range), and a block has a next token to predict.
+fn checks_end_to_end(
+    opts: &QuantizeOptions,
+    prep: &Prepared,
+    range: &std::ops::Range<usize>,
+) -> bool {
+    let spec = &prep.model.spec;
+    let dense = (0..spec.layers).all(|i| spec.layer(i).moe.is_none());
+    let whole = range.start == 0 && range.end == spec.layers;
+    let searched_or_clipped = !opts.no_search || opts.clip;
+    opts.guard && searched_or_clipped && dense && whole && opts.calib.seqlen >= 2
 }
 
 pub(super) fn read_record(path: &Path) -> Result<LayerRecord> {
@@ -141,7 +176,8 @@ pub(super) fn read_record(path: &Path) -> Result<LayerRecord> {
 }
 
 /// Quantizes decoder layer `i` fed with `hidden`, writes its part, and returns its record and
-/// the original layer's output (the next layer's input).
+/// the original layer's output (the next layer's input). `streams` (the end-to-end check's)
+/// advance through the layer's versions.
 fn quantize_layer(
     opts: &QuantizeOptions,
     prep: &Prepared,
@@ -149,6 +185,7 @@ fn quantize_layer(
     hidden: &Tensor,
     i: usize,
     part: &Path,
+    mut streams: Option<&mut Streams>,
 ) -> Result<(LayerRecord, Tensor)> {
     let (model, seqlen) = (&prep.model, opts.calib.seqlen);
     let layer_spec = model.spec.layer(i);
@@ -206,8 +243,10 @@ fn quantize_layer(
         reference,
         next_norm,
         load: &load,
+        stream_seconds: std::cell::Cell::new(0.0),
     });
-    let (layer, checked) = check_layer(opts, guard, &searched, layer, &mut t)?;
+    let checks = streams.as_deref_mut();
+    let (layer, mut checked) = check_layer(opts, guard.as_ref(), &searched, layer, &mut t, checks)?;
     let applied = checked.applied;
 
     let clock = Instant::now();
@@ -220,6 +259,16 @@ fn quantize_layer(
         None => Default::default(),
     };
     t.quantize = clock.elapsed().as_secs_f64();
+    if let (Some(guard), Some(streams)) = (&guard, streams) {
+        let written = as_written(layer.clone(), opts.group, &codes)?;
+        guard.advance(&written, Some(&mut streams.written))?;
+        let clock = Instant::now();
+        let errors = end_to_end::stream_errors(guard, streams, &end_to_end::rows(&out, seqlen)?)?;
+        if let Some(g) = checked.guard.as_mut() {
+            g.streams = Some(errors);
+        }
+        t.end_to_end = guard.stream_seconds.get() + clock.elapsed().as_secs_f64();
+    }
     let (part, finished) = write_part(
         opts,
         spec,
@@ -340,15 +389,16 @@ struct Checked {
     fp16_candidates: Option<Vec<keep::Fp16Candidate>>,
 }
 
-/// The guard (unless `--no-guard`) chooses the layer to write from `layer` (AWQ as searched);
-/// with `--keep-fp16` every unit's error drop is measured on it. Both need `guard` (a dense
-/// layer); without it `layer` is written as searched.
+/// The guard (unless `--no-guard`) chooses the layer to write from `layer` (AWQ as searched),
+/// advancing `streams`; with `--keep-fp16` every unit's error drop is measured on it. Both need
+/// `guard` (a dense layer); without it `layer` is written as searched.
 fn check_layer(
     opts: &QuantizeOptions,
-    guard: Option<Guard>,
+    guard: Option<&Guard>,
     searched: &Searched,
     mut layer: LayerWeights,
     t: &mut Timings,
+    streams: Option<&mut Streams>,
 ) -> Result<(LayerWeights, Checked)> {
     let mut checked = Checked {
         applied: vec![true; searched.groups.len()],
@@ -360,10 +410,11 @@ fn check_layer(
     };
     let clock = Instant::now();
     if opts.guard {
-        let (chosen, report, on) = guard.choose(searched, layer)?;
+        let (chosen, report, on) = guard.choose(searched, layer, streams)?;
         (layer, checked.guard, checked.applied) = (chosen, Some(report), on);
     }
-    t.guard = clock.elapsed().as_secs_f64();
+    // The streams' forwards are the end-to-end check's time, not the guard's.
+    t.guard = clock.elapsed().as_secs_f64() - guard.stream_seconds.get();
     let clock = Instant::now();
     if opts.keep_fp16.is_some() {
         let float = guard.scaled(searched, &checked.applied)?;
@@ -372,7 +423,7 @@ fn check_layer(
             layout: opts.layout,
         };
         let base = checked.guard.as_ref().map(|g| g.chosen);
-        checked.fp16_candidates = Some(keep::measure(&guard, fmt, &layer, &float, base)?);
+        checked.fp16_candidates = Some(keep::measure(guard, fmt, &layer, &float, base)?);
     }
     t.fp16_budget = clock.elapsed().as_secs_f64();
     Ok((layer, checked))

@@ -24,6 +24,7 @@ use crate::quant::search::Grid;
 
 mod capture;
 mod ct_config;
+mod end_to_end;
 mod experts;
 mod guard;
 mod keep;
@@ -503,6 +504,7 @@ fn produce(
         float_dtype,
         dtype_reason,
         layers: done.reports,
+        end_to_end: done.end_to_end,
         kept_fp16: written.kept_fp16,
         files: written.shards,
         output_files: {

@@ -147,6 +147,9 @@ pub struct Timings {
     /// `--keep-fp16`'s per-unit measurement.
     #[serde(default)]
     pub fp16_budget: f64,
+    /// The end-to-end check's stream forwards through this layer (`end_to_end`).
+    #[serde(default)]
+    pub end_to_end: f64,
     pub quantize: f64,
     pub write: f64,
 }
@@ -159,6 +162,7 @@ impl Timings {
             + self.clip
             + self.guard
             + self.fp16_budget
+            + self.end_to_end
             + self.quantize
             + self.write
     }
@@ -170,6 +174,7 @@ impl Timings {
         self.clip += o.clip;
         self.guard += o.guard;
         self.fp16_budget += o.fp16_budget;
+        self.end_to_end += o.end_to_end;
         self.quantize += o.quantize;
         self.write += o.write;
     }
@@ -366,6 +371,9 @@ pub struct Report {
     pub architecture: String,
     pub calibration: CalibSummary,
     pub layers: Vec<LayerReport>,
+    /// The end-to-end check on the guard's calibration blocks (`null` where it does not run:
+    /// `--no-guard`, plain round-to-nearest, MoE models, shards and resumed runs).
+    pub end_to_end: Option<super::end_to_end::EndToEndReport>,
     /// `--keep-fp16`: the budget and the units it kept (`null` without the flag).
     pub kept_fp16: Option<super::keep::KeptFp16>,
     /// The shard files.
