@@ -4,9 +4,9 @@
 //! wrapped text decoder (`gemma3-4b`: the release's `text_config`, which leaves most fields to
 //! the class defaults, plus a SigLIP-sized vision part that stays float), or DeepSeek-V3's MoE
 //! layer (`deepseek-v3`: the release's dimensions, every layer MoE, linears stored as fp8 with
-//! 128 × 128 block scales as the release ships them). The tokenizer (and therefore the
-//! vocabulary size) is copied from an existing model directory. Safetensors shards plus an
-//! index, fp16 (or fp8).
+//! 128 × 128 block scales as the release ships them, and the release's 129 280-row embedding
+//! and head). The tokenizer (and otherwise the vocabulary size) is copied from an existing
+//! model directory. Safetensors shards plus an index, fp16 (or fp8).
 //!
 //! `cargo run --release --example synth_model -- OUT_DIR LAYERS TOKENIZER_DIR [PRESET [HIDDEN INTER HEADS]]`
 
@@ -54,8 +54,9 @@ fn preset(name: &str, layers: usize, vocab: usize, dims: [usize; 3]) -> serde_js
         "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": true
     });
     if name == "deepseek-v3" {
-        // deepseek-ai/DeepSeek-V3's config.json, with our depth and vocabulary and no dense
-        // layers first (every layer is the MoE layer measured).
+        // deepseek-ai/DeepSeek-V3's config.json, with our depth, its vocabulary size (our
+        // tokenizer's ids index the first rows) and no dense layers first (every layer is the
+        // MoE layer measured).
         return serde_json::json!({
             "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
             "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
@@ -154,8 +155,13 @@ fn main() {
     std::fs::copy(tok_dir.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
     let tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tok_dir.join("tokenizer.json")).unwrap()).unwrap();
-    let vocab = tok["model"]["vocab"].as_object().map_or(32000, |v| v.len())
+    let mut vocab = tok["model"]["vocab"].as_object().map_or(32000, |v| v.len())
         + tok["added_tokens"].as_array().map_or(0, |a| a.len());
+    if kind == "deepseek-v3" {
+        // The release's 129 280 rows (the rows beyond the tokenizer's are never looked up), so
+        // the embedding and head cost what they cost a real run.
+        vocab = vocab.max(129_280);
+    }
     let config = preset(kind, layers, vocab, dims);
     std::fs::write(
         out.join("config.json"),

@@ -48,28 +48,49 @@ impl FloatDtype {
     /// Little-endian bytes of `values` in this dtype; float16 refuses a value beyond its range
     /// (it would become `inf`), naming `name` and the index.
     pub fn encode(self, name: &str, values: &[f32]) -> Result<Vec<u8>> {
-        match self {
-            FloatDtype::Float16 => {
-                if let Some(i) = values
-                    .iter()
-                    .position(|v| !v.is_finite() || v.abs() > crate::model::F16_MAX)
-                {
-                    return Err(Error::Input(format!(
-                        "{name}: value {:e} at index {i} cannot be represented in float16; use \
-                         --dtype bfloat16 (or auto)",
-                        values[i]
-                    )));
-                }
-                Ok(values
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect())
-            }
-            FloatDtype::Bfloat16 => Ok(values
+        let mut out = Vec::new();
+        self.encode_into(name, values, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`FloatDtype::encode`] appended to `out`, in parallel; `first_index` is the index of
+    /// `values[0]` in the tensor (for the error).
+    pub fn encode_into(
+        self,
+        name: &str,
+        values: &[f32],
+        first_index: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        if self == FloatDtype::Float16 {
+            if let Some(i) = values
                 .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect()),
+                .position(|v| !v.is_finite() || v.abs() > crate::model::F16_MAX)
+            {
+                return Err(Error::Input(format!(
+                    "{name}: value {:e} at index {} cannot be represented in float16; use \
+                     --dtype bfloat16 (or auto)",
+                    values[i],
+                    first_index + i
+                )));
+            }
         }
+        let start = out.len();
+        out.resize(start + 2 * values.len(), 0);
+        out[start..]
+            .par_chunks_mut(2 * CHUNK)
+            .zip(values.par_chunks(CHUNK))
+            .for_each(|(dst, src)| {
+                for (d, v) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&match self {
+                        FloatDtype::Float16 => half::f16::from_f32(*v).to_le_bytes(),
+                        FloatDtype::Bfloat16 => half::bf16::from_f32(*v).to_le_bytes(),
+                    });
+                }
+            });
+        Ok(())
     }
 }
 
@@ -203,6 +224,49 @@ pub fn write_file(path: &Path, tensors: &[OutTensor]) -> Result<()> {
     })
 }
 
+/// A float matrix of a source checkpoint that [`write_file_with`] writes in `dtype`,
+/// converting it only when the serializer reaches it.
+pub struct SourceMatrix<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub name: String,
+    /// `[rows, cols]`.
+    pub shape: [usize; 2],
+    pub dtype: FloatDtype,
+}
+
+/// [`write_file`] plus `matrices`, each converted block by block
+/// ([`Checkpoint::for_each_row_block`]) when the serializer asks for its bytes and dropped
+/// after: writing the embedding and the head holds one of them in the output dtype rather than
+/// both, twice, in f32 (which DeepSeek-V3's 129 280-token vocabulary made 7.4 GB per copy of
+/// the pair). A conversion error (a non-finite value) fails the write.
+pub fn write_file_with(
+    path: &Path,
+    tensors: &[OutTensor],
+    matrices: &[SourceMatrix],
+) -> Result<()> {
+    let failed = std::cell::Cell::new(None);
+    let mut views = tensors
+        .iter()
+        .map(|t| {
+            TensorView::new(t.dtype, t.shape.clone(), &t.data)
+                .map(|v| (t.name.clone(), FileView::Memory(v)))
+                .map_err(|e| write_err(path, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    views.extend(matrices.iter().map(|m| {
+        let view = FileView::Source {
+            matrix: m,
+            failed: &failed,
+        };
+        (m.name.clone(), view)
+    }));
+    atomic(path, |tmp| {
+        safetensors::serialize_to_file(views, pt_metadata(), tmp)
+            .map_err(|e| write_err(path, e))?;
+        failed.take().map_or(Ok(()), Err)
+    })
+}
+
 /// Writes through `write(tmp)` and renames `tmp` to `path`, so `path` is either absent or
 /// complete even if the process dies mid-write (resume relies on it).
 pub(super) fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -305,11 +369,11 @@ pub fn write_shards(
                 let (ckpt, _) = source(name);
                 let m = ckpt.meta(name)?;
                 let view = match converted.get(*name) {
-                    Some(bytes) => ShardView::Converted(
+                    Some(bytes) => FileView::Memory(
                         TensorView::new(float_dtype.safetensors(), m.shape.clone(), bytes)
                             .map_err(|e| write_err(&path, e))?,
                     ),
-                    None => ShardView::Mapped {
+                    None => FileView::Mapped {
                         ckpt,
                         name,
                         dtype: m.dtype,
@@ -345,13 +409,13 @@ pub fn write_shards(
 /// asked for.
 type Written<'a> = std::cell::Cell<Option<(&'a Checkpoint, &'a str)>>;
 
-/// A tensor of a shard being written: converted bytes, or bytes of a mapped file. A mapped
-/// tensor's pages are released once the serializer asks for the next tensor (it writes them in
-/// order, each once), so writing a shard of several GB holds about one tensor in memory rather
-/// than the whole shard: DeepSeek-V3's layer part (6 GB of packed experts) took the run's peak
-/// RSS from 4 to 9 GB while it was copied.
-enum ShardView<'a> {
-    Converted(TensorView<'a>),
+/// A tensor of a file being written: bytes in memory, bytes of a mapped file, or a source
+/// matrix converted on demand. A mapped tensor's pages are released once the serializer asks
+/// for the next tensor (it writes them in order, each once), so writing a shard of several GB
+/// holds about one tensor in memory rather than the whole shard: DeepSeek-V3's layer part (6 GB
+/// of packed experts) took the run's peak RSS from 4 to 9 GB while it was copied.
+enum FileView<'a> {
+    Memory(TensorView<'a>),
     Mapped {
         ckpt: &'a Checkpoint,
         name: &'a str,
@@ -360,27 +424,50 @@ enum ShardView<'a> {
         bytes: &'a [u8],
         written: &'a Written<'a>,
     },
+    Source {
+        matrix: &'a SourceMatrix<'a>,
+        failed: &'a std::cell::Cell<Option<Error>>,
+    },
 }
 
-impl safetensors::View for ShardView<'_> {
+impl FileView<'_> {
+    /// A [`FileView::Source`]'s bytes; on an error, the error is kept for the caller and the
+    /// bytes are short (the file is discarded).
+    fn convert(m: &SourceMatrix, failed: &std::cell::Cell<Option<Error>>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 * m.shape[0] * m.shape[1]);
+        let converted = m
+            .ckpt
+            .for_each_row_block(&m.name, &m.shape, |first, values| {
+                m.dtype.encode_into(&m.name, values, first, &mut out)
+            });
+        if let Err(e) = converted {
+            failed.set(Some(e));
+        }
+        out
+    }
+}
+
+impl safetensors::View for FileView<'_> {
     fn dtype(&self) -> Dtype {
         match self {
-            ShardView::Converted(t) => t.dtype(),
-            ShardView::Mapped { dtype, .. } => *dtype,
+            FileView::Memory(t) => t.dtype(),
+            FileView::Mapped { dtype, .. } => *dtype,
+            FileView::Source { matrix, .. } => matrix.dtype.safetensors(),
         }
     }
 
     fn shape(&self) -> &[usize] {
         match self {
-            ShardView::Converted(t) => t.shape(),
-            ShardView::Mapped { shape, .. } => shape,
+            FileView::Memory(t) => t.shape(),
+            FileView::Mapped { shape, .. } => shape,
+            FileView::Source { matrix, .. } => &matrix.shape,
         }
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         match self {
-            ShardView::Converted(t) => t.data().into(),
-            ShardView::Mapped {
+            FileView::Memory(t) => t.data().into(),
+            FileView::Mapped {
                 ckpt,
                 name,
                 bytes,
@@ -392,13 +479,15 @@ impl safetensors::View for ShardView<'_> {
                 }
                 (*bytes).into()
             }
+            FileView::Source { matrix, failed } => Self::convert(matrix, failed).into(),
         }
     }
 
     fn data_len(&self) -> usize {
         match self {
-            ShardView::Converted(t) => t.data().len(),
-            ShardView::Mapped { bytes, .. } => bytes.len(),
+            FileView::Memory(t) => t.data().len(),
+            FileView::Mapped { bytes, .. } => bytes.len(),
+            FileView::Source { matrix, .. } => 2 * matrix.shape[0] * matrix.shape[1],
         }
     }
 }

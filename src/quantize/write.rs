@@ -10,7 +10,7 @@ use super::{DtypeChoice, QuantizeOptions};
 use crate::error::Result;
 use crate::events::{Event, Sink};
 use crate::io::reader::Checkpoint;
-use crate::io::writer::{self, FloatDtype, OutTensor, PARTS_DIR};
+use crate::io::writer::{self, FloatDtype, OutTensor, SourceMatrix, PARTS_DIR};
 use crate::model::{Model, OutOfRange, F16_MAX, HEAD_MODULE};
 
 /// The output's float dtype and why (for the report and the card).
@@ -124,7 +124,8 @@ pub(super) fn write_checkpoint(
 ) -> Result<Written> {
     let parts_dir = staged.join(PARTS_DIR);
     let head_part = parts_dir.join("head.safetensors");
-    writer::write_file(&head_part, &head_tensors(model, dtype, &mut names)?)?;
+    let (small, matrices) = head_tensors(model, dtype, &mut names)?;
+    writer::write_file_with(&head_part, &small, &matrices)?;
     parts.push(head_part);
     let kept_fp16 = match opts.keep_fp16 {
         Some(pct) => {
@@ -237,32 +238,28 @@ fn not_converted(model: &Model, kept: Option<&KeptFp16>) -> Option<Vec<String>> 
 }
 
 /// Embedding, final norm and (untied) head in `dtype`; the embedding's name goes first in
-/// `names`, the others after the layers'.
-fn head_tensors(
-    model: &Model,
+/// `names`, the others after the layers'. The embedding and the head are converted as the part
+/// is written ([`writer::write_file_with`]), a block of rows at a time.
+fn head_tensors<'a>(
+    model: &'a Model,
     dtype: FloatDtype,
     names: &mut Vec<String>,
-) -> Result<Vec<OutTensor>> {
+) -> Result<(Vec<OutTensor>, Vec<SourceMatrix<'a>>)> {
     let spec = &model.spec;
-    let shape = vec![spec.vocab, spec.hidden];
-    let embed_name = spec.roots.embed();
-    let embed = model
-        .ckpt
-        .f32(&embed_name, &shape)?
-        .flatten_all()?
-        .to_vec1()?;
-    let mut head = vec![OutTensor::float(
-        embed_name.clone(),
-        shape.clone(),
-        &embed,
+    let matrix = |name: String| SourceMatrix {
+        ckpt: &model.ckpt,
+        name,
+        shape: [spec.vocab, spec.hidden],
         dtype,
-    )?];
-    names.insert(0, embed_name);
-    drop(embed);
+    };
+    let embed_name = spec.roots.embed();
+    names.insert(0, embed_name.clone());
+    let mut matrices = vec![matrix(embed_name)];
     let norm = model.final_norm()?;
     let final_norm = [Some(norm.weight), norm.bias].into_iter().flatten();
+    let mut small = Vec::new();
     for (name, t) in model.final_norm_tensors().into_iter().zip(final_norm) {
-        head.push(OutTensor::float(
+        small.push(OutTensor::float(
             name.clone(),
             vec![spec.hidden],
             &t.to_vec1()?,
@@ -271,10 +268,9 @@ fn head_tensors(
         names.push(name);
     }
     if !spec.tied_embeddings {
-        let w = model.lm_head()?.flatten_all()?.to_vec1()?;
         let name = spec.roots.head_weight();
-        head.push(OutTensor::float(name.clone(), shape, &w, dtype)?);
-        names.push(name);
+        names.push(name.clone());
+        matrices.push(matrix(name));
     }
-    Ok(head)
+    Ok((small, matrices))
 }
