@@ -15,6 +15,7 @@
 use std::time::Instant;
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
@@ -222,21 +223,64 @@ fn dtype_note(dtype: Option<candle_core::DType>) -> String {
     }
 }
 
-/// Σ −log_softmax(logits[r])[targets[r]] in f64.
+/// Σ −log_softmax(logits[r])[targets[r]] in f64 (`logits: [rows, vocab]`), summed in row order.
 pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
-    let rows = logits.to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .zip(targets)
-        .map(|(row, &t)| {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = max
-                + row
+    let rows = logits.dim(0)?;
+    let values = logits.flatten_all()?.to_vec1::<f32>()?;
+    Ok(LogProbs::new(values, rows).nll(targets))
+}
+
+/// Rows of logits with each row's log-sum-exp (f64): log-probabilities without a second copy.
+pub(crate) struct LogProbs {
+    logits: Vec<f32>,
+    vocab: usize,
+    lse: Vec<f64>,
+}
+
+impl LogProbs {
+    pub(crate) fn new(logits: Vec<f32>, rows: usize) -> Self {
+        let vocab = logits.len() / rows.max(1);
+        let lse = logits
+            .par_chunks(vocab)
+            .map(|row| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                max + row
                     .iter()
                     .map(|&x| (x as f64 - max).exp())
                     .sum::<f64>()
-                    .ln();
-            lse - row[t as usize] as f64
-        })
-        .sum())
+                    .ln()
+            })
+            .collect();
+        LogProbs { logits, vocab, lse }
+    }
+
+    fn rows(&self) -> impl IndexedParallelIterator<Item = (&[f32], f64)> {
+        self.logits
+            .par_chunks(self.vocab)
+            .zip(self.lse.par_iter().copied())
+    }
+
+    /// Σ over rows of −log p(target).
+    pub(crate) fn nll(&self, targets: &[u32]) -> f64 {
+        let per_row: Vec<f64> = (self.rows().zip(targets.par_iter()))
+            .map(|((row, lse), &t)| lse - row[t as usize] as f64)
+            .collect();
+        per_row.iter().sum()
+    }
+
+    /// Σ over rows of KL(self ‖ other) = Σ_v p(v)·(log p(v) − log q(v)).
+    pub(crate) fn kl_to(&self, other: &LogProbs) -> f64 {
+        let per_row: Vec<f64> = (self.rows().zip(other.rows()))
+            .map(|((p, lse_p), (q, lse_q))| {
+                (p.iter().zip(q))
+                    .map(|(&a, &b)| {
+                        let lp = a as f64 - lse_p;
+                        lp.exp() * (lp - (b as f64 - lse_q))
+                    })
+                    .sum::<f64>()
+            })
+            .collect();
+        // Summed in row order: the same bits whatever the thread count.
+        per_row.iter().sum()
+    }
 }

@@ -16,11 +16,11 @@
 //! or a resumed run lacks the quantized layers before its first.
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
 use super::guard::{guard_block_indices, guard_blocks_upto};
 use super::layer::pieces;
 use crate::error::Result;
+use crate::eval::LogProbs;
 use crate::model::config::ModelSpec;
 use crate::model::layer::LayerWeights;
 use crate::model::rope::Rope;
@@ -197,61 +197,6 @@ pub(super) fn losses(
         written: mean(sums[3]),
         seconds: layer_seconds + clock.elapsed().as_secs_f64(),
     })
-}
-
-/// Rows of logits with each row's log-sum-exp (f64): log-probabilities without a second copy.
-struct LogProbs {
-    logits: Vec<f32>,
-    vocab: usize,
-    lse: Vec<f64>,
-}
-
-impl LogProbs {
-    fn new(logits: Vec<f32>, rows: usize) -> Self {
-        let vocab = logits.len() / rows.max(1);
-        let lse = logits
-            .par_chunks(vocab)
-            .map(|row| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                max + row
-                    .iter()
-                    .map(|&x| (x as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln()
-            })
-            .collect();
-        LogProbs { logits, vocab, lse }
-    }
-
-    fn rows(&self) -> impl IndexedParallelIterator<Item = (&[f32], f64)> {
-        self.logits
-            .par_chunks(self.vocab)
-            .zip(self.lse.par_iter().copied())
-    }
-
-    /// Σ over rows of −log p(target).
-    fn nll(&self, targets: &[u32]) -> f64 {
-        let per_row: Vec<f64> = (self.rows().zip(targets.par_iter()))
-            .map(|((row, lse), &t)| lse - row[t as usize] as f64)
-            .collect();
-        per_row.iter().sum()
-    }
-
-    /// Σ over rows of KL(self ‖ other) = Σ_v p(v)·(log p(v) − log q(v)).
-    fn kl_to(&self, other: &LogProbs) -> f64 {
-        let per_row: Vec<f64> = (self.rows().zip(other.rows()))
-            .map(|((p, lse_p), (q, lse_q))| {
-                (p.iter().zip(q))
-                    .map(|(&a, &b)| {
-                        let lp = a as f64 - lse_p;
-                        lp.exp() * (lp - (b as f64 - lse_q))
-                    })
-                    .sum::<f64>()
-            })
-            .collect();
-        // Summed in row order: the same bits whatever the thread count.
-        per_row.iter().sum()
-    }
 }
 
 #[cfg(test)]

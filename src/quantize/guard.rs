@@ -255,11 +255,7 @@ impl Guard<'_> {
     /// Mean squared difference of `x` (hidden states) from `reference` (the fp layer's output
     /// on the same rows, through `next_norm`), read through `next_norm`.
     pub fn deviation(&self, x: &Tensor, reference: &Tensor) -> Result<f64> {
-        let x = self.next_norm.apply(self.spec, x)?;
-        let sum = reduce::with_slice(reference, |r| {
-            reduce::with_slice(&x, |o| reduce::sq_diff(r, o))
-        })??;
-        Ok(sum / reference.elem_count().max(1) as f64)
+        Ok(self.sq_diff(x, reference)? / reference.elem_count().max(1) as f64)
     }
 
     /// Mean squared difference of the layer's output from the fp output on the guard blocks.
@@ -269,14 +265,18 @@ impl Guard<'_> {
         for piece in pieces(&self.input, self.seqlen)? {
             let n = piece.dim(0)?;
             let (out, _) = layer.forward(self.spec, self.rope, &piece, self.seqlen, false)?;
-            let out = self.next_norm.apply(self.spec, &out)?;
-            let reference = self.reference.narrow(0, at, n)?;
-            sum += reduce::with_slice(&reference, |r| {
-                reduce::with_slice(&out, |o| reduce::sq_diff(r, o))
-            })??;
+            sum += self.sq_diff(&out, &self.reference.narrow(0, at, n)?)?;
             at += n;
         }
         Ok(sum / self.reference.elem_count().max(1) as f64)
+    }
+
+    /// Σ (next_norm(x) − reference)² in f64.
+    fn sq_diff(&self, x: &Tensor, reference: &Tensor) -> Result<f64> {
+        let x = self.next_norm.apply(self.spec, x)?;
+        reduce::with_slice(reference, |r| {
+            reduce::with_slice(&x, |o| reduce::sq_diff(r, o))
+        })?
     }
 }
 
