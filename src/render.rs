@@ -197,7 +197,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     let p = &w.seconds;
     writeln!(out,
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
-             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s, end-to-end check {:.1}s, fp16 budget {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
+             time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s{}, fp16 budget {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
              matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
             output.display(),
             report.layers.len(),
@@ -210,7 +210,11 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             p.search,
             p.clip,
             p.guard,
-            p.end_to_end,
+            // Only where the check ran: a MoE model or a resumed run has none.
+            match report.end_to_end {
+                Some(_) => format!(", end-to-end check {:.1}s", p.end_to_end),
+                None => String::new(),
+            },
             p.fp16_budget,
             p.quantize,
             p.write,
@@ -239,7 +243,8 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
         writeln!(
             out,
             "end-to-end check: KL from the float model {:.4} as written, {:.4} round-to-nearest \
-             (next-token loss {:.4}, {:.4}, float {:.4}; {} predictions on calibration blocks)",
+             (next-token loss {:.4} as written, {:.4} round-to-nearest, {:.4} float; {} predictions \
+             on calibration blocks)",
             e.written.kl, e.rtn.kl, e.written.loss, e.rtn.loss, e.fp_loss, e.predictions
         )?;
     }
