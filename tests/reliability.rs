@@ -341,6 +341,21 @@ fn signal(child: &Child, sig: &str) {
 
 use common::files_but_report as files;
 
+/// The end-to-end check goes on from the streams saved with the last finished layer: the
+/// resumed run's scores are the uninterrupted run's, to the bit (only the seconds differ).
+fn resumed_run_reports_the_end_to_end_check_of_the_uninterrupted_one(reference: &Path, out: &Path) {
+    let check = |dir: &Path| {
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("quantization_report.json")).unwrap())
+                .unwrap();
+        let mut e = report["end_to_end"].clone();
+        assert!(e.is_object(), "no end-to-end check in {}", dir.display());
+        e.as_object_mut().unwrap().remove("seconds");
+        e
+    };
+    assert_eq!(check(out), check(reference));
+}
+
 #[test]
 fn sigint_cleans_up_and_sigkill_resumes_to_the_same_bytes() {
     let Some(model) = common::test_model("sigint_cleans_up_and_sigkill_resumes_to_the_same_bytes")
@@ -408,6 +423,7 @@ fn sigint_cleans_up_and_sigkill_resumes_to_the_same_bytes() {
         files(&out) == files(&reference),
         "resumed output differs from the uninterrupted run"
     );
+    resumed_run_reports_the_end_to_end_check_of_the_uninterrupted_one(&reference, &out);
 
     // Only --force discards a killed run whose settings differ.
     let out2 = tmp.path().join("killed2");

@@ -13,7 +13,10 @@
 //! without clipping, plain round-to-nearest, and what is written. The float model's own output
 //! on the same blocks is the run's hidden state already. Dense models only (the MoE layers hold
 //! no second copy, see the guard), and only in a run that quantizes every layer itself: a shard
-//! or a resumed run lacks the quantized layers before its first.
+//! lacks the quantized layers before its first. A resumed run goes on from the streams saved
+//! with the last finished layer ([`Streams::save`]).
+
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
@@ -21,6 +24,8 @@ use super::guard::{guard_block_indices, guard_blocks_upto};
 use super::layer::pieces;
 use crate::error::Result;
 use crate::eval::LogProbs;
+use crate::io::reader::Checkpoint;
+use crate::io::writer::{self, OutTensor};
 use crate::model::config::ModelSpec;
 use crate::model::layer::LayerWeights;
 use crate::model::rope::Rope;
@@ -57,6 +62,8 @@ pub(super) struct Streams {
     pub written: Tensor,
 }
 
+const STREAM_NAMES: [&str; 4] = ["awq", "scales_only", "rtn", "written"];
+
 impl Streams {
     /// Every stream starts as the embedding of the check's blocks.
     pub fn new(embedded: Tensor) -> Self {
@@ -67,6 +74,51 @@ impl Streams {
             written: embedded,
         }
     }
+
+    fn all(&self) -> [&Tensor; 4] {
+        [&self.awq, &self.scales_only, &self.rtn, &self.written]
+    }
+
+    /// The streams after layer `layer`, beside the layer parts in `dir`: a resumed run goes on
+    /// from the last finished layer's streams and scores as the uninterrupted run does (f32,
+    /// exactly). Written atomically before the layer's record; the file of the layer before is
+    /// removed once this layer's record is written ([`Streams::forget`]).
+    pub fn save(&self, dir: &Path, layer: usize) -> Result<()> {
+        let tensors = (STREAM_NAMES.iter().zip(self.all()))
+            .map(|(name, t)| OutTensor::f32(name.to_string(), t))
+            .collect::<Result<Vec<_>>>()?;
+        writer::write_file(&stream_file(dir, layer), &tensors)
+    }
+
+    /// The streams saved after layer `layer`, if they were (`None` when that layer ran in a
+    /// run without the check, or was killed between its streams and its record).
+    pub fn load(dir: &Path, layer: usize) -> Result<Option<Streams>> {
+        let path = stream_file(dir, layer);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let ckpt = Checkpoint::open_files(vec![path])?;
+        let read = |name: &str| -> Result<Tensor> {
+            let shape = ckpt.meta(name)?.shape.clone();
+            ckpt.f32(name, &shape)
+        };
+        Ok(Some(Streams {
+            awq: read(STREAM_NAMES[0])?,
+            scales_only: read(STREAM_NAMES[1])?,
+            rtn: read(STREAM_NAMES[2])?,
+            written: read(STREAM_NAMES[3])?,
+        }))
+    }
+
+    /// Removes the streams saved after layer `layer` (no longer needed once the next layer's
+    /// are saved and its record written).
+    pub fn forget(dir: &Path, layer: usize) {
+        let _ = std::fs::remove_file(stream_file(dir, layer));
+    }
+}
+
+fn stream_file(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("streams-{layer:05}.safetensors"))
 }
 
 /// How close one version of the model comes to the float model on the check's blocks, per

@@ -87,7 +87,8 @@ pub(super) fn run_layers(
         None => model.embed(&prep.cal.ids)?,
     };
     let mut done = Layers::new();
-    let mut streams = match checks_end_to_end(opts, prep, &range) {
+    let checks = checks_end_to_end(opts, prep, &range);
+    let mut streams = match checks {
         true => Some(Streams::new(end_to_end::rows(&hidden, seqlen)?)),
         false => None,
     };
@@ -107,9 +108,13 @@ pub(super) fn run_layers(
         let (record, seconds) = if record_path.is_file() {
             // Finished before an interruption (the fingerprint matched): keep its part and
             // recompute only the original layer's output that feeds the next one. The
-            // end-to-end check lacks this layer's versions, so it stops.
+            // end-to-end check goes on from this layer's saved streams; where none were saved
+            // (only the last finished layer's are kept), it has none until such a layer.
             let record = read_record(&record_path)?;
-            streams = None;
+            streams = match checks {
+                true => Streams::load(parts_dir, i)?,
+                false => None,
+            };
             hidden = model
                 .layer(i)?
                 .forward(&spec.layer(i), &rope, &hidden, seqlen, false)?
@@ -120,11 +125,17 @@ pub(super) fn run_layers(
                 quantize_layer(opts, prep, &rope, &hidden, i, &part, streams.as_mut())?;
             hidden = out;
             work.seconds.add(&record.report.seconds);
+            if let Some(s) = &streams {
+                s.save(parts_dir, i)?;
+            }
             // Written after the part: a layer counts as done for a resume only with both.
             writer::write_json(
                 &record_path,
                 &serde_json::to_value(&record).map_err(|e| Error::Runtime(e.to_string()))?,
             )?;
+            if i > 0 {
+                Streams::forget(parts_dir, i - 1);
+            }
             let seconds = record.report.seconds.total();
             (record, seconds)
         };

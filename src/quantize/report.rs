@@ -372,7 +372,8 @@ pub struct Report {
     pub calibration: CalibSummary,
     pub layers: Vec<LayerReport>,
     /// The end-to-end check on the guard's calibration blocks (`null` where it does not run:
-    /// `--no-guard`, plain round-to-nearest, MoE models, shards and resumed runs).
+    /// `--no-guard`, plain round-to-nearest, MoE models and shards; a resumed run whose last
+    /// finished layer saved no streams).
     pub end_to_end: Option<super::end_to_end::EndToEndReport>,
     /// `--keep-fp16`: the budget and the units it kept (`null` without the flag).
     pub kept_fp16: Option<super::keep::KeptFp16>,
