@@ -19,7 +19,12 @@
 //! split into super-blocks of at most 256 here, where llama.cpp would switch that tensor to
 //! another type. Near enough for the purpose: a structured non-uniform grid, not AWQ's.
 //!
-//! `cargo run --release --example kquant_grid -- MODEL_DIR OUT_DIR`
+//! A narrower Q4_K sub-block (third argument, e.g. 16) puts more of the source's scales and
+//! minimums inside one of AWQ's groups: on SmolLM2, whose 576 columns allow groups of 64 at
+//! most, sub-blocks of 16 mimic a group of 128 over llama.cpp's sub-blocks of 32 on a larger
+//! model.
+//!
+//! `cargo run --release --example kquant_grid -- MODEL_DIR OUT_DIR [Q4_K_SUB_BLOCK]`
 
 use std::path::Path;
 
@@ -31,11 +36,14 @@ const SUPER: usize = 256;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 2 {
-        eprintln!("usage: kquant_grid MODEL_DIR OUT_DIR");
+    if !(2..=3).contains(&args.len()) {
+        eprintln!("usage: kquant_grid MODEL_DIR OUT_DIR [Q4_K_SUB_BLOCK (default 32)]");
         std::process::exit(2);
     }
     let (src, out) = (Path::new(&args[0]), Path::new(&args[1]));
+    let sub: usize = args
+        .get(2)
+        .map_or(32, |s| s.parse().expect("a sub-block width"));
     let layers = awq::model::load_spec(&src.join("config.json"))
         .unwrap()
         .layers;
@@ -45,7 +53,7 @@ fn main() {
         for sb in w.chunks_mut(cols).flat_map(|row| row.chunks_mut(SUPER)) {
             match six {
                 true => q6_k(sb),
-                false => q4_k(sb),
+                false => q4_k(sb, sub),
             }
         }
         match six {
@@ -78,9 +86,9 @@ fn h(x: f32) -> f32 {
 }
 
 /// Q4_K on one super-block, in place.
-fn q4_k(x: &mut [f32]) {
+fn q4_k(x: &mut [f32], sub: usize) {
     let av = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
-    let fits: Vec<(f32, f32)> = x.chunks(32).map(|s| fit_scale_min(s, av)).collect();
+    let fits: Vec<(f32, f32)> = x.chunks(sub).map(|s| fit_scale_min(s, av)).collect();
     let max_scale = fits.iter().fold(0f32, |a, f| a.max(f.0));
     let max_min = fits.iter().fold(0f32, |a, f| a.max(f.1));
     let (d, dmin) = (h(max_scale / 63.0), h(max_min / 63.0));
@@ -88,7 +96,7 @@ fn q4_k(x: &mut [f32]) {
         true => (v * 63.0 / m).round().min(63.0),
         false => 0.0,
     };
-    for (s, (scale, min)) in x.chunks_mut(32).zip(fits) {
+    for (s, (scale, min)) in x.chunks_mut(sub).zip(fits) {
         let (dl, dm) = (d * six(scale, max_scale), dmin * six(min, max_min));
         for v in s.iter_mut() {
             let l = match dl > 0.0 {
