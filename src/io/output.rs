@@ -251,9 +251,9 @@ pub fn check_replaceable(output: &Path, force: bool) -> Result<()> {
             output.display()
         ))),
         (Existing::Other(what), _) => Err(Error::OutputExists(format!(
-            "{} already exists and is {what}; --force replaces only an empty directory or an \
-             earlier awq output holding just the files it wrote (it never deletes anything \
-             else) — choose another -o, or move those files away",
+            "{} already exists and is {what}; --force replaces only an earlier awq output \
+             holding just the files it wrote (an empty directory is used as is; it never deletes \
+             anything else) — choose another -o, or move those files away",
             output.display()
         ))),
     }
