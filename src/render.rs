@@ -210,7 +210,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             p.search,
             p.clip,
             p.guard,
-            // Only where the check ran: a MoE model or a resumed run has none.
+            // Only where the check ran: a MoE model or a shard has none.
             match report.end_to_end {
                 Some(_) => format!(", end-to-end check {:.1}s", p.end_to_end),
                 None => String::new(),

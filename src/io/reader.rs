@@ -338,24 +338,23 @@ impl Checkpoint {
         self.expect_shape(name, shape)?;
         let [rows, cols] = *shape;
         let step = (block_values / cols.max(1)).max(1);
-        let whole = match self.is_fp8(name) {
-            true => Some(self.fp8_f32(name)?),
-            false => None,
+        enum Source<'a> {
+            Whole(Vec<f32>),
+            Mapped(&'a [u8], FloatType),
+        }
+        let source = match self.is_fp8(name) {
+            true => Source::Whole(self.fp8_f32(name)?),
+            false => Source::Mapped(self.bytes(name)?, self.float_type(name)?),
         };
         let mut block = Vec::new();
         for start in (0..rows).step_by(step) {
             let end = (start + step).min(rows);
-            let values = match &whole {
-                Some(w) => &w[start * cols..end * cols],
-                None => {
-                    let ft = self.float_type(name)?;
-                    let width = cols * elem_size(ft);
+            let values = match &source {
+                Source::Whole(whole) => &whole[start * cols..end * cols],
+                Source::Mapped(bytes, ft) => {
+                    let width = cols * elem_size(*ft);
                     block.resize((end - start) * cols, 0.0);
-                    convert_par(
-                        &self.bytes(name)?[start * width..end * width],
-                        ft,
-                        &mut block,
-                    );
+                    convert_par(&bytes[start * width..end * width], *ft, &mut block);
                     &block[..]
                 }
             };

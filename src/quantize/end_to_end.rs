@@ -42,14 +42,19 @@ const HEAD_ROWS: usize = 512;
 /// The check's blocks of `x: [blocks·seqlen, d]`: the first guard blocks, about
 /// [`CHECK_TOKENS`] tokens.
 pub(super) fn rows(x: &Tensor, seqlen: usize) -> Result<Tensor> {
-    guard_blocks_upto(x, seqlen, (CHECK_TOKENS / seqlen).max(1))
+    guard_blocks_upto(x, seqlen, check_blocks(seqlen))
+}
+
+/// How many guard blocks of `seqlen` tokens the check carries, at most.
+fn check_blocks(seqlen: usize) -> usize {
+    (CHECK_TOKENS / seqlen).max(1)
 }
 
 /// The tokens of the check's blocks, out of the calibration's `ids` (block after block).
 pub(super) fn ids(all: &[u32], seqlen: usize) -> Vec<u32> {
     guard_block_indices(all.len() / seqlen)
         .into_iter()
-        .take((CHECK_TOKENS / seqlen).max(1))
+        .take(check_blocks(seqlen))
         .flat_map(|b| all[b * seqlen..(b + 1) * seqlen].iter().copied())
         .collect()
 }
@@ -162,14 +167,14 @@ pub struct StreamErrors {
     pub written: f64,
 }
 
-/// The streams' [`StreamErrors`] against `fp_out` (the float layer's output on the check's
-/// blocks), measured as `guard` measures.
+/// The streams' [`StreamErrors`], measured as `guard` measures. The check's blocks are the
+/// first of the guard's, so the float layer's output on them, through the next norm, is the
+/// head of the guard's `reference`.
 pub(super) fn stream_errors(
     guard: &super::guard::Guard,
     streams: &Streams,
-    fp_out: &Tensor,
 ) -> Result<StreamErrors> {
-    let reference = guard.next_norm.apply(guard.spec, fp_out)?;
+    let reference = guard.reference.narrow(0, 0, streams.awq.dim(0)?)?;
     let e = |x: &Tensor| guard.deviation(x, &reference);
     Ok(StreamErrors {
         awq: e(&streams.awq)?,
@@ -208,12 +213,7 @@ pub(super) fn losses(
     let clock = std::time::Instant::now();
     let head = model.head()?;
     let blocks = ids.len() / seqlen;
-    let versions = [
-        &streams.awq,
-        &streams.scales_only,
-        &streams.rtn,
-        &streams.written,
-    ];
+    let versions = streams.all();
     let (mut fp_loss, mut sums) = (0f64, [Scores::default(); 4]);
     // Positions 0..seqlen-1 of each block predict tokens 1..seqlen, `HEAD_ROWS` rows of logits
     // at a time (a 150k vocabulary makes 0.3 GB of them per version).

@@ -274,7 +274,7 @@ fn quantize_layer(
         let written = as_written(layer.clone(), opts.group, &codes)?;
         guard.advance(&written, Some(&mut streams.written))?;
         let clock = Instant::now();
-        let errors = end_to_end::stream_errors(guard, streams, &end_to_end::rows(&out, seqlen)?)?;
+        let errors = end_to_end::stream_errors(guard, streams)?;
         if let Some(g) = checked.guard.as_mut() {
             g.streams = Some(errors);
         }
