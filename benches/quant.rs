@@ -97,7 +97,7 @@ fn benches(c: &mut Criterion) {
 
     let xs = clip::subsample(&randn((TOKENS, HIDDEN), 1.0)).unwrap();
     c.bench_function("clip search gate_proj 1536x576", |b| {
-        b.iter(|| clip::search(&w, &xs, GROUP, false).unwrap())
+        b.iter(|| clip::search(&w, &xs, GROUP, clip::Cut::Symmetric).unwrap())
     });
 
     let spec = spec();
@@ -143,10 +143,10 @@ fn expert_benches(c: &mut Criterion) {
     let gate = randn((E, H), 0.02);
     let xg = randn((T, H), 1.0);
     g.bench_function("clip search gate 2048x7168, 256 tokens", |b| {
-        b.iter(|| clip::search(&gate, &xg, G, false).unwrap())
+        b.iter(|| clip::search(&gate, &xg, G, clip::Cut::Symmetric).unwrap())
     });
     g.bench_function("clip search down 7168x2048, 256 tokens", |b| {
-        b.iter(|| clip::search(&down, &x, G, false).unwrap())
+        b.iter(|| clip::search(&down, &x, G, clip::Cut::Symmetric).unwrap())
     });
     let wv = gate.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     g.bench_function("quantize_f16 + pack gate 2048x7168", |b| {

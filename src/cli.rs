@@ -296,10 +296,12 @@ pub struct QuantizeArgs {
     )]
     pub clip_sides: awq::quantize::ClipSides,
     /// How the 4-bit codes are chosen once scales and clipping are fixed: rtn (round to
-    /// nearest: AutoAWQ's codes exactly) or gptq (error feedback through the calibration
+    /// nearest: AutoAWQ's codes exactly), gptq (error feedback through the calibration
     /// input's XᵀX with round-to-nearest's scales and zero points, kept per linear where it
-    /// lowers the calibration loss; better with 32 x 512 calibration tokens, worse with few:
-    /// README, "Quality").
+    /// lowers the calibration loss; better with 32 x 512 calibration tokens, worse with few),
+    /// or auto (error feedback kept per linear only where it lowers the loss on the held-out
+    /// calibration blocks, every 4th; round to nearest with fewer than 4 blocks). README,
+    /// "Quality".
     #[arg(
         long,
         default_value = "rtn",

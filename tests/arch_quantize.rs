@@ -437,6 +437,83 @@ fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
     eprintln!("phi3: KL to fp: gptq {kl_gptq:.3e}, rtn rounding {kl_rtn:.3e}");
 }
 
+/// `--rounding auto` judges error feedback on the held-out calibration blocks: every record
+/// holds both held-out losses and keeps error feedback exactly where its held-out loss (fitted
+/// without those blocks) and its loss on every block (fitted on them) are the lower. A
+/// calibration too short to split has no held-out loss, and `auto` rounds to nearest.
+/// `--clip-sides auto` keeps separate bounds on some groups, and none without a split.
+#[test]
+fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
+    let model = fixture("arch/phi3");
+    let tmp = tempfile::tempdir().unwrap();
+    let report = |out: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
+            .unwrap()
+    };
+    let out = tmp.path().join("auto");
+    let auto = ["--rounding", "auto", "--clip-sides", "auto"];
+    quantize(&model, &out, &auto);
+    let r = report(&out);
+    // --clip-sides auto: separate bounds on some of the clipped groups, symmetric on the rest.
+    let clip = |r: &serde_json::Value| {
+        (r["layers"].as_array().unwrap().iter())
+            .map(|l| serde_json::from_value::<[usize; 2]>(l["clip_separate"].clone()).unwrap())
+            .fold([0, 0], |[a, b], [c, d]| [a + c, b + d])
+    };
+    let [separate, groups] = clip(&r);
+    assert!(0 < separate && separate < groups, "{separate} of {groups}");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains(&format!("refined on {separate} of {groups} groups")));
+    let held = r["calibration"]["held_out_blocks"].as_u64().unwrap();
+    let blocks = r["calibration"]["blocks"].as_u64().unwrap();
+    assert_eq!(held, blocks / 4, "{}", r["calibration"]);
+    assert!(held > 0);
+    let records: Vec<&serde_json::Value> = (r["layers"].as_array().unwrap().iter())
+        .flat_map(|l| l["rounding"].as_array().unwrap())
+        .collect();
+    assert!(!records.is_empty());
+    for x in &records {
+        let held = |k: &str| x[format!("held_out_{k}_loss")].as_f64().unwrap();
+        let all = |k: &str| x[format!("{k}_loss")].as_f64().unwrap();
+        let wins = held("gptq") < held("rtn") && all("gptq") < all("rtn");
+        assert_eq!(x["gptq_kept"], wins, "{x}");
+    }
+    let verify = awq(&["verify", "--json"], &out);
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+
+    // 6 blocks of 128: 768 tokens, 4 per input dimension of every linear but down_proj's 256.
+    let few = tmp.path().join("few");
+    quantize(&model, &few, &["--rounding", "auto", "--max-blocks", "6"]);
+    for l in report(&few)["layers"].as_array().unwrap() {
+        for x in l["rounding"].as_array().unwrap() {
+            let down = x["linear"] == "mlp.down_proj";
+            assert_eq!(x["held_out_rtn_loss"].is_null(), down, "{x}");
+            if down {
+                assert_eq!(x["gptq_kept"], false, "{x}");
+            }
+        }
+    }
+
+    let short = tmp.path().join("short");
+    quantize(
+        &model,
+        &short,
+        &[&auto[..], &["--max-blocks", "3"]].concat(),
+    );
+    let r = report(&short);
+    assert_eq!(r["calibration"]["held_out_blocks"], 0);
+    assert_eq!(clip(&r)[0], 0, "no split: symmetric bounds only");
+    for l in r["layers"].as_array().unwrap() {
+        for x in l["rounding"].as_array().unwrap() {
+            assert!(x["held_out_rtn_loss"].is_null(), "{x}");
+            assert_eq!(x["gptq_kept"], false, "{x}");
+        }
+    }
+    let card = std::fs::read_to_string(short.join("README.md")).unwrap();
+    assert!(card.contains("kept on 0 of"), "{card}");
+}
+
 /// A tensor of a model directory's single safetensors file as f32.
 fn tensor(dir: &Path, name: &str) -> Vec<f32> {
     read_f32(&std::fs::read(dir.join("model.safetensors")).unwrap(), name).0

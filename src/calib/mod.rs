@@ -16,6 +16,7 @@ use crate::io::source::{self, DatasetSpec};
 pub mod chat;
 pub mod corpus;
 pub mod formats;
+pub mod held_out;
 
 pub use formats::{txt_documents, Record, SUPPORTED};
 
@@ -61,6 +62,9 @@ pub struct CalibSummary {
     pub seqlen: usize,
     /// `blocks × seqlen`.
     pub tokens: usize,
+    /// Blocks held out of every fit and used only to judge ([`held_out`]): every 4th from
+    /// block 3; none below 4 blocks.
+    pub held_out_blocks: usize,
 }
 
 /// Token blocks `[blocks × seqlen]` (flattened) and what was used.
@@ -273,6 +277,7 @@ pub fn build(
             blocks,
             seqlen: l,
             tokens: stream.len(),
+            held_out_blocks: held_out::blocks(blocks).len(),
         },
         ids: stream,
     })

@@ -31,11 +31,25 @@ pub fn subsample(x: &Tensor) -> Result<Tensor> {
 /// The clamp bounds `[lo, hi]` of one group.
 pub type Bounds = [f32; 2];
 
+/// How [`search`] cuts each group's range.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut<'a> {
+    /// AutoAWQ's: `±m0·(1 − i/20)`.
+    Symmetric,
+    /// Symmetric, then each side refined on its own.
+    Separate,
+    /// Separate where it generalises, symmetric elsewhere: both are searched on `fit` (a
+    /// subsampled input, `[T'', in]`) and scored on `held` (another, of tokens `fit` lacks);
+    /// where the separate bounds score lower for a row and group, that row and group gets the
+    /// separate bounds searched on the input `x` (which may hold both), else the symmetric ones.
+    Judged { fit: &'a Tensor, held: &'a Tensor },
+}
+
 /// Best clamp bounds `[out·G]` (row-major) for `w: [out, in]` given the subsampled input
 /// `x: [T', in]`.
 ///
-/// AutoAWQ's search (`separate == false`) shrinks the group's abs-max `m0` symmetrically:
-/// `±m0·(1 − i/20)`, `i < 10`. With `separate`, that result is refined one side at a time:
+/// AutoAWQ's search ([`Cut::Symmetric`]) shrinks the group's abs-max `m0` symmetrically:
+/// `±m0·(1 − i/20)`, `i < 10`. With [`Cut::Separate`], that result is refined one side at a time:
 /// the upper bound over `max·(1 − i/20)` with the lower one fixed, then the lower bound over
 /// `min·(1 − i/20)`, each kept only where it lowers the error further (zero-point quantization
 /// has its own range on each side of zero, so a group's two tails can want different cuts).
@@ -45,34 +59,61 @@ pub type Bounds = [f32; 2];
 /// (group × group, formed once per group): the same objective at `group` instead of `T'`
 /// multiply-adds per element and candidate. A pass's candidates of every row are stacked as
 /// one matrix `D` and multiplied by `G_k` at once (a GEMM, not one `G·d` per candidate).
-pub fn search(w: &Tensor, x: &Tensor, group: usize, separate: bool) -> Result<Vec<Bounds>> {
+pub fn search(w: &Tensor, x: &Tensor, group: usize, cut: Cut) -> Result<Vec<Bounds>> {
     let (out, inp) = w.dims2()?;
     let gs = inp / group;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
     let mut best = vec![[0f32; 2]; out * gs];
     let mut best_err = vec![0f32; out * gs];
     for k in 0..gs {
-        let xk = x.narrow(1, k * group, group)?.contiguous()?;
-        let pass = Pass {
-            w: &wv,
-            inp,
-            k,
-            group,
-            gram: matmul(&xk.t()?, &xk)?,
-            tokens: x.dim(0)? as f32,
-        };
+        let pass = Pass::new(&wv, inp, k, group, x)?;
         let (best_k, err_k) = pass.symmetric()?;
+        let symmetric = best_k.clone();
         for (o, (b, e)) in best_k.into_iter().zip(err_k).enumerate() {
             best[o * gs + k] = b;
             best_err[o * gs + k] = e;
         }
-        if separate {
-            for side in [1, 0] {
-                pass.refine(side, &mut best, &mut best_err, gs)?;
+        if matches!(cut, Cut::Symmetric) {
+            continue;
+        }
+        for side in [1, 0] {
+            pass.refine(side, &mut best, &mut best_err, gs)?;
+        }
+        if let Cut::Judged { fit, held } = cut {
+            let separate = generalises(&wv, inp, k, group, fit, held)?;
+            for (o, _) in separate.iter().enumerate().filter(|(_, yes)| !**yes) {
+                best[o * gs + k] = symmetric[o];
             }
         }
     }
     Ok(best)
+}
+
+/// Per row of group `k` of `w: [out, inp]`: whether separate bounds searched on `fit` score
+/// lower on `held` than the symmetric bounds searched on `fit`.
+fn generalises(
+    w: &[f32],
+    inp: usize,
+    k: usize,
+    group: usize,
+    fit: &Tensor,
+    held: &Tensor,
+) -> Result<Vec<bool>> {
+    let (out, gs) = (w.len() / inp, inp / group);
+    let pass = Pass::new(w, inp, k, group, fit)?;
+    let (symmetric, err) = pass.symmetric()?;
+    // `refine` works on the `[out, gs]` layout; this group's column is all it touches.
+    let (mut best, mut best_err) = (vec![[0f32; 2]; out * gs], vec![0f32; out * gs]);
+    for (o, (b, e)) in symmetric.iter().zip(&err).enumerate() {
+        (best[o * gs + k], best_err[o * gs + k]) = (*b, *e);
+    }
+    for side in [1, 0] {
+        pass.refine(side, &mut best, &mut best_err, gs)?;
+    }
+    let separate: Vec<Bounds> = (0..out).map(|o| best[o * gs + k]).collect();
+    let judge = Pass::new(w, inp, k, group, held)?;
+    let (e_sym, e_sep) = (judge.errors_of(&symmetric)?, judge.errors_of(&separate)?);
+    Ok(e_sep.iter().zip(&e_sym).map(|(a, b)| a < b).collect())
 }
 
 /// Shrink steps: `1 − i/20` for `i < 10`.
@@ -95,7 +136,25 @@ struct Pass<'a> {
     tokens: f32,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    /// Group `k` of `w: [out, inp]` (row-major) against the input `x: [T', inp]`.
+    fn new(w: &'a [f32], inp: usize, k: usize, group: usize, x: &Tensor) -> Result<Self> {
+        let xk = x.narrow(1, k * group, group)?.contiguous()?;
+        Ok(Pass {
+            w,
+            inp,
+            k,
+            group,
+            gram: matmul(&xk.t()?, &xk)?,
+            tokens: x.dim(0)? as f32,
+        })
+    }
+
+    /// The error of one bound per row (`bounds: [out]`).
+    fn errors_of(&self, bounds: &[Bounds]) -> Result<Vec<f32>> {
+        self.errors(1, |o, c| c[0] = bounds[o])
+    }
+
     /// Row `o`'s weights of this group.
     fn row(&self, o: usize) -> &[f32] {
         &self.w[o * self.inp + self.k * self.group..][..self.group]
@@ -113,7 +172,7 @@ impl Pass<'_> {
                 *b = [-m0 * factor(i), m0 * factor(i)];
             }
         };
-        let errs = self.errors(cands)?;
+        let errs = self.errors(STEPS, cands)?;
         let mut best = Vec::with_capacity(self.rows());
         let mut best_err = Vec::with_capacity(self.rows());
         for (o, e_row) in errs.chunks(STEPS).enumerate() {
@@ -152,7 +211,7 @@ impl Pass<'_> {
             b
         };
         let at = |o: usize| o * gs + self.k;
-        let errs = self.errors(|o, c| {
+        let errs = self.errors(STEPS, |o, c| {
             for (i, b) in c.iter_mut().enumerate() {
                 *b = step(best[at(o)], o, i);
             }
@@ -171,22 +230,23 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// `dᵀ·G·d / T'` of every row's `STEPS` candidates (`[out, STEPS]` row-major), where
+    /// `dᵀ·G·d / T'` of every row's `n ≤ STEPS` candidates (`[out, n]` row-major), where
     /// `cands(o, c)` fills row `o`'s candidate bounds and `d` is the group clamped to a
     /// candidate, fake-quantized, minus the group.
-    fn errors(&self, cands: impl Fn(usize, &mut [Bounds]) + Sync) -> Result<Vec<f32>> {
+    fn errors(&self, n: usize, cands: impl Fn(usize, &mut [Bounds]) + Sync) -> Result<Vec<f32>> {
         let (rows, group) = (self.rows(), self.group);
-        let mut errs = vec![0f32; rows * STEPS];
-        for (c, errs) in errs.chunks_mut(ROWS * STEPS).enumerate() {
+        let mut errs = vec![0f32; rows * n];
+        for (c, errs) in errs.chunks_mut(ROWS * n).enumerate() {
             let first = c * ROWS;
             let mut d = vec![0f32; errs.len() * group];
-            d.par_chunks_mut(STEPS * group)
+            d.par_chunks_mut(n * group)
                 .enumerate()
                 .for_each(|(r, d_row)| {
                     let (o, mut bounds) = (first + r, [[0f32; 2]; STEPS]);
-                    cands(o, &mut bounds);
+                    let bounds = &mut bounds[..n];
+                    cands(o, bounds);
                     let wk = self.row(o);
-                    for (d, [lo, hi]) in d_row.chunks_mut(group).zip(bounds) {
+                    for (d, &[lo, hi]) in d_row.chunks_mut(group).zip(bounds.iter()) {
                         d.iter_mut().zip(wk).for_each(|(d, v)| *d = v.clamp(lo, hi));
                         fake_quantize(d, group);
                         d.iter_mut().zip(wk).for_each(|(d, v)| *d -= v);
@@ -291,14 +351,45 @@ mod tests {
         for (shift, group) in [(0.0, 32), (0.4, 32), (-0.3, 64)] {
             let w = random(16, 128, &mut rng, shift);
             let x = random(96, 128, &mut rng, 0.0);
-            let sym = search(&w, &x, group, false).unwrap();
+            let sym = search(&w, &x, group, Cut::Symmetric).unwrap();
             assert!(sym.iter().all(|[lo, hi]| *lo == -*hi && *hi > 0.0));
-            let sep = search(&w, &x, group, true).unwrap();
+            let sep = search(&w, &x, group, Cut::Separate).unwrap();
             let (e_sym, e_sep) = (
                 total_error(&w, &x, &sym, group),
                 total_error(&w, &x, &sep, group),
             );
             assert!(e_sep <= e_sym * (1.0 + 1e-5), "{e_sep} vs {e_sym}");
+        }
+    }
+
+    /// `Cut::Judged` with `fit` the whole input takes, per row and group, the symmetric or the
+    /// separate bounds, whichever is lower on the held-out input: never worse there than
+    /// either alone.
+    #[test]
+    fn judged_bounds_are_the_better_side_on_the_held_out_input() {
+        let mut rng = SplitMix64::new(11);
+        for (shift, group) in [(0.0, 32), (0.4, 32), (-0.3, 64)] {
+            let w = random(16, 128, &mut rng, shift);
+            let (x, held) = (
+                random(96, 128, &mut rng, 0.0),
+                random(40, 128, &mut rng, 0.1),
+            );
+            let sym = search(&w, &x, group, Cut::Symmetric).unwrap();
+            let sep = search(&w, &x, group, Cut::Separate).unwrap();
+            let cut = Cut::Judged {
+                fit: &x,
+                held: &held,
+            };
+            let judged = search(&w, &x, group, cut).unwrap();
+            for ((j, a), b) in judged.iter().zip(&sym).zip(&sep) {
+                assert!(j == a || j == b, "{j:?} is neither {a:?} nor {b:?}");
+            }
+            let on_held = |b: &[Bounds]| total_error(&w, &held, b, group);
+            let (e_j, e_sym, e_sep) = (on_held(&judged), on_held(&sym), on_held(&sep));
+            assert!(
+                e_j <= e_sym.min(e_sep) * (1.0 + 1e-4),
+                "{e_j} vs {e_sym}, {e_sep}"
+            );
         }
     }
 }

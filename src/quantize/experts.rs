@@ -99,7 +99,7 @@ pub(super) fn finish_expert(
         for (name, x) in names.into_iter().zip([&rows, &rows, &hidden]) {
             if clipped(name) {
                 let (_, shrink) =
-                    clip_linear(one.linear_mut(name), x, opts.group, opts.clip_sides)?;
+                    clip_linear(one.linear_mut(name), x, None, opts.group, opts.clip_sides)?;
                 done.shrinks.push((name, shrink));
             }
         }

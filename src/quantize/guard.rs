@@ -18,8 +18,9 @@
 //!   scale group reverted as a group (its linears then lose their clips too: the clip values
 //!   belong to the scaled weights), keeping every change that lowers the error by the margin.
 //!
-//! The guard blocks were also seen by the search: holding them out would cost the search a
-//! quarter of its tokens, and choosing among a handful of variants leaves little room for
+//! The guard blocks are the held-out blocks of [`crate::calib::held_out`], which the scale
+//! and clip searches also see: held out of the search, they cost it more than the selection
+//! gains (measured there), and choosing among a handful of variants leaves little room for
 //! selection bias.
 //!
 //! Memory: variants are rebuilt from the checkpoint (the mmap) one at a time, so the guard holds
@@ -324,12 +325,12 @@ fn describe(searched: &Searched, v: &Variant) -> Vec<String> {
         .collect()
 }
 
-/// The guard's blocks among `blocks` calibration blocks: `3, 7, 11, …` (every 4th), or every
-/// block when there are fewer than 4.
+/// The guard's blocks among `blocks` calibration blocks: the held-out ones (`3, 7, 11, …`, see
+/// [`crate::calib::held_out`]), or every block when there are fewer than 4.
 pub(super) fn guard_block_indices(blocks: usize) -> Vec<usize> {
-    match blocks < 4 {
-        true => (0..blocks).collect(),
-        false => (3..blocks).step_by(4).collect(),
+    match crate::calib::held_out::blocks(blocks) {
+        h if h.is_empty() => (0..blocks).collect(),
+        h => h,
     }
 }
 

@@ -20,6 +20,7 @@ use super::report::{ExpertReport, GroupReport, LayerReport, Timings, Work};
 use super::resume::LayerRecord;
 use super::rounding;
 use super::{ClipSides, QuantizeOptions, Rounding};
+use crate::calib::held_out;
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::io::part::PartWriter;
@@ -209,12 +210,30 @@ fn quantize_layer(
     let clock = Instant::now();
     let (out, mut inputs) = forward_captured(&layer, spec, rope, hidden, seqlen)?;
     let max_abs_activation = max_abs_activations(&out, &inputs)?;
+    let judged = opts.rounding == Rounding::Auto || opts.clip_sides == ClipSides::Auto;
+    let dense = inputs.routing.is_none() && layer.experts.is_none();
+    let split = match judged && dense {
+        true => held_out::Split::of(hidden.dim(0)?, seqlen),
+        false => None,
+    };
+    let mut judge = ClipJudge::new(
+        split.as_ref(),
+        opts.clip && opts.clip_sides == ClipSides::Auto,
+    );
     t.forward = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let (groups, searched, grams) = search_layer(opts, spec, rope, &mut layer, &mut inputs)?;
+    let (groups, searched, grams) = search_layer(
+        opts,
+        spec,
+        rope,
+        &mut layer,
+        &mut inputs,
+        split.as_ref(),
+        &mut judge,
+    )?;
     t.search = clock.elapsed().as_secs_f64();
-    // The guard compares on every 4th block of the layer's input and output. It holds a second
+    // The guard compares on every 4th block (the held-out blocks) of the layer's input and output. It holds a second
     // copy of the layer, which a MoE layer's memory bound has no room for: MoE layers are not
     // guarded.
     let guard = match (opts.guard || opts.keep_fp16.is_some()) && spec.moe.is_none() {
@@ -231,9 +250,10 @@ fn quantize_layer(
 
     let clock = Instant::now();
     let clips = match opts.clip {
-        true => clip_layer(spec, &mut layer, inputs, opts.group, opts.clip_sides)?,
+        true => clip_layer(spec, &mut layer, inputs, judge, opts.group, opts.clip_sides)?,
         false => Vec::new(),
     };
+    let clip_separate = (opts.clip_sides == ClipSides::Auto).then(|| separate_groups(&clips));
     let clip_mean_shrink: Vec<(String, f32)> = clips
         .iter()
         .map(|(name, _, shrink)| (name.to_string(), *shrink))
@@ -263,8 +283,15 @@ fn quantize_layer(
     let clock = Instant::now();
     let (mut codes, rounding) = match grams {
         Some(grams) => {
-            let (codes, reports) =
-                rounding::gptq_codes(spec, &layer, &grams, &searched, &applied, opts.group)?;
+            let (codes, reports) = rounding::gptq_codes(
+                spec,
+                &layer,
+                &grams,
+                &searched,
+                &applied,
+                opts.group,
+                opts.rounding,
+            )?;
             (codes, Some(reports))
         }
         None => Default::default(),
@@ -316,6 +343,7 @@ fn quantize_layer(
             layer: i,
             groups,
             clip_mean_shrink,
+            clip_separate,
             max_abs_activation,
             experts,
             guard: checked.guard,
@@ -443,7 +471,9 @@ fn check_layer(
 /// Searches every scale group of the layer, then folds the chosen scales into `layer` (AutoAWQ
 /// searches all groups before applying any). With `--no-search`, and for an expert with too
 /// few routed tokens, the group keeps the identity unscored. Returns the reports (in group
-/// order), the choices and, for `--rounding gptq`, each input's Gram matrix.
+/// order), the choices and, for error feedback, each input's Gram matrices (of every block and,
+/// with a `split`, of the held-out ones). `judge` collects the clip samples `--clip-sides auto`
+/// judges on.
 ///
 /// Every search reads the unscaled layer and inputs, so their order changes no result: they run
 /// largest input first, and each captured input is finished ([`finish_input`]) as soon as the
@@ -455,6 +485,8 @@ fn search_layer(
     rope: &Rope,
     layer: &mut LayerWeights,
     inputs: &mut LinearInputs,
+    split: Option<&held_out::Split>,
+    judge: &mut Option<ClipJudge>,
 ) -> Result<(Vec<GroupReport>, Searched, Option<Grams>)> {
     // Streamed experts' down groups are searched expert by expert when the layer is written
     // (`super::experts`); their inputs stay as captured until then.
@@ -463,11 +495,16 @@ fn search_layer(
     let groups: Vec<ScaleGroup> = (crate::model::groups::scale_groups(spec).into_iter())
         .filter(|g| !per_expert(g.input))
         .collect();
-    let mut grams = (opts.rounding == Rounding::Gptq).then(Vec::new);
+    let mut grams = (opts.rounding != Rounding::Rtn).then(Vec::new);
     // An input no group scales (o_proj's under grouped-query attention) is final already.
     for input in spec.inputs().into_iter().filter(|i| !per_expert(*i)) {
         if !groups.iter().any(|g| g.input == input) {
-            finish_input(spec, inputs, input, &[], grams.as_mut())?;
+            let ends = Ends {
+                split,
+                grams: grams.as_mut(),
+                judge: judge.as_mut(),
+            };
+            finish_input(spec, inputs, input, &[], ends)?;
         }
     }
     let mut order: Vec<usize> = (0..groups.len()).collect();
@@ -481,7 +518,12 @@ fn search_layer(
             let scales: Vec<&[f32]> = readers()
                 .filter_map(|(_, d)| d.as_ref().map(|(_, s)| s.as_slice()))
                 .collect();
-            finish_input(spec, inputs, g.input, &scales, grams.as_mut())?;
+            let ends = Ends {
+                split,
+                grams: grams.as_mut(),
+                judge: judge.as_mut(),
+            };
+            finish_input(spec, inputs, g.input, &scales, ends)?;
         }
     }
     let (reports, scales): (Vec<_>, Vec<_>) = done.into_iter().flatten().unzip();
@@ -526,11 +568,37 @@ pub(super) fn search_one(
 }
 
 /// Per captured input a non-expert linear reads, its scaled `XᵀX` (error-feedback rounding).
-type Grams = Vec<(Input, Vec<f64>)>;
+type Grams = Vec<rounding::InputGram>;
+
+/// What [`finish_input`] takes from an input besides the clip sample, where asked.
+struct Ends<'a> {
+    split: Option<&'a held_out::Split>,
+    /// Gram matrices: of every block, and of the held-out ones with a `split`.
+    grams: Option<&'a mut Grams>,
+    /// The fit and held-out blocks' clip samples (`--clip-sides auto`, with a `split`).
+    judge: Option<&'a mut ClipJudge>,
+}
+
+/// The clip samples of the fit and of the held-out blocks, per input: `--clip-sides auto`
+/// fits separate bounds on the first and judges them on the second.
+pub(super) struct ClipJudge {
+    fit: LinearInputs,
+    held: LinearInputs,
+}
+
+impl ClipJudge {
+    /// Only where `--clip-sides auto` clips (`wanted`) a split calibration.
+    fn new(split: Option<&held_out::Split>, wanted: bool) -> Option<Self> {
+        (wanted && split.is_some()).then(|| ClipJudge {
+            fit: LinearInputs::default(),
+            held: LinearInputs::default(),
+        })
+    }
+}
 
 /// The end of a captured input's part in the search: divided by the scales of the groups that
-/// read it (`scales`, in group order; AWQ-SPEC §5), its Gram matrix taken when `grams` is
-/// asked for, then cut to the rows the clip search reads ([`clip::subsample`]). Picking rows
+/// read it (`scales`, in group order; AWQ-SPEC §5), what `ends` asks for taken from it, then cut
+/// to the rows the clip search reads ([`clip::subsample`]). Picking rows
 /// after the division gives the clip search the bits it would get from the whole input. A MoE
 /// layer's MLP input stays whole: each expert's gate/up is clipped on its own routed rows.
 fn finish_input(
@@ -538,7 +606,7 @@ fn finish_input(
     inputs: &mut LinearInputs,
     input: Input,
     scales: &[&[f32]],
-    grams: Option<&mut Grams>,
+    ends: Ends,
 ) -> Result<()> {
     let routed = input == Input::Mlp && inputs.routing.is_some();
     let Some(x) = inputs.find(input) else {
@@ -548,10 +616,27 @@ fn finish_input(
     for s in scales {
         x = scaled_input(&x, s)?;
     }
-    if let Some(grams) = grams {
-        if let Some(g) = rounding::gram(spec, input, &x)? {
-            grams.push((input, g));
+    let blocks = |picked: &[usize], seqlen| held_out::select(&x, seqlen, picked);
+    if let Some(grams) = ends.grams {
+        if let Some(all) = rounding::gram(spec, input, &x)? {
+            let held = match ends.split {
+                Some(s) => rounding::gram(spec, input, &blocks(&s.held, s.seqlen)?)?,
+                None => None,
+            };
+            let tokens = x.dim(0)?;
+            grams.push(rounding::InputGram {
+                input,
+                tokens,
+                all,
+                held,
+            });
         }
+    }
+    if let (Some(s), Some(j)) = (ends.split, ends.judge) {
+        j.fit
+            .set(input, clip::subsample(&blocks(&s.fit, s.seqlen)?)?);
+        j.held
+            .set(input, clip::subsample(&blocks(&s.held, s.seqlen)?)?);
     }
     let x = match routed {
         true => x,
@@ -652,6 +737,7 @@ fn clip_layer(
     spec: &crate::model::config::ModelSpec,
     layer: &mut LayerWeights,
     mut inputs: LinearInputs,
+    judge: Option<ClipJudge>,
     group: usize,
     sides: ClipSides,
 ) -> Result<Vec<(&'static str, Vec<clip::Bounds>, f32)>> {
@@ -682,7 +768,10 @@ fn clip_layer(
             if l.expert.is_some() && x.dim(0)? < MIN_EXPERT_TOKENS {
                 continue;
             }
-            let (bounds, shrink) = clip_linear(layer.linear_mut(l.name), x, group, sides)?;
+            let judged = (judge.as_ref().filter(|_| l.expert.is_none()))
+                .and_then(|j| j.fit.find(input).zip(j.held.find(input)));
+            let lin = layer.linear_mut(l.name);
+            let (bounds, shrink) = clip_linear(lin, x, judged, group, sides)?;
             shrinks.push((l.name, bounds, shrink));
         }
         drop(x);
@@ -690,16 +779,31 @@ fn clip_layer(
     Ok(shrinks)
 }
 
+/// Of the groups in `clips`, how many have separate bounds (`lo ≠ −hi`), and how many there are.
+fn separate_groups(clips: &[(&'static str, Vec<clip::Bounds>, f32)]) -> [usize; 2] {
+    let all = clips.iter().flat_map(|(_, b, _)| b);
+    [
+        all.clone().filter(|[lo, hi]| *lo != -*hi).count(),
+        all.count(),
+    ]
+}
+
 /// Clips one linear against its input `x` (subsampled here): the bounds and the mean shrink of
-/// the group maxima.
+/// the group maxima. `--clip-sides auto` judges separate bounds with `judged` (the fit and
+/// held-out blocks' clip samples) and is symmetric without it.
 pub(super) fn clip_linear(
     lin: &mut crate::model::layer::Linear,
     x: &Tensor,
+    judged: Option<(&Tensor, &Tensor)>,
     group: usize,
     sides: ClipSides,
 ) -> Result<(Vec<clip::Bounds>, f32)> {
-    let separate = sides == ClipSides::Separate;
-    let bounds = clip::search(&lin.weight, &clip::subsample(x)?, group, separate)?;
+    let cut = match (sides, judged) {
+        (ClipSides::Symmetric, _) | (ClipSides::Auto, None) => clip::Cut::Symmetric,
+        (ClipSides::Separate, _) => clip::Cut::Separate,
+        (ClipSides::Auto, Some((fit, held))) => clip::Cut::Judged { fit, held },
+    };
+    let bounds = clip::search(&lin.weight, &clip::subsample(x)?, group, cut)?;
     let absmax = group_absmax(&lin.weight, group)?;
     let shrink = bounds
         .iter()

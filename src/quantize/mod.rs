@@ -56,6 +56,9 @@ pub enum Rounding {
     /// Error feedback (GPTQ) with the same group scales and zero points; per linear, kept only
     /// where its calibration loss is lower than round-to-nearest's (`quant::gptq`).
     Gptq,
+    /// Error feedback kept per linear only where its loss on the held-out calibration blocks
+    /// is lower than round-to-nearest's ([`held_out`]); round-to-nearest without a split.
+    Auto,
 }
 
 impl FromStr for Rounding {
@@ -64,7 +67,8 @@ impl FromStr for Rounding {
         match s.to_ascii_lowercase().as_str() {
             "rtn" => Ok(Self::Rtn),
             "gptq" => Ok(Self::Gptq),
-            _ => Err(format!("{s:?} is not one of rtn, gptq")),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("{s:?} is not one of auto, rtn, gptq")),
         }
     }
 }
@@ -77,6 +81,9 @@ pub enum ClipSides {
     Symmetric,
     /// AutoAWQ's, then the upper and the lower bound refined one at a time.
     Separate,
+    /// Separate bounds kept per row and group only where they lower the clip objective on the
+    /// held-out calibration blocks; symmetric elsewhere, and without a split.
+    Auto,
 }
 
 impl FromStr for ClipSides {
@@ -85,7 +92,8 @@ impl FromStr for ClipSides {
         match s.to_ascii_lowercase().as_str() {
             "symmetric" => Ok(Self::Symmetric),
             "separate" => Ok(Self::Separate),
-            _ => Err(format!("{s:?} is not one of symmetric, separate")),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("{s:?} is not one of auto, symmetric, separate")),
         }
     }
 }

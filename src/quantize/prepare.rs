@@ -280,11 +280,8 @@ fn gate_tokens(gate: &QualityGate, tok: &Tokenizer) -> Result<Vec<u32>> {
 }
 
 /// `--rounding gptq` warns below this many calibration tokens per input dimension of the
-/// widest linear. Measured on SmolLM2 (widest input 1536): 1024 tokens raised the perplexity
-/// from 19.81 (round to nearest) to 21.20; 16 384 tokens (10.7 per dimension) lowered it on every
-/// cell of the README's matrix. 4 leaves a margin below the good case; the boundary itself was
-/// not measured.
-pub const GPTQ_TOKENS_PER_INPUT: usize = 4;
+/// widest linear (see [`super::rounding::MIN_TOKENS_PER_INPUT`]).
+pub const GPTQ_TOKENS_PER_INPUT: usize = super::rounding::MIN_TOKENS_PER_INPUT;
 
 /// Settings that work but that the user should hear about (shown even with `-q`): a block
 /// longer than the model was trained for, error feedback on too few calibration tokens, a shard

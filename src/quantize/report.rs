@@ -101,6 +101,10 @@ pub struct LayerReport {
     pub groups: Vec<GroupReport>,
     /// Mean clip shrink (clip value / abs-max) per clipped linear.
     pub clip_mean_shrink: Vec<(String, f32)>,
+    /// `--clip-sides auto`: of the dense linears' clipped groups (rows × groups), how many
+    /// kept separate bounds (the rest are symmetric): `[separate, all]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_separate: Option<[usize; 2]>,
     /// Largest |activation| seen in this layer during calibration (its output and every
     /// linear's input, f32): above 65504 the model overflows when served in float16.
     pub max_abs_activation: f32,
@@ -323,8 +327,12 @@ fn rounding_summary(r: &Report) -> String {
     }
     let kept = records.iter().filter(|x| x.gptq_kept).count();
     format!(
-        "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the calibration loss{}",
+        "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the {} loss{}",
         records.len(),
+        match r.options.rounding {
+            super::Rounding::Auto => "held-out calibration blocks'",
+            _ => "calibration",
+        },
         match r.layers.iter().any(|l| l.experts.is_some()) {
             true => "; MoE experts round to nearest",
             false => "",
@@ -784,9 +792,18 @@ pub(super) fn model_card(r: &Report) -> String {
         bits = o.w_bit,
         group = o.group,
         clip = match (o.clip, o.clip_sides) {
-            (false, _) => "no",
-            (true, super::ClipSides::Symmetric) => "yes, symmetric (AutoAWQ's)",
-            (true, super::ClipSides::Separate) => "yes, upper and lower bound each refined",
+            (false, _) => "no".to_string(),
+            (true, super::ClipSides::Symmetric) => "yes, symmetric (AutoAWQ's)".to_string(),
+            (true, super::ClipSides::Separate) => "yes, upper and lower bound each refined".into(),
+            (true, super::ClipSides::Auto) => {
+                let [sep, all] = (r.layers.iter().filter_map(|l| l.clip_separate))
+                    .fold([0, 0], |[a, b], [c, d]| [a + c, b + d]);
+                format!(
+                    "yes, upper and lower bound each refined on {sep} of {all} groups, where that \
+                     lowered the clip objective on held-out calibration blocks; symmetric \
+                     (AutoAWQ's) elsewhere"
+                )
+            }
         },
         guard = guard_summary(r),
         rounding = rounding_summary(r),

@@ -35,7 +35,7 @@ pub(super) fn fingerprint(
     let config = model.dir.join("config.json");
     let config = std::fs::read(&config).map_err(|e| Error::input_io(&config, e))?;
     let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-    Ok(serde_json::json!({
+    let mut v = serde_json::json!({
         "tool": TOOL,
         "model files": files,
         "config.json": format!("{:016x}", fingerprint::fnv1a(&config)),
@@ -46,7 +46,13 @@ pub(super) fn fingerprint(
             "search_blocks": opts.search_blocks, "seqlen": opts.calib.seqlen,
         },
         "card": {"name": opts.name, "base_model": opts.base_model},
-    }))
+    });
+    // The held-out split shapes the bytes only where a choice is judged on it.
+    if opts.rounding == super::Rounding::Auto || opts.clip_sides == super::ClipSides::Auto {
+        let blocks = ids.len() / opts.calib.seqlen.max(1);
+        v["options"]["held_out"] = crate::calib::held_out::describe(blocks).into();
+    }
+    Ok(v)
 }
 
 /// What to do with what [`crate::io::writer::Staging::probe`] found at `dir`, and a sentence
