@@ -76,6 +76,20 @@ pub fn select(x: &Tensor, seqlen: usize, picked: &[usize]) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// [`crate::quant::clip::subsample`] of [`select`]`(x, seqlen, picked)`, without the copy of
+/// the blocks: the clip search's rows of those blocks.
+pub fn sample(x: &Tensor, seqlen: usize, picked: &[usize]) -> Result<Tensor> {
+    let rows = picked.len() * seqlen;
+    let step = (rows / crate::quant::clip::N_SAMPLE_TOKENS).max(1);
+    let idx: Vec<u32> = (picked.iter())
+        .flat_map(|b| b * seqlen..(b + 1) * seqlen)
+        .step_by(step)
+        .map(|r| r as u32)
+        .collect();
+    let n = idx.len();
+    Ok(x.index_select(&Tensor::from_vec(idx, n, x.device())?, 0)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +105,25 @@ mod tests {
         }
         assert_eq!(super::blocks(8), [3, 7]);
         assert!(super::blocks(3).is_empty());
+    }
+
+    #[test]
+    fn sample_is_the_clip_sample_of_the_selected_blocks() {
+        for (blocks, seqlen) in [(8, 128), (32, 512), (5, 7), (40, 64)] {
+            let t = blocks * seqlen;
+            let x = Tensor::arange(0f32, (2 * t) as f32, &candle_core::Device::Cpu)
+                .unwrap()
+                .reshape((t, 2))
+                .unwrap();
+            for picked in [fit(blocks), super::blocks(blocks)] {
+                let want = crate::quant::clip::subsample(&select(&x, seqlen, &picked).unwrap());
+                let got = sample(&x, seqlen, &picked).unwrap();
+                assert_eq!(
+                    got.to_vec2::<f32>().unwrap(),
+                    want.unwrap().to_vec2::<f32>().unwrap(),
+                    "{blocks} x {seqlen}"
+                );
+            }
+        }
     }
 }

@@ -616,11 +616,10 @@ fn finish_input(
     for s in scales {
         x = scaled_input(&x, s)?;
     }
-    let blocks = |picked: &[usize], seqlen| held_out::select(&x, seqlen, picked);
     if let Some(grams) = ends.grams {
         if let Some(all) = rounding::gram(spec, input, &x)? {
             let held = match ends.split {
-                Some(s) => rounding::gram(spec, input, &blocks(&s.held, s.seqlen)?)?,
+                Some(s) => rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?,
                 None => None,
             };
             let tokens = x.dim(0)?;
@@ -633,10 +632,8 @@ fn finish_input(
         }
     }
     if let (Some(s), Some(j)) = (ends.split, ends.judge) {
-        j.fit
-            .set(input, clip::subsample(&blocks(&s.fit, s.seqlen)?)?);
-        j.held
-            .set(input, clip::subsample(&blocks(&s.held, s.seqlen)?)?);
+        j.fit.set(input, held_out::sample(&x, s.seqlen, &s.fit)?);
+        j.held.set(input, held_out::sample(&x, s.seqlen, &s.held)?);
     }
     let x = match routed {
         true => x,
