@@ -285,8 +285,10 @@ pub struct QuantizeArgs {
     #[arg(long, help_heading = "Quantization")]
     pub no_clip: bool,
     /// How the clipping search cuts each group's range: symmetric (AutoAWQ's: one shrink of
-    /// the abs-max, ±max_val) or separate (then the upper and the lower bound refined one at a
-    /// time, each kept where it lowers the clip objective).
+    /// the abs-max, ±max_val), separate (then the upper and the lower bound refined one at a
+    /// time, each kept where it lowers the clip objective), or auto (separate bounds per row
+    /// and group only where, searched without the held-out calibration blocks, they lower the
+    /// objective on those blocks; symmetric with fewer than 4 blocks).
     #[arg(
         long,
         default_value = "symmetric",

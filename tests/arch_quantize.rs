@@ -474,8 +474,10 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
     assert!(!records.is_empty());
     for x in &records {
         let held = |k: &str| x[format!("held_out_{k}_loss")].as_f64().unwrap();
-        let all = |k: &str| x[format!("{k}_loss")].as_f64().unwrap();
-        let wins = held("gptq") < held("rtn") && all("gptq") < all("rtn");
+        let chosen = held("gptq") < held("rtn");
+        // Fitted on every block only where the held-out blocks chose it.
+        assert_eq!(x["gptq_loss"].is_null(), !chosen, "{x}");
+        let wins = chosen && x["gptq_loss"].as_f64() < x["rtn_loss"].as_f64();
         assert_eq!(x["gptq_kept"], wins, "{x}");
     }
     let verify = awq(&["verify", "--json"], &out);
@@ -491,6 +493,7 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
             assert_eq!(x["held_out_rtn_loss"].is_null(), down, "{x}");
             if down {
                 assert_eq!(x["gptq_kept"], false, "{x}");
+                assert!(x["gptq_loss"].is_null(), "{x}");
             }
         }
     }

@@ -44,7 +44,9 @@ pub const AUTO_MARGIN: f64 = 0.0;
 pub struct RoundingReport {
     pub linear: String,
     pub rtn_loss: f64,
-    pub gptq_loss: f64,
+    /// `null` where error feedback was not fitted on every block (`auto`, where the held-out
+    /// blocks did not choose it or it was not judged).
+    pub gptq_loss: Option<f64>,
     #[serde(default)]
     pub held_out_rtn_loss: Option<f64>,
     #[serde(default)]
@@ -114,11 +116,9 @@ pub(super) fn gptq_codes(
             .flatten_all()?
             .to_vec1::<f32>()?;
         let rtn = quantize_f16(&w, l.out, l.inp, group);
-        let q = gptq::quantize(&w, l.out, l.inp, group, &s.factor)?;
         let rtn_w = rtn.dequantize();
         let loss = |v: &[f32], h: &[f64]| gptq::loss(&w, v, l.out, l.inp, h);
         let rtn_loss = loss(&rtn_w, &s.all)?;
-        let gptq_loss = loss(&q.dequantize(), &s.all)?;
         let held = match &s.held {
             Some((h, fit)) => {
                 let judged = gptq::quantize(&w, l.out, l.inp, group, fit)?;
@@ -126,13 +126,23 @@ pub(super) fn gptq_codes(
             }
             None => None,
         };
-        let kept = match (rounding, held) {
-            (Rounding::Gptq, _) => gptq_loss < rtn_loss,
-            (Rounding::Auto, Some((r, q))) => q < r * (1.0 - AUTO_MARGIN) && gptq_loss < rtn_loss,
+        // `auto` fits error feedback on every block only where the held-out blocks chose it.
+        let wanted = match (rounding, held) {
+            (Rounding::Gptq, _) => true,
+            (Rounding::Auto, Some((r, q))) => q < r * (1.0 - AUTO_MARGIN),
             _ => false,
         };
+        let q = match wanted {
+            true => Some(gptq::quantize(&w, l.out, l.inp, group, s.factor(l.inp)?)?),
+            false => None,
+        };
+        let gptq_loss = match &q {
+            Some(q) => Some(loss(&q.dequantize(), &s.all)?),
+            None => None,
+        };
+        let kept = gptq_loss.is_some_and(|g| g < rtn_loss);
         // Either way the codes are final: packing does not round this linear again.
-        codes.insert(l.name, if kept { q } else { rtn });
+        codes.insert(l.name, q.filter(|_| kept).unwrap_or(rtn));
         reports.push(RoundingReport {
             linear: l.name.to_string(),
             rtn_loss,
@@ -148,9 +158,10 @@ pub(super) fn gptq_codes(
 /// One input's `H` under one set of scales, with what error feedback needs of it.
 struct Shared {
     key: FactorKey,
-    /// `H` of every calibration block, and its factor: the codes that are written.
+    /// `H` of every calibration block, and its factor (made when first asked for): the codes
+    /// that are written.
     all: Vec<f64>,
-    factor: gptq::Factor,
+    factor: std::cell::OnceCell<gptq::Factor>,
     /// `auto`: `H` of the held-out blocks, and the factor of the fit blocks' `H` (every
     /// block's minus the held-out ones'): the codes that are judged.
     held: Option<(Vec<f64>, gptq::Factor)>,
@@ -170,7 +181,6 @@ impl Shared {
             None => h.clone(),
         };
         let all = under(&g.all);
-        let factor = gptq::Factor::new(&all, n)?;
         let held = match g.held.as_ref().filter(|_| judged) {
             Some(h) => {
                 let h = under(h);
@@ -183,9 +193,17 @@ impl Shared {
         Ok(Shared {
             key,
             all,
-            factor,
+            factor: std::cell::OnceCell::new(),
             held,
         })
+    }
+
+    /// The factor of every block's `H` (`n` wide).
+    fn factor(&self, n: usize) -> Result<&gptq::Factor> {
+        if self.factor.get().is_none() {
+            let _ = self.factor.set(gptq::Factor::new(&self.all, n)?);
+        }
+        Ok(self.factor.get().expect("just set"))
     }
 }
 
