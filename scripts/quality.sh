@@ -9,7 +9,7 @@
 #
 #   AWQ_TEST_MODEL=... scripts/quality.sh [METHOD...]   # default: the methods in the README's table
 #
-# Methods: rtn (plain round-to-nearest: --no-search --no-clip), awq (the default), noguard
+# Methods: rtn (plain round-to-nearest: --no-search --no-clip --rounding rtn), awq (the default), noguard
 # (--no-guard), sep (--clip-sides separate), keep3 (--keep-fp16 3), gptq (--rounding gptq),
 # gptq-sep, gptq-keep3, gptq-sep-keep3; each also as fast-<method> with --fast (fast alone is
 # the default with --fast). rtn is always run (the gap is measured from it).
@@ -32,7 +32,7 @@ flags() {
     local m=$1 fast=
     case $m in fast) m=awq fast=--fast ;; fast-*) m=${m#fast-} fast=--fast ;; esac
     case $m in
-    rtn) echo "--no-search --no-clip" ;;
+    rtn) echo "--no-search --no-clip --rounding rtn" ;;
     awq) echo "$fast" ;;
     noguard) echo "$fast --no-guard" ;;
     sep) echo "$fast --clip-sides separate" ;;

@@ -286,12 +286,12 @@ pub struct QuantizeArgs {
     pub no_clip: bool,
     /// How the clipping search cuts each group's range: symmetric (AutoAWQ's: one shrink of
     /// the abs-max, ±max_val), separate (then the upper and the lower bound refined one at a
-    /// time, each kept where it lowers the clip objective), or auto (separate bounds per row
-    /// and group only where, searched without the held-out calibration blocks, they lower the
-    /// objective on those blocks; symmetric with fewer than 4 blocks).
+    /// time, each kept where it lowers the clip objective), or auto, the default (separate
+    /// bounds per row and group only where, searched without the held-out calibration blocks,
+    /// they lower the objective on those blocks; symmetric elsewhere).
     #[arg(
         long,
-        default_value = "symmetric",
+        default_value = "auto",
         value_name = "HOW",
         conflicts_with = "no_clip",
         help_heading = "Quantization"
@@ -301,12 +301,12 @@ pub struct QuantizeArgs {
     /// nearest: AutoAWQ's codes exactly), gptq (error feedback through the calibration
     /// input's XᵀX with round-to-nearest's scales and zero points, kept per linear where it
     /// lowers the calibration loss; better with 32 x 512 calibration tokens, worse with few),
-    /// or auto (error feedback kept per linear only where it lowers the loss on the held-out
-    /// calibration blocks, every 4th; round to nearest with fewer than 4 blocks). README,
-    /// "Quality".
+    /// or auto, the default (error feedback kept per linear only where, fitted without the
+    /// held-out calibration blocks (every 4th), it lowers their loss, and the calibration has
+    /// 4 tokens per input dimension; round to nearest elsewhere). README, "Quality".
     #[arg(
         long,
-        default_value = "rtn",
+        default_value = "auto",
         value_name = "METHOD",
         help_heading = "Quantization"
     )]
@@ -320,7 +320,7 @@ pub struct QuantizeArgs {
     pub keep_fp16: Option<f64>,
     /// Skip the layer-output guard, which falls back toward round-to-nearest (dropping a clip
     /// or a group's scales) on a dense layer where AWQ's choice is at least 10 % worse on the
-    /// layer's own output (README, "Quality"). Plain RTN (--no-search --no-clip) is never guarded.
+    /// layer's own output (README, "Quality"). --no-search --no-clip has nothing to guard.
     #[arg(long, help_heading = "Quantization")]
     pub no_guard: bool,
     /// Skip the scale search (identity scales; with --no-clip --rounding rtn, plain RTN).

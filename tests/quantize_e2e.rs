@@ -232,7 +232,14 @@ fn rtn_mode_reproduces_golden_rtn_perplexity() {
     quantize(
         &model,
         &out,
-        &["--no-search", "--no-clip", "--version", "gemv"],
+        &[
+            "--no-search",
+            "--no-clip",
+            "--rounding",
+            "rtn",
+            "--version",
+            "gemv",
+        ],
     );
     let ppl = perplexity(&out);
     // Bit-identical codes: the golden README's tolerance is 1e-3.

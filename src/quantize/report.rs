@@ -114,7 +114,7 @@ pub struct LayerReport {
     /// The layer-output guard (`None` with `--no-guard`).
     #[serde(default)]
     pub guard: Option<super::guard::GuardReport>,
-    /// `--rounding gptq`: per linear, both calibration losses and which rounding was kept.
+    /// `--rounding gptq|auto`: per linear, the losses of both roundings and which was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rounding: Option<Vec<super::rounding::RoundingReport>>,
     /// `--keep-fp16`: each unit's measured error drop when kept in float (`None` without the
