@@ -233,9 +233,9 @@ fn quantize_layer(
         &mut judge,
     )?;
     t.search = clock.elapsed().as_secs_f64();
-    // The guard compares on every 4th block (the held-out blocks) of the layer's input and output. It holds a second
-    // copy of the layer, which a MoE layer's memory bound has no room for: MoE layers are not
-    // guarded.
+    // The guard compares on every 4th block (the held-out ones) of the layer's input and output.
+    // It holds a second copy of the layer, which a MoE layer's memory bound has no room for: MoE
+    // layers are not guarded.
     let guard = match (opts.guard || opts.keep_fp16.is_some()) && spec.moe.is_none() {
         true => {
             let next_norm = model.next_norm(i)?;
@@ -502,6 +502,7 @@ fn search_layer(
             let ends = Ends {
                 split,
                 grams: grams.as_mut(),
+                held_grams: opts.rounding == Rounding::Auto,
                 judge: judge.as_mut(),
             };
             finish_input(spec, inputs, input, &[], ends)?;
@@ -521,6 +522,7 @@ fn search_layer(
             let ends = Ends {
                 split,
                 grams: grams.as_mut(),
+                held_grams: opts.rounding == Rounding::Auto,
                 judge: judge.as_mut(),
             };
             finish_input(spec, inputs, g.input, &scales, ends)?;
@@ -573,8 +575,10 @@ type Grams = Vec<rounding::InputGram>;
 /// What [`finish_input`] takes from an input besides the clip sample, where asked.
 struct Ends<'a> {
     split: Option<&'a held_out::Split>,
-    /// Gram matrices: of every block, and of the held-out ones with a `split`.
+    /// Gram matrices: of every block, and of the held-out ones with a `split` and `held_grams`
+    /// (`--rounding auto`).
     grams: Option<&'a mut Grams>,
+    held_grams: bool,
     /// The fit and held-out blocks' clip samples (`--clip-sides auto`, with a `split`).
     judge: Option<&'a mut ClipJudge>,
 }
@@ -618,7 +622,7 @@ fn finish_input(
     }
     if let Some(grams) = ends.grams {
         if let Some(all) = rounding::gram(spec, input, &x)? {
-            let held = match ends.split {
+            let held = match ends.split.filter(|_| ends.held_grams) {
                 Some(s) => rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?,
                 None => None,
             };
