@@ -62,8 +62,8 @@ pub struct CalibSummary {
     pub seqlen: usize,
     /// `blocks × seqlen`.
     pub tokens: usize,
-    /// Blocks held out of every fit and used only to judge ([`held_out`]): every 4th from
-    /// block 3; none below 4 blocks.
+    /// Blocks held out to judge `--rounding auto` and `--clip-sides auto` ([`held_out`]):
+    /// every 4th from block 3; none below 4 blocks.
     pub held_out_blocks: usize,
 }
 
