@@ -19,13 +19,18 @@ pub const N_SAMPLE_TOKENS: usize = 512;
 /// input once its search is done, and the clip search samples again).
 pub fn subsample(x: &Tensor) -> Result<Tensor> {
     let t = x.dim(0)?;
-    let step = (t / N_SAMPLE_TOKENS).max(1);
+    let step = sample_step(t);
     if step == 1 {
         return Ok(x.clone());
     }
     let idx: Vec<u32> = (0..t).step_by(step).map(|i| i as u32).collect();
     let idx = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?;
     Ok(x.index_select(&idx, 0)?)
+}
+
+/// [`subsample`] keeps every this-many-th of `rows` rows.
+pub fn sample_step(rows: usize) -> usize {
+    (rows / N_SAMPLE_TOKENS).max(1)
 }
 
 /// The clamp bounds `[lo, hi]` of one group.
@@ -64,26 +69,21 @@ pub fn search(w: &Tensor, x: &Tensor, group: usize, cut: Cut) -> Result<Vec<Boun
     let gs = inp / group;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
     let mut best = vec![[0f32; 2]; out * gs];
-    let mut best_err = vec![0f32; out * gs];
     for k in 0..gs {
         let pass = Pass::new(&wv, inp, k, group, x)?;
-        let (best_k, err_k) = pass.symmetric()?;
-        let symmetric = best_k.clone();
-        for (o, (b, e)) in best_k.into_iter().zip(err_k).enumerate() {
-            best[o * gs + k] = b;
-            best_err[o * gs + k] = e;
-        }
-        if matches!(cut, Cut::Symmetric) {
-            continue;
-        }
-        for side in [1, 0] {
-            pass.refine(side, &mut best, &mut best_err, gs)?;
-        }
-        if let Cut::Judged { fit, held } = cut {
-            let separate = generalises(&wv, inp, k, group, fit, held)?;
-            for (o, _) in separate.iter().enumerate().filter(|(_, yes)| !**yes) {
-                best[o * gs + k] = symmetric[o];
+        let (symmetric, separate) = pass.cut(!matches!(cut, Cut::Symmetric))?;
+        let chosen = match (cut, separate) {
+            (Cut::Judged { fit, held }, Some(separate)) => {
+                let wins = generalises(&wv, inp, k, group, fit, held)?;
+                (wins.iter().zip(separate).zip(symmetric))
+                    .map(|((yes, sep), sym)| if *yes { sep } else { sym })
+                    .collect()
             }
+            (_, Some(separate)) => separate,
+            (_, None) => symmetric,
+        };
+        for (o, b) in chosen.into_iter().enumerate() {
+            best[o * gs + k] = b;
         }
     }
     Ok(best)
@@ -99,18 +99,8 @@ fn generalises(
     fit: &Tensor,
     held: &Tensor,
 ) -> Result<Vec<bool>> {
-    let (out, gs) = (w.len() / inp, inp / group);
-    let pass = Pass::new(w, inp, k, group, fit)?;
-    let (symmetric, err) = pass.symmetric()?;
-    // `refine` works on the `[out, gs]` layout; this group's column is all it touches.
-    let (mut best, mut best_err) = (vec![[0f32; 2]; out * gs], vec![0f32; out * gs]);
-    for (o, (b, e)) in symmetric.iter().zip(&err).enumerate() {
-        (best[o * gs + k], best_err[o * gs + k]) = (*b, *e);
-    }
-    for side in [1, 0] {
-        pass.refine(side, &mut best, &mut best_err, gs)?;
-    }
-    let separate: Vec<Bounds> = (0..out).map(|o| best[o * gs + k]).collect();
+    let (symmetric, separate) = Pass::new(w, inp, k, group, fit)?.cut(true)?;
+    let separate = separate.expect("asked for");
     let judge = Pass::new(w, inp, k, group, held)?;
     let (e_sym, e_sep) = (judge.errors_of(&symmetric)?, judge.errors_of(&separate)?);
     Ok(e_sep.iter().zip(&e_sym).map(|(a, b)| a < b).collect())
@@ -148,6 +138,19 @@ impl<'a> Pass<'a> {
             gram: matmul(&xk.t()?, &xk)?,
             tokens: x.dim(0)? as f32,
         })
+    }
+
+    /// Each row's symmetric bounds and, with `separate`, the separate ones refined from them.
+    fn cut(&self, separate: bool) -> Result<(Vec<Bounds>, Option<Vec<Bounds>>)> {
+        let (symmetric, err) = self.symmetric()?;
+        if !separate {
+            return Ok((symmetric, None));
+        }
+        let (mut refined, mut refined_err) = (symmetric.clone(), err);
+        for side in [1, 0] {
+            self.refine(side, &mut refined, &mut refined_err)?;
+        }
+        Ok((symmetric, Some(refined)))
     }
 
     /// The error of one bound per row (`bounds: [out]`).
@@ -190,14 +193,8 @@ impl<'a> Pass<'a> {
     }
 
     /// Moves one side (`1`: upper, `0`: lower) of each row's bounds over `end·factor(i)`,
-    /// keeping a step only where it lowers the error (`best` and `best_err` are `[out, gs]`).
-    fn refine(
-        &self,
-        side: usize,
-        best: &mut [Bounds],
-        best_err: &mut [f32],
-        gs: usize,
-    ) -> Result<()> {
+    /// keeping a step only where it lowers the error (`best` and `best_err` are `[out]`).
+    fn refine(&self, side: usize, best: &mut [Bounds], best_err: &mut [f32]) -> Result<()> {
         let end = |o: usize| {
             let r = self.row(o).iter();
             match side {
@@ -210,22 +207,21 @@ impl<'a> Pass<'a> {
             b[side] = end(o) * factor(i);
             b
         };
-        let at = |o: usize| o * gs + self.k;
         let errs = self.errors(STEPS, |o, c| {
             for (i, b) in c.iter_mut().enumerate() {
-                *b = step(best[at(o)], o, i);
+                *b = step(best[o], o, i);
             }
         })?;
         for (o, e_row) in errs.chunks(STEPS).enumerate() {
-            let base = best[at(o)];
-            let (mut b, mut be) = (base, best_err[at(o)]);
+            let base = best[o];
+            let (mut b, mut be) = (base, best_err[o]);
             for (i, &e) in e_row.iter().enumerate() {
                 if e < be {
                     (b, be) = (step(base, o, i), e);
                 }
             }
-            best[at(o)] = b;
-            best_err[at(o)] = be;
+            best[o] = b;
+            best_err[o] = be;
         }
         Ok(())
     }

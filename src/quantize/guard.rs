@@ -336,12 +336,9 @@ pub(super) fn guard_block_indices(blocks: usize) -> Vec<usize> {
 
 /// The guard's blocks (see [`guard_block_indices`]) of `x: [blocks·seqlen, d]`, at most `max`.
 pub(super) fn guard_blocks_upto(x: &Tensor, seqlen: usize, max: usize) -> Result<Tensor> {
-    let picked: Vec<Tensor> = guard_block_indices(x.dim(0)? / seqlen)
-        .into_iter()
-        .take(max)
-        .map(|b| x.narrow(0, b * seqlen, seqlen))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&picked, 0)?)
+    let mut picked = guard_block_indices(x.dim(0)? / seqlen);
+    picked.truncate(max);
+    crate::calib::held_out::select(x, seqlen, &picked)
 }
 
 /// Every guard block of `x: [blocks·seqlen, d]`.

@@ -180,11 +180,8 @@ fn search_subset(x: &Tensor, seqlen: usize, n: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let stride = blocks.div_ceil(n.max(1));
-    let picked: Vec<Tensor> = (0..blocks)
-        .step_by(stride)
-        .map(|b| x.narrow(0, b * seqlen, seqlen))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&picked, 0)?)
+    let picked: Vec<usize> = (0..blocks).step_by(stride).collect();
+    crate::calib::held_out::select(x, seqlen, &picked)
 }
 
 /// AWQ-SPEC §5: prev op ÷ s, scaled linears' input columns × s (the captured input is divided

@@ -216,22 +216,12 @@ fn quantize_layer(
         true => held_out::Split::of(hidden.dim(0)?, seqlen),
         false => None,
     };
-    let mut judge = ClipJudge::new(
-        split.as_ref(),
-        opts.clip && opts.clip_sides == ClipSides::Auto,
-    );
     t.forward = clock.elapsed().as_secs_f64();
 
     let clock = Instant::now();
-    let (groups, searched, grams) = search_layer(
-        opts,
-        spec,
-        rope,
-        &mut layer,
-        &mut inputs,
-        split.as_ref(),
-        &mut judge,
-    )?;
+    let (groups, searched, ends) =
+        search_layer(opts, spec, rope, &mut layer, &mut inputs, split.as_ref())?;
+    let (grams, judge) = (ends.grams, ends.judge);
     t.search = clock.elapsed().as_secs_f64();
     // The guard compares on every 4th block (the held-out ones) of the layer's input and output.
     // It holds a second copy of the layer, which a MoE layer's memory bound has no room for: MoE
@@ -471,23 +461,22 @@ fn check_layer(
 /// Searches every scale group of the layer, then folds the chosen scales into `layer` (AutoAWQ
 /// searches all groups before applying any). With `--no-search`, and for an expert with too
 /// few routed tokens, the group keeps the identity unscored. Returns the reports (in group
-/// order), the choices and, for error feedback, each input's Gram matrices (of every block and,
-/// with a `split`, of the held-out ones). `judge` collects the clip samples `--clip-sides auto`
-/// judges on.
+/// order), the choices and what the ends of the inputs left ([`Ends`]): for error feedback, each
+/// input's Gram matrices (of every block and, with a `split`, of the held-out ones), and the
+/// clip samples `--clip-sides auto` judges on.
 ///
 /// Every search reads the unscaled layer and inputs, so their order changes no result: they run
 /// largest input first, and each captured input is finished ([`finish_input`]) as soon as the
 /// last group that reads it is searched. On a Llama-shaped layer the MLP's down input, the
 /// widest, is then gone before the attention and MLP groups run their candidates.
-fn search_layer(
+fn search_layer<'a>(
     opts: &QuantizeOptions,
     spec: &crate::model::config::ModelSpec,
     rope: &Rope,
     layer: &mut LayerWeights,
     inputs: &mut LinearInputs,
-    split: Option<&held_out::Split>,
-    judge: &mut Option<ClipJudge>,
-) -> Result<(Vec<GroupReport>, Searched, Option<Grams>)> {
+    split: Option<&'a held_out::Split>,
+) -> Result<(Vec<GroupReport>, Searched, Ends<'a>)> {
     // Streamed experts' down groups are searched expert by expert when the layer is written
     // (`super::experts`); their inputs stay as captured until then.
     let streamed = layer.experts.is_some();
@@ -495,17 +484,16 @@ fn search_layer(
     let groups: Vec<ScaleGroup> = (crate::model::groups::scale_groups(spec).into_iter())
         .filter(|g| !per_expert(g.input))
         .collect();
-    let mut grams = (opts.rounding != Rounding::Rtn).then(Vec::new);
+    let mut ends = Ends {
+        split,
+        grams: (opts.rounding != Rounding::Rtn).then(Vec::new),
+        held_grams: opts.rounding == Rounding::Auto,
+        judge: ClipJudge::new(split, opts.clip && opts.clip_sides == ClipSides::Auto),
+    };
     // An input no group scales (o_proj's under grouped-query attention) is final already.
     for input in spec.inputs().into_iter().filter(|i| !per_expert(*i)) {
         if !groups.iter().any(|g| g.input == input) {
-            let ends = Ends {
-                split,
-                grams: grams.as_mut(),
-                held_grams: opts.rounding == Rounding::Auto,
-                judge: judge.as_mut(),
-            };
-            finish_input(spec, inputs, input, &[], ends)?;
+            finish_input(spec, inputs, input, &[], &mut ends)?;
         }
     }
     let mut order: Vec<usize> = (0..groups.len()).collect();
@@ -519,13 +507,7 @@ fn search_layer(
             let scales: Vec<&[f32]> = readers()
                 .filter_map(|(_, d)| d.as_ref().map(|(_, s)| s.as_slice()))
                 .collect();
-            let ends = Ends {
-                split,
-                grams: grams.as_mut(),
-                held_grams: opts.rounding == Rounding::Auto,
-                judge: judge.as_mut(),
-            };
-            finish_input(spec, inputs, g.input, &scales, ends)?;
+            finish_input(spec, inputs, g.input, &scales, &mut ends)?;
         }
     }
     let (reports, scales): (Vec<_>, Vec<_>) = done.into_iter().flatten().unzip();
@@ -537,7 +519,7 @@ fn search_layer(
         scales,
         clips: Vec::new(),
     };
-    Ok((reports, searched, grams))
+    Ok((reports, searched, ends))
 }
 
 /// One group's search (or its identity, unscored): the report and the chosen scales.
@@ -572,15 +554,15 @@ pub(super) fn search_one(
 /// Per captured input a non-expert linear reads, its scaled `XᵀX` (error-feedback rounding).
 type Grams = Vec<rounding::InputGram>;
 
-/// What [`finish_input`] takes from an input besides the clip sample, where asked.
-struct Ends<'a> {
+/// What [`finish_input`] takes from each input besides the clip sample, where asked.
+pub(super) struct Ends<'a> {
     split: Option<&'a held_out::Split>,
     /// Gram matrices: of every block, and of the held-out ones with a `split` and `held_grams`
     /// (`--rounding auto`).
-    grams: Option<&'a mut Grams>,
+    grams: Option<Grams>,
     held_grams: bool,
     /// The fit and held-out blocks' clip samples (`--clip-sides auto`, with a `split`).
-    judge: Option<&'a mut ClipJudge>,
+    judge: Option<ClipJudge>,
 }
 
 /// The clip samples of the fit and of the held-out blocks, per input: `--clip-sides auto`
@@ -610,7 +592,7 @@ fn finish_input(
     inputs: &mut LinearInputs,
     input: Input,
     scales: &[&[f32]],
-    ends: Ends,
+    ends: &mut Ends,
 ) -> Result<()> {
     let routed = input == Input::Mlp && inputs.routing.is_some();
     let Some(x) = inputs.find(input) else {
@@ -620,7 +602,7 @@ fn finish_input(
     for s in scales {
         x = scaled_input(&x, s)?;
     }
-    if let Some(grams) = ends.grams {
+    if let Some(grams) = ends.grams.as_mut() {
         if let Some(all) = rounding::gram(spec, input, &x)? {
             let held = match ends.split.filter(|_| ends.held_grams) {
                 Some(s) => rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?,
@@ -635,7 +617,7 @@ fn finish_input(
             });
         }
     }
-    if let (Some(s), Some(j)) = (ends.split, ends.judge) {
+    if let (Some(s), Some(j)) = (ends.split, ends.judge.as_mut()) {
         j.fit.set(input, held_out::sample(&x, s.seqlen, &s.fit)?);
         j.held.set(input, held_out::sample(&x, s.seqlen, &s.held)?);
     }

@@ -23,15 +23,15 @@ use crate::model::layer::LayerWeights;
 use crate::quant::gptq;
 use crate::quant::rtn::{quantize_f16, Quantized};
 
-/// `--rounding auto` considers error feedback only for a linear whose calibration holds at least
-/// this many tokens per input dimension (`--rounding gptq` warns below it, for the widest
+/// `--rounding auto` considers error feedback only for a linear whose calibration holds at
+/// least this many tokens per input dimension (`--rounding gptq` warns below it, for the widest
 /// linear). Below it `XᵀX` is rank-deficient or nearly so, and the held-out blocks, drawn from
 /// the same calibration text, do not see the overfit: on SmolLM2 with 8 × 128 calibration
 /// tokens (768 fit, 256 held out), a first `auto` without this rule (and with the searches on
 /// the fit blocks only) kept error feedback on 107 of 210 linears, lowered the held-out KL of
 /// the end-to-end check (0.218 → 0.189) and raised the WikiText-2 perplexity from 19.73 to
-/// 20.74. 16 384 tokens (10.7 per dimension of the widest
-/// input) lowered it on every cell of the README's matrix.
+/// 20.74. 16 384 tokens (10.7 per dimension of the widest input) lowered it on every cell of
+/// the README's matrix.
 pub const MIN_TOKENS_PER_INPUT: usize = 4;
 
 /// How much lower error feedback's held-out loss must be than round-to-nearest's for
