@@ -210,9 +210,8 @@ fn quantize_layer(
     let clock = Instant::now();
     let (out, mut inputs) = forward_captured(&layer, spec, rope, hidden, seqlen)?;
     let max_abs_activation = max_abs_activations(&out, &inputs)?;
-    let judged = opts.rounding == Rounding::Auto || opts.clip_sides == ClipSides::Auto;
     let dense = inputs.routing.is_none() && layer.experts.is_none();
-    let split = match judged && dense {
+    let split = match opts.judges_held_out() && dense {
         true => held_out::Split::of(hidden.dim(0)?, seqlen),
         false => None,
     };

@@ -195,6 +195,14 @@ pub struct QuantizeOptions {
     pub activations: Option<PathBuf>,
 }
 
+impl QuantizeOptions {
+    /// Whether a choice is judged on the held-out calibration blocks
+    /// ([`crate::calib::held_out`]): `--rounding auto` or `--clip-sides auto`.
+    pub fn judges_held_out(&self) -> bool {
+        self.rounding == Rounding::Auto || self.clip_sides == ClipSides::Auto
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QualityGate {
     pub text: PathBuf,

@@ -48,7 +48,7 @@ pub(super) fn fingerprint(
         "card": {"name": opts.name, "base_model": opts.base_model},
     });
     // The held-out split shapes the bytes only where a choice is judged on it.
-    if opts.rounding == super::Rounding::Auto || opts.clip_sides == super::ClipSides::Auto {
+    if opts.judges_held_out() {
         let blocks = ids.len() / opts.calib.seqlen.max(1);
         v["options"]["held_out"] = crate::calib::held_out::describe(blocks).into();
     }
