@@ -327,7 +327,7 @@ pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
         out.push(format!(
             "--rounding gptq with {tokens} calibration tokens, fewer than {GPTQ_TOKENS_PER_INPUT} \
              per input dimension of the widest linear ({widest}): error feedback then fits the \
-             calibration text (SmolLM2 with 1024 tokens: perplexity 21.20 against 19.81 with \
+             calibration text (SmolLM2 with 1024 tokens: perplexity 19.96 against 19.81 with \
              --rounding rtn); use more calibration (--n-samples, --max-blocks) or --rounding rtn"
         ));
     }

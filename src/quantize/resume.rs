@@ -47,6 +47,10 @@ pub(super) fn fingerprint(
         },
         "card": {"name": opts.name, "base_model": opts.base_model},
     });
+    // Error feedback's dampening changed between versions of the same number (0.01 → 0.3).
+    if opts.rounding != super::Rounding::Rtn {
+        v["options"]["gptq_damp"] = crate::quant::gptq::DAMP.into();
+    }
     // The held-out split shapes the bytes only where a choice is judged on it.
     if opts.judges_held_out() {
         let blocks = ids.len() / opts.calib.seqlen.max(1);
