@@ -150,7 +150,7 @@ fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
     // triangular inverse instead of inverting A and factoring the inverse.
     // Reversing a row-major matrix's elements is P·A·P, and reversing L'⁻¹'s gives U.
     a.reverse();
-    let mut u = inverse_cholesky(a, n, 0)?;
+    let mut u = inverse_cholesky(a, n, n - 1)?;
     u.reverse();
     Ok(u)
 }
@@ -162,7 +162,8 @@ const BASE: usize = 128;
 /// (row-major), recursively on halves so that almost all of the n³/3 multiply-adds are matrix
 /// products at the machine's GEMM rate: with `A = [[A₁₁, ·], [A₂₁, A₂₂]]` and `X = L⁻¹`,
 /// `L₂₁ = A₂₁·X₁₁ᵀ`, `L₂₂` factors `A₂₂ − L₂₁·L₂₁ᵀ` and `X₂₁ = −X₂₂·L₂₁·X₁₁`. `at` is the
-/// block's first column in the whole matrix, for the error message.
+/// input column of the block's first row, for the error message: [`inverse_factor`] reverses
+/// the order, so the rows count down from it.
 fn inverse_cholesky(a: Vec<f64>, n: usize, at: usize) -> Result<Vec<f64>> {
     if n <= BASE {
         return Ok(inverse_lower(&cholesky(&a, n, at)?, n));
@@ -182,7 +183,7 @@ fn inverse_cholesky(a: Vec<f64>, n: usize, at: usize) -> Result<Vec<f64>> {
     let l21 = crate::ops::matmul(&mat(a21, m, h)?, &x11.t()?)?;
     let s = (mat(a22, m, m)? - crate::ops::matmul(&l21, &l21.t()?)?)?;
     let x22 = mat(
-        inverse_cholesky(s.flatten_all()?.to_vec1()?, m, at + h)?,
+        inverse_cholesky(s.flatten_all()?.to_vec1()?, m, at - h)?,
         m,
         m,
     )?;
@@ -215,8 +216,8 @@ fn cholesky(a: &[f64], n: usize, at: usize) -> Result<Vec<f64>> {
                 if d.is_nan() || d <= 0.0 {
                     return Err(Error::Runtime(format!(
                         "GPTQ: the calibration input's Gram matrix is not positive definite at \
-                         column {} (a non-finite activation?); rerun with --rounding rtn",
-                        at + i
+                         input column {} (a non-finite activation?); rerun with --rounding rtn",
+                        at - i
                     )));
                 }
                 l[i * n + i] = d.sqrt();
@@ -304,8 +305,8 @@ mod tests {
         for i in 0..n {
             h[i * n + i] += 1e-3;
         }
-        let blocked = inverse_cholesky(h.clone(), n, 0).unwrap();
-        let direct = inverse_lower(&cholesky(&h, n, 0).unwrap(), n);
+        let blocked = inverse_cholesky(h.clone(), n, n - 1).unwrap();
+        let direct = inverse_lower(&cholesky(&h, n, n - 1).unwrap(), n);
         let scale = direct.iter().fold(0f64, |m, v| m.max(v.abs()));
         for (k, (b, d)) in blocked.iter().zip(&direct).enumerate() {
             assert!(
@@ -315,6 +316,17 @@ mod tests {
                 k % n
             );
         }
+    }
+
+    #[test]
+    fn a_gram_matrix_that_is_not_positive_definite_names_its_input_column() {
+        // Column 5 of 300: past the first split of the reversed order, so the message's column
+        // goes through both the reversal and the recursion's offsets.
+        let n = 300;
+        let (_, mut h) = gram(400, n, 3);
+        h[5 * n + 5] = -1e4;
+        let e = Factor::new(&h, n).err().expect("not positive definite");
+        assert!(e.to_string().contains("input column 5 "), "{e}");
     }
 
     proptest! {
