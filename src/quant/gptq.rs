@@ -33,8 +33,9 @@ const BLOCK: usize = 128;
 /// | 1 | 18.785 | 19.206 | 19.425 |
 /// | round to nearest | 19.269 | 19.337 | 19.814 |
 ///
-/// 0.3 is the lowest on the first two and only 1 gave up the in-domain gain to win the third
-/// (which `--rounding auto`'s token rule leaves to round-to-nearest). With `--rounding auto
+/// 0.3 is the lowest on the first two. Only 1 beat round to nearest on the third (whose linears
+/// `--rounding auto`'s token rule leaves to round to nearest), and it kept less of the gain on
+/// the first two. With `--rounding auto
 /// --clip-sides auto` the cells move by up to 0.25 between neighbouring settings, and not in
 /// one direction (32 × 512: 18.657, 18.846, 18.624 for 0.01, 0.1, 0.3).
 pub const DAMP: f64 = 0.3;
