@@ -268,9 +268,9 @@ impl LogProbs {
         per_row.iter().sum()
     }
 
-    /// Σ over rows of KL(self ‖ other) = Σ_v p(v)·(log p(v) − log q(v)).
-    pub(crate) fn kl_to(&self, other: &LogProbs) -> f64 {
-        let per_row: Vec<f64> = (self.rows().zip(other.rows()))
+    /// Per row, KL(self ‖ other) = Σ_v p(v)·(log p(v) − log q(v)).
+    pub(crate) fn kl_rows(&self, other: &LogProbs) -> Vec<f64> {
+        (self.rows().zip(other.rows()))
             .map(|((p, lse_p), (q, lse_q))| {
                 (p.iter().zip(q))
                     .map(|(&a, &b)| {
@@ -279,8 +279,6 @@ impl LogProbs {
                     })
                     .sum::<f64>()
             })
-            .collect();
-        // Summed in row order: the same bits whatever the thread count.
-        per_row.iter().sum()
+            .collect()
     }
 }

@@ -245,7 +245,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             "end-to-end check: KL from the float model {:.4} as written, {:.4} round-to-nearest \
              (next-token loss {:.4} as written, {:.4} round-to-nearest, {:.4} float; {} predictions \
              on calibration blocks)",
-            e.written.kl, e.rtn.kl, e.written.loss, e.rtn.loss, e.fp_loss, e.predictions
+            e.output().kl, e.rtn.kl, e.output().loss, e.rtn.loss, e.fp_loss, e.predictions
         )?;
     }
     if let Some(q) = &report.quality {

@@ -341,8 +341,9 @@ fn signal(child: &Child, sig: &str) {
 
 use common::files_but_report as files;
 
-/// The end-to-end check goes on from the streams saved with the last finished layer: the
-/// resumed run's scores are the uninterrupted run's, to the bit (only the seconds differ).
+/// The end-to-end check runs on the finished parts after the last layer, whichever run
+/// finished them: the resumed run's scores are the uninterrupted run's, to the bit (only the
+/// seconds differ).
 fn resumed_run_reports_the_end_to_end_check_of_the_uninterrupted_one(reference: &Path, out: &Path) {
     let check = |dir: &Path| {
         let report: serde_json::Value =

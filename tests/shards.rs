@@ -1,7 +1,7 @@
 //! One job split over machines: shards quantized as parallel processes and merged are
 //! byte-identical to a single run (the report aside: it holds timings), with the default
-//! options, with `--keep-fp16 3% --rounding gptq` and with `--format compressed-tensors`; every
-//! wrong shard set is refused before anything is written; a shard killed with SIGKILL resumes;
+//! options, with `--keep-fp16 3% --rounding gptq` and with `--format compressed-tensors`, and
+//! where the end-to-end check falls back; every wrong shard set is refused before anything is written; a shard killed with SIGKILL resumes;
 //! the dry run plans N shards.
 
 mod common;
@@ -163,6 +163,94 @@ fn three_shards_merge_to_the_bytes_of_a_single_run() {
         assert!(r.stdout.contains("up to date"), "{}", r.stdout);
         assert_eq!(files(&merged), files(&single));
     }
+}
+
+/// The merge runs the end-to-end check on the shards' parts as a single run does on its own: the
+/// same scores to the bit, and a fallback (forced here: the fixture is too small for the check
+/// to be sure) rewrites the layers to the single run's bytes.
+#[test]
+fn a_merge_checks_end_to_end_and_falls_back_as_the_single_run_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, calib) = (
+        common::fixture("arch/gemma3"),
+        common::data("wikitext-2-raw/wiki.valid.calib.txt"),
+    );
+    let force = [("AWQ_INJECT_FALLBACK", "rtn")];
+    let run = |out: &Path, shard: Option<&str>| {
+        let mut args = vec![
+            "quantize",
+            "-q",
+            "--split-long",
+            "--group",
+            "64",
+            "--seqlen",
+            "16",
+            "--n-samples",
+            "8",
+            "--model",
+            path(&model),
+            "--calib",
+            path(&calib),
+            "-o",
+            path(out),
+        ];
+        args.extend(shard.map(|s| ["--shard", s]).into_iter().flatten());
+        let mut cmd = Command::cargo_bin("awq").unwrap();
+        let r = Run::of(cmd.args(&args).envs(force));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    let single = tmp.path().join("single");
+    run(&single, None);
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|k| tmp.path().join(format!("shard-{k}")))
+        .collect();
+    for (k, d) in shards.iter().enumerate() {
+        run(d, Some(&format!("{k}/2")));
+    }
+    let merged = tmp.path().join("merged");
+    let mut args = vec!["merge"];
+    args.extend(shards.iter().map(|d| path(d)));
+    args.extend(["-o", path(&merged)]);
+    let mut cmd = Command::cargo_bin("awq").unwrap();
+    let r = Run::of(cmd.args(&args).envs(force));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("written again as plain round-to-nearest"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(files(&merged), files(&single));
+    let scores = |dir: &Path| {
+        let mut e = report(dir)["end_to_end"].clone();
+        e.as_object_mut().unwrap().remove("seconds");
+        e
+    };
+    assert_eq!(scores(&single)["fallback"], "rtn");
+    assert_eq!(scores(&merged), scores(&single));
+    // Without the hook the merge keeps the shards' layers: the single run's bytes again.
+    let (plain, merged_plain) = (tmp.path().join("plain"), tmp.path().join("merged-plain"));
+    let r = awq(&[
+        "quantize",
+        "-q",
+        "--split-long",
+        "--group",
+        "64",
+        "--seqlen",
+        "16",
+        "--n-samples",
+        "8",
+        "--model",
+        path(&model),
+        "--calib",
+        path(&calib),
+        "-o",
+        path(&plain),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = merge(&shards, &merged_plain, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(files(&merged_plain), files(&plain));
+    assert!(scores(&merged_plain)["fallback"].is_null());
 }
 
 #[test]

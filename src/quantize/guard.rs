@@ -30,7 +30,6 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::end_to_end::Streams;
 use super::layer::{apply_scales, pieces};
 use crate::error::Result;
 use crate::model::config::ModelSpec;
@@ -100,20 +99,16 @@ pub(super) struct Guard<'a> {
     pub next_norm: Norm,
     /// Loads the layer as in the checkpoint.
     pub load: &'a dyn Fn() -> Result<LayerWeights>,
-    /// Seconds spent advancing the end-to-end check's streams (see [`Guard::choose`]).
-    pub stream_seconds: std::cell::Cell<f64>,
 }
 
 impl Guard<'_> {
     /// Chooses the variant to write. `searched_layer` is AWQ as searched (scaled and clipped,
     /// not yet quantized); it is returned unchanged when it wins. Also returns which groups'
-    /// scales the chosen layer holds. With `streams`, the end-to-end check's AWQ, scales-only
-    /// and round-to-nearest streams advance through their versions of the layer.
+    /// scales the chosen layer holds.
     pub fn choose(
         &self,
         searched: &Searched,
         searched_layer: LayerWeights,
-        mut streams: Option<&mut Streams>,
     ) -> Result<(LayerWeights, GuardReport, Vec<bool>)> {
         let (ng, nc) = (searched.groups.len(), searched.clips.len());
         let awq = Variant {
@@ -130,26 +125,16 @@ impl Guard<'_> {
         };
         let q_awq = quantized(searched_layer.clone(), self.group)?;
         let e_awq = self.error(&q_awq)?;
-        self.advance(&q_awq, streams.as_deref_mut().map(|s| &mut s.awq))?;
-        // Without clips, scales-only is AWQ as searched; without groups either, so is RTN.
-        if nc == 0 {
-            self.advance(&q_awq, streams.as_deref_mut().map(|s| &mut s.scales_only))?;
-        }
-        if ng == 0 && nc == 0 {
-            self.advance(&q_awq, streams.as_deref_mut().map(|s| &mut s.rtn))?;
-        }
         // Dropped before another version is built: the searched layer plus one version.
         drop(q_awq);
+        // Without clips, scales-only is AWQ as searched; without groups either, so is RTN.
         let e_scales = match nc {
             0 => e_awq,
-            _ => {
-                let stream = streams.as_deref_mut().map(|s| &mut s.scales_only);
-                self.measure(searched, &scales_only, stream)?
-            }
+            _ => self.error_of(searched, &scales_only)?,
         };
         let e_rtn = match ng {
             0 if nc == 0 => e_awq,
-            _ => self.measure(searched, &rtn, streams.map(|s| &mut s.rtn))?,
+            _ => self.error_of(searched, &rtn)?,
         };
         // A fallback must beat AWQ as searched by FALLBACK_MARGIN; among those, the lowest.
         let mut best = [(e_scales, &scales_only), (e_rtn, &rtn)]
@@ -226,37 +211,9 @@ impl Guard<'_> {
         self.build(searched, &v)
     }
 
+    /// The error of `v`.
     fn error_of(&self, searched: &Searched, v: &Variant) -> Result<f64> {
-        self.measure(searched, v, None)
-    }
-
-    /// The error of `v`, advancing `stream` through it.
-    fn measure(
-        &self,
-        searched: &Searched,
-        v: &Variant,
-        stream: Option<&mut Tensor>,
-    ) -> Result<f64> {
-        let q = quantized(self.build(searched, v)?, self.group)?;
-        self.advance(&q, stream)?;
-        self.error(&q)
-    }
-
-    /// `stream` (an end-to-end check's hidden states) through `layer` (quantized).
-    pub fn advance(&self, layer: &LayerWeights, stream: Option<&mut Tensor>) -> Result<()> {
-        if let Some(x) = stream {
-            let clock = std::time::Instant::now();
-            *x = super::end_to_end::advance(layer, self.spec, self.rope, x, self.seqlen)?;
-            let spent = self.stream_seconds.get() + clock.elapsed().as_secs_f64();
-            self.stream_seconds.set(spent);
-        }
-        Ok(())
-    }
-
-    /// Mean squared difference of `x` (hidden states) from `reference` (the fp layer's output
-    /// on the same rows, through `next_norm`), read through `next_norm`.
-    pub fn deviation(&self, x: &Tensor, reference: &Tensor) -> Result<f64> {
-        Ok(self.sq_diff(x, reference)? / reference.elem_count().max(1) as f64)
+        self.error(&quantized(self.build(searched, v)?, self.group)?)
     }
 
     /// Mean squared difference of the layer's output from the fp output on the guard blocks.
@@ -274,11 +231,22 @@ impl Guard<'_> {
 
     /// Σ (next_norm(x) − reference)² in f64.
     fn sq_diff(&self, x: &Tensor, reference: &Tensor) -> Result<f64> {
-        let x = self.next_norm.apply(self.spec, x)?;
-        reduce::with_slice(reference, |r| {
-            reduce::with_slice(&x, |o| reduce::sq_diff(r, o))
-        })?
+        normed_sq_diff(self.spec, &self.next_norm, x, reference)
     }
+}
+
+/// Σ (norm(x) − reference)² in f64: how far hidden states `x` are from `reference` (an fp
+/// output on the same rows, through `norm`) where the norm that reads them next sees them.
+pub(super) fn normed_sq_diff(
+    spec: &ModelSpec,
+    norm: &Norm,
+    x: &Tensor,
+    reference: &Tensor,
+) -> Result<f64> {
+    let x = norm.apply(spec, x)?;
+    reduce::with_slice(reference, |r| {
+        reduce::with_slice(&x, |o| reduce::sq_diff(r, o))
+    })?
 }
 
 /// `layer` with every linear replaced by what its packed form dequantizes to.

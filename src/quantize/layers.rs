@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::end_to_end::{self, EndToEndReport, Streams};
+use super::end_to_end::EndToEndReport;
 use super::experts::{finish_expert, ExpertInputs, Finished};
-use super::guard::{as_written, guard_blocks, Guard, Searched};
+use super::fallback;
+use super::guard::{guard_blocks, Guard, Searched};
 use super::keep;
 use super::layer::{
     apply_scales, float_tensors, group_absmax, linear_tensors, pieces, scaled_input, search_group,
@@ -88,11 +89,8 @@ pub(super) fn run_layers(
         None => model.embed(&prep.cal.ids)?,
     };
     let mut done = Layers::new();
-    let checks = checks_end_to_end(opts, prep, &range);
-    let mut streams = match checks {
-        true => Some(Streams::new(end_to_end::rows(&hidden, seqlen)?)),
-        false => None,
-    };
+    // The searched scales go into the parts where the end-to-end check will read them.
+    let carries_scales = super::end_to_end::applies(opts, spec);
     let clock = Instant::now();
     for i in (0..range.start).filter(|_| !handed_over) {
         crate::interrupt::check()?;
@@ -108,14 +106,8 @@ pub(super) fn run_layers(
         let record_path = parts_dir.join(format!("layer-{i:05}.json"));
         let (record, seconds) = if record_path.is_file() {
             // Finished before an interruption (the fingerprint matched): keep its part and
-            // recompute only the original layer's output that feeds the next one. The
-            // end-to-end check goes on from this layer's saved streams; where none were saved
-            // (only the last finished layer's are kept), it has none until such a layer.
+            // recompute only the original layer's output that feeds the next one.
             let record = read_record(&record_path)?;
-            streams = match checks {
-                true => Streams::load(parts_dir, i)?,
-                false => None,
-            };
             hidden = model
                 .layer(i)?
                 .forward(&spec.layer(i), &rope, &hidden, seqlen, false)?
@@ -123,20 +115,14 @@ pub(super) fn run_layers(
             (record, 0.0)
         } else {
             let (record, out) =
-                quantize_layer(opts, prep, &rope, &hidden, i, &part, streams.as_mut())?;
+                quantize_layer(opts, prep, &rope, &hidden, i, &part, carries_scales)?;
             hidden = out;
             work.seconds.add(&record.report.seconds);
-            if let Some(s) = &streams {
-                s.save(parts_dir, i)?;
-            }
             // Written after the part: a layer counts as done for a resume only with both.
             writer::write_json(
                 &record_path,
                 &serde_json::to_value(&record).map_err(|e| Error::Runtime(e.to_string()))?,
             )?;
-            if i > 0 {
-                Streams::forget(parts_dir, i - 1);
-            }
             let seconds = record.report.seconds.total();
             (record, seconds)
         };
@@ -148,31 +134,7 @@ pub(super) fn run_layers(
         });
         done.push(part, record);
     }
-    if let Some(streams) = streams {
-        let clock = Instant::now();
-        let layer_seconds = done.reports.iter().map(|r| r.seconds.end_to_end).sum();
-        let fp = end_to_end::rows(&hidden, seqlen)?;
-        let ids = end_to_end::ids(&prep.cal.ids, seqlen);
-        let report = end_to_end::losses(model, &streams, &fp, &ids, seqlen, layer_seconds)?;
-        work.seconds.end_to_end += clock.elapsed().as_secs_f64();
-        done.end_to_end = Some(report);
-    }
     Ok(done)
-}
-
-/// Whether the run carries the end-to-end check's streams: the guard runs, something is
-/// searched or clipped, every layer is dense, this run quantizes them all (a shard lacks the
-/// quantized layers before its range), and a block has a next token to predict.
-fn checks_end_to_end(
-    opts: &QuantizeOptions,
-    prep: &Prepared,
-    range: &std::ops::Range<usize>,
-) -> bool {
-    let spec = &prep.model.spec;
-    let dense = (0..spec.layers).all(|i| spec.layer(i).moe.is_none());
-    let whole = range.start == 0 && range.end == spec.layers;
-    let searched_or_clipped = !opts.no_search || opts.clip;
-    opts.guard && searched_or_clipped && dense && whole && opts.calib.seqlen >= 2
 }
 
 pub(super) fn read_record(path: &Path) -> Result<LayerRecord> {
@@ -188,8 +150,8 @@ pub(super) fn read_record(path: &Path) -> Result<LayerRecord> {
 }
 
 /// Quantizes decoder layer `i` fed with `hidden`, writes its part, and returns its record and
-/// the original layer's output (the next layer's input). `streams` (the end-to-end check's)
-/// advance through the layer's versions.
+/// the original layer's output (the next layer's input). With `carries_scales` the part also
+/// holds the searched scales, for the end-to-end check and its fallback.
 fn quantize_layer(
     opts: &QuantizeOptions,
     prep: &Prepared,
@@ -197,7 +159,7 @@ fn quantize_layer(
     hidden: &Tensor,
     i: usize,
     part: &Path,
-    mut streams: Option<&mut Streams>,
+    carries_scales: bool,
 ) -> Result<(LayerRecord, Tensor)> {
     let (model, seqlen) = (&prep.model, opts.calib.seqlen);
     let layer_spec = model.spec.layer(i);
@@ -263,10 +225,8 @@ fn quantize_layer(
         reference,
         next_norm,
         load: &load,
-        stream_seconds: std::cell::Cell::new(0.0),
     });
-    let checks = streams.as_deref_mut();
-    let (layer, mut checked) = check_layer(opts, guard.as_ref(), &searched, layer, &mut t, checks)?;
+    let (layer, checked) = check_layer(opts, guard.as_ref(), &searched, layer, &mut t)?;
     let applied = checked.applied;
 
     let clock = Instant::now();
@@ -286,16 +246,6 @@ fn quantize_layer(
         None => Default::default(),
     };
     t.quantize = clock.elapsed().as_secs_f64();
-    if let (Some(guard), Some(streams)) = (&guard, streams) {
-        let written = as_written(layer.clone(), opts.group, &codes)?;
-        guard.advance(&written, Some(&mut streams.written))?;
-        let clock = Instant::now();
-        let errors = end_to_end::stream_errors(guard, streams)?;
-        if let Some(g) = checked.guard.as_mut() {
-            g.streams = Some(errors);
-        }
-        t.end_to_end = guard.stream_seconds.get() + clock.elapsed().as_secs_f64();
-    }
     let (part, finished) = write_part(
         opts,
         spec,
@@ -315,9 +265,14 @@ fn quantize_layer(
         .collect();
     let max_abs_float_weight = part.max_abs_f32();
     let mut part = part;
+    // Not listed in the record: the end of the run reads them, the shards never hold them.
     if opts.keep_fp16.is_some() {
-        // Not listed in the record: the end of the run reads them, the shards never hold them.
         for tensor in keep::scales_tensors(i, &searched.scales, &applied)? {
+            part.push(tensor)?;
+        }
+    }
+    if carries_scales {
+        for tensor in fallback::searched_scales_tensors(i, &searched.scales)? {
             part.push(tensor)?;
         }
     }
@@ -417,8 +372,8 @@ struct Checked {
     fp16_candidates: Option<Vec<keep::Fp16Candidate>>,
 }
 
-/// The guard (unless `--no-guard`) chooses the layer to write from `layer` (AWQ as searched),
-/// advancing `streams`; with `--keep-fp16` every unit's error drop is measured on it. Both need
+/// The guard (unless `--no-guard`) chooses the layer to write from `layer` (AWQ as searched);
+/// with `--keep-fp16` every unit's error drop is measured on it. Both need
 /// `guard` (a dense layer); without it `layer` is written as searched.
 fn check_layer(
     opts: &QuantizeOptions,
@@ -426,7 +381,6 @@ fn check_layer(
     searched: &Searched,
     mut layer: LayerWeights,
     t: &mut Timings,
-    streams: Option<&mut Streams>,
 ) -> Result<(LayerWeights, Checked)> {
     let mut checked = Checked {
         applied: vec![true; searched.groups.len()],
@@ -438,11 +392,10 @@ fn check_layer(
     };
     let clock = Instant::now();
     if opts.guard {
-        let (chosen, report, on) = guard.choose(searched, layer, streams)?;
+        let (chosen, report, on) = guard.choose(searched, layer)?;
         (layer, checked.guard, checked.applied) = (chosen, Some(report), on);
     }
-    // The streams' forwards are the end-to-end check's time, not the guard's.
-    t.guard = clock.elapsed().as_secs_f64() - guard.stream_seconds.get();
+    t.guard = clock.elapsed().as_secs_f64();
     let clock = Instant::now();
     if opts.keep_fp16.is_some() {
         let float = guard.scaled(searched, &checked.applied)?;

@@ -1,6 +1,7 @@
 //! `awq merge`: the shard directories of one job become the checkpoint a single run would have
-//! written, byte for byte — the same staging, head, `--keep-fp16` selection (over every layer),
-//! quality gate and atomic publish, with the layers read from the shards instead of quantized.
+//! written, byte for byte — the same staging, end-to-end check and fallback, head,
+//! `--keep-fp16` selection (over every layer), quality gate and atomic publish, with the layers
+//! read from the shards instead of quantized.
 //!
 //! A shard set is checked before anything is written: every manifest must carry the same
 //! fingerprint (model contents, calibration tokens, options), every layer must be in exactly

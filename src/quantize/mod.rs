@@ -26,6 +26,7 @@ mod capture;
 mod ct_config;
 mod end_to_end;
 mod experts;
+mod fallback;
 mod guard;
 mod keep;
 mod layer;
@@ -462,6 +463,10 @@ fn produce(
         }
     };
 
+    let mut done = done;
+    if end_to_end::applies(opts, &prep.model.spec) {
+        fallback::check(opts, &prep, &parts_dir, &mut done, events, &mut work)?;
+    }
     if let Some(message) = report::expert_tokens(&done.reports) {
         events(&Event::Notice { message });
     }

@@ -151,7 +151,8 @@ pub struct Timings {
     /// `--keep-fp16`'s per-unit measurement.
     #[serde(default)]
     pub fp16_budget: f64,
-    /// The end-to-end check's stream forwards through this layer (`end_to_end`).
+    /// The end-to-end check and its fallback (`end_to_end`): in the run's total only, as it
+    /// runs after the last layer (0 for each layer).
     #[serde(default)]
     pub end_to_end: f64,
     pub quantize: f64,
@@ -241,6 +242,29 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
             super::layer::MIN_EXPERT_TOKENS
         )
     })
+}
+
+/// The model card's row for the end-to-end check: the three versions' KL divergence from the
+/// float model and which one is written (empty where the check did not run). A merged run
+/// computes the same scores, so its card is still a single run's.
+fn end_to_end_row(r: &Report) -> String {
+    let Some(e) = r.end_to_end.as_ref() else {
+        return String::new();
+    };
+    let scores = format!(
+        "mean KL divergence from the float model's next-token distribution {:.4} as quantized, \
+         {:.4} with AWQ's scales without clipping, {:.4} with plain round-to-nearest ({} \
+         predictions on calibration blocks)",
+        e.written.kl, e.scales_only.kl, e.rtn.kl, e.predictions
+    );
+    match e.fallback {
+        None => format!("| end-to-end check | {scores}: written as quantized |\n"),
+        Some(f) => format!(
+            "| end-to-end check | {scores}: {} came clearly closer, every layer is written as \
+             that |\n",
+            f.words()
+        ),
+    }
 }
 
 /// Why the guard skips MoE layers, in both of the card's guard rows.
@@ -379,9 +403,9 @@ pub struct Report {
     pub architecture: String,
     pub calibration: CalibSummary,
     pub layers: Vec<LayerReport>,
-    /// The end-to-end check on the guard's calibration blocks (`null` where it does not run:
-    /// `--no-guard`, plain round-to-nearest, MoE models and shards; a resumed run whose last
-    /// finished layer saved no streams).
+    /// The end-to-end check on the guard's calibration blocks, and its fallback (`null` where
+    /// it does not run: `--no-guard`, plain round-to-nearest, MoE models, `--seqlen 1`; a
+    /// shard writes no report, its merge runs the check).
     pub end_to_end: Option<super::end_to_end::EndToEndReport>,
     /// `--keep-fp16`: the budget and the units it kept (`null` without the flag).
     pub kept_fp16: Option<super::keep::KeptFp16>,
@@ -763,7 +787,7 @@ pub(super) fn model_card(r: &Report) -> String {
          by `{tool}`, {written_as}.\n\n\
          | setting | value |\n|---|---|\n\
          | bits | {bits} |\n| group size | {group} |\n| zero point | yes |\n| layout (version) | {layout} |\n\
-         {source_weights}{parts}{mtp}{experts}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
+         {source_weights}{parts}{mtp}{experts}| scale search | {search} |\n| clipping search | {clip} |\n| layer-output guard | {guard} |\n{end_to_end}| rounding | {rounding} |\n| kept unquantized (--keep-fp16) | {kept} |\n\
          | unquantized tensors | {dtype} ({why}) |\n\
          | calibration | {files} |\n| samples (documents, or pieces with --split-long) / blocks × seqlen | {docs} / {blocks} × {seqlen} |\n| seed | {seed} |\n\n",
         dtype = r.float_dtype.torch_name(),
@@ -806,6 +830,7 @@ pub(super) fn model_card(r: &Report) -> String {
             }
         },
         guard = guard_summary(r),
+        end_to_end = end_to_end_row(r),
         rounding = rounding_summary(r),
         kept = kept_summary(r),
         files = r.calibration.source,

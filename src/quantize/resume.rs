@@ -51,6 +51,11 @@ pub(super) fn fingerprint(
     if opts.rounding != super::Rounding::Rtn {
         v["options"]["gptq_damp"] = crate::quant::gptq::DAMP.into();
     }
+    // The end-to-end check reads the searched scales from the parts, which parts staged before
+    // its fallback existed lack.
+    if super::end_to_end::applies(opts, &model.spec) {
+        v["options"]["end_to_end_fallback"] = true.into();
+    }
     // The held-out split shapes the bytes only where a choice is judged on it.
     if opts.judges_held_out() {
         let blocks = ids.len() / opts.calib.seqlen.max(1);
