@@ -176,7 +176,8 @@ fn a_merge_checks_end_to_end_and_falls_back_as_the_single_run_does() {
         common::data("wikitext-2-raw/wiki.valid.calib.txt"),
     );
     let force = [("AWQ_INJECT_FALLBACK", "rtn")];
-    let run = |out: &Path, shard: Option<&str>| {
+    // `awq quantize` (a shard of it with `shard`), the fallback forced with `forced`.
+    let run = |out: &Path, shard: Option<&str>, forced: bool| {
         let mut args = vec![
             "quantize",
             "-q",
@@ -196,16 +197,19 @@ fn a_merge_checks_end_to_end_and_falls_back_as_the_single_run_does() {
         ];
         args.extend(shard.map(|s| ["--shard", s]).into_iter().flatten());
         let mut cmd = Command::cargo_bin("awq").unwrap();
-        let r = Run::of(cmd.args(&args).envs(force));
+        let r = Run::of(
+            cmd.args(&args)
+                .envs(force[..forced as usize].iter().copied()),
+        );
         assert_eq!(r.code, 0, "{}", r.stderr);
     };
     let single = tmp.path().join("single");
-    run(&single, None);
+    run(&single, None, true);
     let shards: Vec<PathBuf> = (0..2)
         .map(|k| tmp.path().join(format!("shard-{k}")))
         .collect();
     for (k, d) in shards.iter().enumerate() {
-        run(d, Some(&format!("{k}/2")));
+        run(d, Some(&format!("{k}/2")), false);
     }
     let merged = tmp.path().join("merged");
     let mut args = vec!["merge"];
@@ -229,24 +233,7 @@ fn a_merge_checks_end_to_end_and_falls_back_as_the_single_run_does() {
     assert_eq!(scores(&merged), scores(&single));
     // Without the hook the merge keeps the shards' layers: the single run's bytes again.
     let (plain, merged_plain) = (tmp.path().join("plain"), tmp.path().join("merged-plain"));
-    let r = awq(&[
-        "quantize",
-        "-q",
-        "--split-long",
-        "--group",
-        "64",
-        "--seqlen",
-        "16",
-        "--n-samples",
-        "8",
-        "--model",
-        path(&model),
-        "--calib",
-        path(&calib),
-        "-o",
-        path(&plain),
-    ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    run(&plain, None, false);
     let r = merge(&shards, &merged_plain, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(files(&merged_plain), files(&plain));
