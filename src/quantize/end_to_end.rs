@@ -152,7 +152,7 @@ struct Streams {
     rtn: Tensor,
 }
 
-/// What the check reads: the model, its rope, and the finished layers' parts.
+/// What the check reads: the model, the run's options and the finished layers' parts.
 pub(super) struct Check<'a> {
     pub model: &'a Model,
     pub opts: &'a QuantizeOptions,
