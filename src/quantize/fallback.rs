@@ -36,19 +36,19 @@ use candle_core::Tensor;
 
 use super::end_to_end::{Check, EndToEndReport, Scores};
 use super::keep;
-use super::layer::{apply_scales, float_tensors, linear_tensors};
-use super::layers::Layers;
+use super::layer::apply_scales;
+use super::layers::{write_part, Layers};
 use super::prepare::Prepared;
-use super::report::Work;
+use super::report::{Timings, Work};
 use super::QuantizeOptions;
 use crate::error::Result;
 use crate::events::{Event, Sink};
-use crate::io::part::PartWriter;
 use crate::io::reader::Checkpoint;
 use crate::io::writer::OutTensor;
 use crate::model::config::ModelSpec;
 use crate::model::groups::scale_groups;
 use crate::model::layer::LayerWeights;
+use crate::model::rope::Rope;
 use crate::model::Model;
 
 /// The version every layer is written as after a fallback.
@@ -144,11 +144,8 @@ pub fn choose(r: &EndToEndReport) -> Option<Fallback> {
     ]
     .into_iter()
     .filter(|(s, _)| clearly_lower(s))
-    .map(|(s, f)| (s.kl, f))
-    .fold(None, |best: Option<(f64, Fallback)>, c| match best {
-        Some(b) if b.0 <= c.0 => Some(b),
-        _ => Some(c),
-    })
+    // `min_by` keeps the first of equal ones: scales-only.
+    .min_by(|a, b| a.0.kl.total_cmp(&b.0.kl))
     .map(|(_, f)| f)
 }
 
@@ -197,19 +194,27 @@ pub(super) fn rewrite(
     done: &mut Layers,
 ) -> Result<()> {
     let parts = Checkpoint::open_files(done.parts.clone())?;
+    // Only a MoE layer's experts read the rope, and a model with the check has none.
+    let rope = Rope::new(&model.spec, opts.calib.seqlen)?;
     for i in 0..done.parts.len() {
         crate::interrupt::check()?;
         let mut layer = model.layer(i)?;
         let spec = model.spec.layer(i);
         let scales = match fallback {
-            Fallback::ScalesOnly => searched_scales(&parts, &spec, i)?,
+            Fallback::ScalesOnly => apply_searched_scales(&mut layer, &parts, &spec)?,
             Fallback::Rtn => Vec::new(),
         };
-        for (g, s) in scale_groups(&spec).iter().zip(&scales) {
-            apply_scales(&spec, &mut layer, g, s)?;
-        }
         let path = parts_dir.join(format!("fallback-{i:05}.safetensors"));
-        let mut part = write_layer(opts, model, &layer, &path)?;
+        let (mut part, _) = write_part(
+            opts,
+            &spec,
+            &rope,
+            &layer,
+            None,
+            &mut Default::default(),
+            &path,
+            &mut Timings::default(),
+        )?;
         done.reports[i].max_abs_float_weight = part.max_abs_f32();
         if opts.keep_fp16.is_some() {
             for t in keep::scales_tensors(i, &scales, &vec![true; scales.len()])? {
@@ -222,42 +227,24 @@ pub(super) fn rewrite(
     Ok(())
 }
 
-/// Layer `i`'s searched scales (of a layer of `spec`), one vector per scale group, read from
-/// `parts` (its part, or every part).
-pub(super) fn searched_scales(
+/// Folds into `layer` (a layer of `spec`, as in the checkpoint) the searched scales its part
+/// carries in `parts` (its part, or every part), every scale group's; returns them, one vector
+/// per group in [`scale_groups`] order.
+pub(super) fn apply_searched_scales(
+    layer: &mut LayerWeights,
     parts: &Checkpoint,
     spec: &ModelSpec,
-    i: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    (0..scale_groups(spec).len())
-        .map(|k| {
-            let name = searched_scales_tensor(i, k);
-            let shape = parts.meta(&name)?.shape.clone();
-            Ok(parts.f32(&name, &shape)?.to_vec1()?)
-        })
-        .collect()
-}
-
-/// `layer`'s part as the layer loop writes a dense layer's: every linear packed with
-/// round-to-nearest codes, then its norms (still open, see [`PartWriter::finish`]).
-fn write_layer(
-    opts: &QuantizeOptions,
-    model: &Model,
-    layer: &LayerWeights,
-    path: &Path,
-) -> Result<PartWriter> {
-    let spec = model.spec.layer(layer.index);
-    let p = spec.roots.layer(layer.index);
-    let mut part = PartWriter::create(path)?;
-    for l in spec.linears() {
-        for t in linear_tensors(l.name, layer.linear(l.name), &p, opts, None)? {
-            part.push(t)?;
-        }
+    let groups = scale_groups(spec);
+    let mut scales = Vec::with_capacity(groups.len());
+    for (k, g) in groups.iter().enumerate() {
+        let name = searched_scales_tensor(layer.index, k);
+        let shape = parts.meta(&name)?.shape.clone();
+        let s: Vec<f32> = parts.f32(&name, &shape)?.to_vec1()?;
+        apply_scales(spec, layer, g, &s)?;
+        scales.push(s);
     }
-    for t in float_tensors(layer, &p)? {
-        part.push(t)?;
-    }
-    Ok(part)
+    Ok(scales)
 }
 
 #[cfg(test)]

@@ -306,7 +306,7 @@ fn quantize_layer(
 /// when its gate comes up, see [`super::experts`]), then routers and norms. Returns the part,
 /// still open (the caller adds what the record does not list), and what the experts reported.
 #[allow(clippy::too_many_arguments)]
-fn write_part(
+pub(super) fn write_part(
     opts: &QuantizeOptions,
     spec: &crate::model::config::ModelSpec,
     rope: &Rope,
