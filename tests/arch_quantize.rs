@@ -15,6 +15,13 @@ use common::*;
 const SEQ: usize = 64;
 const HELD_OUT_TOKENS: usize = 2048;
 
+/// `awq verify --json` of `out` says it is loadable (`ok`).
+fn assert_verifies(out: &Path) {
+    let verify = awq(&["verify", "--json"], out);
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+}
+
 fn awq(args: &[&str], model: &Path) -> std::process::Output {
     Command::cargo_bin("awq")
         .unwrap()
@@ -396,9 +403,7 @@ fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     quantize(&model, &out, &["--rounding", "gptq"]);
-    let verify = awq(&["verify", "--json"], &out);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&out);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
             .unwrap();
@@ -480,9 +485,7 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
         let wins = chosen && x["gptq_loss"].as_f64() < x["rtn_loss"].as_f64();
         assert_eq!(x["gptq_kept"], wins, "{x}");
     }
-    let verify = awq(&["verify", "--json"], &out);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&out);
 
     // 6 blocks of 128: 768 tokens, 4 per input dimension of every linear but down_proj's 256.
     let few = tmp.path().join("few");
@@ -670,9 +673,7 @@ fn an_expert_without_calibration_tokens_gets_round_to_nearest() {
             assert!(g["ratio"].is_null(), "{g}");
         }
     }
-    let verify = awq(&["verify", "--json"], &out);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&out);
 }
 
 /// Gemma checkpoints are bf16 and their activations can leave float16 while every weight fits
@@ -702,9 +703,7 @@ fn gemma3_activations_beyond_float16_choose_bfloat16() {
         .as_str()
         .unwrap()
         .contains("activations"));
-    let verify = awq(&["verify", "--json"], &out);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&out);
 
     let text = data("wikitext-2-raw/wiki.valid.raw");
     let eval = |dir: &Path, dtype: &str| {
@@ -825,9 +824,7 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
         "{card}"
     );
 
-    let verify = awq(&["verify", "--json"], &out);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&out);
     let ids = {
         let tok = awq::tokenize::load(&model).unwrap();
         let raw = std::fs::read_to_string(data("wikitext-2-raw/wiki.valid.raw")).unwrap();
@@ -1163,9 +1160,7 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
         card.contains("plain round-to-nearest came clearly closer, every layer is written as that"),
         "{card}"
     );
-    let verify = awq(&["verify", "--json"], &out);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&out);
 }
 
 /// A fallback to scales-only (forced) writes byte for byte what a run without clipping or
@@ -1190,7 +1185,5 @@ fn an_end_to_end_fallback_to_scales_only_writes_the_unclipped_bytes() {
 
     let kept = tmp.path().join("kept");
     quantize_gemma3(&kept, &[&cfg[..], &["--keep-fp16", "20"]].concat(), &force);
-    let verify = awq(&["verify", "--json"], &kept);
-    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert_eq!(v["ok"], true, "{v:#}");
+    assert_verifies(&kept);
 }
