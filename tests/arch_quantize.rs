@@ -1143,7 +1143,7 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
     let (fallback, [written, _, rtn_kl], _) = end_to_end_of(&out);
     assert_eq!(fallback, "rtn", "{stderr}");
     assert!(
-        stderr.contains("every layer was written again as plain round-to-nearest"),
+        stderr.contains("written again: every layer as plain round-to-nearest"),
         "{stderr}"
     );
     let summary = format!("KL from the float model {rtn_kl:.4} as written");
@@ -1157,10 +1157,76 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
     assert!(bytes(&out) == bytes(&rtn), "not round-to-nearest's bytes");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(
-        card.contains("plain round-to-nearest came clearly closer, every layer is written as that"),
+        card.contains(
+            "plain round-to-nearest came clearly closer; written again: every layer as plain \
+             round-to-nearest"
+        ),
         "{card}"
     );
     assert_verifies(&out);
+}
+
+/// A per-layer fallback (forced: layer 0 as round-to-nearest, layer 1 as quantized) writes
+/// layer 0's tensors as a round-to-nearest run does and layer 1's as the run without a
+/// fallback does, scores the choice it carried, and names the layer in the card.
+#[test]
+fn a_per_layer_fallback_rewrites_only_the_layers_it_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = ["mixed", "plain", "rtn"].map(|d| tmp.path().join(d));
+    let cfg = ["--group", "64", "--seqlen", "16", "--n-samples", "4"];
+    let force = [("AWQ_INJECT_FALLBACK", "per_layer:rtn,written")];
+    let stderr = quantize_gemma3(&dirs[0], &cfg, &force);
+    quantize_gemma3(&dirs[1], &cfg, &[]);
+    let rtn_cfg = [&cfg[..], &["--no-search", "--no-clip"]].concat();
+    quantize_gemma3(&dirs[2], &rtn_cfg, &[]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dirs[0].join("quantization_report.json")).unwrap())
+            .unwrap();
+    let e = &report["end_to_end"];
+    assert_eq!(e["fallback"], "per_layer", "{stderr}");
+    assert_eq!(
+        e["per_layer"]["versions"],
+        serde_json::json!(["rtn", "written"])
+    );
+    let kl = e["per_layer"]["scores"]["kl"].as_f64().unwrap();
+    assert!(
+        stderr.contains(&format!("KL from the float model {kl:.4} as written")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("written again: layer 0 as plain round-to-nearest"),
+        "{stderr}"
+    );
+    let bytes = dirs
+        .each_ref()
+        .map(|d| std::fs::read(d.join("model.safetensors")).unwrap());
+    let [mixed, plain, rtn] = bytes
+        .each_ref()
+        .map(|b| safetensors::SafeTensors::deserialize(b).unwrap());
+    let layer = |t: &safetensors::SafeTensors, i: usize| {
+        let mut names: Vec<String> = (t.names().into_iter())
+            .filter(|n| n.starts_with(&format!("model.layers.{i}.")))
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        assert!(!names.is_empty());
+        names
+            .into_iter()
+            .map(|n| (t.tensor(&n).unwrap().data().to_vec(), n))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        layer(&mixed, 0) == layer(&rtn, 0),
+        "layer 0 is not round-to-nearest's"
+    );
+    assert!(
+        layer(&mixed, 1) == layer(&plain, 1),
+        "layer 1 is not as quantized"
+    );
+    assert!(layer(&mixed, 0) != layer(&plain, 0));
+    let card = std::fs::read_to_string(dirs[0].join("README.md")).unwrap();
+    assert!(card.contains("with the per-layer choice"), "{card}");
+    assert_verifies(&dirs[0]);
 }
 
 /// A fallback to scales-only (forced) writes byte for byte what a run without clipping or

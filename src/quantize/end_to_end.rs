@@ -11,7 +11,12 @@
 //! It runs once every layer is finished, from the parts: four streams go through the layers one
 //! at a time, the float model, the layers as written (read back from their parts, so error
 //! feedback's codes count), AWQ's scales without clipping, and plain round-to-nearest, the last
-//! two rebuilt from the checkpoint and the searched scales each part carries. So the check
+//! two rebuilt from the checkpoint and the searched scales each part carries. A fifth, the
+//! per-layer choice, takes at each layer the version whose output (fed by the choices before
+//! it) comes closest to the float model's there, by the guard's measure and margin: where the
+//! loss builds up in a few layers only, it keeps AWQ elsewhere, for two more forwards per layer
+//! instead of a forward of every later layer per candidate. It is scored at the end like the
+//! others, so it is written only where it clearly wins there too. So the check
 //! needs nothing from the run that quantized the layers: `awq merge` runs it on the shards'
 //! parts as a single run does on its own, and the two decide the same fallback
 //! ([`super::fallback`]); a resumed run runs it as the uninterrupted one. Dense models only (a
@@ -21,7 +26,7 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 
-use super::guard::{guard_block_indices, normed_sq_diff, quantized};
+use super::guard::{guard_block_indices, normed_sq_diff, quantized, FALLBACK_MARGIN};
 use super::layer::pieces;
 use super::report::LayerReport;
 use super::QuantizeOptions;
@@ -100,6 +105,32 @@ impl Gain {
     }
 }
 
+/// One version of a layer that the check carries (its discriminant indexes [`VERSIONS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Version {
+    /// As the layer loop wrote it (read back from its part).
+    Written = 0,
+    /// AWQ's searched scales on every scale group, no clipping, round-to-nearest codes.
+    ScalesOnly = 1,
+    /// Plain round-to-nearest: no scales, no clipping.
+    Rtn = 2,
+}
+
+/// Every version, in the order of the report's scores.
+const VERSIONS: [Version; 3] = [Version::Written, Version::ScalesOnly, Version::Rtn];
+
+/// The per-layer choice: one [`Version`] per layer, each the one whose output, fed by the
+/// choices before it, came closest to the float model's after that layer (an alternative only
+/// where it is [`FALLBACK_MARGIN`] closer than the written one).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PerLayer {
+    /// The chosen version of every layer, in layer order.
+    pub versions: Vec<Version>,
+    /// Its scores where it chose another version anywhere (`None`: it is what was written).
+    pub scores: Option<Scores>,
+}
+
 /// The end-to-end check's result.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EndToEndReport {
@@ -113,9 +144,11 @@ pub struct EndToEndReport {
     pub written: Scores,
     pub scales_only: Scores,
     pub rtn: Scores,
-    /// The version every layer was written again as, where scales-only or round-to-nearest
-    /// came closer to the float model (by KL) than `written` ([`super::fallback`]); `None`
-    /// when `written` is what the output holds.
+    /// The per-layer choice and, where it departs from `written`, its scores.
+    pub per_layer: PerLayer,
+    /// What the layers were written again as, where scales-only, round-to-nearest or the
+    /// per-layer choice came closer to the float model (by KL) than `written`
+    /// ([`super::fallback`]); `None` when `written` is what the output holds.
     pub fallback: Option<super::fallback::Fallback>,
     /// Seconds of the check (the streams' forwards and the head) and of a fallback's rewrite.
     pub seconds: f64,
@@ -128,6 +161,9 @@ impl EndToEndReport {
             None => self.written,
             Some(super::fallback::Fallback::ScalesOnly) => self.scales_only,
             Some(super::fallback::Fallback::Rtn) => self.rtn,
+            Some(super::fallback::Fallback::PerLayer) => {
+                self.per_layer.scores.unwrap_or(self.written)
+            }
         }
     }
 }
@@ -149,6 +185,20 @@ struct Streams {
     written: Tensor,
     scales_only: Tensor,
     rtn: Tensor,
+    /// The per-layer choice's, from the first layer where it took another version than
+    /// `written` (before, it is `written`).
+    per_layer: Option<Tensor>,
+}
+
+impl Streams {
+    /// The stream of version `v`.
+    fn of(&mut self, v: Version) -> &mut Tensor {
+        match v {
+            Version::Written => &mut self.written,
+            Version::ScalesOnly => &mut self.scales_only,
+            Version::Rtn => &mut self.rtn,
+        }
+    }
 }
 
 /// What the check reads: the model, the run's options and the finished layers' parts.
@@ -158,6 +208,9 @@ pub(super) struct Check<'a> {
     /// Every layer's part, in layer order (they hold each layer's packed linears, norms and
     /// searched scales).
     pub parts: &'a [PathBuf],
+    /// The per-layer choice to carry instead of choosing it (the tests' hook: one version per
+    /// layer, repeated from the start where shorter).
+    pub forced: Option<&'a [Version]>,
 }
 
 impl Check<'_> {
@@ -175,50 +228,109 @@ impl Check<'_> {
             written: x.clone(),
             scales_only: x.clone(),
             rtn: x,
+            per_layer: None,
         };
+        let mut versions = Vec::with_capacity(reports.len());
         for (i, report) in reports.iter_mut().enumerate() {
             crate::interrupt::check()?;
-            let errors = self.layer(i, &parts, &rope, &mut s)?;
+            let (errors, version) = self.layer(i, &parts, &rope, &mut s)?;
+            versions.push(version);
             if let Some(g) = report.guard.as_mut() {
                 g.streams = Some(errors);
             }
         }
-        losses(self.model, &s, &ids, seqlen)
+        losses(self.model, &s, &ids, seqlen, versions)
     }
 
-    /// Advances every stream through its version of layer `i`.
+    /// Advances every stream through its version of layer `i`, and the per-layer choice's
+    /// through the version it chooses there (returned). The versions are built one at a time:
+    /// one quantized copy of the layer beside the float one, as in the guard.
     fn layer(
         &self,
         i: usize,
         parts: &Checkpoint,
         rope: &Rope,
         s: &mut Streams,
-    ) -> Result<StreamErrors> {
+    ) -> Result<(StreamErrors, Version)> {
         let spec = self.model.spec.layer(i);
-        let (group, seqlen) = (self.opts.group, self.opts.calib.seqlen);
         let float = self.model.layer(i)?;
-        let go = |l: &LayerWeights, x: &Tensor| advance(l, &spec, rope, x, seqlen);
-        s.fp = go(&float, &s.fp)?;
-        s.rtn = go(&quantized(float.clone(), group)?, &s.rtn)?;
-        let mut scaled = float.clone();
-        super::fallback::apply_searched_scales(&mut scaled, parts, &spec)?;
-        s.scales_only = go(&quantized(scaled, group)?, &s.scales_only)?;
-        let fmt = AwqFormat {
-            group,
-            layout: self.opts.layout,
-        };
-        s.written = go(&written(float, parts, &spec, fmt)?, &s.written)?;
+        let go = |l: &LayerWeights, x: &Tensor| advance(l, &spec, rope, x, self.opts.calib.seqlen);
         let next_norm = self.model.next_norm(i)?;
+        s.fp = go(&float, &s.fp)?;
         let reference = next_norm.apply(&spec, &s.fp)?;
         let n = reference.elem_count().max(1) as f64;
         let e = |x: &Tensor| {
             Ok::<_, crate::error::Error>(normed_sq_diff(&spec, &next_norm, x, &reference)? / n)
         };
-        Ok(StreamErrors {
+        // The per-layer choice's input: `written`'s until it first departs from it (its output
+        // through the written layer is then the written stream's).
+        let departed = s.per_layer.is_some();
+        let input = s.per_layer.clone().unwrap_or_else(|| s.written.clone());
+        let mut candidates = Vec::with_capacity(VERSIONS.len());
+        for v in VERSIONS {
+            let layer = self.version(v, &float, parts, &spec)?;
+            let stream = s.of(v);
+            *stream = go(&layer, stream)?;
+            candidates.push(match (v, departed) {
+                (Version::Written, false) => stream.clone(),
+                _ => go(&layer, &input)?,
+            });
+        }
+        let errors: Vec<f64> = candidates.iter().map(e).collect::<Result<_>>()?;
+        let version = match self.forced {
+            Some(f) if !f.is_empty() => f[i % f.len()],
+            _ => closest([errors[0], errors[1], errors[2]]),
+        };
+        if departed || version != Version::Written {
+            s.per_layer = Some(candidates.swap_remove(version as usize));
+        }
+        let errors = StreamErrors {
             written: e(&s.written)?,
             scales_only: e(&s.scales_only)?,
             rtn: e(&s.rtn)?,
-        })
+        };
+        Ok((errors, version))
+    }
+
+    /// Layer `float` (the checkpoint's layer of `spec`) as version `v`: read back from its part,
+    /// or rebuilt with the searched scales the part carries, or without them.
+    fn version(
+        &self,
+        v: Version,
+        float: &LayerWeights,
+        parts: &Checkpoint,
+        spec: &ModelSpec,
+    ) -> Result<LayerWeights> {
+        let group = self.opts.group;
+        match v {
+            Version::Written => {
+                let fmt = AwqFormat {
+                    group,
+                    layout: self.opts.layout,
+                };
+                written(float.clone(), parts, spec, fmt)
+            }
+            Version::ScalesOnly => {
+                let mut scaled = float.clone();
+                super::fallback::apply_searched_scales(&mut scaled, parts, spec)?;
+                quantized(scaled, group)
+            }
+            Version::Rtn => quantized(float.clone(), group),
+        }
+    }
+}
+
+/// The per-layer choice at one layer, from the errors of the written, scales-only and
+/// round-to-nearest versions on the same input: an alternative only where it is
+/// [`FALLBACK_MARGIN`] lower than the written one (the lower of the two where both are; ties
+/// keep scales-only), `Written` otherwise.
+pub(super) fn closest([written, scales_only, rtn]: [f64; 3]) -> Version {
+    let bar = written * (1.0 - FALLBACK_MARGIN);
+    match (scales_only < bar, rtn < bar) {
+        (true, true) if rtn < scales_only => Version::Rtn,
+        (true, _) => Version::ScalesOnly,
+        (false, true) => Version::Rtn,
+        (false, false) => Version::Written,
     }
 }
 
@@ -263,12 +375,21 @@ fn advance(
 
 /// The scores of every version against the float model, with `ids` the check blocks' tokens
 /// (see [`ids`]).
-fn losses(model: &Model, s: &Streams, ids: &[u32], seqlen: usize) -> Result<EndToEndReport> {
+fn losses(
+    model: &Model,
+    s: &Streams,
+    ids: &[u32],
+    seqlen: usize,
+    per_layer: Vec<Version>,
+) -> Result<EndToEndReport> {
     let head = model.head()?;
     let blocks = ids.len() / seqlen;
-    let versions = [&s.written, &s.scales_only, &s.rtn];
-    let (mut fp_loss, mut sums) = (0f64, [Scores::default(); 3]);
-    let mut gains = [Gain::default(); 3];
+    // The per-layer choice's stream is scored only where it departs from `written`.
+    let mut versions = vec![&s.written, &s.scales_only, &s.rtn];
+    versions.extend(s.per_layer.as_ref());
+    let k = versions.len();
+    let (mut fp_loss, mut sums) = (0f64, vec![Scores::default(); k]);
+    let mut gains = vec![Gain::default(); k];
     // Positions 0..seqlen-1 of each block predict tokens 1..seqlen, `HEAD_ROWS` rows of logits
     // at a time (a 150k vocabulary makes 0.3 GB of them per version).
     for b in 0..blocks {
@@ -281,8 +402,8 @@ fn losses(model: &Model, s: &Streams, ids: &[u32], seqlen: usize) -> Result<EndT
             };
             let reference = LogProbs::new(logits(&s.fp)?, rows);
             fp_loss += reference.nll(targets);
-            let mut kls = Vec::with_capacity(3);
-            for (sum, h) in sums.iter_mut().zip(versions) {
+            let mut kls = Vec::with_capacity(k);
+            for (sum, h) in sums.iter_mut().zip(&versions) {
                 let version = LogProbs::new(logits(h)?, rows);
                 sum.loss += version.nll(targets);
                 kls.push(reference.kl_rows(&version));
@@ -310,6 +431,10 @@ fn losses(model: &Model, s: &Streams, ids: &[u32], seqlen: usize) -> Result<EndT
         written: mean(0),
         scales_only: mean(1),
         rtn: mean(2),
+        per_layer: PerLayer {
+            versions: per_layer,
+            scores: (k > 3).then(|| mean(3)),
+        },
         fallback: None,
         seconds: 0.0,
     })
@@ -318,6 +443,18 @@ fn losses(model: &Model, s: &Streams, ids: &[u32], seqlen: usize) -> Result<EndT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-layer choice leaves the written version only for one FALLBACK_MARGIN closer,
+    /// and then for the closest.
+    #[test]
+    fn the_per_layer_choice_takes_an_alternative_only_when_clearly_closer() {
+        assert_eq!(closest([1.0, 0.95, 0.91]), Version::Written);
+        assert_eq!(closest([1.0, 0.85, 0.95]), Version::ScalesOnly);
+        assert_eq!(closest([1.0, 0.95, 0.85]), Version::Rtn);
+        assert_eq!(closest([1.0, 0.80, 0.70]), Version::Rtn);
+        assert_eq!(closest([1.0, 0.70, 0.70]), Version::ScalesOnly);
+        assert_eq!(closest([0.0, 0.0, 0.0]), Version::Written);
+    }
 
     /// The check reads whole guard blocks, in order, about [`CHECK_TOKENS`] tokens (at least
     /// one block), whatever the block count.

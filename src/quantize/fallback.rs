@@ -1,13 +1,15 @@
 //! The end-to-end fallback: when the end-to-end check ([`super::end_to_end`]) finds that plain
-//! round-to-nearest, or AWQ's scales without clipping, brings the whole quantized model closer
-//! to the float one than what the layer loop wrote, every layer is written again as that
-//! version.
+//! round-to-nearest, AWQ's scales without clipping, or the check's per-layer choice among the
+//! three brings the whole quantized model closer to the float one than what the layer loop
+//! wrote, the layers are written again as that version (every layer, or those where the
+//! per-layer choice differs).
 //!
-//! Why the whole model: the loss this guards against is the one no layer-local measure sees
+//! Why decided at the end: the loss this guards against is the one no layer-local measure sees
 //! (clipping shrinks every group's largest weights the same way, and the error adds up through
 //! the residual stream), so the choice is made where it shows, after the last layer, among the
-//! versions the check carried all the way. A finer, per-layer choice would need a forward of
-//! every later layer per candidate: not built.
+//! versions the check carried all the way. The per-layer choice is greedy (each layer measured
+//! on the choices before it, not on the logits; scoring every candidate at the logits would
+//! take a forward of every later layer per candidate), so it too must win at the logits.
 //!
 //! Why a margin: the check's blocks are calibration blocks the searches saw, so small
 //! differences say little (the guard's reason for its [`FALLBACK_MARGIN`], kept here), and on a
@@ -34,7 +36,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::end_to_end::{Check, EndToEndReport, Scores};
+use super::end_to_end::{Check, EndToEndReport, Scores, Version};
 use super::keep;
 use super::layer::apply_scales;
 use super::layers::{write_part, Layers};
@@ -59,6 +61,9 @@ pub enum Fallback {
     ScalesOnly,
     /// Plain round-to-nearest: no scales, no clipping.
     Rtn,
+    /// The check's per-layer choice (`end_to_end.per_layer.versions`): the layers where it is
+    /// not the written version are written again as the version it chose.
+    PerLayer,
 }
 
 impl Fallback {
@@ -67,8 +72,45 @@ impl Fallback {
         match self {
             Fallback::ScalesOnly => "AWQ's scales without clipping",
             Fallback::Rtn => "plain round-to-nearest",
+            Fallback::PerLayer => "the per-layer choice",
         }
     }
+
+    /// The version of each of `layers` layers after this fallback, given the check's report.
+    pub fn versions(self, r: &EndToEndReport, layers: usize) -> Vec<Version> {
+        match self {
+            Fallback::ScalesOnly => vec![Version::ScalesOnly; layers],
+            Fallback::Rtn => vec![Version::Rtn; layers],
+            Fallback::PerLayer => r.per_layer.versions.clone(),
+        }
+    }
+}
+
+/// The layers written again by a fallback, in words: "every layer", or which ones as what
+/// ("layers 3, 7 as plain round-to-nearest; layer 5 as AWQ's scales without clipping").
+pub fn rewritten_words(versions: &[Version]) -> String {
+    let as_words = |v: Version| match v {
+        Version::Written => "as quantized",
+        Version::ScalesOnly => Fallback::ScalesOnly.words(),
+        Version::Rtn => Fallback::Rtn.words(),
+    };
+    if let Some(&first) = versions.first() {
+        if first != Version::Written && versions.iter().all(|&v| v == first) {
+            return format!("every layer as {}", as_words(first));
+        }
+    }
+    [Version::ScalesOnly, Version::Rtn]
+        .into_iter()
+        .filter_map(|v| {
+            let at: Vec<String> = (versions.iter().enumerate())
+                .filter(|(_, &w)| w == v)
+                .map(|(i, _)| i.to_string())
+                .collect();
+            let noun = if at.len() == 1 { "layer" } else { "layers" };
+            (!at.is_empty()).then(|| format!("{noun} {} as {}", at.join(", "), as_words(v)))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Runs the end-to-end check on the finished layers of `done` (the run's own, or the shards'
@@ -87,15 +129,25 @@ pub(super) fn check(
         name: "end-to-end check",
     });
     let clock = Instant::now();
+    let forced = injected();
     let check = Check {
         model: &prep.model,
         opts,
         parts: &done.parts,
+        forced: match &forced {
+            Some(Injected::PerLayer(v)) => Some(v),
+            _ => None,
+        },
     };
     let mut report = check.run(&prep.cal.ids, &mut done.reports)?;
-    report.fallback = injected().or_else(|| choose(&report));
+    report.fallback = match forced {
+        Some(Injected::Whole(f)) => Some(f),
+        Some(Injected::PerLayer(_)) => Some(Fallback::PerLayer),
+        None => choose(&report),
+    };
     if let Some(f) = report.fallback {
-        rewrite(opts, &prep.model, f, parts_dir, done)?;
+        let versions = f.versions(&report, done.parts.len());
+        rewrite(opts, &prep.model, &versions, parts_dir, done)?;
         events(&Event::Warning {
             message: message(&report, f),
         });
@@ -107,15 +159,34 @@ pub(super) fn check(
 }
 
 /// Test hook: with `AWQ_INJECT_FALLBACK=rtn` (or `scales_only`) the end-to-end check falls back
-/// to that version whatever the scores — how the tests exercise the rewrite on models too small
-/// for the check to tell the versions apart beyond its noise.
+/// to that version whatever the scores, and with `per_layer:V,V,…` (each `written`,
+/// `scales_only` or `rtn`, repeated from the first layer where shorter) to that per-layer
+/// choice — how the tests exercise the rewrite on models too small for the check to tell the
+/// versions apart beyond its noise.
 pub const INJECT_FALLBACK_ENV: &str = "AWQ_INJECT_FALLBACK";
 
-fn injected() -> Option<Fallback> {
-    match std::env::var(INJECT_FALLBACK_ENV).ok()?.as_str() {
-        "rtn" => Some(Fallback::Rtn),
-        "scales_only" => Some(Fallback::ScalesOnly),
+/// A fallback forced by [`INJECT_FALLBACK_ENV`].
+enum Injected {
+    Whole(Fallback),
+    PerLayer(Vec<Version>),
+}
+
+fn injected() -> Option<Injected> {
+    let value = std::env::var(INJECT_FALLBACK_ENV).ok()?;
+    let version = |v: &str| match v {
+        "written" => Some(Version::Written),
+        "scales_only" => Some(Version::ScalesOnly),
+        "rtn" => Some(Version::Rtn),
         _ => None,
+    };
+    match value.as_str() {
+        "rtn" => Some(Injected::Whole(Fallback::Rtn)),
+        "scales_only" => Some(Injected::Whole(Fallback::ScalesOnly)),
+        v => {
+            let list = v.strip_prefix("per_layer:")?;
+            let versions = list.split(',').map(version).collect::<Option<Vec<_>>>()?;
+            Some(Injected::PerLayer(versions))
+        }
     }
 }
 
@@ -129,7 +200,8 @@ pub const MIN_KL_GAIN: f64 = 1e-4;
 
 /// The version with the lowest KL divergence from the float model on the check's blocks among
 /// those that beat what was written by [`FALLBACK_MARGIN`], by [`MIN_KL_GAIN`] and by twice the
-/// standard error of the gain; `None` when none does (ties between the two keep scales-only).
+/// standard error of the gain (scales-only, round-to-nearest, and the per-layer choice where it
+/// departs from what was written); `None` when none does (ties keep the first of them).
 pub fn choose(r: &EndToEndReport) -> Option<Fallback> {
     let w = r.written.kl;
     let clearly_lower = |s: &Scores| {
@@ -139,10 +211,12 @@ pub fn choose(r: &EndToEndReport) -> Option<Fallback> {
             && gain >= 2.0 * s.kl_gain_se.unwrap_or(0.0)
     };
     [
-        (r.scales_only, Fallback::ScalesOnly),
-        (r.rtn, Fallback::Rtn),
+        Some((r.scales_only, Fallback::ScalesOnly)),
+        Some((r.rtn, Fallback::Rtn)),
+        r.per_layer.scores.map(|s| (s, Fallback::PerLayer)),
     ]
     .into_iter()
+    .flatten()
     .filter(|(s, _)| clearly_lower(s))
     // `min_by` keeps the first of equal ones: scales-only.
     .min_by(|a, b| a.0.kl.total_cmp(&b.0.kl))
@@ -153,13 +227,13 @@ pub fn choose(r: &EndToEndReport) -> Option<Fallback> {
 pub(super) fn message(r: &EndToEndReport, f: Fallback) -> String {
     format!(
         "end-to-end check: {} came closer to the float model than the layers as quantized (KL \
-         {:.4} against {:.4} over {} next-token predictions on calibration blocks); every layer \
-         was written again as {} (end_to_end in the report)",
+         {:.4} against {:.4} over {} next-token predictions on calibration blocks); written \
+         again: {} (end_to_end in the report)",
         f.words(),
         r.output().kl,
         r.written.kl,
         r.predictions,
-        f.words()
+        rewritten_words(&f.versions(r, r.per_layer.versions.len()))
     )
 }
 
@@ -181,28 +255,29 @@ pub(super) fn searched_scales_tensors(i: usize, scales: &[Vec<f32>]) -> Result<V
         .collect()
 }
 
-/// Writes every layer of `done` again as `fallback`, each to `fallback-NNNNN.safetensors` in
-/// `parts_dir`, and points `done.parts` at the new parts (and each report's
-/// `max_abs_float_weight` at the new part's, which decides the float dtype). With
-/// `--keep-fp16`, a scales-only part carries its scales as the layer loop's parts do, so a kept
-/// unit holds the weights the fallback scaled.
+/// Writes each layer `i` of `done` again as `versions[i]` (those that are not
+/// [`Version::Written`]), each to `fallback-NNNNN.safetensors` in `parts_dir`, and points its
+/// entry of `done.parts` at the new part (and its report's `max_abs_float_weight` at the new
+/// part's, which decides the float dtype). With `--keep-fp16`, a scales-only part carries its
+/// scales as the layer loop's parts do, so a kept unit holds the weights the fallback scaled.
 pub(super) fn rewrite(
     opts: &QuantizeOptions,
     model: &Model,
-    fallback: Fallback,
+    versions: &[Version],
     parts_dir: &Path,
     done: &mut Layers,
 ) -> Result<()> {
     let parts = Checkpoint::open_files(done.parts.clone())?;
     // Only a MoE layer's experts read the rope, and a model with the check has none.
     let rope = Rope::new(&model.spec, opts.calib.seqlen)?;
-    for i in 0..done.parts.len() {
+    for (i, &version) in versions.iter().enumerate() {
         crate::interrupt::check()?;
         let mut layer = model.layer(i)?;
         let spec = model.spec.layer(i);
-        let scales = match fallback {
-            Fallback::ScalesOnly => apply_searched_scales(&mut layer, &parts, &spec)?,
-            Fallback::Rtn => Vec::new(),
+        let scales = match version {
+            Version::Written => continue,
+            Version::ScalesOnly => apply_searched_scales(&mut layer, &parts, &spec)?,
+            Version::Rtn => Vec::new(),
         };
         let path = parts_dir.join(format!("fallback-{i:05}.safetensors"));
         let (mut part, _) = write_part(
@@ -264,9 +339,52 @@ mod tests {
             scales_only: s(scales_only),
             rtn: s(rtn),
             written: s(written),
+            per_layer: super::super::end_to_end::PerLayer {
+                versions: vec![Version::Written; 2],
+                scores: None,
+            },
             fallback: None,
             seconds: 0.0,
         }
+    }
+
+    /// The per-layer choice competes as a fourth version where it departs from what was
+    /// written, under the same rule; its rewrite touches only the layers it changed.
+    #[test]
+    fn a_per_layer_choice_clearly_closer_end_to_end_is_written_where_it_departs() {
+        let mut r = report(0.10, 0.095, 0.25);
+        assert_eq!(choose(&r), None);
+        r.per_layer.versions = vec![Version::Written, Version::Rtn];
+        r.per_layer.scores = Some(Scores {
+            loss: 1.0,
+            kl: 0.07,
+            kl_gain_se: Some(0.01),
+        });
+        assert_eq!(choose(&r), Some(Fallback::PerLayer));
+        assert_eq!(
+            Fallback::PerLayer.versions(&r, 2),
+            [Version::Written, Version::Rtn]
+        );
+        r.fallback = choose(&r);
+        assert_eq!(r.output().kl, 0.07);
+        r.per_layer.scores.as_mut().unwrap().kl_gain_se = Some(0.02);
+        assert_eq!(choose(&r), None);
+        r.rtn.kl = 0.05;
+        assert_eq!(choose(&r), Some(Fallback::Rtn));
+    }
+
+    /// What a fallback wrote again, in words: every layer, or which layers as what.
+    #[test]
+    fn the_rewritten_layers_are_named() {
+        use Version::{Rtn, ScalesOnly, Written};
+        assert_eq!(
+            rewritten_words(&[Rtn, Rtn]),
+            "every layer as plain round-to-nearest"
+        );
+        assert_eq!(
+            rewritten_words(&[Written, Rtn, ScalesOnly, Rtn]),
+            "layer 2 as AWQ's scales without clipping; layers 1, 3 as plain round-to-nearest"
+        );
     }
 
     /// The lowest KL decides among the versions clearly below what was written.

@@ -251,18 +251,22 @@ fn end_to_end_row(r: &Report) -> String {
     let Some(e) = r.end_to_end.as_ref() else {
         return String::new();
     };
+    let per_layer = match e.per_layer.scores {
+        Some(s) => format!(", {:.4} with the per-layer choice", s.kl),
+        None => String::new(),
+    };
     let scores = format!(
         "mean KL divergence from the float model's next-token distribution {:.4} as quantized, \
-         {:.4} with AWQ's scales without clipping, {:.4} with plain round-to-nearest ({} \
-         predictions on calibration blocks)",
+         {:.4} with AWQ's scales without clipping, {:.4} with plain round-to-nearest{per_layer} \
+         ({} predictions on calibration blocks)",
         e.written.kl, e.scales_only.kl, e.rtn.kl, e.predictions
     );
     match e.fallback {
         None => format!("| end-to-end check | {scores}: written as quantized |\n"),
         Some(f) => format!(
-            "| end-to-end check | {scores}: {} came clearly closer, every layer is written as \
-             that |\n",
-            f.words()
+            "| end-to-end check | {scores}: {} came clearly closer; written again: {} |\n",
+            f.words(),
+            super::fallback::rewritten_words(&f.versions(e, e.per_layer.versions.len()))
         ),
     }
 }
