@@ -219,7 +219,8 @@ fn a_merge_checks_end_to_end_and_falls_back_as_the_single_run_does() {
     let r = Run::of(cmd.args(&args).envs(force));
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("written again as plain round-to-nearest"),
+        r.stderr
+            .contains("written again: every layer as plain round-to-nearest"),
         "{}",
         r.stderr
     );

@@ -176,6 +176,17 @@ pub struct StreamErrors {
     pub written: f64,
     pub scales_only: f64,
     pub rtn: f64,
+    /// The same for each version of this layer fed by the per-layer choice's stream (the
+    /// written one until the choice departs from it): what the choice compared.
+    pub per_layer: VersionErrors,
+}
+
+/// One error per version of a layer (see [`StreamErrors`]).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct VersionErrors {
+    pub written: f64,
+    pub scales_only: f64,
+    pub rtn: f64,
 }
 
 /// The hidden states of the check's blocks, `[blocks·seqlen, hidden]`: the float model's and
@@ -288,6 +299,11 @@ impl Check<'_> {
             written: e(&s.written)?,
             scales_only: e(&s.scales_only)?,
             rtn: e(&s.rtn)?,
+            per_layer: VersionErrors {
+                written: errors[0],
+                scales_only: errors[1],
+                rtn: errors[2],
+            },
         };
         Ok((errors, version))
     }
