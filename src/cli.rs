@@ -322,8 +322,9 @@ pub struct QuantizeArgs {
     /// Skip the layer-output guard, which falls back toward round-to-nearest (dropping a clip
     /// or a group's scales) on a dense layer where AWQ's choice is at least 10 % worse on the
     /// layer's own output, and the end-to-end check after the last layer, which writes the
-    /// whole model as scales-only or round-to-nearest where that comes clearly closer to the
-    /// float model (docs/quality.md). --no-search --no-clip has nothing to guard.
+    /// whole model, or the layers a per-layer choice picks, as scales-only or round-to-nearest
+    /// where that comes clearly closer to the float model (docs/quality.md). --no-search
+    /// --no-clip has nothing to guard.
     #[arg(long, help_heading = "Quantization")]
     pub no_guard: bool,
     /// Skip the scale search (identity scales; with --no-clip --rounding rtn, plain RTN).

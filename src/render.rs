@@ -242,10 +242,23 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     if let Some(e) = &report.end_to_end {
         writeln!(
             out,
-            "end-to-end check: KL from the float model {:.4} as written, {:.4} round-to-nearest \
+            "end-to-end check: KL from the float model {:.4} as written{}, {:.4} round-to-nearest \
              (next-token loss {:.4} as written, {:.4} round-to-nearest, {:.4} float; {} predictions \
              on calibration blocks)",
-            e.output().kl, e.rtn.kl, e.output().loss, e.rtn.loss, e.fp_loss, e.predictions
+            e.output().kl,
+            match e.fallback {
+                Some(f) => format!(
+                    " (after the fallback to {}; {:.4} as quantized)",
+                    f.words(),
+                    e.written.kl
+                ),
+                None => String::new(),
+            },
+            e.rtn.kl,
+            e.output().loss,
+            e.rtn.loss,
+            e.fp_loss,
+            e.predictions
         )?;
     }
     if let Some(q) = &report.quality {

@@ -1158,8 +1158,8 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(
         card.contains(
-            "plain round-to-nearest came clearly closer; written again: every layer as plain \
-             round-to-nearest"
+            "plain round-to-nearest was forced by AWQ_INJECT_FALLBACK (a test hook); written \
+             again: every layer as plain round-to-nearest"
         ),
         "{card}"
     );
@@ -1184,10 +1184,15 @@ fn a_per_layer_fallback_rewrites_only_the_layers_it_changed() {
             .unwrap();
     let e = &report["end_to_end"];
     assert_eq!(e["fallback"], "per_layer", "{stderr}");
-    assert_eq!(
-        e["per_layer"]["versions"],
-        serde_json::json!(["rtn", "written"])
-    );
+    assert_eq!(e["forced"], true);
+    for k in ["versions", "output_versions"] {
+        let v = if k == "versions" {
+            &e["per_layer"][k]
+        } else {
+            &e[k]
+        };
+        assert_eq!(v, &serde_json::json!(["rtn", "written"]), "{k}");
+    }
     let kl = e["per_layer"]["scores"]["kl"].as_f64().unwrap();
     assert!(
         stderr.contains(&format!("KL from the float model {kl:.4} as written")),
@@ -1227,6 +1232,33 @@ fn a_per_layer_fallback_rewrites_only_the_layers_it_changed() {
     let card = std::fs::read_to_string(dirs[0].join("README.md")).unwrap();
     assert!(card.contains("with the per-layer choice"), "{card}");
     assert_verifies(&dirs[0]);
+}
+
+/// The test hook names a value it does not understand and ignores it; a forced per-layer choice
+/// that keeps every layer as written is no fallback.
+#[test]
+fn a_fallback_hook_value_not_understood_is_named_and_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = ["typo", "all-written", "plain"].map(|d| tmp.path().join(d));
+    let cfg = ["--group", "64", "--seqlen", "16", "--n-samples", "4"];
+    let stderr = quantize_gemma3(
+        &dirs[0],
+        &cfg,
+        &[("AWQ_INJECT_FALLBACK", "per_layer:rtn, written")],
+    );
+    assert!(
+        stderr.contains("AWQ_INJECT_FALLBACK=\"per_layer:rtn, written\" is not understood"),
+        "{stderr}"
+    );
+    let force = [("AWQ_INJECT_FALLBACK", "per_layer:written")];
+    let stderr = quantize_gemma3(&dirs[1], &cfg, &force);
+    quantize_gemma3(&dirs[2], &cfg, &[]);
+    for d in &dirs[..2] {
+        let (fallback, ..) = end_to_end_of(d);
+        assert!(fallback.is_null(), "{stderr}");
+    }
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(bytes(&dirs[0]) == bytes(&dirs[2]) && bytes(&dirs[1]) == bytes(&dirs[2]));
 }
 
 /// A fallback to scales-only (forced) writes byte for byte what a run without clipping or

@@ -117,6 +117,17 @@ pub enum Version {
     Rtn = 2,
 }
 
+impl Version {
+    /// The version in words (the warning, the model card).
+    pub fn words(self) -> &'static str {
+        match self {
+            Version::Written => "the layers as quantized",
+            Version::ScalesOnly => "AWQ's scales without clipping",
+            Version::Rtn => "plain round-to-nearest",
+        }
+    }
+}
+
 /// Every version, in the order of the report's scores.
 const VERSIONS: [Version; 3] = [Version::Written, Version::ScalesOnly, Version::Rtn];
 
@@ -150,6 +161,12 @@ pub struct EndToEndReport {
     /// per-layer choice came closer to the float model (by KL) than `written`
     /// ([`super::fallback`]); `None` when `written` is what the output holds.
     pub fallback: Option<super::fallback::Fallback>,
+    /// Whether the test hook [`super::fallback::INJECT_FALLBACK_ENV`] forced the fallback (or
+    /// the per-layer choice) instead of the scores.
+    pub forced: bool,
+    /// The version each layer of the output holds, in layer order: `written` everywhere unless
+    /// a fallback wrote layers again.
+    pub output_versions: Vec<Version>,
     /// Seconds of the check (the streams' forwards and the head) and of a fallback's rewrite.
     pub seconds: f64,
 }
@@ -448,10 +465,12 @@ fn losses(
         scales_only: mean(1),
         rtn: mean(2),
         per_layer: PerLayer {
-            versions: per_layer,
+            versions: per_layer.clone(),
             scores: (k > 3).then(|| mean(3)),
         },
         fallback: None,
+        forced: false,
+        output_versions: vec![Version::Written; per_layer.len()],
         seconds: 0.0,
     })
 }

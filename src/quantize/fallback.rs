@@ -70,14 +70,16 @@ impl Fallback {
     /// The version's name in words (the run's summary, the model card).
     pub fn words(self) -> &'static str {
         match self {
-            Fallback::ScalesOnly => "AWQ's scales without clipping",
-            Fallback::Rtn => "plain round-to-nearest",
+            Fallback::ScalesOnly => Version::ScalesOnly.words(),
+            Fallback::Rtn => Version::Rtn.words(),
             Fallback::PerLayer => "the per-layer choice",
         }
     }
 
-    /// The version of each of `layers` layers after this fallback, given the check's report.
-    pub fn versions(self, r: &EndToEndReport, layers: usize) -> Vec<Version> {
+    /// The version of every layer after this fallback, given the check's report `r` (whose
+    /// per-layer choice has one version per layer).
+    pub fn versions(self, r: &EndToEndReport) -> Vec<Version> {
+        let layers = r.per_layer.versions.len();
         match self {
             Fallback::ScalesOnly => vec![Version::ScalesOnly; layers],
             Fallback::Rtn => vec![Version::Rtn; layers],
@@ -89,14 +91,9 @@ impl Fallback {
 /// The layers written again by a fallback, in words: "every layer", or which ones as what
 /// ("layers 3, 7 as plain round-to-nearest; layer 5 as AWQ's scales without clipping").
 pub fn rewritten_words(versions: &[Version]) -> String {
-    let as_words = |v: Version| match v {
-        Version::Written => "as quantized",
-        Version::ScalesOnly => Fallback::ScalesOnly.words(),
-        Version::Rtn => Fallback::Rtn.words(),
-    };
     if let Some(&first) = versions.first() {
         if first != Version::Written && versions.iter().all(|&v| v == first) {
-            return format!("every layer as {}", as_words(first));
+            return format!("every layer as {}", first.words());
         }
     }
     [Version::ScalesOnly, Version::Rtn]
@@ -107,10 +104,11 @@ pub fn rewritten_words(versions: &[Version]) -> String {
                 .map(|(i, _)| i.to_string())
                 .collect();
             let noun = if at.len() == 1 { "layer" } else { "layers" };
-            (!at.is_empty()).then(|| format!("{noun} {} as {}", at.join(", "), as_words(v)))
+            (!at.is_empty()).then(|| format!("{noun} {} as {}", at.join(", "), v.words()))
         })
         .collect::<Vec<_>>()
         .join("; ")
+        + " (layers counted from 0, as in the tensor names)"
 }
 
 /// Runs the end-to-end check on the finished layers of `done` (the run's own, or the shards'
@@ -129,7 +127,18 @@ pub(super) fn check(
         name: "end-to-end check",
     });
     let clock = Instant::now();
-    let forced = injected();
+    let forced = match injected() {
+        Ok(forced) => forced,
+        Err(value) => {
+            events(&Event::Warning {
+                message: format!(
+                    "{INJECT_FALLBACK_ENV}={value:?} is not understood (rtn, scales_only, or \
+                     per_layer:V,V,… with each V written, scales_only or rtn); ignored"
+                ),
+            });
+            None
+        }
+    };
     let check = Check {
         model: &prep.model,
         opts,
@@ -140,14 +149,15 @@ pub(super) fn check(
         },
     };
     let mut report = check.run(&prep.cal.ids, &mut done.reports)?;
+    report.forced = forced.is_some();
     report.fallback = match forced {
         Some(Injected::Whole(f)) => Some(f),
-        Some(Injected::PerLayer(_)) => Some(Fallback::PerLayer),
+        Some(Injected::PerLayer(_)) => report.per_layer.scores.map(|_| Fallback::PerLayer),
         None => choose(&report),
     };
     if let Some(f) = report.fallback {
-        let versions = f.versions(&report, done.parts.len());
-        rewrite(opts, &prep.model, &versions, parts_dir, done)?;
+        report.output_versions = f.versions(&report);
+        rewrite(opts, &prep.model, &report.output_versions, parts_dir, done)?;
         events(&Event::Warning {
             message: message(&report, f),
         });
@@ -171,23 +181,26 @@ enum Injected {
     PerLayer(Vec<Version>),
 }
 
-fn injected() -> Option<Injected> {
-    let value = std::env::var(INJECT_FALLBACK_ENV).ok()?;
+/// The fallback [`INJECT_FALLBACK_ENV`] forces (`None` where it is unset); the value where it is
+/// not understood.
+fn injected() -> std::result::Result<Option<Injected>, String> {
+    let Ok(value) = std::env::var(INJECT_FALLBACK_ENV) else {
+        return Ok(None);
+    };
     let version = |v: &str| match v {
         "written" => Some(Version::Written),
         "scales_only" => Some(Version::ScalesOnly),
         "rtn" => Some(Version::Rtn),
         _ => None,
     };
-    match value.as_str() {
+    let forced = match value.as_str() {
         "rtn" => Some(Injected::Whole(Fallback::Rtn)),
         "scales_only" => Some(Injected::Whole(Fallback::ScalesOnly)),
-        v => {
-            let list = v.strip_prefix("per_layer:")?;
-            let versions = list.split(',').map(version).collect::<Option<Vec<_>>>()?;
-            Some(Injected::PerLayer(versions))
-        }
-    }
+        v => (v.strip_prefix("per_layer:"))
+            .and_then(|list| list.split(',').map(version).collect::<Option<Vec<_>>>())
+            .map(Injected::PerLayer),
+    };
+    forced.map(Some).ok_or(value)
 }
 
 /// How much lower (relative) an alternative's KL must be than the written version's: the
@@ -223,17 +236,26 @@ pub fn choose(r: &EndToEndReport) -> Option<Fallback> {
     .map(|(_, f)| f)
 }
 
-/// The run's warning after a fallback: the scores that decided it and what was written.
+/// The run's warning after a fallback: the scores that decided it (or the test hook that forced
+/// it) and what was written again.
 pub(super) fn message(r: &EndToEndReport, f: Fallback) -> String {
+    let why = match r.forced {
+        true => format!(
+            "{} was forced by {INJECT_FALLBACK_ENV} (a test hook)",
+            f.words()
+        ),
+        false => format!(
+            "{} came closer to the float model than the layers as quantized",
+            f.words()
+        ),
+    };
     format!(
-        "end-to-end check: {} came closer to the float model than the layers as quantized (KL \
-         {:.4} against {:.4} over {} next-token predictions on calibration blocks); written \
-         again: {} (end_to_end in the report)",
-        f.words(),
+        "end-to-end check: {why} (KL {:.4} against {:.4} over {} next-token predictions on \
+         calibration blocks); written again: {} (end_to_end in the report)",
         r.output().kl,
         r.written.kl,
         r.predictions,
-        rewritten_words(&f.versions(r, r.per_layer.versions.len()))
+        rewritten_words(&f.versions(r))
     )
 }
 
@@ -344,6 +366,8 @@ mod tests {
                 scores: None,
             },
             fallback: None,
+            forced: false,
+            output_versions: vec![Version::Written; 2],
             seconds: 0.0,
         }
     }
@@ -362,7 +386,7 @@ mod tests {
         });
         assert_eq!(choose(&r), Some(Fallback::PerLayer));
         assert_eq!(
-            Fallback::PerLayer.versions(&r, 2),
+            Fallback::PerLayer.versions(&r),
             [Version::Written, Version::Rtn]
         );
         r.fallback = choose(&r);
@@ -383,7 +407,8 @@ mod tests {
         );
         assert_eq!(
             rewritten_words(&[Written, Rtn, ScalesOnly, Rtn]),
-            "layer 2 as AWQ's scales without clipping; layers 1, 3 as plain round-to-nearest"
+            "layer 2 as AWQ's scales without clipping; layers 1, 3 as plain round-to-nearest \
+             (layers counted from 0, as in the tensor names)"
         );
     }
 
