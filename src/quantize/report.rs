@@ -262,9 +262,11 @@ fn end_to_end_row(r: &Report) -> String {
         e.written.kl, e.scales_only.kl, e.rtn.kl, e.predictions
     );
     let Some(f) = e.fallback else {
+        use super::fallback::{FALLBACK_MARGIN, MIN_KL_GAIN};
         return format!(
-            "| end-to-end check | {scores}: written as quantized (no other version closer by 10 %, \
-             10⁻⁴ nats and twice the standard error of its gain) |\n"
+            "| end-to-end check | {scores}: written as quantized (no other version closer by {} %, \
+             {MIN_KL_GAIN:e} nats and twice the standard error of its gain) |\n",
+            FALLBACK_MARGIN * 100.0
         );
     };
     let why = match e.forced {
