@@ -370,18 +370,24 @@ fn never_worse_than_rtn_on_each_layer(out: &Path) {
         assert!(f("tokens") > 0.0, "{g}");
         assert!(f("chosen") <= f("rtn") && f("chosen") <= f("awq"), "{g}");
     }
-    end_to_end_check_on_dense_models_only(&report);
+    end_to_end_check_on_dense_models_only(out, &report);
 }
 
 /// The end-to-end check ran on a dense model (finite losses for the float model and every
 /// version) and not on a model with MoE layers.
-fn end_to_end_check_on_dense_models_only(report: &serde_json::Value) {
+fn end_to_end_check_on_dense_models_only(out: &Path, report: &serde_json::Value) {
     let e2e = &report["end_to_end"];
     let layers = report["layers"].as_array().unwrap();
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     if layers.iter().any(|l| l.get("experts").is_some()) {
         assert!(e2e.is_null(), "{e2e}");
+        assert!(
+            card.contains("| end-to-end check | no: the MoE layers are not guarded"),
+            "{card}"
+        );
         return;
     }
+    assert!(card.contains("| end-to-end check | mean KL"), "{card}");
     assert!(e2e["predictions"].as_u64().unwrap() > 0, "{e2e}");
     assert!(e2e["fp_loss"].as_f64().unwrap() > 0.0, "{e2e}");
     for k in ["written", "scales_only", "rtn"] {
@@ -1155,6 +1161,11 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
     );
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(bytes(&out) == bytes(&rtn), "not round-to-nearest's bytes");
+    let rtn_card = std::fs::read_to_string(rtn.join("README.md")).unwrap();
+    assert!(
+        rtn_card.contains("| end-to-end check | no: nothing was searched or clipped"),
+        "{rtn_card}"
+    );
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(
         card.contains(
@@ -1280,6 +1291,11 @@ fn an_end_to_end_fallback_to_scales_only_writes_the_unclipped_bytes() {
     );
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(bytes(&out) == bytes(&unclipped), "not the unclipped bytes");
+    let card = std::fs::read_to_string(unclipped.join("README.md")).unwrap();
+    assert!(
+        card.contains("| end-to-end check | no: --no-guard |"),
+        "{card}"
+    );
 
     let kept = tmp.path().join("kept");
     quantize_gemma3(&kept, &[&cfg[..], &["--keep-fp16", "20"]].concat(), &force);

@@ -50,9 +50,27 @@ const HEAD_ROWS: usize = 512;
 /// searched or clipped, every layer is dense and a block has a next token to predict. (A
 /// shard's parts then carry the searched scales, so that the merge can run it.)
 pub(super) fn applies(opts: &QuantizeOptions, spec: &ModelSpec) -> bool {
-    let dense = (0..spec.layers).all(|i| spec.layer(i).moe.is_none());
-    let searched_or_clipped = !opts.no_search || opts.clip;
-    opts.guard && searched_or_clipped && dense && opts.calib.seqlen >= 2
+    let moe = (0..spec.layers).any(|i| spec.layer(i).moe.is_some());
+    why_not(opts, moe).is_none()
+}
+
+/// Why a run of `opts` has no check, in words (the model card), or `None` where it has one;
+/// `moe`: whether the model has a MoE layer.
+pub(super) fn why_not(opts: &QuantizeOptions, moe: bool) -> Option<String> {
+    if opts.no_search && !opts.clip {
+        Some("nothing was searched or clipped (plain round-to-nearest)".into())
+    } else if !opts.guard {
+        Some("--no-guard".into())
+    } else if moe {
+        Some(format!(
+            "the MoE layers are {}",
+            super::report::MOE_UNGUARDED
+        ))
+    } else if opts.calib.seqlen < 2 {
+        Some("blocks of one token have no next token to predict".into())
+    } else {
+        None
+    }
 }
 
 /// How many guard blocks of `seqlen` tokens the check carries, at most.

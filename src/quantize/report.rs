@@ -244,21 +244,31 @@ pub(super) fn quiet_experts(layers: &[LayerReport]) -> Option<String> {
     })
 }
 
-/// The model card's row for the end-to-end check: the three versions' KL divergence from the
-/// float model and which one is written (empty where the check did not run). A merged run
-/// computes the same scores, so its card is still a single run's.
+/// The model card's row for the end-to-end check: the versions' KL divergence from the float
+/// model and what is written, or why the check did not run. A merged run computes the same
+/// scores, so its card is still a single run's.
 fn end_to_end_row(r: &Report) -> String {
     let Some(e) = r.end_to_end.as_ref() else {
-        return String::new();
+        let moe = r.layers.iter().any(|l| l.experts.is_some());
+        return match super::end_to_end::why_not(&r.options, moe) {
+            Some(why) => format!("| end-to-end check | no: {why} |\n"),
+            // A shard's card: its merge runs the check.
+            None => String::new(),
+        };
     };
     let per_layer = match e.per_layer.scores {
         Some(s) => format!(", {:.4} with the per-layer choice", s.kl),
         None => String::new(),
     };
+    // Without a search the scales are 1: "scales-only" is round-to-nearest.
+    let scales_only = match r.options.no_search {
+        true => "without clipping (no scales searched)",
+        false => "with AWQ's scales without clipping",
+    };
     let scores = format!(
         "mean KL divergence from the float model's next-token distribution {:.4} as quantized, \
-         {:.4} with AWQ's scales without clipping, {:.4} with plain round-to-nearest{per_layer} \
-         ({} predictions on calibration blocks)",
+         {:.4} {scales_only}, {:.4} with plain round-to-nearest{per_layer} ({} predictions on \
+         calibration blocks)",
         e.written.kl, e.scales_only.kl, e.rtn.kl, e.predictions
     );
     let Some(f) = e.fallback else {
@@ -281,8 +291,8 @@ fn end_to_end_row(r: &Report) -> String {
     )
 }
 
-/// Why the guard skips MoE layers, in both of the card's guard rows.
-const MOE_UNGUARDED: &str =
+/// Why the guard skips MoE layers, in both of the card's guard rows and its end-to-end row.
+pub(super) const MOE_UNGUARDED: &str =
     "not guarded: a second copy of the layer would break the one-layer memory bound";
 
 /// The model card's guard row: off, or how many layers it checked and changed, and how.
