@@ -208,20 +208,30 @@ impl EndToEndReport {
 /// the quantized layers before): where the versions part.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StreamErrors {
-    pub written: f64,
-    pub scales_only: f64,
-    pub rtn: f64,
+    /// Each version's own stream (the report's `written`, `scales_only`, `rtn`).
+    #[serde(flatten)]
+    pub streams: VersionErrors,
     /// The same for each version of this layer fed by the per-layer choice's stream (the
     /// written one until the choice departs from it): what the choice compared.
     pub per_layer: VersionErrors,
 }
 
-/// One error per version of a layer (see [`StreamErrors`]).
+/// One error per version of a layer, in [`VERSIONS`] order (see [`StreamErrors`]).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct VersionErrors {
     pub written: f64,
     pub scales_only: f64,
     pub rtn: f64,
+}
+
+impl From<[f64; 3]> for VersionErrors {
+    fn from([written, scales_only, rtn]: [f64; 3]) -> Self {
+        VersionErrors {
+            written,
+            scales_only,
+            rtn,
+        }
+    }
 }
 
 /// The hidden states of the check's blocks, `[blocks·seqlen, hidden]`: the float model's and
@@ -312,33 +322,33 @@ impl Check<'_> {
         // through the written layer is then the written stream's).
         let departed = s.per_layer.is_some();
         let input = s.per_layer.clone().unwrap_or_else(|| s.written.clone());
-        let mut candidates = Vec::with_capacity(VERSIONS.len());
+        let (mut own, mut fed, mut candidates) = ([0.0; 3], [0.0; 3], Vec::with_capacity(3));
         for v in VERSIONS {
             let layer = self.version(v, &float, parts, &spec)?;
             let stream = s.of(v);
             *stream = go(&layer, stream)?;
-            candidates.push(match (v, departed) {
-                (Version::Written, false) => stream.clone(),
-                _ => go(&layer, &input)?,
-            });
+            own[v as usize] = e(stream)?;
+            let (candidate, error) = match (v, departed) {
+                (Version::Written, false) => (stream.clone(), own[v as usize]),
+                _ => {
+                    let candidate = go(&layer, &input)?;
+                    let error = e(&candidate)?;
+                    (candidate, error)
+                }
+            };
+            fed[v as usize] = error;
+            candidates.push(candidate);
         }
-        let errors: Vec<f64> = candidates.iter().map(e).collect::<Result<_>>()?;
         let version = match self.forced {
             Some(f) if !f.is_empty() => f[i % f.len()],
-            _ => closest([errors[0], errors[1], errors[2]]),
+            _ => closest(fed),
         };
         if departed || version != Version::Written {
             s.per_layer = Some(candidates.swap_remove(version as usize));
         }
         let errors = StreamErrors {
-            written: e(&s.written)?,
-            scales_only: e(&s.scales_only)?,
-            rtn: e(&s.rtn)?,
-            per_layer: VersionErrors {
-                written: errors[0],
-                scales_only: errors[1],
-                rtn: errors[2],
-            },
+            streams: own.into(),
+            per_layer: fed.into(),
         };
         Ok((errors, version))
     }
@@ -482,13 +492,13 @@ fn losses(
         written: mean(0),
         scales_only: mean(1),
         rtn: mean(2),
+        output_versions: vec![Version::Written; per_layer.len()],
         per_layer: PerLayer {
-            versions: per_layer.clone(),
+            versions: per_layer,
             scores: (k > 3).then(|| mean(3)),
         },
         fallback: None,
         forced: false,
-        output_versions: vec![Version::Written; per_layer.len()],
         seconds: 0.0,
     })
 }
