@@ -204,7 +204,7 @@ fn wrapped(family: &str) {
     }
     assert!(list.contains(&"lm_head"), "{family}: {list:?}");
     assert!(cfg["text_config"].get("quantization_config").is_none());
-    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let card = card_of(&out);
     assert!(
         card.contains("text decoder quantized, vision tower in float"),
         "{card}"
@@ -327,14 +327,12 @@ fn mtp_layers_are_left_out_with_a_warning() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_nextn_predict_layers"], 0);
-    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let card = card_of(&out);
     assert!(
         card.contains("| multi-token-prediction layers | 1 left out"),
         "{card}"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(&out);
     assert_eq!(report["plan"]["mtp_layers_left_out"], 1);
     // The plan lists the dense first layer's MLP beside the experts'.
     let linears = report["plan"]["linears"].to_string();
@@ -356,9 +354,7 @@ fn qwen3_moe() {
 /// The guard's record of every dense layer: what was written is no worse than plain
 /// round-to-nearest (nor than AWQ as searched) on the layer's output.
 fn never_worse_than_rtn_on_each_layer(out: &Path) {
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(out);
     for layer in report["layers"].as_array().unwrap() {
         let g = &layer["guard"];
         if layer.get("experts").is_some() {
@@ -378,7 +374,7 @@ fn never_worse_than_rtn_on_each_layer(out: &Path) {
 fn end_to_end_check_on_dense_models_only(out: &Path, report: &serde_json::Value) {
     let e2e = &report["end_to_end"];
     let layers = report["layers"].as_array().unwrap();
-    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let card = card_of(out);
     if layers.iter().any(|l| l.get("experts").is_some()) {
         assert!(e2e.is_null(), "{e2e}");
         assert!(
@@ -410,9 +406,7 @@ fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
     let out = tmp.path().join("out");
     quantize(&model, &out, &["--rounding", "gptq"]);
     assert_verifies(&out);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(&out);
     assert_eq!(report["options"]["rounding"], "gptq");
     let mut kept = 0;
     for layer in report["layers"].as_array().unwrap() {
@@ -457,10 +451,7 @@ fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
 fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
     let model = fixture("arch/phi3");
     let tmp = tempfile::tempdir().unwrap();
-    let report = |out: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap()
-    };
+    let report = |out: &Path| -> serde_json::Value { report_of(out) };
     let out = tmp.path().join("auto");
     let auto = ["--rounding", "auto", "--clip-sides", "auto"];
     quantize(&model, &out, &auto);
@@ -473,7 +464,7 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
     };
     let [separate, groups] = clip(&r);
     assert!(0 < separate && separate < groups, "{separate} of {groups}");
-    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let card = card_of(&out);
     assert!(card.contains(&format!("refined on {separate} of {groups} groups")));
     let held = r["calibration"]["held_out_blocks"].as_u64().unwrap();
     let blocks = r["calibration"]["blocks"].as_u64().unwrap();
@@ -522,7 +513,7 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
             assert_eq!(x["gptq_kept"], false, "{x}");
         }
     }
-    let card = std::fs::read_to_string(short.join("README.md")).unwrap();
+    let card = card_of(&short);
     assert!(card.contains("kept on 0 of"), "{card}");
 }
 
@@ -660,9 +651,7 @@ fn an_expert_without_calibration_tokens_gets_round_to_nearest() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     quantize(&model, &out, &["--seqlen", "1", "--max-blocks", "1"]);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(&out);
     for layer in report["layers"].as_array().unwrap() {
         let experts = layer["experts"].as_array().unwrap();
         let idle: Vec<_> = experts.iter().filter(|e| e["tokens"] == 0).collect();
@@ -700,9 +689,7 @@ fn gemma3_activations_beyond_float16_choose_bfloat16() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(&out);
     let act = report["layers"][0]["max_abs_activation"].as_f64().unwrap();
     assert!(act > 65504.0, "{act}");
     assert!(report["dtype_reason"]
@@ -789,9 +776,7 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
     let (out, plain) = (tmp.path().join("keep"), tmp.path().join("plain"));
     quantize(&model, &out, &["--keep-fp16", "40%"]);
     quantize(&model, &plain, &[]);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(&out);
     let kept = &report["kept_fp16"];
     let modules = kept["units"].as_array().unwrap();
     assert!(!modules.is_empty(), "{kept:#}");
@@ -824,7 +809,7 @@ fn keep_fp16_writes_whole_units_that_verify_and_load() {
             assert!(entries.as_array().unwrap().contains(&m.into()), "{m}");
         }
     }
-    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let card = card_of(&out);
     assert!(
         card.contains("| kept unquantized (--keep-fp16) |"),
         "{card}"
@@ -947,11 +932,9 @@ fn clip_sides_are_recorded_and_both_verify() {
         let v: serde_json::Value =
             serde_json::from_slice(&awq(&["verify", "--json"], &out).stdout).unwrap();
         assert_eq!(v["ok"], true, "{v:#}");
-        let report: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-                .unwrap();
+        let report: serde_json::Value = report_of(&out);
         assert_eq!(report["options"]["clip_sides"], sides);
-        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let card = card_of(&out);
         let row = match sides {
             "symmetric" => "| clipping search | yes, symmetric (AutoAWQ's) |",
             _ => "| clipping search | yes, upper and lower bound each refined |",
@@ -1096,12 +1079,21 @@ fn quantize_gemma3(out: &Path, cfg: &[&str], env: &[(&str, &str)]) -> String {
     stderr + &String::from_utf8_lossy(&o.stdout)
 }
 
+/// The report an `awq quantize` run wrote into `out`.
+fn report_of(out: impl AsRef<Path>) -> serde_json::Value {
+    let path = out.as_ref().join("quantization_report.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The model card an `awq quantize` run wrote into `out`.
+fn card_of(out: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(out.as_ref().join("README.md")).unwrap()
+}
+
 /// The end-to-end check's `fallback`, and each version's KL with (for the alternatives) the
 /// standard error of its gain.
 fn end_to_end_of(out: &Path) -> (serde_json::Value, [f64; 3], [f64; 2]) {
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(out);
     let e = &report["end_to_end"];
     let kl = |k: &str| e[k]["kl"].as_f64().unwrap();
     let se = |k: &str| e[k]["kl_gain_se"].as_f64().unwrap();
@@ -1161,12 +1153,12 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
     );
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(bytes(&out) == bytes(&rtn), "not round-to-nearest's bytes");
-    let rtn_card = std::fs::read_to_string(rtn.join("README.md")).unwrap();
+    let rtn_card = card_of(&rtn);
     assert!(
         rtn_card.contains("| end-to-end check | no: nothing was searched or clipped"),
         "{rtn_card}"
     );
-    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let card = card_of(&out);
     assert!(
         card.contains(
             "plain round-to-nearest was forced by AWQ_INJECT_FALLBACK (a test hook); written \
@@ -1190,9 +1182,7 @@ fn a_per_layer_fallback_rewrites_only_the_layers_it_changed() {
     quantize_gemma3(&dirs[1], &cfg, &[]);
     let rtn_cfg = [&cfg[..], &["--no-search", "--no-clip"]].concat();
     quantize_gemma3(&dirs[2], &rtn_cfg, &[]);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dirs[0].join("quantization_report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = report_of(&dirs[0]);
     let e = &report["end_to_end"];
     assert_eq!(e["fallback"], "per_layer", "{stderr}");
     assert_eq!(e["forced"], true);
@@ -1240,7 +1230,7 @@ fn a_per_layer_fallback_rewrites_only_the_layers_it_changed() {
         "layer 1 is not as quantized"
     );
     assert!(layer(&mixed, 0) != layer(&plain, 0));
-    let card = std::fs::read_to_string(dirs[0].join("README.md")).unwrap();
+    let card = card_of(&dirs[0]);
     assert!(card.contains("with the per-layer choice"), "{card}");
     assert_verifies(&dirs[0]);
 }
@@ -1291,7 +1281,7 @@ fn an_end_to_end_fallback_to_scales_only_writes_the_unclipped_bytes() {
     );
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(bytes(&out) == bytes(&unclipped), "not the unclipped bytes");
-    let card = std::fs::read_to_string(unclipped.join("README.md")).unwrap();
+    let card = card_of(&unclipped);
     assert!(
         card.contains("| end-to-end check | no: --no-guard |"),
         "{card}"
