@@ -1062,6 +1062,14 @@ fn dry_run_plans_fp8_sources_experts_and_dense_layers() {
 /// `awq quantize` of the gemma3 fixture with `cfg` (a small calibration of `wiki.valid.calib.txt`)
 /// into `out`, with `env`, asserting success; returns stderr, then stdout (the summary).
 fn quantize_gemma3(out: &Path, cfg: &[&str], env: &[(&str, &str)]) -> String {
+    let (code, text) = run_gemma3(out, cfg, env);
+    assert_eq!(code, Some(0), "{text}");
+    text
+}
+
+/// `awq quantize` on the gemma3 fixture as [`quantize_gemma3`] runs it: the exit code, and the
+/// stderr followed by the stdout.
+fn run_gemma3(out: &Path, cfg: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let o = Command::cargo_bin("awq")
         .unwrap()
         .args(["quantize", "--split-long", "--calib"])
@@ -1075,8 +1083,10 @@ fn quantize_gemma3(out: &Path, cfg: &[&str], env: &[(&str, &str)]) -> String {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(0), "{stderr}");
-    stderr + &String::from_utf8_lossy(&o.stdout)
+    (
+        o.status.code(),
+        stderr + &String::from_utf8_lossy(&o.stdout),
+    )
 }
 
 /// The report an `awq quantize` run wrote into `out`.
@@ -1167,6 +1177,27 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
         "{card}"
     );
     assert_verifies(&out);
+}
+
+/// An output whose fallback the test hook forced holds other bytes than a run without the
+/// hook writes: `--skip-existing` without the hook refuses it (exit 4) naming the hook, and
+/// with the same value takes it as up to date.
+#[test]
+fn skip_existing_does_not_take_a_hook_forced_output_for_an_unforced_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("forced");
+    let cfg = ["--group", "64", "--seqlen", "16", "--n-samples", "4"];
+    let hook = [("AWQ_INJECT_FALLBACK", "rtn")];
+    quantize_gemma3(&out, &cfg, &hook);
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let skip = [&cfg[..], &["--skip-existing"]].concat();
+    let (code, text) = run_gemma3(&out, &skip, &[]);
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("inject_fallback"), "{text}");
+    let (code, text) = run_gemma3(&out, &skip, &hook);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("up to date"), "{text}");
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == before);
 }
 
 /// A per-layer fallback (forced: layer 0 as round-to-nearest, layer 1 as quantized) writes

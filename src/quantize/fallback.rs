@@ -175,6 +175,22 @@ pub(super) fn check(
 /// versions apart beyond its noise.
 pub const INJECT_FALLBACK_ENV: &str = "AWQ_INJECT_FALLBACK";
 
+/// The fingerprint key under which an output whose check the hook decided records the hook's
+/// value, so that `--skip-existing` never takes it for the output of a run without the hook
+/// (or with another value): its bytes are not what such a run writes.
+pub const HOOK_KEY: &str = "inject_fallback";
+
+/// `fingerprint` with the hook's value under [`HOOK_KEY`] where the hook is set, understood and
+/// decides a check (`checked`: the run's end-to-end check runs, or ran); else a copy.
+pub fn with_hook(fingerprint: &serde_json::Value, checked: bool) -> serde_json::Value {
+    let mut fp = fingerprint.clone();
+    if let (true, Ok(Some(_)), Some(obj)) = (checked, injected(), fp.as_object_mut()) {
+        let value = std::env::var(INJECT_FALLBACK_ENV).unwrap_or_default();
+        obj.insert(HOOK_KEY.into(), value.into());
+    }
+    fp
+}
+
 /// A fallback forced by [`INJECT_FALLBACK_ENV`].
 enum Injected {
     Whole(Fallback),

@@ -514,6 +514,7 @@ fn produce(
         .as_ref()
         .filter(|q| !q.passed)
         .map(|_| crate::io::output::rejected_path(&opts.output));
+    let checked = done.end_to_end.is_some();
     let report = Report {
         tool: TOOL.into(),
         options: opts.clone(),
@@ -535,7 +536,7 @@ fn produce(
         },
         seconds_total,
         work,
-        fingerprint: prep.fingerprint,
+        fingerprint: fallback::with_hook(&prep.fingerprint, checked),
         rejected_output,
         shards,
     };

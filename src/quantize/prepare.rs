@@ -85,7 +85,9 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
             );
         }
     }
-    if opts.skip_existing && up_to_date(opts, &staged_fingerprint)? {
+    let checked = opts.shard.is_none() && super::end_to_end::applies(opts, &model.spec);
+    let output_fingerprint = super::fallback::with_hook(&staged_fingerprint, checked);
+    if opts.skip_existing && up_to_date(opts, &output_fingerprint)? {
         return Ok(Prepare::UpToDate);
     }
     output::check_replaceable(&opts.output, opts.force)?;
