@@ -191,6 +191,15 @@ pub fn duration(seconds: f64) -> String {
     }
 }
 
+/// GFLOP for the summary: whole numbers, with two decimals below 10 (a tiny model's run is not
+/// 0 GFLOP).
+fn gflop(g: f64) -> String {
+    match g < 10.0 {
+        true => format!("{g:.2}"),
+        false => format!("{g:.0}"),
+    }
+}
+
 /// `awq quantize`: where the output went, where the time went, and the quality gate.
 pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Result<()> {
     let w = &report.work;
@@ -198,7 +207,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
     writeln!(out,
             "wrote {} ({} layers, {} calibration blocks of {}) in {:.1}s\n\
              time: calibration {:.1}s, load {:.1}s, forward {:.1}s, search {:.1}s, clip {:.1}s, guard {:.1}s{}, fp16 budget {:.1}s, quantize+pack {:.1}s, write {:.1}s\n\
-             matmul: {:.0} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
+             matmul{}: {} GFLOP in {:.1}s ({:.0} GFLOP/s, {:.0}% of the run); peak RSS {}",
             output.display(),
             report.layers.len(),
             report.calibration.blocks,
@@ -218,7 +227,13 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             p.fp16_budget,
             p.quantize,
             p.write,
-            w.matmul_gflop,
+            // A merge's phase times are the shards'; its matmuls and peak RSS are its own.
+            match (&report.shards, &report.end_to_end) {
+                (Some(_), Some(_)) => " (this merge's end-to-end check)",
+                (Some(_), None) => " (this merge)",
+                (None, _) => "",
+            },
+            gflop(w.matmul_gflop),
             w.matmul_seconds,
             w.matmul_gflops,
             100.0 * w.matmul_share,

@@ -225,6 +225,13 @@ fn a_merge_checks_end_to_end_and_falls_back_as_the_single_run_does() {
         r.stderr
     );
     assert_eq!(files(&merged), files(&single));
+    // The summary's matmul line is the merge's own work (its check), named so and not "0".
+    let line = r.stdout.lines().find(|l| l.starts_with("matmul")).unwrap();
+    let gflop = line
+        .strip_prefix("matmul (this merge's end-to-end check): ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|g| g.parse::<f64>().ok());
+    assert!(gflop.is_some_and(|g| g > 0.0), "{line}");
     let scores = |dir: &Path| {
         let mut e = report(dir)["end_to_end"].clone();
         e.as_object_mut().unwrap().remove("seconds");
