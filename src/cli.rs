@@ -303,8 +303,8 @@ pub struct QuantizeArgs {
     /// where it lowers the calibration loss; better with 32 x 512 calibration tokens, worse
     /// with few), or auto (error feedback kept per linear only where, fitted without the
     /// held-out calibration blocks (every 4th), it lowers their loss, and the calibration has
-    /// 4 tokens per input dimension). Error feedback fits the calibration's domain: with the
-    /// embedded corpus it raised WikiText-2 perplexity (README, "Quality").
+    /// 4 tokens per input dimension). Error feedback rounds the columns in activation order
+    /// (docs/quality.md measures it).
     #[arg(
         long,
         default_value = "rtn",

@@ -6,8 +6,10 @@
 //! cancel on the calibration data instead of adding up. Here the group parameters (scale, zero
 //! point) are those round-to-nearest computes from the same weights (AutoAWQ's recipe), fixed
 //! before the column walk: only the integer codes change, so the output is the AutoAWQ layout
-//! byte for byte in shape and semantics. Columns go in their natural order (activation ordering
-//! would reorder groups), in blocks of 128 with the lazy batch update of the paper.
+//! byte for byte in shape and semantics. Because the group parameters are fixed first, the
+//! columns can go in any order without changing a column's group: they go in activation order
+//! (decreasing `H` diagonal, GPTQ's `act_order` with its "static groups"), in blocks of 128 with
+//! the lazy batch update of the paper.
 //!
 //! [`loss`] measures `Σ_rows (w − ŵ) H (w − ŵ)ᵀ`, the calibration loss both roundings are judged
 //! by: callers keep whichever is lower, so error feedback is never worse than round-to-nearest
@@ -40,22 +42,50 @@ const BLOCK: usize = 128;
 /// one direction (32 × 512: 18.657, 18.846, 18.624 for 0.01, 0.1, 0.3).
 pub const DAMP: f64 = 0.3;
 
-/// The upper Cholesky factor of the dampened inverse of `H = XᵀX` (see [`inverse_factor`]):
-/// what the column walk needs, shared by every linear that reads the same input.
+/// The order the column walk visits the input columns in, and the upper Cholesky factor of the
+/// dampened inverse of `H = XᵀX` in that order (see [`inverse_factor`]): what the walk needs,
+/// shared by every linear that reads the same input.
 pub struct Factor {
     u: Vec<f64>,
     n: usize,
+    /// `order[k]`: the input column the walk rounds `k`-th.
+    order: Vec<usize>,
 }
 
 impl Factor {
     /// For `h: [n, n]` row-major. Fails only when H is not positive definite even after
-    /// dampening (a calibration input with NaN).
+    /// dampening (a calibration input with NaN), naming the input column.
     pub fn new(h: &[f64], n: usize) -> Result<Self> {
+        Self::of(n, |i, j| h[i * n + j])
+    }
+
+    /// For the `[n, n]` matrix whose element `(i, j)` is `h(i, j)`: the caller's `H` can be a
+    /// difference of two (every block's minus the held-out ones') without a third matrix of
+    /// that size. Besides the factor, this holds one reordered copy while it factors.
+    pub fn of(n: usize, h: impl Fn(usize, usize) -> f64) -> Result<Self> {
+        let order = walk_order(n, |i| h(i, i));
+        let in_order: Vec<f64> = (0..n * n).map(|k| h(order[k / n], order[k % n])).collect();
         Ok(Self {
-            u: inverse_factor(h, n)?,
+            u: inverse_factor(in_order, n, &order)?,
             n,
+            order,
         })
     }
+}
+
+/// The walk's column order, as the resume fingerprint records it.
+pub const ORDER: &str = "activation";
+
+/// The input columns by decreasing `H` diagonal (their calibration input's energy; ties by
+/// column): GPTQ's activation order. The columns rounded first are those whose errors cost
+/// most, while the most columns remain to absorb them. The group parameters are fixed before
+/// the walk, so each column keeps its group's scale and zero point in any order (GPTQ's
+/// "static groups"), and the layout is unchanged.
+fn walk_order(n: usize, diagonal: impl Fn(usize) -> f64) -> Vec<usize> {
+    let d: Vec<f64> = (0..n).map(diagonal).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| d[b].total_cmp(&d[a]).then(a.cmp(&b)));
+    order
 }
 
 /// GPTQ codes for `w: [rows, cols]` row-major with the group parameters of
@@ -69,13 +99,13 @@ pub fn quantize(
 ) -> Result<Quantized> {
     assert_eq!(f.n, cols);
     let mut q = quantize_f16(w, rows, cols, group);
-    let u = &f.u;
+    let (u, order) = (&f.u, &f.order);
     let gs = cols / group;
-    // Wᵀ: the column being rounded is contiguous, and so is every update.
+    // Wᵀ in walk order: the column being rounded is contiguous, and so is every update.
     let mut wt = vec![0f32; rows * cols];
     for r in 0..rows {
-        for c in 0..cols {
-            wt[c * rows + r] = w[r * cols + c];
+        for (k, &c) in order.iter().enumerate() {
+            wt[k * rows + r] = w[r * cols + c];
         }
     }
     let m = magic();
@@ -83,15 +113,15 @@ pub fn quantize(
         let i2 = (i1 + BLOCK).min(cols);
         let mut errs = vec![0f32; (i2 - i1) * rows];
         for i in i1..i2 {
-            let d = u[i * cols + i] as f32;
+            let (d, c) = (u[i * cols + i] as f32, order[i]);
             let (done, rest) = wt.split_at_mut((i + 1) * rows);
             let col = &done[i * rows..];
             let err = &mut errs[(i - i1) * rows..][..rows];
             for r in 0..rows {
-                let s = q.scales[r * gs + i / group].to_f32();
-                let z = q.zeros[r * gs + i / group] as f32;
+                let s = q.scales[r * gs + c / group].to_f32();
+                let z = q.zeros[r * gs + c / group] as f32;
                 let code = (rne(col[r] / s, m) + z).clamp(0.0, QMAX);
-                q.codes[r * cols + i] = code as u8;
+                q.codes[r * cols + c] = code as u8;
                 err[r] = (col[r] - (code - z) * s) / d;
             }
             for j in i + 1..i2 {
@@ -134,10 +164,10 @@ pub fn loss(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, h: &[f64]) -> Re
     Ok(eh.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum())
 }
 
-/// The upper Cholesky factor `U` of `(H + λI)⁻¹` (so `(H + λI)⁻¹ = UᵀU`), row-major, with
-/// λ = [`DAMP`] × mean(diag H) and dead inputs (zero diagonal) set to 1.
-fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
-    let mut a = h.to_vec();
+/// The upper Cholesky factor `U` of `(H + λI)⁻¹` (so `(H + λI)⁻¹ = UᵀU`), row-major, for `a`
+/// holding `H`, with λ = [`DAMP`] × mean(diag H) and dead inputs (zero diagonal) set to 1;
+/// `columns[i]`: the input column of `a`'s row `i`, for the error message.
+fn inverse_factor(mut a: Vec<f64>, n: usize, columns: &[usize]) -> Result<Vec<f64>> {
     let mean = (0..n).map(|i| a[i * n + i]).sum::<f64>() / n as f64;
     let damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
     for i in 0..n {
@@ -151,7 +181,8 @@ fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
     // triangular inverse instead of inverting A and factoring the inverse.
     // Reversing a row-major matrix's elements is P·A·P, and reversing L'⁻¹'s gives U.
     a.reverse();
-    let mut u = inverse_cholesky(a, n, n - 1)?;
+    let reversed: Vec<usize> = columns.iter().rev().copied().collect();
+    let mut u = inverse_cholesky(a, n, &reversed)?;
     u.reverse();
     Ok(u)
 }
@@ -162,12 +193,11 @@ const BASE: usize = 128;
 /// `L⁻¹` for the lower Cholesky factor `L` of a symmetric positive definite `a: [n, n]`
 /// (row-major), recursively on halves so that almost all of the n³/3 multiply-adds are matrix
 /// products at the machine's GEMM rate: with `A = [[A₁₁, ·], [A₂₁, A₂₂]]` and `X = L⁻¹`,
-/// `L₂₁ = A₂₁·X₁₁ᵀ`, `L₂₂` factors `A₂₂ − L₂₁·L₂₁ᵀ` and `X₂₁ = −X₂₂·L₂₁·X₁₁`. `at` is the
-/// input column of the block's first row, for the error message: [`inverse_factor`] reverses
-/// the order, so the rows count down from it.
-fn inverse_cholesky(a: Vec<f64>, n: usize, at: usize) -> Result<Vec<f64>> {
+/// `L₂₁ = A₂₁·X₁₁ᵀ`, `L₂₂` factors `A₂₂ − L₂₁·L₂₁ᵀ` and `X₂₁ = −X₂₂·L₂₁·X₁₁`. `columns[i]`
+/// is the input column of row `i`, for the error message.
+fn inverse_cholesky(a: Vec<f64>, n: usize, columns: &[usize]) -> Result<Vec<f64>> {
     if n <= BASE {
-        return Ok(inverse_lower(&cholesky(&a, n, at)?, n));
+        return Ok(inverse_lower(&cholesky(&a, n, columns)?, n));
     }
     let h = n / 2;
     let m = n - h;
@@ -180,11 +210,11 @@ fn inverse_cholesky(a: Vec<f64>, n: usize, at: usize) -> Result<Vec<f64>> {
         |v: Vec<f64>, rows: usize, cols: usize| Tensor::from_vec(v, (rows, cols), &Device::Cpu);
     let (a11, a21, a22) = (block(0, 0, h, h), block(h, 0, m, h), block(h, h, m, m));
     drop(a);
-    let x11 = mat(inverse_cholesky(a11, h, at)?, h, h)?;
+    let x11 = mat(inverse_cholesky(a11, h, &columns[..h])?, h, h)?;
     let l21 = crate::ops::matmul(&mat(a21, m, h)?, &x11.t()?)?;
     let s = (mat(a22, m, m)? - crate::ops::matmul(&l21, &l21.t()?)?)?;
     let x22 = mat(
-        inverse_cholesky(s.flatten_all()?.to_vec1()?, m, at - h)?,
+        inverse_cholesky(s.flatten_all()?.to_vec1()?, m, &columns[h..])?,
         m,
         m,
     )?;
@@ -205,9 +235,9 @@ fn inverse_cholesky(a: Vec<f64>, n: usize, at: usize) -> Result<Vec<f64>> {
     Ok(x)
 }
 
-/// Lower Cholesky factor of a symmetric positive definite `a: [n, n]`; `at` as in
+/// Lower Cholesky factor of a symmetric positive definite `a: [n, n]`; `columns` as in
 /// [`inverse_cholesky`].
-fn cholesky(a: &[f64], n: usize, at: usize) -> Result<Vec<f64>> {
+fn cholesky(a: &[f64], n: usize, columns: &[usize]) -> Result<Vec<f64>> {
     let mut l = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
@@ -218,7 +248,7 @@ fn cholesky(a: &[f64], n: usize, at: usize) -> Result<Vec<f64>> {
                     return Err(Error::Runtime(format!(
                         "GPTQ: the calibration input's Gram matrix is not positive definite at \
                          input column {} (a non-finite activation?); rerun with --rounding rtn",
-                        at - i
+                        columns[i]
                     )));
                 }
                 l[i * n + i] = d.sqrt();
@@ -279,7 +309,7 @@ mod tests {
     #[test]
     fn the_inverse_factor_inverts() {
         let (_, h) = gram(64, 12, 5);
-        let u = inverse_factor(&h, 12).unwrap();
+        let u = inverse_factor(h.clone(), 12, &(0..12).collect::<Vec<_>>()).unwrap();
         // UᵀU (H + λI) = I.
         let mean = (0..12).map(|i| h[i * 12 + i]).sum::<f64>() / 12.0;
         for i in 0..12 {
@@ -306,8 +336,9 @@ mod tests {
         for i in 0..n {
             h[i * n + i] += 1e-3;
         }
-        let blocked = inverse_cholesky(h.clone(), n, n - 1).unwrap();
-        let direct = inverse_lower(&cholesky(&h, n, n - 1).unwrap(), n);
+        let columns: Vec<usize> = (0..n).collect();
+        let blocked = inverse_cholesky(h.clone(), n, &columns).unwrap();
+        let direct = inverse_lower(&cholesky(&h, n, &columns).unwrap(), n);
         let scale = direct.iter().fold(0f64, |m, v| m.max(v.abs()));
         for (k, (b, d)) in blocked.iter().zip(&direct).enumerate() {
             assert!(
@@ -328,6 +359,38 @@ mod tests {
         h[5 * n + 5] = -1e4;
         let e = Factor::new(&h, n).err().expect("not positive definite");
         assert!(e.to_string().contains("input column 5 "), "{e}");
+    }
+
+    /// With a diagonal `H` no error feeds forward, so the codes are the same in any walk order:
+    /// each code lands at its own column.
+    #[test]
+    fn uncorrelated_inputs_get_round_to_nearest_codes_in_activation_order() {
+        let (rows, cols, group) = (8, 64, 32);
+        let w = values(rows * cols, 3, 0.05);
+        let mut h = vec![0f64; cols * cols];
+        for i in 0..cols {
+            h[i * cols + i] = 1.0 + ((i * 37) % cols) as f64;
+        }
+        let f = Factor::new(&h, cols).unwrap();
+        assert_eq!(
+            f.order[0],
+            (0..cols).max_by_key(|i| (i * 37) % cols).unwrap()
+        );
+        assert!(f
+            .order
+            .windows(2)
+            .all(|p| h[p[0] * cols + p[0]] >= h[p[1] * cols + p[1]]));
+        let natural: Vec<usize> = (0..cols).collect();
+        let in_order = Factor {
+            u: inverse_factor(h.clone(), cols, &natural).unwrap(),
+            n: cols,
+            order: natural,
+        };
+        let g = quantize(&w, rows, cols, group, &f).unwrap();
+        assert_eq!(
+            g.codes,
+            quantize(&w, rows, cols, group, &in_order).unwrap().codes
+        );
     }
 
     proptest! {

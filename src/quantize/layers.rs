@@ -235,7 +235,7 @@ fn quantize_layer(
             let (codes, reports) = rounding::gptq_codes(
                 spec,
                 &layer,
-                &grams,
+                grams,
                 &searched,
                 &applied,
                 opts.group,
@@ -556,7 +556,9 @@ fn finish_input(
     }
     if let Some(grams) = ends.grams.as_mut() {
         if let Some(all) = rounding::gram(spec, input, &x)? {
-            let held = match ends.split.filter(|_| ends.held_grams) {
+            // Only a linear with enough tokens per input dimension is judged (`rounding`).
+            let judged = x.dim(0)? >= rounding::MIN_TOKENS_PER_INPUT * x.dim(1)?;
+            let held = match ends.split.filter(|_| ends.held_grams && judged) {
                 Some(s) => rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?,
                 None => None,
             };

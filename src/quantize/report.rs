@@ -555,7 +555,10 @@ pub(super) fn make_plan(
         })
         .sum();
     let activations = t * (2 * spec.hidden + captured + 3 * mlp_width);
-    let peak = 4 * (3 * layer_params + activations) + 4 * t * spec.hidden + 250 * (1 << 20);
+    let peak = 4 * (3 * layer_params + activations)
+        + 4 * t * spec.hidden
+        + 250 * (1 << 20)
+        + rounding_bytes(opts.rounding, spec, &linears, t);
     let moe: Vec<_> = (0..spec.layers)
         .filter_map(|i| spec.layer(i).moe.clone())
         .collect();
@@ -641,6 +644,32 @@ pub(super) fn machine_scale() -> f64 {
             None => FITTED_THREADS / (rayon::current_num_threads() as f64).max(1.0),
         }
     })
+}
+
+/// Error feedback's f64 Gram matrices (`quantize::rounding`): each dense input's `XᵀX` of
+/// every block, and with `auto` of the held-out ones too where the calibration's `tokens` let it
+/// judge, held from the search to the codes, plus about two more of the widest input's while
+/// its factors are made. 0 for `rtn`.
+fn rounding_bytes(
+    rounding: super::Rounding,
+    spec: &crate::model::config::ModelSpec,
+    linears: &[crate::model::shapes::LinearShape],
+    tokens: usize,
+) -> usize {
+    use super::rounding::MIN_TOKENS_PER_INPUT;
+    if rounding == super::Rounding::Rtn {
+        return 0;
+    }
+    let widths: Vec<usize> = (spec.inputs().iter())
+        .filter_map(|i| linears.iter().find(|l| l.input == *i && l.expert.is_none()))
+        .map(|l| l.inp)
+        .collect();
+    // `auto` keeps the held-out blocks' matrix only where the token rule lets it judge.
+    let held = |n: usize| rounding == super::Rounding::Auto && tokens >= MIN_TOKENS_PER_INPUT * n;
+    let held_n = |n: &usize| if held(*n) { 2 } else { 1 };
+    let kept: usize = widths.iter().map(|n| held_n(n) * n * n).sum();
+    let widest = widths.iter().max().copied().unwrap_or(0);
+    8 * (kept + 2 * widest * widest)
 }
 
 /// What the fitting machine's 2 cores reached on [`matmul_gflops`]'s product (AVX-512; its
@@ -1004,7 +1033,32 @@ fn compressed_tensors_use(dir: &str, vision: bool, moe: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::hub_id;
+    use super::{hub_id, rounding_bytes};
+    use crate::quantize::Rounding;
+
+    /// The plan's peak counts error feedback's f64 matrices: one per dense input (q/k/v's, o's,
+    /// gate/up's, down's), a held-out one for each input `auto` can judge with these tokens,
+    /// and two of the widest input's for its factor.
+    #[test]
+    fn the_peak_estimate_counts_the_rounding_matrices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
+            "max_position_embeddings": 64
+        });
+        std::fs::write(&path, config.to_string()).unwrap();
+        let spec = crate::model::load_spec(&path).unwrap();
+        let linears = spec.linears();
+        let bytes = |r, tokens| rounding_bytes(r, &spec, &linears, tokens);
+        let (h, i) = (64 * 64, 96 * 96);
+        assert_eq!(bytes(Rounding::Rtn, 1000), 0);
+        assert_eq!(bytes(Rounding::Gptq, 1000), 8 * (3 * h + i + 2 * i));
+        // 300 tokens: 4 per dimension of the 64-wide inputs, not of the 96-wide one.
+        assert_eq!(bytes(Rounding::Auto, 300), 8 * (6 * h + i + 2 * i));
+        assert_eq!(bytes(Rounding::Auto, 384), 8 * (6 * h + 2 * i + 2 * i));
+    }
 
     #[test]
     fn only_hub_ids_are_base_models() {

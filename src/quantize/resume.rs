@@ -47,9 +47,11 @@ pub(super) fn fingerprint(
         },
         "card": {"name": opts.name, "base_model": opts.base_model},
     });
-    // Error feedback's dampening changed between versions of the same number (0.01 → 0.3).
+    // Error feedback's dampening changed between versions of the same number (0.01 → 0.3), and
+    // so did its column order (natural → activation order).
     if opts.rounding != super::Rounding::Rtn {
         v["options"]["gptq_damp"] = crate::quant::gptq::DAMP.into();
+        v["options"]["gptq_order"] = crate::quant::gptq::ORDER.into();
     }
     // The end-to-end check reads the searched scales from the parts, which parts staged before
     // its fallback existed lack.

@@ -20,6 +20,7 @@ use crate::error::Result;
 use crate::model::arch::Input;
 use crate::model::config::ModelSpec;
 use crate::model::layer::LayerWeights;
+use crate::model::shapes::LinearShape;
 use crate::quant::gptq;
 use crate::quant::rtn::{quantize_f16, Quantized};
 
@@ -56,7 +57,9 @@ pub struct RoundingReport {
 }
 
 /// The Gram matrices `XᵀX` (f64, `[in, in]` row-major) of one scaled captured input: of every
-/// block, and of the held-out blocks when the calibration was split.
+/// block, and of the held-out blocks where `auto` judges the input (the calibration was split
+/// and holds [`MIN_TOKENS_PER_INPUT`] tokens per input dimension).
+#[derive(Clone)]
 pub(super) struct InputGram {
     pub input: Input,
     /// Rows of the input (every block).
@@ -81,145 +84,164 @@ pub(super) fn gram(spec: &ModelSpec, input: Input, x: &Tensor) -> Result<Option<
 /// The codes of the non-expert linears of `layer`: error feedback where `rounding` keeps it
 /// (see the module doc), round-to-nearest elsewhere.
 /// `applied[k]` says whether group `k`'s scales (of `searched`) are in `layer` (the guard may
-/// revert some).
+/// revert some). One input's matrices at a time: the Gram matrices of an input are moved in
+/// (copied only where two keys read the same input), and each key's are dropped once its
+/// linears are done, so a 7B-shaped down_proj (11 008 wide, 0.97 GB per f64 matrix) holds
+/// at most about four of them.
 pub(super) fn gptq_codes(
     spec: &ModelSpec,
     layer: &LayerWeights,
-    grams: &[InputGram],
+    grams: Vec<InputGram>,
     searched: &Searched,
     applied: &[bool],
     group: usize,
     rounding: Rounding,
 ) -> Result<(HashMap<&'static str, Quantized>, Vec<RoundingReport>)> {
+    let shapes = spec.linears();
+    let linears: Vec<&LinearShape> = shapes
+        .iter()
+        .filter(|l| l.expert.is_none() && grams.iter().any(|g| g.input == l.input))
+        .collect();
+    // Linears that read the same input under the same scales share H and its factors.
+    let key_of = |l: &LinearShape| -> FactorKey {
+        let reverted = (searched.groups.iter().zip(applied))
+            .position(|(g, on)| !on && g.linears.contains(&l.name));
+        (l.input, reverted)
+    };
+    let keys: Vec<FactorKey> = linears.iter().map(|l| key_of(l)).collect();
+    let mut grams: Vec<Option<InputGram>> = grams.into_iter().map(Some).collect();
+    let mut done: Vec<Option<(Quantized, RoundingReport)>> =
+        (0..linears.len()).map(|_| None).collect();
+    for (first, key) in keys.iter().enumerate() {
+        if keys[..first].contains(key) {
+            continue;
+        }
+        let members: Vec<usize> = (first..keys.len()).filter(|&k| keys[k] == *key).collect();
+        let slot = (grams.iter())
+            .position(|g| g.as_ref().is_some_and(|g| g.input == key.0))
+            .expect("an input with a linear has its Gram matrices");
+        // The last key of this input takes its matrices; an earlier one copies them.
+        let last = !keys[first + 1..].iter().any(|k| k.0 == key.0 && k != key);
+        let g = match last {
+            true => grams[slot].take().expect("present"),
+            false => grams[slot].as_ref().expect("present").clone(),
+        };
+        let scales = key.1.map(|k| searched.scales[k].as_slice());
+        let shapes: Vec<&LinearShape> = members.iter().map(|&k| linears[k]).collect();
+        let results = key_codes(&shapes, layer, g, scales, group, rounding)?;
+        for (k, r) in members.into_iter().zip(results) {
+            done[k] = Some(r);
+        }
+    }
     let mut codes = HashMap::new();
     let mut reports = Vec::new();
-    // Linears that read the same input under the same scales share H and its factors.
-    let mut shared: Vec<Shared> = Vec::new();
-    for l in spec.linears().iter().filter(|l| l.expert.is_none()) {
-        let Some(g) = grams.iter().find(|g| g.input == l.input) else {
-            continue;
-        };
-        let reverted = searched
-            .groups
-            .iter()
-            .zip(applied)
-            .position(|(g, on)| !on && g.linears.contains(&l.name));
-        let key = (l.input, reverted);
-        if !shared.iter().any(|s| s.key == key) {
-            let scales = reverted.map(|k| searched.scales[k].as_slice());
-            let judged = rounding == Rounding::Auto && g.tokens >= MIN_TOKENS_PER_INPUT * l.inp;
-            shared.push(Shared::new(key, g, scales, judged, l.inp)?);
-        }
-        let s = shared.iter().find(|s| s.key == key).expect("just added");
-        let w = layer
-            .linear(l.name)
-            .weight
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let rtn = quantize_f16(&w, l.out, l.inp, group);
-        let rtn_w = rtn.dequantize();
-        let loss = |v: &[f32], h: &[f64]| gptq::loss(&w, v, l.out, l.inp, h);
-        let rtn_loss = loss(&rtn_w, &s.all)?;
-        let held = match &s.held {
-            Some((h, fit)) => {
-                let judged = gptq::quantize(&w, l.out, l.inp, group, fit)?;
-                Some((loss(&rtn_w, h)?, loss(&judged.dequantize(), h)?))
-            }
-            None => None,
-        };
-        // `auto` fits error feedback on every block only where the held-out blocks chose it.
-        let wanted = match (rounding, held) {
-            (Rounding::Gptq, _) => true,
-            (Rounding::Auto, Some((r, q))) => q < r * (1.0 - AUTO_MARGIN),
-            _ => false,
-        };
-        let q = match wanted {
-            true => Some(gptq::quantize(&w, l.out, l.inp, group, s.factor(l.inp)?)?),
-            false => None,
-        };
-        let gptq_loss = match &q {
-            Some(q) => Some(loss(&q.dequantize(), &s.all)?),
-            None => None,
-        };
-        let kept = gptq_loss.is_some_and(|g| g < rtn_loss);
-        // Either way the codes are final: packing does not round this linear again.
-        codes.insert(l.name, q.filter(|_| kept).unwrap_or(rtn));
-        reports.push(RoundingReport {
-            linear: l.name.to_string(),
-            rtn_loss,
-            gptq_loss,
-            held_out_rtn_loss: held.map(|h| h.0),
-            held_out_gptq_loss: held.map(|h| h.1),
-            gptq_kept: kept,
-        });
+    for (l, r) in linears.iter().zip(done) {
+        let (q, report) = r.expect("every key was done");
+        codes.insert(l.name, q);
+        reports.push(report);
     }
     Ok((codes, reports))
 }
 
-/// One input's `H` under one set of scales, with what error feedback needs of it.
-struct Shared {
-    key: FactorKey,
-    /// `H` of every calibration block, and its factor (made when first asked for): the codes
-    /// that are written.
-    all: Vec<f64>,
-    factor: std::cell::OnceCell<gptq::Factor>,
-    /// `auto`: `H` of the held-out blocks, and the factor of the fit blocks' `H` (every
-    /// block's minus the held-out ones'): the codes that are judged.
-    held: Option<(Vec<f64>, gptq::Factor)>,
-}
-
-impl Shared {
-    /// `scales`: the group the guard reverted on the linears of `key`, if any.
-    fn new(
-        key: FactorKey,
-        g: &InputGram,
-        scales: Option<&[f32]>,
-        judged: bool,
-        n: usize,
-    ) -> Result<Self> {
-        let under = |h: &Vec<f64>| match scales {
-            Some(s) => rescaled(h, s),
-            None => h.clone(),
-        };
-        let all = under(&g.all);
-        let held = match g.held.as_ref().filter(|_| judged) {
-            Some(h) => {
-                let h = under(h);
-                let fit: Vec<f64> = all.iter().zip(&h).map(|(a, b)| a - b).collect();
-                let fit = gptq::Factor::new(&fit, n)?;
-                Some((h, fit))
-            }
-            None => None,
-        };
-        Ok(Shared {
-            key,
-            all,
-            factor: std::cell::OnceCell::new(),
-            held,
+/// The codes and reports of `linears`, which read one input under one set of scales (the
+/// reverted group's `scales`, if any), from that input's Gram matrices `g`. `auto` first
+/// judges each linear with error feedback fitted without the held-out blocks, and drops the
+/// held-out matrix and that factor before it factors every block's `H` for the codes written.
+fn key_codes(
+    linears: &[&LinearShape],
+    layer: &LayerWeights,
+    g: InputGram,
+    scales: Option<&[f32]>,
+    group: usize,
+    rounding: Rounding,
+) -> Result<Vec<(Quantized, RoundingReport)>> {
+    let n = linears[0].inp;
+    let under = |h: Vec<f64>| match scales {
+        Some(s) => rescaled(h, s),
+        None => h,
+    };
+    let judged = rounding == Rounding::Auto && g.tokens >= MIN_TOKENS_PER_INPUT * n;
+    let all = under(g.all);
+    let held = g.held.filter(|_| judged).map(under);
+    let weights = (linears.iter())
+        .map(|l| {
+            Ok(layer
+                .linear(l.name)
+                .weight
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         })
-    }
-
-    /// The factor of every block's `H` (`n` wide).
-    fn factor(&self, n: usize) -> Result<&gptq::Factor> {
-        if self.factor.get().is_none() {
-            let _ = self.factor.set(gptq::Factor::new(&self.all, n)?);
+        .collect::<Result<Vec<_>>>()?;
+    let rtns: Vec<Quantized> = (linears.iter().zip(&weights))
+        .map(|(l, w)| quantize_f16(w, l.out, l.inp, group))
+        .collect();
+    let loss = |k: usize, q: &Quantized, h: &[f64]| {
+        gptq::loss(&weights[k], &q.dequantize(), linears[k].out, n, h)
+    };
+    // `auto`: the held-out blocks' loss of both roundings, error feedback fitted on the rest.
+    let held_losses: Vec<Option<(f64, f64)>> = match held {
+        Some(h) => {
+            let fit = gptq::Factor::of(n, |i, j| all[i * n + j] - h[i * n + j])?;
+            (0..linears.len())
+                .map(|k| {
+                    let (l, w) = (linears[k], &weights[k]);
+                    let judged = gptq::quantize(w, l.out, n, group, &fit)?;
+                    Ok(Some((loss(k, &rtns[k], &h)?, loss(k, &judged, &h)?)))
+                })
+                .collect::<Result<_>>()?
         }
-        Ok(self.factor.get().expect("just set"))
+        None => vec![None; linears.len()],
+    };
+    // `auto` fits error feedback on every block only where the held-out blocks chose it.
+    let wanted: Vec<bool> = (held_losses.iter())
+        .map(|held| match (rounding, held) {
+            (Rounding::Gptq, _) => true,
+            (Rounding::Auto, Some((r, q))) => *q < r * (1.0 - AUTO_MARGIN),
+            _ => false,
+        })
+        .collect();
+    let factor = match wanted.contains(&true) {
+        true => Some(gptq::Factor::new(&all, n)?),
+        false => None,
+    };
+    let mut out = Vec::with_capacity(linears.len());
+    for (k, rtn) in rtns.into_iter().enumerate() {
+        let l = linears[k];
+        let rtn_loss = loss(k, &rtn, &all)?;
+        let q = match (wanted[k], &factor) {
+            (true, Some(f)) => Some(gptq::quantize(&weights[k], l.out, n, group, f)?),
+            _ => None,
+        };
+        let gptq_loss = q.as_ref().map(|q| loss(k, q, &all)).transpose()?;
+        let kept = gptq_loss.is_some_and(|g| g < rtn_loss);
+        let held = held_losses[k];
+        // Either way the codes are final: packing does not round this linear again.
+        out.push((
+            q.filter(|_| kept).unwrap_or(rtn),
+            RoundingReport {
+                linear: l.name.to_string(),
+                rtn_loss,
+                gptq_loss,
+                held_out_rtn_loss: held.map(|h| h.0),
+                held_out_gptq_loss: held.map(|h| h.1),
+                gptq_kept: kept,
+            },
+        ));
     }
+    Ok(out)
 }
 
 /// A linear's input kind and the scale group the guard reverted on it, if any: linears with
 /// the same key share H.
 type FactorKey = (Input, Option<usize>);
 
-/// `diag(s)·H·diag(s)`.
-fn rescaled(h: &[f64], s: &[f32]) -> Vec<f64> {
+/// `diag(s)·H·diag(s)`, in place.
+fn rescaled(mut h: Vec<f64>, s: &[f32]) -> Vec<f64> {
     let n = s.len();
-    let mut out = h.to_vec();
     for i in 0..n {
         for j in 0..n {
-            out[i * n + j] *= s[i] as f64 * s[j] as f64;
+            h[i * n + j] *= s[i] as f64 * s[j] as f64;
         }
     }
-    out
+    h
 }
