@@ -120,8 +120,9 @@ pub(super) fn gptq_codes(
         let slot = (grams.iter())
             .position(|g| g.as_ref().is_some_and(|g| g.input == key.0))
             .expect("an input with a linear has its Gram matrices");
-        // The last key of this input takes its matrices; an earlier one copies them.
-        let last = !keys[first + 1..].iter().any(|k| k.0 == key.0 && k != key);
+        // The last key of this input to be done takes its matrices; an earlier one copies them.
+        let later = |k: &FactorKey| !keys[..=first].contains(k);
+        let last = !keys[first + 1..].iter().any(|k| k.0 == key.0 && later(k));
         let g = match last {
             true => grams[slot].take().expect("present"),
             false => grams[slot].as_ref().expect("present").clone(),
