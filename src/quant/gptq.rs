@@ -364,7 +364,7 @@ mod tests {
     /// With a diagonal `H` no error feeds forward, so the codes are the same in any walk order:
     /// each code lands at its own column.
     #[test]
-    fn uncorrelated_inputs_get_round_to_nearest_codes_in_activation_order() {
+    fn uncorrelated_inputs_get_the_same_codes_in_any_walk_order() {
         let (rows, cols, group) = (8, 64, 32);
         let w = values(rows * cols, 3, 0.05);
         let mut h = vec![0f64; cols * cols];
