@@ -184,9 +184,10 @@ pub const HOOK_KEY: &str = "inject_fallback";
 /// decides a check (`checked`: the run's end-to-end check runs, or ran); else a copy.
 pub fn with_hook(fingerprint: &serde_json::Value, checked: bool) -> serde_json::Value {
     let mut fp = fingerprint.clone();
-    if let (true, Ok(Some(_)), Some(obj)) = (checked, injected(), fp.as_object_mut()) {
-        let value = std::env::var(INJECT_FALLBACK_ENV).unwrap_or_default();
-        obj.insert(HOOK_KEY.into(), value.into());
+    let value = std::env::var(INJECT_FALLBACK_ENV).ok();
+    let understood = value.filter(|v| parse_hook(v).is_some());
+    if let (true, Some(v), Some(obj)) = (checked, understood, fp.as_object_mut()) {
+        obj.insert(HOOK_KEY.into(), v.into());
     }
     fp
 }
@@ -203,20 +204,24 @@ fn injected() -> std::result::Result<Option<Injected>, String> {
     let Ok(value) = std::env::var(INJECT_FALLBACK_ENV) else {
         return Ok(None);
     };
+    parse_hook(&value).map(Some).ok_or(value)
+}
+
+/// The fallback a value of [`INJECT_FALLBACK_ENV`] forces; `None` where it is not understood.
+fn parse_hook(value: &str) -> Option<Injected> {
     let version = |v: &str| match v {
         "written" => Some(Version::Written),
         "scales_only" => Some(Version::ScalesOnly),
         "rtn" => Some(Version::Rtn),
         _ => None,
     };
-    let forced = match value.as_str() {
+    match value {
         "rtn" => Some(Injected::Whole(Fallback::Rtn)),
         "scales_only" => Some(Injected::Whole(Fallback::ScalesOnly)),
         v => (v.strip_prefix("per_layer:"))
             .and_then(|list| list.split(',').map(version).collect::<Option<Vec<_>>>())
             .map(Injected::PerLayer),
-    };
-    forced.map(Some).ok_or(value)
+    }
 }
 
 /// How much lower (relative) an alternative's KL must be than the written version's: the
@@ -271,7 +276,7 @@ pub(super) fn message(r: &EndToEndReport, f: Fallback) -> String {
         r.output().kl,
         r.written.kl,
         r.predictions,
-        rewritten_words(&f.versions(r))
+        rewritten_words(&r.output_versions)
     )
 }
 

@@ -556,19 +556,12 @@ fn finish_input(
     }
     if let Some(grams) = ends.grams.as_mut() {
         if let Some(all) = rounding::gram(spec, input, &x)? {
-            // Only a linear with enough tokens per input dimension is judged (`rounding`).
-            let judged = x.dim(0)? >= rounding::MIN_TOKENS_PER_INPUT * x.dim(1)?;
+            let judged = rounding::judges(x.dim(0)?, x.dim(1)?);
             let held = match ends.split.filter(|_| ends.held_grams && judged) {
                 Some(s) => rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?,
                 None => None,
             };
-            let tokens = x.dim(0)?;
-            grams.push(rounding::InputGram {
-                input,
-                tokens,
-                all,
-                held,
-            });
+            grams.push(rounding::InputGram { input, all, held });
         }
     }
     if let (Some(s), Some(j)) = (ends.split, ends.judge.as_mut()) {

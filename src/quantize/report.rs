@@ -280,14 +280,17 @@ fn end_to_end_row(r: &Report) -> String {
         );
     };
     let why = match e.forced {
-        true => "was forced by AWQ_INJECT_FALLBACK (a test hook)",
-        false => "came clearly closer",
+        true => format!(
+            "was forced by {} (a test hook)",
+            super::fallback::INJECT_FALLBACK_ENV
+        ),
+        false => "came clearly closer".into(),
     };
     format!(
         "| end-to-end check | {scores}: {} {why}; written again: {} (the scale search, clipping \
          and guard rows describe the layers before it) |\n",
         f.words(),
-        super::fallback::rewritten_words(&f.versions(e))
+        super::fallback::rewritten_words(&e.output_versions)
     )
 }
 
@@ -656,7 +659,6 @@ fn rounding_bytes(
     linears: &[crate::model::shapes::LinearShape],
     tokens: usize,
 ) -> usize {
-    use super::rounding::MIN_TOKENS_PER_INPUT;
     if rounding == super::Rounding::Rtn {
         return 0;
     }
@@ -664,10 +666,10 @@ fn rounding_bytes(
         .filter_map(|i| linears.iter().find(|l| l.input == *i && l.expert.is_none()))
         .map(|l| l.inp)
         .collect();
-    // `auto` keeps the held-out blocks' matrix only where the token rule lets it judge.
-    let held = |n: usize| rounding == super::Rounding::Auto && tokens >= MIN_TOKENS_PER_INPUT * n;
-    let held_n = |n: &usize| if held(*n) { 2 } else { 1 };
-    let kept: usize = widths.iter().map(|n| held_n(n) * n * n).sum();
+    // `auto` keeps the held-out blocks' matrix too where the token rule lets it judge.
+    let auto = rounding == super::Rounding::Auto;
+    let copies = |n: usize| 1 + (auto && super::rounding::judges(tokens, n)) as usize;
+    let kept: usize = widths.iter().map(|&n| copies(n) * n * n).sum();
     let widest = widths.iter().max().copied().unwrap_or(0);
     8 * (kept + 2 * widest * widest)
 }

@@ -35,6 +35,13 @@ use crate::quant::rtn::{quantize_f16, Quantized};
 /// the README's matrix.
 pub const MIN_TOKENS_PER_INPUT: usize = 4;
 
+/// Whether `auto` judges a linear of input `width` with `tokens` calibration tokens (every
+/// block's): [`MIN_TOKENS_PER_INPUT`] per input dimension. Only then are the held-out blocks'
+/// Gram matrices made ([`InputGram::held`]).
+pub fn judges(tokens: usize, width: usize) -> bool {
+    tokens >= MIN_TOKENS_PER_INPUT * width
+}
+
 /// How much lower error feedback's held-out loss must be than round-to-nearest's for
 /// `--rounding auto` to keep it (a share of round-to-nearest's).
 pub const AUTO_MARGIN: f64 = 0.0;
@@ -62,8 +69,6 @@ pub struct RoundingReport {
 #[derive(Clone)]
 pub(super) struct InputGram {
     pub input: Input,
-    /// Rows of the input (every block).
-    pub tokens: usize,
     pub all: Vec<f64>,
     pub held: Option<Vec<f64>>,
 }
@@ -161,9 +166,9 @@ fn key_codes(
         Some(s) => rescaled(h, s),
         None => h,
     };
-    let judged = rounding == Rounding::Auto && g.tokens >= MIN_TOKENS_PER_INPUT * n;
     let all = under(g.all);
-    let held = g.held.filter(|_| judged).map(under);
+    // Present only where `auto` judges this input ([`judges`]).
+    let held = g.held.map(under);
     let weights = (linears.iter())
         .map(|l| {
             Ok(layer
