@@ -297,17 +297,17 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub clip_sides: awq::quantize::ClipSides,
-    /// How the 4-bit codes are chosen once scales and clipping are fixed: rtn, the default
-    /// (round to nearest: AutoAWQ's codes exactly), gptq (error feedback through the
-    /// calibration input's XᵀX with round-to-nearest's scales and zero points, kept per linear
-    /// where it lowers the calibration loss; better with 32 x 512 calibration tokens, worse
-    /// with few), or auto (error feedback kept per linear only where, fitted without the
-    /// held-out calibration blocks (every 4th), it lowers their loss, and the calibration has
-    /// 4 tokens per input dimension). Error feedback rounds the columns in activation order
-    /// (docs/quality.md measures it).
+    /// How the 4-bit codes are chosen once scales and clipping are fixed: auto, the default
+    /// (error feedback through the calibration input's XᵀX, with round-to-nearest's scales and
+    /// zero points, kept per linear only where, fitted without the held-out calibration blocks
+    /// (every 4th), it lowers their loss, and only where the calibration has 4 tokens per input
+    /// dimension; round to nearest elsewhere), rtn (round to nearest everywhere: AutoAWQ's
+    /// codes exactly), or gptq (error feedback kept per linear where it lowers the loss on all
+    /// the calibration blocks; overfits with few tokens). Error feedback rounds the columns in
+    /// activation order; MoE experts keep round-to-nearest codes (docs/quality.md).
     #[arg(
         long,
-        default_value = "rtn",
+        default_value = "auto",
         value_name = "METHOD",
         help_heading = "Quantization"
     )]
@@ -324,7 +324,7 @@ pub struct QuantizeArgs {
     /// layer's own output, and the end-to-end check after the last layer, which writes the
     /// whole model, or the layers a per-layer choice picks, as scales-only or round-to-nearest
     /// where that comes clearly closer to the float model (docs/quality.md). --no-search
-    /// --no-clip has nothing to guard.
+    /// --no-clip --rounding rtn has nothing to guard.
     #[arg(long, help_heading = "Quantization")]
     pub no_guard: bool,
     /// Skip the scale search (identity scales; with --no-clip --rounding rtn, plain RTN).
@@ -607,8 +607,12 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             n_grid: args.n_grid,
             clip: !args.no_clip,
             clip_sides: args.clip_sides,
-            // Plain RTN has nothing to guard.
-            guard: !(args.no_guard || (args.no_search && args.no_clip)),
+            // Plain RTN has nothing to guard; error feedback's codes (`auto`, `gptq`) are
+            // checked end to end even without a search or a clip.
+            guard: !(args.no_guard
+                || (args.no_search
+                    && args.no_clip
+                    && args.rounding == awq::quantize::Rounding::Rtn)),
             rounding: args.rounding,
             keep_fp16: args.keep_fp16,
             no_search: args.no_search,

@@ -442,11 +442,12 @@ fn gptq_rounding_is_kept_where_it_helps_and_verifies() {
     eprintln!("phi3: KL to fp: gptq {kl_gptq:.3e}, rtn rounding {kl_rtn:.3e}");
 }
 
-/// `--rounding auto` judges error feedback on the held-out calibration blocks: every record
-/// holds both held-out losses and keeps error feedback exactly where its held-out loss (fitted
+/// `--rounding auto`, the default, judges error feedback on the held-out calibration blocks:
+/// every record holds both held-out losses and keeps error feedback exactly where its held-out loss (fitted
 /// without those blocks) and its loss on every block (fitted on them) are the lower. A
 /// calibration too short to split has no held-out loss, and `auto` rounds to nearest.
-/// `--clip-sides auto` keeps separate bounds on some groups, and none without a split.
+/// `--clip-sides auto`, the default too, keeps separate bounds on some groups, and none without
+/// a split.
 #[test]
 fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
     let model = fixture("arch/phi3");
@@ -454,8 +455,11 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
     let report = |out: &Path| -> serde_json::Value { report_of(out) };
     let out = tmp.path().join("auto");
     let auto = ["--rounding", "auto", "--clip-sides", "auto"];
-    quantize(&model, &out, &auto);
+    // The defaults, without naming them.
+    quantize(&model, &out, &[]);
     let r = report(&out);
+    assert_eq!(r["options"]["rounding"], "auto");
+    assert_eq!(r["options"]["clip_sides"], "auto");
     // --clip-sides auto: separate bounds on some of the clipped groups, symmetric on the rest.
     let clip = |r: &serde_json::Value| {
         (r["layers"].as_array().unwrap().iter())
@@ -1158,7 +1162,7 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
     assert!(stderr.contains(&summary) && rtn_kl != written, "{stderr}");
     quantize_gemma3(
         &rtn,
-        &[&cfg[..], &["--no-search", "--no-clip"]].concat(),
+        &[&cfg[..], &["--no-search", "--no-clip", "--rounding", "rtn"]].concat(),
         &[],
     );
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
@@ -1168,6 +1172,14 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
         rtn_card.contains("| end-to-end check | no: nothing was searched or clipped"),
         "{rtn_card}"
     );
+    // Without --rounding rtn the codes may be error feedback's, so the check runs.
+    let unsearched = tmp.path().join("unsearched");
+    quantize_gemma3(
+        &unsearched,
+        &[&cfg[..], &["--no-search", "--no-clip"]].concat(),
+        &[],
+    );
+    assert!(report_of(&unsearched)["end_to_end"].is_object());
     let card = card_of(&out);
     assert!(
         card.contains(
@@ -1211,7 +1223,7 @@ fn a_per_layer_fallback_rewrites_only_the_layers_it_changed() {
     let force = [("AWQ_INJECT_FALLBACK", "per_layer:rtn,written")];
     let stderr = quantize_gemma3(&dirs[0], &cfg, &force);
     quantize_gemma3(&dirs[1], &cfg, &[]);
-    let rtn_cfg = [&cfg[..], &["--no-search", "--no-clip"]].concat();
+    let rtn_cfg = [&cfg[..], &["--no-search", "--no-clip", "--rounding", "rtn"]].concat();
     quantize_gemma3(&dirs[2], &rtn_cfg, &[]);
     let report: serde_json::Value = report_of(&dirs[0]);
     let e = &report["end_to_end"];
@@ -1307,7 +1319,7 @@ fn an_end_to_end_fallback_to_scales_only_writes_the_unclipped_bytes() {
     assert_eq!(fallback, "scales_only", "{stderr}");
     quantize_gemma3(
         &unclipped,
-        &[&cfg[..], &["--no-clip", "--no-guard"]].concat(),
+        &[&cfg[..], &["--no-clip", "--no-guard", "--rounding", "rtn"]].concat(),
         &[],
     );
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
