@@ -495,6 +495,8 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
         for x in l["rounding"].as_array().unwrap() {
             let down = x["linear"] == "mlp.down_proj";
             assert_eq!(x["held_out_rtn_loss"].is_null(), down, "{x}");
+            // Nothing measured where it does not judge: it makes no XᵀX there.
+            assert_eq!(x["rtn_loss"].is_null(), down, "{x}");
             if down {
                 assert_eq!(x["gptq_kept"], false, "{x}");
                 assert!(x["gptq_loss"].is_null(), "{x}");
@@ -519,6 +521,10 @@ fn auto_rounding_keeps_error_feedback_only_where_it_wins_on_held_out_blocks() {
     }
     let card = card_of(&short);
     assert!(card.contains("kept on 0 of"), "{card}");
+    assert!(
+        card.contains("not judged (no held-out blocks: fewer than 4 calibration blocks)"),
+        "{card}"
+    );
 }
 
 /// A tensor of a model directory's single safetensors file as f32.
@@ -1141,6 +1147,43 @@ fn an_end_to_end_loss_within_the_checks_noise_keeps_what_was_written() {
     assert!(rtn < 0.6 * written, "{rtn} {written}");
     assert!(written - rtn < 2.0 * rtn_se, "{written} {rtn} {rtn_se}");
     assert!(!stderr.contains("written again"), "{stderr}");
+}
+
+/// The default rounding (`auto`) says in the run's summary, as in the card, on how many linears
+/// it kept error feedback and how many it could not judge for want of calibration tokens (4 per
+/// input dimension): every one with 4 blocks of 16 tokens, down_proj's alone with 15 of 64.
+#[test]
+fn the_summary_says_where_error_feedback_was_kept_and_what_was_not_judged() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, cfg) in [
+        ["--seqlen", "16", "--n-samples", "4"],
+        ["--seqlen", "64", "--n-samples", "16"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(i.to_string());
+        let text = quantize_gemma3(&out, &[&cfg[..], &["--group", "64"]].concat(), &[]);
+        let report = report_of(&out);
+        let records: Vec<&serde_json::Value> = (report["layers"].as_array().unwrap().iter())
+            .flat_map(|l| l["rounding"].as_array().unwrap())
+            .collect();
+        let kept = records.iter().filter(|x| x["gptq_kept"] == true).count();
+        let unjudged = records.iter().filter(|x| x["held_out_rtn_loss"].is_null());
+        let unjudged: Vec<_> = unjudged.map(|x| x["linear"].as_str().unwrap()).collect();
+        match i {
+            0 => assert_eq!(unjudged.len(), records.len()),
+            _ => assert!(unjudged.iter().all(|l| *l == "mlp.down_proj") && kept > 0),
+        }
+        let words = format!(
+            "kept on {kept} of {} linears where it lowered the held-out calibration blocks' loss; \
+             {} not judged (fewer than 4 calibration tokens per input dimension), so round to nearest",
+            records.len(),
+            unjudged.len()
+        );
+        assert!(text.contains(&format!("rounding: error feedback (GPTQ) with round-to-nearest's scales and zero points, {words}")), "{text}");
+        assert!(card_of(&out).contains(&words));
+    }
 }
 
 /// A fallback to round-to-nearest (forced: the fixtures are too small for the check to be

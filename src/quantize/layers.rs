@@ -509,8 +509,9 @@ type Grams = Vec<rounding::InputGram>;
 /// What [`finish_input`] takes from each input besides the clip sample, where asked.
 pub(super) struct Ends<'a> {
     split: Option<&'a held_out::Split>,
-    /// Gram matrices: of every block, and of the held-out ones with a `split` and `held_grams`
-    /// (`--rounding auto`).
+    /// Gram matrices: of every block (`--rounding gptq`), or with `held_grams` (`--rounding
+    /// auto`) of every block and of the held-out ones, only for an input it judges (a `split`
+    /// and [`rounding::judges`]).
     grams: Option<Grams>,
     held_grams: bool,
     /// The fit and held-out blocks' clip samples (`--clip-sides auto`, with a `split`).
@@ -554,15 +555,21 @@ fn finish_input(
     for s in scales {
         x = scaled_input(&x, s)?;
     }
-    if let Some(grams) = ends.grams.as_mut() {
-        if let Some(all) = rounding::gram(spec, input, &x)? {
-            let judged = rounding::judges(x.dim(0)?, x.dim(1)?);
-            let held = match ends.split.filter(|_| ends.held_grams && judged) {
-                Some(s) => rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?,
-                None => None,
-            };
-            grams.push(rounding::InputGram { input, all, held });
+    // `auto` makes no matrix where it does not judge: those linears round to nearest.
+    let judged = ends.split.is_some() && rounding::judges(x.dim(0)?, x.dim(1)?);
+    match ends.grams.as_mut() {
+        Some(grams) if judged || !ends.held_grams => {
+            if let Some(all) = rounding::gram(spec, input, &x)? {
+                let held = match ends.split.filter(|_| ends.held_grams) {
+                    Some(s) => {
+                        rounding::gram(spec, input, &held_out::select(&x, s.seqlen, &s.held)?)?
+                    }
+                    None => None,
+                };
+                grams.push(rounding::InputGram { input, all, held });
+            }
         }
+        _ => {}
     }
     if let (Some(s), Some(j)) = (ends.split, ends.judge.as_mut()) {
         j.fit.set(input, held_out::sample(&x, s.seqlen, &s.fit)?);

@@ -354,41 +354,70 @@ fn kept_summary(r: &Report) -> String {
     }
 }
 
-/// The model card's rounding row.
-fn rounding_summary(r: &Report) -> String {
-    // Linears kept unquantized by --keep-fp16 have no codes.
-    let kept = |l: &LayerReport, linear: &str| {
-        r.kept_fp16.as_ref().is_some_and(|k| {
-            let tail = format!(".layers.{}.{linear}", l.layer);
-            k.linears.iter().any(|n| n.ends_with(&tail))
-        })
-    };
-    let records: Vec<_> = r
-        .layers
-        .iter()
-        .flat_map(|l| {
-            l.rounding
-                .iter()
-                .flatten()
-                .filter(move |x| !kept(l, &x.linear))
-        })
-        .collect();
-    if records.is_empty() {
-        return "round-to-nearest".into();
-    }
-    let kept = records.iter().filter(|x| x.gptq_kept).count();
-    format!(
-        "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the {} loss{}",
-        records.len(),
-        match r.options.rounding {
-            super::Rounding::Auto => "held-out calibration blocks'",
-            _ => "calibration",
-        },
-        match r.layers.iter().any(|l| l.experts.is_some()) {
-            true => "; MoE experts round to nearest",
-            false => "",
+impl Report {
+    /// How the codes were chosen, in words: the model card's rounding row and the run's
+    /// summary. For `--rounding auto`, the linears it did not judge and why (they round to
+    /// nearest).
+    pub fn rounding_words(&self) -> String {
+        let r = self;
+        // Linears kept unquantized by --keep-fp16 have no codes.
+        let kept = |l: &LayerReport, linear: &str| {
+            r.kept_fp16.as_ref().is_some_and(|k| {
+                let tail = format!(".layers.{}.{linear}", l.layer);
+                k.linears.iter().any(|n| n.ends_with(&tail))
+            })
+        };
+        let records: Vec<_> = r
+            .layers
+            .iter()
+            .flat_map(|l| {
+                l.rounding
+                    .iter()
+                    .flatten()
+                    .filter(move |x| !kept(l, &x.linear))
+            })
+            .collect();
+        if records.is_empty() {
+            return "round-to-nearest".into();
         }
-    )
+        let kept = records.iter().filter(|x| x.gptq_kept).count();
+        let auto = r.options.rounding == super::Rounding::Auto;
+        let unjudged = records.iter().filter(|x| x.held_out_rtn_loss.is_none());
+        let unjudged = match auto {
+            true => not_judged(r, unjudged.count()),
+            false => String::new(),
+        };
+        format!(
+            "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the {} loss{unjudged}{}",
+            records.len(),
+            match auto {
+                true => "held-out calibration blocks'",
+                false => "calibration",
+            },
+            match r.layers.iter().any(|l| l.experts.is_some()) {
+                true => "; MoE experts round to nearest",
+                false => "",
+            }
+        )
+    }
+}
+
+/// `--rounding auto`'s linears that were not judged, `n`, and why (empty where none).
+fn not_judged(r: &Report, n: usize) -> String {
+    let why = match r.calibration.held_out_blocks {
+        0 => format!(
+            "no held-out blocks: fewer than {} calibration blocks",
+            crate::calib::held_out::EVERY
+        ),
+        _ => format!(
+            "fewer than {} calibration tokens per input dimension",
+            super::rounding::MIN_TOKENS_PER_INPUT
+        ),
+    };
+    match n {
+        0 => String::new(),
+        n => format!("; {n} not judged ({why}), so round to nearest"),
+    }
 }
 
 /// Where the time went, over the whole run.
@@ -561,7 +590,7 @@ pub(super) fn make_plan(
     let peak = 4 * (3 * layer_params + activations)
         + 4 * t * spec.hidden
         + 250 * (1 << 20)
-        + rounding_bytes(opts.rounding, spec, &linears, t);
+        + rounding_bytes(opts.rounding, spec, &linears, t, cal.held_out_blocks > 0);
     let moe: Vec<_> = (0..spec.layers)
         .filter_map(|i| spec.layer(i).moe.clone())
         .collect();
@@ -650,25 +679,27 @@ pub(super) fn machine_scale() -> f64 {
 }
 
 /// Error feedback's f64 Gram matrices (`quantize::rounding`): each dense input's `XᵀX` of
-/// every block, and with `auto` of the held-out ones too where the calibration's `tokens` let it
-/// judge, held from the search to the codes, plus about two more of the widest input's while
-/// its factors are made. 0 for `rtn`.
+/// every block, held from the search to the codes, plus about two more of the widest input's
+/// while its factors are made. `auto` makes them only for an input it judges (a calibration
+/// `split` into held-out blocks, and enough `tokens`), with the held-out blocks' `XᵀX` beside
+/// them. 0 for `rtn`.
 fn rounding_bytes(
     rounding: super::Rounding,
     spec: &crate::model::config::ModelSpec,
     linears: &[crate::model::shapes::LinearShape],
     tokens: usize,
+    split: bool,
 ) -> usize {
-    if rounding == super::Rounding::Rtn {
-        return 0;
-    }
+    let copies = |n: usize| match rounding {
+        super::Rounding::Rtn => 0,
+        super::Rounding::Gptq => 1,
+        super::Rounding::Auto => 2 * (split && super::rounding::judges(tokens, n)) as usize,
+    };
     let widths: Vec<usize> = (spec.inputs().iter())
         .filter_map(|i| linears.iter().find(|l| l.input == *i && l.expert.is_none()))
         .map(|l| l.inp)
+        .filter(|&n| copies(n) > 0)
         .collect();
-    // `auto` keeps the held-out blocks' matrix too where the token rule lets it judge.
-    let auto = rounding == super::Rounding::Auto;
-    let copies = |n: usize| 1 + (auto && super::rounding::judges(tokens, n)) as usize;
     let kept: usize = widths.iter().map(|&n| copies(n) * n * n).sum();
     let widest = widths.iter().max().copied().unwrap_or(0);
     8 * (kept + 2 * widest * widest)
@@ -886,7 +917,7 @@ pub(super) fn model_card(r: &Report) -> String {
         },
         guard = guard_summary(r),
         end_to_end = end_to_end_row(r),
-        rounding = rounding_summary(r),
+        rounding = r.rounding_words(),
         kept = kept_summary(r),
         files = r.calibration.source,
         docs = r.calibration.documents_used,
@@ -1039,8 +1070,8 @@ mod tests {
     use crate::quantize::Rounding;
 
     /// The plan's peak counts error feedback's f64 matrices: one per dense input (q/k/v's, o's,
-    /// gate/up's, down's), a held-out one for each input `auto` can judge with these tokens,
-    /// and two of the widest input's for its factor.
+    /// gate/up's, down's) with `gptq`, two for each input `auto` can judge with these tokens
+    /// and none for the others, and two of the widest such input's for its factor.
     #[test]
     fn the_peak_estimate_counts_the_rounding_matrices() {
         let dir = tempfile::tempdir().unwrap();
@@ -1053,13 +1084,19 @@ mod tests {
         std::fs::write(&path, config.to_string()).unwrap();
         let spec = crate::model::load_spec(&path).unwrap();
         let linears = spec.linears();
-        let bytes = |r, tokens| rounding_bytes(r, &spec, &linears, tokens);
+        let bytes = |r, tokens| rounding_bytes(r, &spec, &linears, tokens, true);
         let (h, i) = (64 * 64, 96 * 96);
         assert_eq!(bytes(Rounding::Rtn, 1000), 0);
         assert_eq!(bytes(Rounding::Gptq, 1000), 8 * (3 * h + i + 2 * i));
-        // 300 tokens: 4 per dimension of the 64-wide inputs, not of the 96-wide one.
-        assert_eq!(bytes(Rounding::Auto, 300), 8 * (6 * h + i + 2 * i));
+        // 300 tokens: 4 per dimension of the 64-wide inputs, not of the 96-wide one, which
+        // `auto` rounds to nearest without a matrix.
+        assert_eq!(bytes(Rounding::Auto, 300), 8 * (6 * h + 2 * h));
         assert_eq!(bytes(Rounding::Auto, 384), 8 * (6 * h + 2 * i + 2 * i));
+        // Without held-out blocks `auto` judges nothing.
+        assert_eq!(
+            rounding_bytes(Rounding::Auto, &spec, &linears, 384, false),
+            0
+        );
     }
 
     #[test]

@@ -51,21 +51,26 @@ pub const AUTO_MARGIN: f64 = 0.0;
 /// was not judged: other methods, no split, too few tokens); and which was kept.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RoundingReport {
+    /// The linear's name within its layer (`mlp.down_proj`).
     pub linear: String,
-    pub rtn_loss: f64,
+    /// `null` where `auto` did not judge the linear: it makes no `XᵀX` there.
+    pub rtn_loss: Option<f64>,
     /// `null` where error feedback was not fitted on every block (`auto`, where the held-out
     /// blocks did not choose it or it was not judged).
     pub gptq_loss: Option<f64>,
+    /// Round-to-nearest's loss on the held-out blocks (`auto`, where it judged).
     #[serde(default)]
     pub held_out_rtn_loss: Option<f64>,
+    /// Error feedback's, fitted without them (`auto`, where it judged).
     #[serde(default)]
     pub held_out_gptq_loss: Option<f64>,
+    /// Whether the codes written are error feedback's.
     pub gptq_kept: bool,
 }
 
 /// The Gram matrices `XᵀX` (f64, `[in, in]` row-major) of one scaled captured input: of every
-/// block, and of the held-out blocks where `auto` judges the input (the calibration was split
-/// and holds [`MIN_TOKENS_PER_INPUT`] tokens per input dimension).
+/// block, and for `auto` of the held-out blocks. `auto` makes them only for an input it judges
+/// (the calibration was split and holds [`MIN_TOKENS_PER_INPUT`] tokens per input dimension).
 #[derive(Clone)]
 pub(super) struct InputGram {
     pub input: Input,
@@ -141,12 +146,34 @@ pub(super) fn gptq_codes(
     }
     let mut codes = HashMap::new();
     let mut reports = Vec::new();
-    for (l, r) in linears.iter().zip(done) {
-        let (q, report) = r.expect("every key was done");
-        codes.insert(l.name, q);
-        reports.push(report);
+    let mut done = linears.iter().zip(done).peekable();
+    for l in shapes.iter().filter(|l| l.expert.is_none()) {
+        match done.next_if(|(m, _)| m.name == l.name) {
+            Some((_, r)) => {
+                let (q, report) = r.expect("every key was done");
+                codes.insert(l.name, q);
+                reports.push(report);
+            }
+            // `auto` made no matrix for an input it does not judge.
+            None if rounding == Rounding::Auto => reports.push(RoundingReport::unjudged(l.name)),
+            None => {}
+        }
     }
     Ok((codes, reports))
+}
+
+impl RoundingReport {
+    /// The record of a linear `auto` did not judge: round-to-nearest, nothing measured.
+    fn unjudged(linear: &str) -> Self {
+        RoundingReport {
+            linear: linear.to_string(),
+            rtn_loss: None,
+            gptq_loss: None,
+            held_out_rtn_loss: None,
+            held_out_gptq_loss: None,
+            gptq_kept: false,
+        }
+    }
 }
 
 /// The codes and reports of `linears`, which read one input under one set of scales (the
@@ -220,6 +247,7 @@ fn key_codes(
         };
         let gptq_loss = q.as_ref().map(|q| loss(k, q, &all)).transpose()?;
         let kept = gptq_loss.is_some_and(|g| g < rtn_loss);
+        let rtn_loss = Some(rtn_loss);
         let held = held_losses[k];
         // Either way the codes are final: packing does not round this linear again.
         out.push((
