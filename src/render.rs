@@ -254,9 +254,7 @@ pub fn summary(out: &mut impl Write, report: &Report, output: &Path) -> io::Resu
             k.units.join(", ")
         )?;
     }
-    if report.options.rounding != awq::quantize::Rounding::Rtn {
-        writeln!(out, "rounding: {}", report.rounding_words())?;
-    }
+    writeln!(out, "rounding: {}", report.rounding_words())?;
     if let Some(e) = &report.end_to_end {
         writeln!(
             out,

@@ -222,7 +222,13 @@ fn mixtral() {
 
 #[test]
 fn qwen2_moe() {
-    check("qwen2_moe");
+    let tmp = checked("qwen2_moe");
+    // `auto` judges dense layers only, and says so rather than blaming the calibration.
+    let card = card_of(tmp.path().join("awq"));
+    assert!(
+        card.contains("14 not judged (in MoE layers: auto judges dense layers only)"),
+        "{card}"
+    );
     router_reads_what_it_read("qwen2_moe", &["mlp.gate", "mlp.shared_expert_gate"]);
 }
 
@@ -1177,9 +1183,11 @@ fn the_summary_says_where_error_feedback_was_kept_and_what_was_not_judged() {
         }
         let words = format!(
             "kept on {kept} of {} linears where it lowered the held-out calibration blocks' loss; \
-             {} not judged (fewer than 4 calibration tokens per input dimension), so round to nearest",
+             {} not judged (fewer than 4 calibration tokens per input dimension, {} tokens here: \
+             more --n-samples or a longer --seqlen), so round to nearest",
             records.len(),
-            unjudged.len()
+            unjudged.len(),
+            report["calibration"]["tokens"]
         );
         assert!(text.contains(&format!("rounding: error feedback (GPTQ) with round-to-nearest's scales and zero points, {words}")), "{text}");
         assert!(card_of(&out).contains(&words));

@@ -330,7 +330,7 @@ pub(super) fn warnings(opts: &QuantizeOptions, prep: &Prepared) -> Vec<String> {
             "--rounding gptq with {tokens} calibration tokens, fewer than {GPTQ_TOKENS_PER_INPUT} \
              per input dimension of the widest linear ({widest}): error feedback then fits the \
              calibration text (SmolLM2 with 1024 tokens: perplexity 19.96 against 19.81 with \
-             --rounding rtn); use more calibration (--n-samples, --max-blocks) or --rounding rtn"
+             --rounding rtn); use more calibration (--n-samples, a longer --seqlen) or --rounding auto"
         ));
     }
     let bytes = prep.plan.output_bytes_estimate;

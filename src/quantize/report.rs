@@ -367,24 +367,23 @@ impl Report {
                 k.linears.iter().any(|n| n.ends_with(&tail))
             })
         };
-        let records: Vec<_> = r
+        // Each record with whether its layer is a MoE layer.
+        let records: Vec<(bool, &super::rounding::RoundingReport)> = r
             .layers
             .iter()
             .flat_map(|l| {
-                l.rounding
-                    .iter()
-                    .flatten()
+                (l.rounding.iter().flatten())
                     .filter(move |x| !kept(l, &x.linear))
+                    .map(move |x| (l.experts.is_some(), x))
             })
             .collect();
         if records.is_empty() {
             return "round-to-nearest".into();
         }
-        let kept = records.iter().filter(|x| x.gptq_kept).count();
+        let kept = records.iter().filter(|(_, x)| x.gptq_kept).count();
         let auto = r.options.rounding == super::Rounding::Auto;
-        let unjudged = records.iter().filter(|x| x.held_out_rtn_loss.is_none());
         let unjudged = match auto {
-            true => not_judged(r, unjudged.count()),
+            true => not_judged(r, &records),
             false => String::new(),
         };
         format!(
@@ -402,22 +401,40 @@ impl Report {
     }
 }
 
-/// `--rounding auto`'s linears that were not judged, `n`, and why (empty where none).
-fn not_judged(r: &Report, n: usize) -> String {
-    let why = match r.calibration.held_out_blocks {
+/// `--rounding auto`'s linears that were not judged among `records` (each with whether its
+/// layer is a MoE layer), counted by why (empty where none): in a MoE layer (held-out judging is for dense layers), without held-out blocks, or with too few
+/// calibration tokens for the linear's input width.
+fn not_judged(r: &Report, records: &[(bool, &super::rounding::RoundingReport)]) -> String {
+    let unjudged = |moe: bool| {
+        (records.iter())
+            .filter(|(m, x)| *m == moe && x.held_out_rtn_loss.is_none())
+            .count()
+    };
+    let dense_why = match r.calibration.held_out_blocks {
         0 => format!(
             "no held-out blocks: fewer than {} calibration blocks",
             crate::calib::held_out::EVERY
         ),
         _ => format!(
-            "fewer than {} calibration tokens per input dimension",
-            super::rounding::MIN_TOKENS_PER_INPUT
+            "fewer than {} calibration tokens per input dimension, {} tokens here: more \
+             --n-samples or a longer --seqlen",
+            super::rounding::MIN_TOKENS_PER_INPUT,
+            r.calibration.tokens
         ),
     };
-    match n {
-        0 => String::new(),
-        n => format!("; {n} not judged ({why}), so round to nearest"),
+    let mut out = String::new();
+    for (n, why) in [
+        (unjudged(false), dense_why),
+        (
+            unjudged(true),
+            "in MoE layers: auto judges dense layers only".into(),
+        ),
+    ] {
+        if n > 0 {
+            out += &format!("; {n} not judged ({why}), so round to nearest");
+        }
     }
+    out
 }
 
 /// Where the time went, over the whole run.
