@@ -402,8 +402,9 @@ impl Report {
 }
 
 /// `--rounding auto`'s linears that were not judged among `records` (each with whether its
-/// layer is a MoE layer), counted by why (empty where none): in a MoE layer (held-out judging is for dense layers), without held-out blocks, or with too few
-/// calibration tokens for the linear's input width.
+/// layer is a MoE layer), counted by why (empty where none): in a MoE layer (held-out judging
+/// is for dense layers), without held-out blocks, or with too few calibration tokens for the
+/// linear's input width.
 fn not_judged(r: &Report, records: &[(bool, &super::rounding::RoundingReport)]) -> String {
     let unjudged = |moe: bool| {
         (records.iter())
