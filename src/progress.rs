@@ -173,7 +173,8 @@ impl Progress {
                     Some(r) => self.layer_line(*index, *total, *seconds, r),
                     None => format!("layer {}/{total} {seconds:.1}s", index + 1),
                 };
-                eprintln!("[awq] {line}{}", self.eta(*index, *total, *seconds));
+                let took = layer_time(*seconds, *report);
+                eprintln!("[awq] {line}{}", self.eta(*index, *total, took));
             }
             _ => {}
         }
@@ -210,6 +211,16 @@ impl Progress {
         }
         let mean = seen.0 / seen.1 as f64;
         format!("  ETA {}", crate::render::duration(mean * left as f64))
+    }
+}
+
+/// What a finished layer took, for the ETA: a layer resumed from staging reports 0 s for this
+/// run (it was only replayed), so its recorded time counts instead; averaging the replays' 0 s
+/// made the ETA of a resumed run far too short.
+fn layer_time(seconds: f64, report: Option<&awq::quantize::LayerReport>) -> f64 {
+    match report {
+        Some(r) if seconds == 0.0 => r.seconds.total(),
+        _ => seconds,
     }
 }
 
@@ -292,4 +303,33 @@ fn group_summary(groups: &[GroupReport], verbose: bool) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run's ETA counts the replayed layers with the time they took when quantized.
+    #[test]
+    fn the_eta_of_a_resumed_run_counts_the_replayed_layers_recorded_time() {
+        let progress = Progress::new(true, false, false);
+        let report: awq::quantize::LayerReport = serde_json::from_value(serde_json::json!({
+            "layer": 0, "groups": [], "clip_mean_shrink": [], "max_abs_activation": 1.0,
+            "max_abs_float_weight": 1.0,
+            "seconds": {"load": 0.0, "forward": 2.0, "search": 8.0, "clip": 0.0, "guard": 0.0,
+                        "fp16_budget": 0.0, "end_to_end": 0.0, "quantize": 0.0, "write": 0.0}
+        }))
+        .unwrap();
+        assert_eq!(layer_time(0.0, Some(&report)), 10.0);
+        assert_eq!(layer_time(4.0, Some(&report)), 4.0);
+        assert_eq!(layer_time(0.0, None), 0.0);
+        // Two replayed layers of 10 s, then one of 10 s: 7 left of 10.
+        for i in 0..3 {
+            let eta = progress.eta(i, 10, layer_time(0.0, Some(&report)));
+            assert_eq!(
+                eta,
+                format!("  ETA {}", crate::render::duration(10.0 * (9 - i) as f64))
+            );
+        }
+    }
 }
