@@ -610,12 +610,10 @@ impl TryFrom<QuantizeArgs> for awq::quantize::QuantizeOptions {
             n_grid: args.n_grid,
             clip: !args.no_clip,
             clip_sides: args.clip_sides,
-            // Plain RTN has nothing to guard; error feedback's codes (`auto`, `gptq`) are
-            // checked end to end even without a search or a clip.
+            // Error feedback's codes (`auto`, `gptq`) are checked end to end even without a
+            // search or a clip.
             guard: !(args.no_guard
-                || (args.no_search
-                    && args.no_clip
-                    && args.rounding == awq::quantize::Rounding::Rtn)),
+                || awq::quantize::plain_rtn(args.no_search, !args.no_clip, args.rounding)),
             rounding: args.rounding,
             keep_fp16: args.keep_fp16,
             no_search: args.no_search,

@@ -57,7 +57,7 @@ pub(super) fn applies(opts: &QuantizeOptions, spec: &ModelSpec) -> bool {
 /// Why a run of `opts` has no check, in words (the model card), or `None` where it has one;
 /// `moe`: whether the model has a MoE layer.
 pub(super) fn why_not(opts: &QuantizeOptions, moe: bool) -> Option<String> {
-    if opts.no_search && !opts.clip && opts.rounding == super::Rounding::Rtn {
+    if super::plain_rtn(opts.no_search, opts.clip, opts.rounding) {
         Some("nothing was searched or clipped (plain round-to-nearest)".into())
     } else if !opts.guard {
         Some("--no-guard".into())

@@ -196,6 +196,13 @@ pub struct QuantizeOptions {
     pub activations: Option<PathBuf>,
 }
 
+/// Whether a run writes plain round-to-nearest: no scale search (`no_search`), no clip, and
+/// round-to-nearest codes. Such a run has nothing to guard or check end to end; the CLI turns
+/// its guard off and the end-to-end check names it as the reason.
+pub fn plain_rtn(no_search: bool, clip: bool, rounding: Rounding) -> bool {
+    no_search && !clip && rounding == Rounding::Rtn
+}
+
 impl QuantizeOptions {
     /// Whether a choice is judged on the held-out calibration blocks
     /// ([`crate::calib::held_out`]): `--rounding auto` or `--clip-sides auto`.

@@ -359,16 +359,15 @@ impl Report {
     /// summary. For `--rounding auto`, the linears it did not judge and why (they round to
     /// nearest).
     pub fn rounding_words(&self) -> String {
-        let r = self;
         // Linears kept unquantized by --keep-fp16 have no codes.
         let kept = |l: &LayerReport, linear: &str| {
-            r.kept_fp16.as_ref().is_some_and(|k| {
+            self.kept_fp16.as_ref().is_some_and(|k| {
                 let tail = format!(".layers.{}.{linear}", l.layer);
                 k.linears.iter().any(|n| n.ends_with(&tail))
             })
         };
         // Each record with whether its layer is a MoE layer.
-        let records: Vec<(bool, &super::rounding::RoundingReport)> = r
+        let records: Vec<(bool, &super::rounding::RoundingReport)> = self
             .layers
             .iter()
             .flat_map(|l| {
@@ -381,9 +380,9 @@ impl Report {
             return "round-to-nearest".into();
         }
         let kept = records.iter().filter(|(_, x)| x.gptq_kept).count();
-        let auto = r.options.rounding == super::Rounding::Auto;
+        let auto = self.options.rounding == super::Rounding::Auto;
         let unjudged = match auto {
-            true => not_judged(r, &records),
+            true => not_judged(self, &records),
             false => String::new(),
         };
         format!(
@@ -393,7 +392,7 @@ impl Report {
                 true => "held-out calibration blocks'",
                 false => "calibration",
             },
-            match r.layers.iter().any(|l| l.experts.is_some()) {
+            match self.layers.iter().any(|l| l.experts.is_some()) {
                 true => "; MoE experts round to nearest",
                 false => "",
             }
