@@ -74,6 +74,7 @@ pub fn show(outcome: Outcome, output: &Path, progress: &Progress, json_events: b
                 "quality": report.quality,
                 "kept_fp16": report.kept_fp16,
                 "end_to_end": report.end_to_end,
+                "rounding": report.rounding_counts(),
                 "shards": report.shards,
             }),
         );

@@ -118,6 +118,9 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
             e.experts, e.moe_layers, e.top_k, e.mean_tokens, e.min_tokens
         )?;
     }
+    if let Some(r) = &plan.rounding {
+        writeln!(w, "rounding     {}", r.words(&plan.calibration))?;
+    }
     writeln!(
         w,
         "output       {} (about {:.1} MB)",

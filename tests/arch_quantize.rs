@@ -1062,6 +1062,14 @@ fn dry_run_plans_fp8_sources_experts_and_dense_layers() {
     assert_eq!(e["moe_layers"].as_u64(), Some(2), "{e}");
     // 4 blocks of 16 tokens, each routed to 2 of 8 experts.
     assert_eq!(e["mean_tokens"].as_f64(), Some(16.0), "{e}");
+    // `--rounding auto` judges dense layers only, and none of the dense layer's 8 linears with
+    // 64 tokens: its widest input, down_proj's, needs 4 × 256.
+    assert_eq!(
+        plan["rounding"],
+        serde_json::json!({"judged": 0, "too_few_tokens": 8, "in_moe_layers": 16,
+            "tokens_for_all": 1024}),
+        "{plan}"
+    );
     let groups: Vec<String> = (plan["scale_groups"].as_array().unwrap().iter())
         .map(|g| format!("{}: {}", g[0].as_str().unwrap(), g[1]))
         .collect();
@@ -1191,6 +1199,22 @@ fn the_summary_says_where_error_feedback_was_kept_and_what_was_not_judged() {
         );
         assert!(text.contains(&format!("rounding: error feedback (GPTQ) with round-to-nearest's scales and zero points, {words}")), "{text}");
         assert!(card_of(&out).contains(&words));
+        // `--json`'s done event counts the same.
+        let json = quantize_gemma3(
+            &tmp.path().join(format!("{i}-json")),
+            &[&cfg[..], &["--group", "64", "--json"]].concat(),
+            &[],
+        );
+        let done = (json.lines())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "done")
+            .expect("a done event");
+        assert_eq!(
+            done["rounding"],
+            serde_json::json!({"method": "auto", "linears": records.len(), "error_feedback": kept,
+                "not_judged": unjudged.len(), "in_moe_layers": 0}),
+            "{done}"
+        );
     }
 }
 
@@ -1231,6 +1255,15 @@ fn an_end_to_end_fallback_to_round_to_nearest_writes_its_bytes() {
         &[],
     );
     assert!(report_of(&unsearched)["end_to_end"].is_object());
+    // Its guard has nothing to fall back from, and its check no scales-only version.
+    let unsearched_card = card_of(&unsearched);
+    assert!(
+        unsearched_card
+            .contains("nothing was searched or clipped, so there was nothing to fall back from")
+            && !unsearched_card.contains("AWQ as searched was kept")
+            && !unsearched_card.contains("without clipping (no scales searched)"),
+        "{unsearched_card}"
+    );
     let card = card_of(&out);
     assert!(
         card.contains(

@@ -269,6 +269,14 @@ fn dry_run_writes_nothing_and_exit_codes() {
         r.stdout
     );
     assert!(r.stdout.contains("mlp.down_proj [64, 128]"), "{}", r.stdout);
+    // Before any work: which linears `--rounding auto` will judge, and what the rest need.
+    assert!(
+        r.stdout.contains(
+            "rounding     auto: error feedback judged on the held-out calibration blocks for"
+        ),
+        "{}",
+        r.stdout
+    );
     assert!(!out.exists());
     let leftovers: Vec<_> = std::fs::read_dir(s.tmp.path()).unwrap().collect();
     assert_eq!(leftovers.len(), 2, "only model/ and calib.txt");

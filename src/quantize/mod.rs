@@ -42,7 +42,7 @@ mod write;
 pub use capture::{parse_part, CaptureDone};
 pub use merge::{merge, MergeOptions};
 use report::{model_card, peak_rss_mb};
-pub use report::{GroupReport, LayerReport, Plan, Quality, Report, Timings, Work};
+pub use report::{GroupReport, LayerReport, Plan, Quality, Report, RoundingPlan, Timings, Work};
 
 /// `--fast`: score the scale search on this many evenly spaced blocks (see README for its
 /// measured quality cost).

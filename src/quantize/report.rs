@@ -68,6 +68,75 @@ pub struct Plan {
     /// A MoE model's routed experts and what each sees of the calibration.
     #[serde(default)]
     pub experts: Option<ExpertPlan>,
+    /// What `--rounding auto` will judge (`None` for `rtn` and `gptq`).
+    #[serde(default)]
+    pub rounding: Option<RoundingPlan>,
+}
+
+/// Which linears `--rounding auto` judges on the held-out blocks, before it runs, counted over
+/// every layer (the rest round to nearest; see [`super::rounding::judges`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoundingPlan {
+    /// Linears of dense layers that `auto` judges.
+    pub judged: usize,
+    /// Linears of dense layers it does not judge: the calibration has no held-out blocks, or
+    /// fewer than [`super::rounding::MIN_TOKENS_PER_INPUT`] tokens per input dimension.
+    pub too_few_tokens: usize,
+    /// Linears of MoE layers (attention and shared experts too): not judged.
+    pub in_moe_layers: usize,
+    /// Calibration tokens that would judge every linear of the dense layers (with held-out
+    /// blocks): [`super::rounding::MIN_TOKENS_PER_INPUT`] per dimension of the widest input.
+    pub tokens_for_all: usize,
+}
+
+impl RoundingPlan {
+    /// `--rounding auto`'s plan for `tokens` calibration tokens, `split` whether there are
+    /// held-out blocks.
+    pub fn of(spec: &crate::model::config::ModelSpec, tokens: usize, split: bool) -> Self {
+        let mut p = RoundingPlan {
+            judged: 0,
+            too_few_tokens: 0,
+            in_moe_layers: 0,
+            tokens_for_all: 0,
+        };
+        for i in 0..spec.layers {
+            let layer = spec.layer(i);
+            for l in layer.linears().iter().filter(|l| l.expert.is_none()) {
+                let judged = split && super::rounding::judges(tokens, l.inp);
+                match (layer.moe.is_some(), judged) {
+                    (true, _) => p.in_moe_layers += 1,
+                    (false, true) => p.judged += 1,
+                    (false, false) => p.too_few_tokens += 1,
+                }
+                if layer.moe.is_none() {
+                    let needed = super::rounding::MIN_TOKENS_PER_INPUT * l.inp;
+                    p.tokens_for_all = p.tokens_for_all.max(needed);
+                }
+            }
+        }
+        p
+    }
+
+    /// The plan's `rounding` line: which linears `auto` judges, and what the others need.
+    pub fn words(&self, cal: &crate::calib::CalibSummary) -> String {
+        let total = self.judged + self.too_few_tokens + self.in_moe_layers;
+        let mut line = format!(
+            "auto: error feedback judged on the held-out calibration blocks for {} of {total} \
+             linears",
+            self.judged
+        );
+        if self.too_few_tokens > 0 {
+            let why = dense_unjudged_why(cal, Some(self.tokens_for_all));
+            line += &format!("; {} round to nearest ({why})", self.too_few_tokens);
+        }
+        if self.in_moe_layers > 0 {
+            line += &format!(
+                "; {} in MoE layers round to nearest (auto judges dense layers only)",
+                self.in_moe_layers
+            );
+        }
+        line
+    }
 }
 
 /// What the routed experts of a MoE model see of the calibration, before it runs.
@@ -260,16 +329,24 @@ fn end_to_end_row(r: &Report) -> String {
         Some(s) => format!(", {:.4} with the per-layer choice", s.kl),
         None => String::new(),
     };
-    // Without a search the scales are 1: "scales-only" is round-to-nearest.
-    let scales_only = match r.options.no_search {
-        true => "without clipping (no scales searched)",
-        false => "with AWQ's scales without clipping",
+    // Without a search the scales are 1: "scales-only" is round-to-nearest, and without
+    // clipping either, only the codes differ.
+    let scales_only = match (r.options.no_search, r.options.clip) {
+        (true, false) => String::new(),
+        (true, true) => format!(
+            "{:.4} without clipping (no scales searched), ",
+            e.scales_only.kl
+        ),
+        (false, _) => format!(
+            "{:.4} with AWQ's scales without clipping, ",
+            e.scales_only.kl
+        ),
     };
     let scores = format!(
         "mean KL divergence from the float model's next-token distribution {:.4} as quantized, \
-         {:.4} {scales_only}, {:.4} with plain round-to-nearest{per_layer} ({} predictions on \
+         {scales_only}{:.4} with plain round-to-nearest{per_layer} ({} predictions on \
          calibration blocks)",
-        e.written.kl, e.scales_only.kl, e.rtn.kl, e.predictions
+        e.written.kl, e.rtn.kl, e.predictions
     );
     let Some(f) = e.fallback else {
         use super::fallback::{FALLBACK_MARGIN, MIN_KL_GAIN};
@@ -321,9 +398,18 @@ fn guard_summary(r: &Report) -> String {
                 .then(|| format!("layer {}: {}", l.layer, g.fallbacks.join(", ")))
         })
         .collect();
+    // Without scales or clips the guard's versions are all round-to-nearest: only error
+    // feedback's codes differ from it, and the end-to-end check judges those.
+    let kept = match r.options.no_search && !r.options.clip {
+        true => {
+            "nothing was searched or clipped, so there was nothing to fall back from (the \
+                 end-to-end check compares the codes with round-to-nearest's)"
+        }
+        false => "AWQ as searched was kept on every one",
+    };
     match changed.len() {
         0 => format!(
-            "yes, {guarded} of {} layers checked{unguarded}; AWQ as searched was kept on every one",
+            "yes, {guarded} of {} layers checked{unguarded}; {kept}",
             r.layers.len()
         ),
         n => format!(
@@ -359,35 +445,19 @@ impl Report {
     /// summary. For `--rounding auto`, the linears it did not judge and why (they round to
     /// nearest).
     pub fn rounding_words(&self) -> String {
-        // Linears kept unquantized by --keep-fp16 have no codes.
-        let kept = |l: &LayerReport, linear: &str| {
-            self.kept_fp16.as_ref().is_some_and(|k| {
-                let tail = format!(".layers.{}.{linear}", l.layer);
-                k.linears.iter().any(|n| n.ends_with(&tail))
-            })
-        };
-        // Each record with whether its layer is a MoE layer.
-        let records: Vec<(bool, &super::rounding::RoundingReport)> = self
-            .layers
-            .iter()
-            .flat_map(|l| {
-                (l.rounding.iter().flatten())
-                    .filter(move |x| !kept(l, &x.linear))
-                    .map(move |x| (l.experts.is_some(), x))
-            })
-            .collect();
-        if records.is_empty() {
+        let c = self.rounding_counts();
+        if c.linears == 0 {
             return "round-to-nearest".into();
         }
-        let kept = records.iter().filter(|(_, x)| x.gptq_kept).count();
-        let auto = self.options.rounding == super::Rounding::Auto;
+        let auto = c.method == super::Rounding::Auto;
         let unjudged = match auto {
-            true => not_judged(self, &records),
+            true => not_judged(&self.calibration, &c),
             false => String::new(),
         };
         format!(
-            "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {kept} of {} linears where it lowered the {} loss{unjudged}{}",
-            records.len(),
+            "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {} of {} linears where it lowered the {} loss{unjudged}{}",
+            c.error_feedback,
+            c.linears,
             match auto {
                 true => "held-out calibration blocks'",
                 false => "calibration",
@@ -398,35 +468,70 @@ impl Report {
             }
         )
     }
+
+    /// Every layer's rounding record of a quantized linear (those `--keep-fp16` kept float have
+    /// no codes), each with whether its layer is a MoE layer.
+    fn rounding_records(&self) -> Vec<(bool, &super::rounding::RoundingReport)> {
+        let kept = |l: &LayerReport, linear: &str| {
+            self.kept_fp16.as_ref().is_some_and(|k| {
+                let tail = format!(".layers.{}.{linear}", l.layer);
+                k.linears.iter().any(|n| n.ends_with(&tail))
+            })
+        };
+        (self.layers.iter())
+            .flat_map(|l| {
+                (l.rounding.iter().flatten())
+                    .filter(move |x| !kept(l, &x.linear))
+                    .map(move |x| (l.experts.is_some(), x))
+            })
+            .collect()
+    }
+
+    /// The rounding row's counts, for `--json`'s `done` event.
+    pub fn rounding_counts(&self) -> RoundingCounts {
+        let records = self.rounding_records();
+        let unjudged = |moe: bool| {
+            (records.iter())
+                .filter(|(m, x)| *m == moe && x.held_out_rtn_loss.is_none())
+                .count()
+        };
+        let auto = self.options.rounding == super::Rounding::Auto;
+        RoundingCounts {
+            method: self.options.rounding,
+            linears: records.len(),
+            error_feedback: records.iter().filter(|(_, x)| x.gptq_kept).count(),
+            not_judged: if auto { unjudged(false) } else { 0 },
+            in_moe_layers: if auto { unjudged(true) } else { 0 },
+        }
+    }
 }
 
-/// `--rounding auto`'s linears that were not judged among `records` (each with whether its
-/// layer is a MoE layer), counted by why (empty where none): in a MoE layer (held-out judging
-/// is for dense layers), without held-out blocks, or with too few calibration tokens for the
-/// linear's input width.
-fn not_judged(r: &Report, records: &[(bool, &super::rounding::RoundingReport)]) -> String {
-    let unjudged = |moe: bool| {
-        (records.iter())
-            .filter(|(m, x)| *m == moe && x.held_out_rtn_loss.is_none())
-            .count()
-    };
-    let dense_why = match r.calibration.held_out_blocks {
-        0 => format!(
-            "no held-out blocks: fewer than {} calibration blocks",
-            crate::calib::held_out::EVERY
-        ),
-        _ => format!(
-            "fewer than {} calibration tokens per input dimension, {} tokens here: more \
-             --n-samples or a longer --seqlen",
-            super::rounding::MIN_TOKENS_PER_INPUT,
-            r.calibration.tokens
-        ),
-    };
+/// How the codes of the run's linears were chosen, counted (MoE experts, which round to
+/// nearest, and linears kept float are not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RoundingCounts {
+    /// `--rounding`.
+    pub method: super::Rounding,
+    /// Linears with a rounding record: the dense linears `auto` or `gptq` considered (0 with
+    /// `rtn`).
+    pub linears: usize,
+    /// Of them, those written with error feedback's codes.
+    pub error_feedback: usize,
+    /// `auto`: linears of dense layers it did not judge (too few tokens, no held-out blocks).
+    pub not_judged: usize,
+    /// `auto`: linears of MoE layers (not judged: dense layers only).
+    pub in_moe_layers: usize,
+}
+
+/// `--rounding auto`'s linears that were not judged (`c`), by why (empty where none): in a MoE
+/// layer (held-out judging is for dense layers), without held-out blocks, or with too few
+/// calibration tokens for the linear's input width.
+fn not_judged(cal: &crate::calib::CalibSummary, c: &RoundingCounts) -> String {
     let mut out = String::new();
     for (n, why) in [
-        (unjudged(false), dense_why),
+        (c.not_judged, dense_unjudged_why(cal, None)),
         (
-            unjudged(true),
+            c.in_moe_layers,
             "in MoE layers: auto judges dense layers only".into(),
         ),
     ] {
@@ -435,6 +540,25 @@ fn not_judged(r: &Report, records: &[(bool, &super::rounding::RoundingReport)]) 
         }
     }
     out
+}
+
+/// Why `--rounding auto` does not judge linears of a dense layer with calibration `cal`, in
+/// words (the plan, the card, the summary): no held-out blocks, or too few tokens for the
+/// input's width; with `tokens_for_all`, how many would judge every linear.
+fn dense_unjudged_why(cal: &crate::calib::CalibSummary, tokens_for_all: Option<usize>) -> String {
+    match cal.held_out_blocks {
+        0 => format!(
+            "no held-out blocks: fewer than {} calibration blocks",
+            crate::calib::held_out::EVERY
+        ),
+        _ => format!(
+            "fewer than {} calibration tokens per input dimension, {} tokens here{}: more \
+             --n-samples or a longer --seqlen",
+            super::rounding::MIN_TOKENS_PER_INPUT,
+            cal.tokens,
+            tokens_for_all.map_or(String::new(), |n| format!(" ({n} judge every linear)"))
+        ),
+    }
 }
 
 /// Where the time went, over the whole run.
@@ -607,7 +731,7 @@ pub(super) fn make_plan(
     let peak = 4 * (3 * layer_params + activations)
         + 4 * t * spec.hidden
         + 250 * (1 << 20)
-        + rounding_bytes(opts.rounding, spec, &linears, t, cal.held_out_blocks > 0);
+        + rounding_bytes(opts.rounding, spec, t, cal.held_out_blocks > 0);
     let moe: Vec<_> = (0..spec.layers)
         .filter_map(|i| spec.layer(i).moe.clone())
         .collect();
@@ -653,6 +777,8 @@ pub(super) fn make_plan(
         shards: None,
         fp8_block: spec.fp8_block,
         experts,
+        rounding: (opts.rounding == super::Rounding::Auto)
+            .then(|| RoundingPlan::of(spec, t, cal.held_out_blocks > 0)),
     }
 }
 
@@ -697,29 +823,37 @@ pub(super) fn machine_scale() -> f64 {
 
 /// Error feedback's f64 Gram matrices (`quantize::rounding`): each dense input's `XᵀX` of
 /// every block, held from the search to the codes, plus about two more of the widest input's
-/// while its factors are made. `auto` makes them only for an input it judges (a calibration
-/// `split` into held-out blocks, and enough `tokens`), with the held-out blocks' `XᵀX` beside
-/// them. 0 for `rtn`.
+/// while its factors are made; the most any kind of layer of `spec` holds. `auto` makes them only
+/// in a dense layer, for an input it judges (a calibration `split` into held-out blocks, and
+/// enough `tokens`), with the held-out blocks' `XᵀX` beside them. 0 for `rtn`.
 fn rounding_bytes(
     rounding: super::Rounding,
     spec: &crate::model::config::ModelSpec,
-    linears: &[crate::model::shapes::LinearShape],
     tokens: usize,
     split: bool,
 ) -> usize {
-    let copies = |n: usize| match rounding {
-        super::Rounding::Rtn => 0,
-        super::Rounding::Gptq => 1,
-        super::Rounding::Auto => 2 * (split && super::rounding::judges(tokens, n)) as usize,
-    };
-    let widths: Vec<usize> = (spec.inputs().iter())
-        .filter_map(|i| linears.iter().find(|l| l.input == *i && l.expert.is_none()))
-        .map(|l| l.inp)
-        .filter(|&n| copies(n) > 0)
-        .collect();
-    let kept: usize = widths.iter().map(|&n| copies(n) * n * n).sum();
-    let widest = widths.iter().max().copied().unwrap_or(0);
-    8 * (kept + 2 * widest * widest)
+    (spec.layer_kinds().iter())
+        .map(|(_, kind)| {
+            let dense = kind.moe.is_none();
+            let copies = |n: usize| match rounding {
+                super::Rounding::Rtn => 0,
+                super::Rounding::Gptq => 1,
+                super::Rounding::Auto => {
+                    2 * (dense && split && super::rounding::judges(tokens, n)) as usize
+                }
+            };
+            let linears = kind.linears();
+            let widths: Vec<usize> = (kind.inputs().iter())
+                .filter_map(|i| linears.iter().find(|l| l.input == *i && l.expert.is_none()))
+                .map(|l| l.inp)
+                .filter(|&n| copies(n) > 0)
+                .collect();
+            let kept: usize = widths.iter().map(|&n| copies(n) * n * n).sum();
+            let widest = widths.iter().max().copied().unwrap_or(0);
+            8 * (kept + 2 * widest * widest)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// What the fitting machine's 2 cores reached on [`matmul_gflops`]'s product (AVX-512; its
@@ -1100,8 +1234,7 @@ mod tests {
         });
         std::fs::write(&path, config.to_string()).unwrap();
         let spec = crate::model::load_spec(&path).unwrap();
-        let linears = spec.linears();
-        let bytes = |r, tokens| rounding_bytes(r, &spec, &linears, tokens, true);
+        let bytes = |r, tokens| rounding_bytes(r, &spec, tokens, true);
         let (h, i) = (64 * 64, 96 * 96);
         assert_eq!(bytes(Rounding::Rtn, 1000), 0);
         assert_eq!(bytes(Rounding::Gptq, 1000), 8 * (3 * h + i + 2 * i));
@@ -1110,10 +1243,29 @@ mod tests {
         assert_eq!(bytes(Rounding::Auto, 300), 8 * (6 * h + 2 * h));
         assert_eq!(bytes(Rounding::Auto, 384), 8 * (6 * h + 2 * i + 2 * i));
         // Without held-out blocks `auto` judges nothing.
+        assert_eq!(rounding_bytes(Rounding::Auto, &spec, 384, false), 0);
+    }
+
+    /// `auto` judges dense layers only: a MoE model's estimate counts its dense layers'
+    /// matrices (GLM-4.5's first layer), and none where every layer is MoE (Mixtral), where
+    /// `gptq` still makes the attention's.
+    #[test]
+    fn the_peak_estimate_counts_no_auto_matrix_in_moe_layers() {
+        let fixture = |name: &str| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
+            crate::model::load_spec(&dir.join(name).join("config.json")).unwrap()
+        };
+        let glm = fixture("glm4_moe");
+        // The dense layer: q/k/v and gate/up read 128 wide, o and down 256 wide.
+        let (h, o) = (128 * 128, 256 * 256);
+        let dense_auto = 8 * (2 * (2 * h + 2 * o) + 2 * o);
         assert_eq!(
-            rounding_bytes(Rounding::Auto, &spec, &linears, 384, false),
-            0
+            rounding_bytes(Rounding::Auto, &glm, 100_000, true),
+            dense_auto
         );
+        let mixtral = fixture("mixtral");
+        assert_eq!(rounding_bytes(Rounding::Auto, &mixtral, 100_000, true), 0);
+        assert!(rounding_bytes(Rounding::Gptq, &mixtral, 100_000, true) > 0);
     }
 
     #[test]
