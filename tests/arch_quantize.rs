@@ -1197,7 +1197,7 @@ fn the_summary_says_where_error_feedback_was_kept_and_what_was_not_judged() {
             unjudged.len(),
             report["calibration"]["tokens"]
         );
-        assert!(text.contains(&format!("rounding: error feedback (GPTQ) with round-to-nearest's scales and zero points, {words}")), "{text}");
+        assert!(text.contains(&format!("rounding: error feedback (GPTQ) from the unclipped weights with round-to-nearest's scales and zero points, {words}")), "{text}");
         assert!(card_of(&out).contains(&words));
         // `--json`'s done event counts the same.
         let json = quantize_gemma3(

@@ -204,11 +204,7 @@ impl Guard<'_> {
     /// The layer with the `applied` groups' scales folded and no clip: what a linear kept in
     /// float (`--keep-fp16`) holds.
     pub fn scaled(&self, searched: &Searched, applied: &[bool]) -> Result<LayerWeights> {
-        let v = Variant {
-            groups: applied.to_vec(),
-            clips: vec![false; searched.clips.len()],
-        };
-        self.build(searched, &v)
+        unclipped(self.spec, self.load, searched, applied)
     }
 
     /// The error of `v`.
@@ -233,6 +229,24 @@ impl Guard<'_> {
     fn sq_diff(&self, x: &Tensor, reference: &Tensor) -> Result<f64> {
         normed_sq_diff(self.spec, &self.next_norm, x, reference)
     }
+}
+
+/// The layer `load` gives with the `applied` groups' scales (of `searched`) folded and no clip:
+/// the weights that clipping and rounding approximate (what a linear kept in float holds, and
+/// where error feedback starts).
+pub(super) fn unclipped(
+    spec: &ModelSpec,
+    load: &dyn Fn() -> Result<LayerWeights>,
+    searched: &Searched,
+    applied: &[bool],
+) -> Result<LayerWeights> {
+    let mut layer = load()?;
+    for ((g, s), on) in searched.groups.iter().zip(&searched.scales).zip(applied) {
+        if *on {
+            apply_scales(spec, &mut layer, g, s)?;
+        }
+    }
+    Ok(layer)
 }
 
 /// Σ (norm(x) − reference)² in f64: how far hidden states `x` are from `reference` (an fp

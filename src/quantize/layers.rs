@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::end_to_end::EndToEndReport;
 use super::experts::{finish_expert, ExpertInputs, Finished};
 use super::fallback;
-use super::guard::{guard_blocks, Guard, Searched};
+use super::guard::{self, guard_blocks, Guard, Searched};
 use super::keep;
 use super::layer::{
     apply_scales, float_tensors, group_absmax, linear_tensors, pieces, scaled_input, search_group,
@@ -232,9 +232,16 @@ fn quantize_layer(
     let clock = Instant::now();
     let (mut codes, rounding) = match grams {
         Some(grams) => {
+            // Error feedback starts from the weights before clipping (rebuilt from the
+            // checkpoint; the searched copies are gone by now).
+            let unclipped = match searched.clips.is_empty() {
+                true => None,
+                false => Some(guard::unclipped(spec, &load, &searched, &applied)?),
+            };
             let (codes, reports) = rounding::gptq_codes(
                 spec,
                 &layer,
+                unclipped.as_ref(),
                 grams,
                 &searched,
                 &applied,

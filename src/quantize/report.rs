@@ -455,7 +455,7 @@ impl Report {
             false => String::new(),
         };
         format!(
-            "error feedback (GPTQ) with round-to-nearest's scales and zero points, kept on {} of {} linears where it lowered the {} loss{unjudged}{}",
+            "error feedback (GPTQ) from the unclipped weights with round-to-nearest's scales and zero points, kept on {} of {} linears where it lowered the {} loss{unjudged}{}",
             c.error_feedback,
             c.linears,
             match auto {

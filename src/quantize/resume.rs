@@ -48,10 +48,12 @@ pub(super) fn fingerprint(
         "card": {"name": opts.name, "base_model": opts.base_model},
     });
     // Error feedback's dampening changed between versions of the same number (0.01 → 0.3), and
-    // so did its column order (natural → activation order).
+    // so did its column order (natural → activation order) and where its walk starts (the
+    // clipped weights → the unclipped ones, with a choice of grid).
     if opts.rounding != super::Rounding::Rtn {
         v["options"]["gptq_damp"] = crate::quant::gptq::DAMP.into();
         v["options"]["gptq_order"] = crate::quant::gptq::ORDER.into();
+        v["options"]["gptq_start"] = super::rounding::START.into();
     }
     // The end-to-end check reads the searched scales from the parts, which parts staged before
     // its fallback existed lack.
