@@ -433,8 +433,15 @@ mod tests {
         let from_clipped = quantize(&clipped, rows, cols, group, &f).unwrap();
         assert_eq!(from_unclipped.scales, grid.scales);
         assert_eq!(from_unclipped.zeros, grid.zeros);
-        let (u, c, r) = (loss_of(&from_unclipped), loss_of(&from_clipped), loss_of(&grid));
-        assert!(u < c && c < r, "from unclipped {u}, from clipped {c}, rtn {r}");
+        let (u, c, r) = (
+            loss_of(&from_unclipped),
+            loss_of(&from_clipped),
+            loss_of(&grid),
+        );
+        assert!(
+            u < c && c < r,
+            "from unclipped {u}, from clipped {c}, rtn {r}"
+        );
     }
 
     proptest! {

@@ -573,7 +573,13 @@ fn finish_input(
                     }
                     None => None,
                 };
-                grams.push(rounding::InputGram { input, all, held });
+                let tokens = x.dim(0)?;
+                grams.push(rounding::InputGram {
+                    input,
+                    all,
+                    held,
+                    tokens,
+                });
             }
         }
         _ => {}

@@ -53,7 +53,7 @@ pub(super) fn fingerprint(
     if opts.rounding != super::Rounding::Rtn {
         v["options"]["gptq_damp"] = crate::quant::gptq::DAMP.into();
         v["options"]["gptq_order"] = crate::quant::gptq::ORDER.into();
-        v["options"]["gptq_start"] = super::rounding::START.into();
+        v["options"]["gptq_start"] = super::rounding::start().into();
     }
     // The end-to-end check reads the searched scales from the parts, which parts staged before
     // its fallback existed lack.

@@ -12,7 +12,9 @@
 //! as before, fed no clip error back (layer 0's o_proj: held-out loss 7.58 against 2.27 from the
 //! unclipped weights; 10.55 rounded to nearest). Walking onto the unclipped weights' own grid
 //! instead (the clip dropped) gained more with WikiText-2 calibration but lost badly with the
-//! embedded corpus (19.466 against 18.781), where the clipped grid gained (18.703).
+//! embedded corpus (19.466 against 18.781), where the clipped grid gained (18.703). With few
+//! calibration tokens per input dimension the walk still starts from the clipped weights
+//! ([`MIN_TOKENS_FROM_UNCLIPPED`]).
 //!
 //! `gptq` keeps error feedback where its loss on every calibration block is lower than
 //! round-to-nearest's, which it nearly always is: it minimises that loss, and with few tokens
@@ -55,9 +57,22 @@ pub fn judges(tokens: usize, width: usize) -> bool {
     tokens >= MIN_TOKENS_PER_INPUT * width
 }
 
-/// Where error feedback's walk starts, as the resume fingerprint records it: the weights before
-/// clipping (see the module doc).
-pub const START: &str = "unclipped";
+/// Error feedback walks from the unclipped weights only where the calibration holds at least
+/// this many tokens per input dimension of the linear, and from the clipped ones below (the
+/// loss is measured against the unclipped weights either way). Feeding a clip's error back
+/// spreads it, larger than a rounding error, through `XᵀX`, which few tokens estimate poorly.
+/// Measured on SmolLM2 (group 64, `--fast`, the embedded corpus): with 13 blocks of 512 (11.6
+/// tokens per dimension of the 576-wide inputs, 4.3 of the 1536-wide one) walking from the
+/// unclipped weights raised the WikiText-2 perplexity from 18.955 to 19.349 (to 19.235 with the
+/// 1536-wide input alone walking from the clipped weights); with 56 blocks (49.8 and 18.7) it
+/// lowered it from 18.781 to 18.703.
+pub const MIN_TOKENS_FROM_UNCLIPPED: usize = 16;
+
+/// Where error feedback's walk starts, as the resume fingerprint records it (see
+/// [`MIN_TOKENS_FROM_UNCLIPPED`]).
+pub fn start() -> String {
+    format!("unclipped from {MIN_TOKENS_FROM_UNCLIPPED} tokens per input dimension")
+}
 
 /// How much lower error feedback's held-out loss must be than round-to-nearest's for
 /// `--rounding auto` to keep it (a share of round-to-nearest's).
@@ -93,6 +108,8 @@ pub(super) struct InputGram {
     pub input: Input,
     pub all: Vec<f64>,
     pub held: Option<Vec<f64>>,
+    /// Calibration tokens (rows) of every block that `all` sums over.
+    pub tokens: usize,
 }
 
 /// `XᵀX` (f64, `[in, in]` row-major) of the scaled captured input `x` of kind `input`, when a
@@ -200,7 +217,9 @@ impl RoundingReport {
 /// reverted group's `scales`, if any), from that input's Gram matrices `g`. `layer` holds the
 /// weights as clipped, `unclipped` (where a clip was applied in this layer) the same scaled
 /// weights before clipping: error feedback walks from those onto the clipped weights' grid, so
-/// the clip's own error is fed back too, and every loss is measured against them. `auto` first
+/// the clip's own error is fed back too (from the clipped weights below
+/// [`MIN_TOKENS_FROM_UNCLIPPED`] tokens per input dimension), and every loss is measured
+/// against them. `auto` first
 /// judges each linear with error feedback fitted without the held-out blocks, and drops the
 /// held-out matrix and that factor before it factors every block's `H` for the codes written.
 fn key_codes(
@@ -220,7 +239,8 @@ fn key_codes(
     let all = under(g.all);
     // Present only where `auto` judges this input ([`judges`]).
     let held = g.held.map(under);
-    let c = Targets::new(linears, layer, unclipped, group)?;
+    let from_unclipped = g.tokens >= MIN_TOKENS_FROM_UNCLIPPED * n;
+    let c = Targets::new(linears, layer, unclipped, from_unclipped, group)?;
     // `auto` wants error feedback where the held-out blocks choose it (both losses kept for the
     // report), `gptq` everywhere.
     let (wanted, held_losses): (Vec<bool>, Vec<Option<(f64, f64)>>) = match (rounding, held) {
@@ -270,33 +290,44 @@ struct Targets<'a> {
     linears: &'a [&'a LinearShape],
     /// Each linear's scaled weight before clipping (`[out, in]` row-major).
     targets: Vec<Vec<f32>>,
+    /// The clipped weights, where error feedback walks from them instead (too few tokens,
+    /// [`MIN_TOKENS_FROM_UNCLIPPED`]).
+    starts: Option<Vec<Vec<f32>>>,
     /// Round-to-nearest of the clipped weights: AutoAWQ's codes, and the clipped grid.
     rtn: Vec<Quantized>,
     group: usize,
 }
 
 impl<'a> Targets<'a> {
+    /// `unclipped`: the layer before clipping, if anything was clipped; `from_unclipped`:
+    /// whether error feedback walks from it.
     fn new(
         linears: &'a [&'a LinearShape],
         layer: &LayerWeights,
         unclipped: Option<&LayerWeights>,
+        from_unclipped: bool,
         group: usize,
     ) -> Result<Self> {
         let weight = |w: &LayerWeights, name: &str| -> Result<Vec<f32>> {
             Ok(w.linear(name).weight.flatten_all()?.to_vec1::<f32>()?)
         };
-        let (mut targets, mut rtn) = (Vec::new(), Vec::new());
+        let (mut targets, mut rtn, mut clipped) = (Vec::new(), Vec::new(), Vec::new());
         for l in linears {
             let w = weight(layer, l.name)?;
             rtn.push(quantize_f16(&w, l.out, l.inp, group));
-            targets.push(match unclipped {
-                Some(u) => weight(u, l.name)?,
-                None => w,
-            });
+            match unclipped {
+                Some(u) => {
+                    targets.push(weight(u, l.name)?);
+                    clipped.push(w);
+                }
+                None => targets.push(w),
+            }
         }
+        let starts = (unclipped.is_some() && !from_unclipped).then_some(clipped);
         Ok(Targets {
             linears,
             targets,
+            starts,
             rtn,
             group,
         })
@@ -308,12 +339,13 @@ impl<'a> Targets<'a> {
         gptq::loss(&self.targets[k], &q.dequantize(), l.out, l.inp, h)
     }
 
-    /// Error feedback's codes for linear `k`: walked from its unclipped weight, onto the
-    /// clipped weight's grid.
+    /// Error feedback's codes for linear `k`: walked from its unclipped weight (or, with too
+    /// few tokens, its clipped one), onto the clipped weight's grid.
     fn feedback(&self, k: usize, f: &gptq::Factor) -> Result<Quantized> {
         let l = self.linears[k];
         let grid = self.rtn[k].clone();
-        gptq::quantize_on(&self.targets[k], grid, l.out, l.inp, self.group, f)
+        let from = self.starts.as_ref().map_or(&self.targets[k], |s| &s[k]);
+        gptq::quantize_on(from, grid, l.out, l.inp, self.group, f)
     }
 
     /// Whether linear `k`'s error feedback (fitted with `f`) has a loss on `h` lower than
