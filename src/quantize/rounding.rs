@@ -78,9 +78,10 @@ pub fn start() -> String {
 /// `--rounding auto` to keep it (a share of round-to-nearest's).
 pub const AUTO_MARGIN: f64 = 0.0;
 
-/// Per linear: the loss `Σ (w − ŵ) H (w − ŵ)ᵀ` of both roundings on every calibration block,
-/// and for `auto` on the held-out blocks, error feedback fitted without them (`None` where it
-/// was not judged: other methods, no split, too few tokens); and which was kept.
+/// Per linear: the loss `Σ (w − ŵ) H (w − ŵ)ᵀ` (`w` the scaled weight before clipping) of both
+/// roundings on every calibration block, and for `auto` on the held-out blocks, error feedback
+/// fitted without them (`None` where it was not judged: other methods, no split, too few
+/// tokens); and which was kept.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RoundingReport {
     /// The linear's name within its layer (`mlp.down_proj`).
