@@ -49,7 +49,7 @@ pub(super) fn fingerprint(
     });
     // Error feedback's dampening changed between versions of the same number (0.01 → 0.3), and
     // so did its column order (natural → activation order) and where its walk starts (the
-    // clipped weights → the unclipped ones, with a choice of grid).
+    // clipped weights → the unclipped ones, with enough calibration tokens).
     if opts.rounding != super::Rounding::Rtn {
         v["options"]["gptq_damp"] = crate::quant::gptq::DAMP.into();
         v["options"]["gptq_order"] = crate::quant::gptq::ORDER.into();
