@@ -226,17 +226,18 @@ fn quantize_layer(
         next_norm,
         load: &load,
     });
-    let (layer, checked) = check_layer(opts, guard.as_ref(), &searched, layer, &mut t)?;
+    let (layer, mut checked) = check_layer(opts, guard.as_ref(), &searched, layer, &mut t)?;
     let applied = checked.applied;
 
     let clock = Instant::now();
     let (mut codes, rounding) = match grams {
         Some(grams) => {
-            // Error feedback starts from the weights before clipping (rebuilt from the
-            // checkpoint; the searched copies are gone by now).
-            let unclipped = match searched.clips.is_empty() {
-                true => None,
-                false => Some(guard::unclipped(spec, &load, &searched, &applied)?),
+            // Error feedback starts from the weights before clipping: `--keep-fp16`'s, or
+            // rebuilt from the checkpoint (the searched copies are gone by now).
+            let unclipped = match (searched.clips.is_empty(), checked.unclipped.take()) {
+                (true, _) => None,
+                (false, Some(u)) => Some(u),
+                (false, None) => Some(guard::unclipped(spec, &load, &searched, &applied)?),
             };
             let (codes, reports) = rounding::gptq_codes(
                 spec,
@@ -377,6 +378,9 @@ struct Checked {
     applied: Vec<bool>,
     guard: Option<super::guard::GuardReport>,
     fp16_candidates: Option<Vec<keep::Fp16Candidate>>,
+    /// The layer with the applied scales and no clip, where `--keep-fp16` built it for its
+    /// measure: error feedback starts from the same weights.
+    unclipped: Option<LayerWeights>,
 }
 
 /// The guard (unless `--no-guard`) chooses the layer to write from `layer` (AWQ as searched);
@@ -393,6 +397,7 @@ fn check_layer(
         applied: vec![true; searched.groups.len()],
         guard: None,
         fp16_candidates: None,
+        unclipped: None,
     };
     let Some(guard) = guard else {
         return Ok((layer, checked));
@@ -412,6 +417,7 @@ fn check_layer(
         };
         let base = checked.guard.as_ref().map(|g| g.chosen);
         checked.fp16_candidates = Some(keep::measure(guard, fmt, &layer, &float, base)?);
+        checked.unclipped = Some(float);
     }
     t.fp16_budget = clock.elapsed().as_secs_f64();
     Ok((layer, checked))

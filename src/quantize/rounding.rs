@@ -319,7 +319,10 @@ impl<'a> Targets<'a> {
             match unclipped {
                 Some(u) => {
                     targets.push(weight(u, l.name)?);
-                    clipped.push(w);
+                    // Kept only where the walk starts from it.
+                    if !from_unclipped {
+                        clipped.push(w);
+                    }
                 }
                 None => targets.push(w),
             }
