@@ -102,7 +102,7 @@ impl RoundingPlan {
         for i in 0..spec.layers {
             let layer = spec.layer(i);
             for l in layer.linears().iter().filter(|l| l.expert.is_none()) {
-                let judged = split && super::rounding::judges(tokens, l.inp);
+                let judged = super::rounding::auto_judges(&layer, split, tokens, l.inp);
                 match (layer.moe.is_some(), judged) {
                     (true, _) => p.in_moe_layers += 1,
                     (false, true) => p.judged += 1,
@@ -834,12 +834,11 @@ fn rounding_bytes(
 ) -> usize {
     (spec.layer_kinds().iter())
         .map(|(_, kind)| {
-            let dense = kind.moe.is_none();
             let copies = |n: usize| match rounding {
                 super::Rounding::Rtn => 0,
                 super::Rounding::Gptq => 1,
                 super::Rounding::Auto => {
-                    2 * (dense && split && super::rounding::judges(tokens, n)) as usize
+                    2 * super::rounding::auto_judges(kind, split, tokens, n) as usize
                 }
             };
             let linears = kind.linears();

@@ -57,6 +57,13 @@ pub fn judges(tokens: usize, width: usize) -> bool {
     tokens >= MIN_TOKENS_PER_INPUT * width
 }
 
+/// Whether `auto` judges a linear of input `width` in a layer of `layer` before a run, as the
+/// run will: in a dense layer (the held-out split is made for those only), with held-out
+/// blocks (`split`) and [`judges`]'s tokens.
+pub fn auto_judges(layer: &ModelSpec, split: bool, tokens: usize, width: usize) -> bool {
+    layer.moe.is_none() && split && judges(tokens, width)
+}
+
 /// Error feedback walks from the unclipped weights only where the calibration holds at least
 /// this many tokens per input dimension of the linear, and from the clipped ones below (the
 /// loss is measured against the unclipped weights either way). Feeding a clip's error back
