@@ -1067,7 +1067,7 @@ fn dry_run_plans_fp8_sources_experts_and_dense_layers() {
     assert_eq!(
         plan["rounding"],
         serde_json::json!({"judged": 0, "too_few_tokens": 8, "in_moe_layers": 16,
-            "tokens_for_all": 1024}),
+            "tokens_for_all": 1024, "from_unclipped": false}),
         "{plan}"
     );
     let groups: Vec<String> = (plan["scale_groups"].as_array().unwrap().iter())

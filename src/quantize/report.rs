@@ -87,6 +87,12 @@ pub struct RoundingPlan {
     /// Calibration tokens that would judge every linear of the dense layers (with held-out
     /// blocks): [`super::rounding::MIN_TOKENS_PER_INPUT`] per dimension of the widest input.
     pub tokens_for_all: usize,
+    /// Whether error feedback walks from the weights before clipping, so that the clips' errors
+    /// are fed back too: the calibration holds
+    /// [`super::rounding::MIN_TOKENS_FROM_UNCLIPPED`] tokens. Below, it walks from the clipped
+    /// weights.
+    #[serde(default)]
+    pub from_unclipped: bool,
 }
 
 impl RoundingPlan {
@@ -98,6 +104,7 @@ impl RoundingPlan {
             too_few_tokens: 0,
             in_moe_layers: 0,
             tokens_for_all: 0,
+            from_unclipped: tokens >= super::rounding::MIN_TOKENS_FROM_UNCLIPPED,
         };
         for i in 0..spec.layers {
             let layer = spec.layer(i);
@@ -125,6 +132,15 @@ impl RoundingPlan {
              linears",
             self.judged
         );
+        if self.judged > 0 {
+            line += &match self.from_unclipped {
+                true => ", walking from the weights before clipping".to_string(),
+                false => format!(
+                    ", walking from the clipped weights (fewer than {} calibration tokens)",
+                    super::rounding::MIN_TOKENS_FROM_UNCLIPPED
+                ),
+            };
+        }
         if self.too_few_tokens > 0 {
             let why = dense_unjudged_why(cal, Some(self.tokens_for_all));
             line += &format!("; {} round to nearest ({why})", self.too_few_tokens);
@@ -1265,6 +1281,38 @@ mod tests {
         let mixtral = fixture("mixtral");
         assert_eq!(rounding_bytes(Rounding::Auto, &mixtral, 100_000, true), 0);
         assert!(rounding_bytes(Rounding::Gptq, &mixtral, 100_000, true) > 0);
+    }
+
+    /// The plan says where error feedback will walk from: the clipped weights below
+    /// `MIN_TOKENS_FROM_UNCLIPPED` calibration tokens, whatever the width, the weights before
+    /// clipping from it (the README's first run, 6656 tokens, walks from the clipped ones).
+    #[test]
+    fn the_plan_says_where_error_feedback_walks_from() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
+        let llama = crate::model::load_spec(&dir.join("llama/config.json")).unwrap();
+        let at = super::super::rounding::MIN_TOKENS_FROM_UNCLIPPED;
+        let cal = |tokens| crate::calib::CalibSummary {
+            source: "embedded corpus".into(),
+            documents_read: 1,
+            documents_skipped: 0,
+            documents_used: 1,
+            documents_too_long: 0,
+            documents_split: 0,
+            blocks: tokens / 512,
+            seqlen: 512,
+            tokens,
+            held_out_blocks: tokens / 2048,
+        };
+        let below = super::RoundingPlan::of(&llama, at - 512, true);
+        let from = super::RoundingPlan::of(&llama, at, true);
+        assert!(!below.from_unclipped && from.from_unclipped);
+        assert!(below.judged > 0 && from.judged > 0);
+        assert!(below.words(&cal(at - 512)).contains(&format!(
+            "walking from the clipped weights (fewer than {at}"
+        )));
+        assert!(from
+            .words(&cal(at))
+            .contains("walking from the weights before clipping"));
     }
 
     #[test]
