@@ -1163,6 +1163,43 @@ fn an_end_to_end_loss_within_the_checks_noise_keeps_what_was_written() {
     assert!(!stderr.contains("written again"), "{stderr}");
 }
 
+/// The summary says where error feedback walked from: the weights before clipping from 16 384
+/// calibration tokens, nothing about clipping with `--no-clip` (it said "from the unclipped
+/// weights" whatever the calibration, also where the walk started from the clipped ones).
+#[test]
+fn the_summary_says_where_error_feedback_walked_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = [
+        "--seqlen",
+        "128",
+        "--n-samples",
+        "400",
+        "--max-blocks",
+        "128",
+    ];
+    let text = quantize_gemma3(
+        &tmp.path().join("big"),
+        &[&big[..], &["--group", "64", "--fast"]].concat(),
+        &[],
+    );
+    let walked = "rounding: error feedback (GPTQ) from the weights before clipping with";
+    assert!(text.contains(walked), "{text}");
+    let cfg = [
+        "--seqlen",
+        "16",
+        "--n-samples",
+        "4",
+        "--group",
+        "64",
+        "--no-clip",
+    ];
+    let text = quantize_gemma3(&tmp.path().join("no-clip"), &cfg, &[]);
+    assert!(
+        text.contains("rounding: error feedback (GPTQ) with round-to-nearest's"),
+        "{text}"
+    );
+}
+
 /// The default rounding (`auto`) says in the run's summary, as in the card, on how many linears
 /// it kept error feedback and how many it could not judge for want of calibration tokens (4 per
 /// input dimension): every one with 4 blocks of 16 tokens, down_proj's alone with 15 of 64.
@@ -1197,7 +1234,7 @@ fn the_summary_says_where_error_feedback_was_kept_and_what_was_not_judged() {
             unjudged.len(),
             report["calibration"]["tokens"]
         );
-        assert!(text.contains(&format!("rounding: error feedback (GPTQ) from the unclipped weights with round-to-nearest's scales and zero points, {words}")), "{text}");
+        assert!(text.contains(&format!("rounding: error feedback (GPTQ) from the clipped weights (fewer than 16384 calibration tokens) with round-to-nearest's scales and zero points, {words}")), "{text}");
         assert!(card_of(&out).contains(&words));
         // `--json`'s done event counts the same.
         let json = quantize_gemma3(

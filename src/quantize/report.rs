@@ -471,7 +471,8 @@ impl Report {
             false => String::new(),
         };
         format!(
-            "error feedback (GPTQ) from the unclipped weights with round-to-nearest's scales and zero points, kept on {} of {} linears where it lowered the {} loss{unjudged}{}",
+            "error feedback (GPTQ){} with round-to-nearest's scales and zero points, kept on {} of {} linears where it lowered the {} loss{unjudged}{}",
+            self.walk_words(),
             c.error_feedback,
             c.linears,
             match auto {
@@ -483,6 +484,20 @@ impl Report {
                 false => "",
             }
         )
+    }
+
+    /// Where error feedback walked from ([`super::rounding::MIN_TOKENS_FROM_UNCLIPPED`]): the
+    /// weights before clipping, or the clipped ones with fewer calibration tokens; nothing to
+    /// say without clipping.
+    fn walk_words(&self) -> String {
+        let min = super::rounding::MIN_TOKENS_FROM_UNCLIPPED;
+        match (self.options.clip, self.calibration.tokens >= min) {
+            (false, _) => String::new(),
+            (true, true) => " from the weights before clipping".into(),
+            (true, false) => {
+                format!(" from the clipped weights (fewer than {min} calibration tokens)")
+            }
+        }
     }
 
     /// Every layer's rounding record of a quantized linear (those `--keep-fp16` kept float have
