@@ -90,21 +90,26 @@ pub struct RoundingPlan {
     /// Whether error feedback walks from the weights before clipping, so that the clips' errors
     /// are fed back too: the calibration holds
     /// [`super::rounding::MIN_TOKENS_FROM_UNCLIPPED`] tokens. Below, it walks from the clipped
-    /// weights.
+    /// weights; `None` with `--no-clip`.
     #[serde(default)]
-    pub from_unclipped: bool,
+    pub from_unclipped: Option<bool>,
 }
 
 impl RoundingPlan {
     /// `--rounding auto`'s plan for `tokens` calibration tokens, `split` whether there are
-    /// held-out blocks.
-    pub fn of(spec: &crate::model::config::ModelSpec, tokens: usize, split: bool) -> Self {
+    /// held-out blocks, `clip` whether the weights are clipped.
+    pub fn of(
+        spec: &crate::model::config::ModelSpec,
+        tokens: usize,
+        split: bool,
+        clip: bool,
+    ) -> Self {
         let mut p = RoundingPlan {
             judged: 0,
             too_few_tokens: 0,
             in_moe_layers: 0,
             tokens_for_all: 0,
-            from_unclipped: tokens >= super::rounding::MIN_TOKENS_FROM_UNCLIPPED,
+            from_unclipped: clip.then_some(tokens >= super::rounding::MIN_TOKENS_FROM_UNCLIPPED),
         };
         for i in 0..spec.layers {
             let layer = spec.layer(i);
@@ -134,8 +139,9 @@ impl RoundingPlan {
         );
         if self.judged > 0 {
             line += &match self.from_unclipped {
-                true => ", walking from the weights before clipping".to_string(),
-                false => format!(
+                None => String::new(),
+                Some(true) => ", walking from the weights before clipping".to_string(),
+                Some(false) => format!(
                     ", walking from the clipped weights (fewer than {} calibration tokens)",
                     super::rounding::MIN_TOKENS_FROM_UNCLIPPED
                 ),
@@ -809,7 +815,7 @@ pub(super) fn make_plan(
         fp8_block: spec.fp8_block,
         experts,
         rounding: (opts.rounding == super::Rounding::Auto)
-            .then(|| RoundingPlan::of(spec, t, cal.held_out_blocks > 0)),
+            .then(|| RoundingPlan::of(spec, t, cal.held_out_blocks > 0, opts.clip)),
     }
 }
 
@@ -1318,9 +1324,12 @@ mod tests {
             tokens,
             held_out_blocks: tokens / 2048,
         };
-        let below = super::RoundingPlan::of(&llama, at - 512, true);
-        let from = super::RoundingPlan::of(&llama, at, true);
-        assert!(!below.from_unclipped && from.from_unclipped);
+        let below = super::RoundingPlan::of(&llama, at - 512, true, true);
+        let from = super::RoundingPlan::of(&llama, at, true, true);
+        assert_eq!(
+            (below.from_unclipped, from.from_unclipped),
+            (Some(false), Some(true))
+        );
         assert!(below.judged > 0 && from.judged > 0);
         assert!(below.words(&cal(at - 512)).contains(&format!(
             "walking from the clipped weights (fewer than {at}"
@@ -1328,6 +1337,10 @@ mod tests {
         assert!(from
             .words(&cal(at))
             .contains("walking from the weights before clipping"));
+        // With `--no-clip` there is nothing to say.
+        let no_clip = super::RoundingPlan::of(&llama, at, true, false);
+        assert_eq!(no_clip.from_unclipped, None);
+        assert!(!no_clip.words(&cal(at)).contains("walking"));
     }
 
     #[test]
