@@ -302,8 +302,9 @@ pub struct QuantizeArgs {
     /// How the 4-bit codes are chosen once scales and clipping are fixed: auto, the default
     /// (error feedback through the calibration input's XᵀX, with round-to-nearest's scales and
     /// zero points of the clipped weights, walking from the weights before clipping so that the
-    /// clip's error is fed back too where the calibration has 16384 tokens, kept per linear
-    /// only where, fitted without the held-out calibration blocks
+    /// clip's error is fed back too where the calibration has at least 16384 tokens, from the
+    /// clipped weights below; kept per linear only where, fitted without the held-out
+    /// calibration blocks
     /// (every 4th), it lowers their loss, and only where the calibration has 4 tokens per input
     /// dimension; round to nearest elsewhere), rtn (round to nearest everywhere: AutoAWQ's
     /// codes exactly), or gptq (error feedback kept per linear where it lowers the loss on all
