@@ -109,7 +109,7 @@ impl RoundingPlan {
             too_few_tokens: 0,
             in_moe_layers: 0,
             tokens_for_all: 0,
-            from_unclipped: clip.then_some(tokens >= super::rounding::MIN_TOKENS_FROM_UNCLIPPED),
+            from_unclipped: clip.then(|| super::rounding::walks_from_unclipped(tokens)),
         };
         for i in 0..spec.layers {
             let layer = spec.layer(i);
@@ -137,15 +137,8 @@ impl RoundingPlan {
              linears",
             self.judged
         );
-        if self.judged > 0 {
-            line += &match self.from_unclipped {
-                None => String::new(),
-                Some(true) => ", walking from the weights before clipping".to_string(),
-                Some(false) => format!(
-                    ", walking from the clipped weights (fewer than {} calibration tokens)",
-                    super::rounding::MIN_TOKENS_FROM_UNCLIPPED
-                ),
-            };
+        if let Some(from) = self.from_unclipped.filter(|_| self.judged > 0) {
+            line += &format!(", walking from {}", super::rounding::start_words(from));
         }
         if self.too_few_tokens > 0 {
             let why = dense_unjudged_why(cal, Some(self.tokens_for_all));
@@ -492,17 +485,15 @@ impl Report {
         )
     }
 
-    /// Where error feedback walked from ([`super::rounding::MIN_TOKENS_FROM_UNCLIPPED`]): the
-    /// weights before clipping, or the clipped ones with fewer calibration tokens; nothing to
+    /// Where error feedback walked from ([`super::rounding::walks_from_unclipped`]); nothing to
     /// say without clipping.
     fn walk_words(&self) -> String {
-        let min = super::rounding::MIN_TOKENS_FROM_UNCLIPPED;
-        match (self.options.clip, self.calibration.tokens >= min) {
-            (false, _) => String::new(),
-            (true, true) => " from the weights before clipping".into(),
-            (true, false) => {
-                format!(" from the clipped weights (fewer than {min} calibration tokens)")
+        match self.options.clip {
+            true => {
+                let from = super::rounding::walks_from_unclipped(self.calibration.tokens);
+                format!(" from {}", super::rounding::start_words(from))
             }
+            false => String::new(),
         }
     }
 

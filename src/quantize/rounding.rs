@@ -82,6 +82,22 @@ pub fn auto_judges(layer: &ModelSpec, split: bool, tokens: usize, width: usize) 
 /// the embedded corpus's 56 blocks with the exact search, 18.685 → 18.728.
 pub const MIN_TOKENS_FROM_UNCLIPPED: usize = 16_384;
 
+/// Whether error feedback walks from the weights before clipping with `tokens` calibration
+/// tokens ([`MIN_TOKENS_FROM_UNCLIPPED`]): the run's choice, the plan's and the report's.
+pub fn walks_from_unclipped(tokens: usize) -> bool {
+    tokens >= MIN_TOKENS_FROM_UNCLIPPED
+}
+
+/// Where the walk starts, in the plan's and the summary's words ([`walks_from_unclipped`]).
+pub fn start_words(from_unclipped: bool) -> String {
+    match from_unclipped {
+        true => "the weights before clipping".into(),
+        false => format!(
+            "the clipped weights (fewer than {MIN_TOKENS_FROM_UNCLIPPED} calibration tokens)"
+        ),
+    }
+}
+
 /// Where error feedback's walk starts, as the resume fingerprint records it (see
 /// [`MIN_TOKENS_FROM_UNCLIPPED`]).
 pub fn start() -> String {
@@ -254,7 +270,7 @@ fn key_codes(
     let all = under(g.all);
     // Present only where `auto` judges this input ([`judges`]).
     let held = g.held.map(under);
-    let from_unclipped = g.tokens >= MIN_TOKENS_FROM_UNCLIPPED;
+    let from_unclipped = walks_from_unclipped(g.tokens);
     let c = Targets::new(linears, layer, unclipped, from_unclipped, group)?;
     // `auto` wants error feedback where the held-out blocks choose it (both losses kept for the
     // report), `gptq` everywhere.
