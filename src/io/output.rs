@@ -247,7 +247,8 @@ pub fn check_replaceable(output: &Path, force: bool) -> Result<()> {
         (Existing::Absent | Existing::Empty, _) => Ok(()),
         (Existing::AwqOutput, true) => Ok(()),
         (Existing::AwqOutput, false) => Err(Error::OutputExists(format!(
-            "{} already exists; pass --force to replace it",
+            "{} already exists; pass --force to replace it, or --skip-existing to keep it when \
+             it was made from the same model, calibration and options",
             output.display()
         ))),
         (Existing::Other(what), _) => Err(Error::OutputExists(format!(
@@ -323,6 +324,12 @@ mod tests {
         )
         .unwrap();
         assert!(check_replaceable(&out, true).is_ok());
+        // Without --force: both ways on are named (the new-user trial looked for the second).
+        let err = check_replaceable(&out, false).unwrap_err().to_string();
+        assert!(
+            err.contains("--force") && err.contains("--skip-existing"),
+            "{err}"
+        );
         std::fs::write(out.join("my-notes.txt"), "keep me").unwrap();
         let err = check_replaceable(&out, true).unwrap_err().to_string();
         assert!(
