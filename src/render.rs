@@ -119,7 +119,8 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
         )?;
     }
     if let Some(r) = &plan.rounding {
-        writeln!(w, "rounding     {}", r.words(&plan.calibration))?;
+        let moe = plan.experts.is_some();
+        writeln!(w, "rounding     {}", r.words(&plan.calibration, moe))?;
     }
     writeln!(
         w,

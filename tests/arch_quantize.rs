@@ -1066,7 +1066,7 @@ fn dry_run_plans_fp8_sources_experts_and_dense_layers() {
     // 64 tokens: its widest input, down_proj's, needs 4 × 256.
     assert_eq!(
         plan["rounding"],
-        serde_json::json!({"judged": 0, "too_few_tokens": 8, "in_moe_layers": 16,
+        serde_json::json!({"method": "auto", "judged": 0, "too_few_tokens": 8, "in_moe_layers": 16,
             "tokens_for_all": 1024, "from_unclipped": false}),
         "{plan}"
     );

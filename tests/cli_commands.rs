@@ -277,6 +277,20 @@ fn dry_run_writes_nothing_and_exit_codes() {
         "{}",
         r.stdout
     );
+    // `gptq` and `rtn` have their line too.
+    let r = quantize(&s, &out, &["--dry-run", "--rounding", "gptq"]);
+    assert!(
+        r.stdout.contains("rounding     gptq: error feedback on "),
+        "{}",
+        r.stdout
+    );
+    let r = quantize(&s, &out, &["--dry-run", "--rounding", "rtn"]);
+    assert!(
+        r.stdout
+            .contains("rounding     rtn: round to nearest on every linear"),
+        "{}",
+        r.stdout
+    );
     assert!(!out.exists());
     let leftovers: Vec<_> = std::fs::read_dir(s.tmp.path()).unwrap().collect();
     assert_eq!(leftovers.len(), 2, "only model/ and calib.txt");

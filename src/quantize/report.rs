@@ -68,16 +68,22 @@ pub struct Plan {
     /// A MoE model's routed experts and what each sees of the calibration.
     #[serde(default)]
     pub experts: Option<ExpertPlan>,
-    /// What `--rounding auto` will judge (`None` for `rtn` and `gptq`).
+    /// How the codes will be chosen (`None` only in plans written before `rtn` and `gptq` had
+    /// one).
     #[serde(default)]
     pub rounding: Option<RoundingPlan>,
 }
 
-/// Which linears `--rounding auto` judges on the held-out blocks, before it runs, counted over
-/// every layer (the rest round to nearest; see [`super::rounding::judges`]).
+/// How `--rounding` will choose the codes, before it runs: for `auto`, which linears it judges
+/// on the held-out blocks, counted over every layer (the rest round to nearest; see
+/// [`super::rounding::judges`]); for `gptq`, the linears it tries error feedback on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoundingPlan {
-    /// Linears of dense layers that `auto` judges.
+    /// `--rounding`. Plans written while only `auto` had one lack it.
+    #[serde(default = "auto_method")]
+    pub method: super::Rounding,
+    /// Linears of dense layers that `auto` judges; for `gptq`, every linear but the routed
+    /// experts' (each keeps error feedback where it lowers the calibration loss).
     pub judged: usize,
     /// Linears of dense layers it does not judge: the calibration has no held-out blocks, or
     /// fewer than [`super::rounding::MIN_TOKENS_PER_INPUT`] tokens per input dimension.
@@ -95,22 +101,52 @@ pub struct RoundingPlan {
     pub from_unclipped: Option<bool>,
 }
 
+/// The method of a plan written while only `auto` had one.
+fn auto_method() -> super::Rounding {
+    super::Rounding::Auto
+}
+
 impl RoundingPlan {
-    /// `--rounding auto`'s plan for `tokens` calibration tokens, `split` whether there are
-    /// held-out blocks, `clip` whether the weights are clipped.
+    /// `method`'s plan for `tokens` calibration tokens, `split` whether there are held-out
+    /// blocks, `clip` whether the weights are clipped.
     pub fn of(
+        method: super::Rounding,
         spec: &crate::model::config::ModelSpec,
         tokens: usize,
         split: bool,
         clip: bool,
     ) -> Self {
+        let feedback = method != super::Rounding::Rtn;
         let mut p = RoundingPlan {
+            method,
             judged: 0,
             too_few_tokens: 0,
             in_moe_layers: 0,
             tokens_for_all: 0,
-            from_unclipped: clip.then(|| super::rounding::walks_from_unclipped(tokens)),
+            from_unclipped: (feedback && clip)
+                .then(|| super::rounding::walks_from_unclipped(tokens)),
         };
+        match method {
+            super::Rounding::Rtn => {}
+            super::Rounding::Gptq => {
+                p.judged = (0..spec.layers)
+                    .map(|i| {
+                        spec.layer(i)
+                            .linears()
+                            .iter()
+                            .filter(|l| l.expert.is_none())
+                            .count()
+                    })
+                    .sum();
+            }
+            super::Rounding::Auto => p.count_auto(spec, tokens, split),
+        }
+        p
+    }
+
+    /// `auto`'s counts: which linears it judges, and the tokens that would judge them all.
+    fn count_auto(&mut self, spec: &crate::model::config::ModelSpec, tokens: usize, split: bool) {
+        let p = self;
         for i in 0..spec.layers {
             let layer = spec.layer(i);
             for l in layer.linears().iter().filter(|l| l.expert.is_none()) {
@@ -126,20 +162,40 @@ impl RoundingPlan {
                 }
             }
         }
-        p
     }
 
-    /// The plan's `rounding` line: which linears `auto` judges, and what the others need.
-    pub fn words(&self, cal: &crate::calib::CalibSummary) -> String {
+    /// The plan's `rounding` line: for `auto`, which linears it judges, and what the others
+    /// need; for `gptq`, where the walk starts too (`moe`: the model has routed experts, which
+    /// round to nearest).
+    pub fn words(&self, cal: &crate::calib::CalibSummary, moe: bool) -> String {
+        let walk = match self.from_unclipped.filter(|_| self.judged > 0) {
+            Some(from) => format!(", walking from {}", super::rounding::start_words(from)),
+            None => String::new(),
+        };
+        match self.method {
+            super::Rounding::Rtn => "rtn: round to nearest on every linear".into(),
+            super::Rounding::Gptq => format!(
+                "gptq: error feedback on {} linears, kept on each where it lowers the \
+                 calibration loss{walk}{}",
+                self.judged,
+                match moe {
+                    true => "; routed experts round to nearest",
+                    false => "",
+                }
+            ),
+            super::Rounding::Auto => self.auto_words(cal, &walk),
+        }
+    }
+
+    /// `auto`'s line, `walk` where its walk starts.
+    fn auto_words(&self, cal: &crate::calib::CalibSummary, walk: &str) -> String {
         let total = self.judged + self.too_few_tokens + self.in_moe_layers;
         let mut line = format!(
             "auto: error feedback judged on the held-out calibration blocks for {} of {total} \
              linears",
             self.judged
         );
-        if let Some(from) = self.from_unclipped.filter(|_| self.judged > 0) {
-            line += &format!(", walking from {}", super::rounding::start_words(from));
-        }
+        line += walk;
         if self.too_few_tokens > 0 {
             let why = dense_unjudged_why(cal, Some(self.tokens_for_all));
             line += &format!("; {} round to nearest ({why})", self.too_few_tokens);
@@ -805,8 +861,13 @@ pub(super) fn make_plan(
         shards: None,
         fp8_block: spec.fp8_block,
         experts,
-        rounding: (opts.rounding == super::Rounding::Auto)
-            .then(|| RoundingPlan::of(spec, t, cal.held_out_blocks > 0, opts.clip)),
+        rounding: Some(RoundingPlan::of(
+            opts.rounding,
+            spec,
+            t,
+            cal.held_out_blocks > 0,
+            opts.clip,
+        )),
     }
 }
 
@@ -1315,23 +1376,68 @@ mod tests {
             tokens,
             held_out_blocks: tokens / 2048,
         };
-        let below = super::RoundingPlan::of(&llama, at - 512, true, true);
-        let from = super::RoundingPlan::of(&llama, at, true, true);
+        let plan =
+            |tokens, clip| super::RoundingPlan::of(Rounding::Auto, &llama, tokens, true, clip);
+        let (below, from) = (plan(at - 512, true), plan(at, true));
         assert_eq!(
             (below.from_unclipped, from.from_unclipped),
             (Some(false), Some(true))
         );
         assert!(below.judged > 0 && from.judged > 0);
-        assert!(below.words(&cal(at - 512)).contains(&format!(
+        assert!(below.words(&cal(at - 512), false).contains(&format!(
             "walking from the clipped weights (fewer than {at}"
         )));
         assert!(from
-            .words(&cal(at))
+            .words(&cal(at), false)
             .contains("walking from the weights before clipping"));
         // With `--no-clip` there is nothing to say.
-        let no_clip = super::RoundingPlan::of(&llama, at, true, false);
+        let no_clip = plan(at, false);
         assert_eq!(no_clip.from_unclipped, None);
-        assert!(!no_clip.words(&cal(at)).contains("walking"));
+        assert!(!no_clip.words(&cal(at), false).contains("walking"));
+    }
+
+    /// Every `--rounding` has a plan line (the new-user trial found none for `gptq` and
+    /// `rtn`, so gptq's start was not shown before the run): `gptq` tries every linear but the
+    /// routed experts', and says where its walk starts.
+    #[test]
+    fn the_plan_says_how_every_rounding_chooses_the_codes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
+        let llama = crate::model::load_spec(&dir.join("llama/config.json")).unwrap();
+        let linears = llama.layers * llama.layer(0).linears().len();
+        let cal = crate::calib::CalibSummary {
+            source: "embedded corpus".into(),
+            documents_read: 1,
+            documents_skipped: 0,
+            documents_used: 1,
+            documents_too_long: 0,
+            documents_split: 0,
+            blocks: 2,
+            seqlen: 512,
+            tokens: 1024,
+            held_out_blocks: 0,
+        };
+        let gptq = super::RoundingPlan::of(Rounding::Gptq, &llama, 1024, false, true);
+        assert_eq!((gptq.judged, gptq.from_unclipped), (linears, Some(false)));
+        assert_eq!(
+            gptq.words(&cal, true),
+            format!(
+                "gptq: error feedback on {linears} linears, kept on each where it lowers the \
+                 calibration loss, walking from the clipped weights (fewer than 16384 \
+                 calibration tokens); routed experts round to nearest"
+            )
+        );
+        let rtn = super::RoundingPlan::of(Rounding::Rtn, &llama, 100_000, true, true);
+        assert_eq!((rtn.judged, rtn.from_unclipped), (0, None));
+        assert_eq!(
+            rtn.words(&cal, false),
+            "rtn: round to nearest on every linear"
+        );
+        // A plan from before `method` existed was `auto`'s.
+        let old: super::RoundingPlan = serde_json::from_str(
+            r#"{"judged": 1, "too_few_tokens": 0, "in_moe_layers": 0, "tokens_for_all": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.method, Rounding::Auto);
     }
 
     #[test]
