@@ -41,10 +41,10 @@ use crate::model::Model;
 /// Tokens the streams carry, at most (whole guard blocks, at least one): each stream costs a
 /// forward of every layer on them, and the head's logits `tokens × vocab × hidden` at the end
 /// (SmolLM2: 0.12 TFLOP per stream for 2048 tokens).
-const CHECK_TOKENS: usize = 2048;
+pub(super) const CHECK_TOKENS: usize = 2048;
 
 /// Rows of logits materialised at once (`rows × vocab` f32).
-const HEAD_ROWS: usize = 512;
+pub(super) const HEAD_ROWS: usize = 512;
 
 /// Whether a run of `opts` on a model of `spec` has the check: the guard runs, something is
 /// searched or clipped, every layer is dense and a block has a next token to predict. (A
