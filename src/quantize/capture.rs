@@ -16,12 +16,12 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::prepare::Prepared;
+use super::resume::difference;
 use super::shard::{balanced_ranges, LayerCosts};
 use super::{QuantizeOptions, TOOL};
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::input_err;
-use crate::io::fingerprint::first_difference;
 use crate::io::writer::{self, OutTensor};
 use crate::model::rope::Rope;
 
@@ -159,7 +159,7 @@ pub(super) fn load(root: &Path, start: usize, prep: &Prepared, seqlen: usize) ->
     let blocks = prep.cal.ids.len() / seqlen;
     let mut next = 0;
     for (dir, m) in &parts {
-        if let Some(field) = first_difference(&m.fingerprint, &prep.fingerprint) {
+        if let Some(field) = difference(&m.fingerprint, &prep.fingerprint) {
             return Err(Error::Usage(format!(
                 "--activations: {} was captured for another run: its {field} differ(s) from \
                  this shard's; capture with the same model, calibration and options",

@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use super::layers::{read_record, Layers};
 use super::report::ShardReport;
+use super::resume::difference;
 use super::shard::Manifest;
 use super::{prepare, Outcome, QualityGate, Source};
 use crate::error::{Error, Result};
 use crate::events::{Event, Sink};
 use crate::input_err;
-use crate::io::fingerprint::first_difference;
 use crate::io::writer::Staging;
 
 /// What `awq merge` is asked to do.
@@ -94,7 +94,7 @@ pub fn merge(opts: &MergeOptions, events: Sink) -> Result<Outcome> {
         }
         prepare::Prepare::Work(prep) => *prep,
     };
-    if let Some(field) = first_difference(&first.fingerprint, &prep.fingerprint) {
+    if let Some(field) = difference(&first.fingerprint, &prep.fingerprint) {
         return Err(Error::Usage(format!(
             "the model or calibration found now differs from what the shards were quantized \
              from: {field} (model {}); merge where the same model and calibration files are \
@@ -147,7 +147,7 @@ fn check_set(shards: &[Shard]) -> Result<()> {
     let first = &shards[0];
     for s in &shards[1..] {
         let field =
-            first_difference(&first.manifest.fingerprint, &s.manifest.fingerprint).or_else(|| {
+            difference(&first.manifest.fingerprint, &s.manifest.fingerprint).or_else(|| {
                 (s.manifest.total_layers != first.manifest.total_layers)
                     .then(|| "number of layers".to_string())
             });

@@ -134,7 +134,7 @@ fn up_to_date(opts: &QuantizeOptions, current: &serde_json::Value) -> Result<boo
     let Some(stored) = output::recorded_fingerprint(&opts.output) else {
         return Ok(false);
     };
-    match crate::io::fingerprint::first_difference(&stored, current) {
+    match super::resume::difference(&stored, current) {
         None => Ok(true),
         Some(field) => Err(Error::OutputExists(format!(
             "--skip-existing: {} holds an awq output of other settings (its {field} differs \

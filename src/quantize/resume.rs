@@ -20,6 +20,44 @@ pub(super) struct LayerRecord {
     pub tensors: Vec<String>,
 }
 
+/// The first field where `stored` and `current` fingerprints differ
+/// ([`fingerprint::first_difference`]), with the flag that sets it where an option does: the
+/// fields are named as this file writes them (`options.search_blocks`), which a user who ran
+/// `--fast` would not recognise.
+pub(super) fn difference(
+    stored: &serde_json::Value,
+    current: &serde_json::Value,
+) -> Option<String> {
+    let field = fingerprint::first_difference(stored, current)?;
+    let key = field
+        .strip_prefix("options.")
+        .map(|k| k.split([' ', '.']).next().unwrap_or(k));
+    Some(match key.and_then(option_flag) {
+        Some(flag) => format!("{field}, set by {flag},"),
+        None => field,
+    })
+}
+
+/// The flag that sets fingerprint option `key` (`None` for what the binary's version decides).
+fn option_flag(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "w_bit" => "--w-bit",
+        "group" => "--group",
+        "layout" => "--format and --version",
+        "grid" => "--grid",
+        "n_grid" => "--n-grid",
+        "clip" => "--no-clip",
+        "clip_sides" => "--clip-sides",
+        "guard" => "--no-guard",
+        "rounding" => "--rounding",
+        "keep_fp16" => "--keep-fp16",
+        "no_search" => "--no-search",
+        "search_blocks" => "--search-blocks (--fast sets 4)",
+        "seqlen" => "--seqlen",
+        _ => return None,
+    })
+}
+
 /// Everything the output bytes depend on (see [`crate::io::fingerprint`]).
 pub(super) fn fingerprint(
     opts: &QuantizeOptions,
@@ -114,7 +152,7 @@ pub(super) fn decide(
             layers_done,
         } => {
             let diff = match stored {
-                Some(stored) => fingerprint::first_difference(stored, current),
+                Some(stored) => difference(stored, current),
                 None => Some("fingerprint (missing or unreadable)".into()),
             };
             match diff {
@@ -163,5 +201,24 @@ mod tests {
             let back: f64 = serde_json::from_str(&text).unwrap();
             assert_eq!(back.to_bits(), x.to_bits(), "{text}");
         }
+    }
+
+    /// A refused resume or `--skip-existing` names the flag behind an option field (the
+    /// new-user trial read `options.search_blocks (was 4, now null)` after leaving out
+    /// `--fast`), and other fields as before.
+    #[test]
+    fn a_difference_names_the_flag_that_sets_it() {
+        let fp = |blocks: serde_json::Value, files: &str| serde_json::json!({"model files": files, "options": {"group": 64, "search_blocks": blocks}});
+        let d = super::difference(&fp(4.into(), "a"), &fp(serde_json::Value::Null, "a")).unwrap();
+        assert_eq!(
+            d,
+            "options.search_blocks (was 4, now null), set by --search-blocks (--fast sets 4),"
+        );
+        let d = super::difference(&fp(4.into(), "a"), &fp(4.into(), "b")).unwrap();
+        assert_eq!(d, "model files (was \"a\", now \"b\")");
+        assert_eq!(
+            super::difference(&fp(4.into(), "a"), &fp(4.into(), "a")),
+            None
+        );
     }
 }
