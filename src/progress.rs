@@ -224,16 +224,21 @@ fn layer_time(seconds: f64, report: Option<&awq::quantize::LayerReport>) -> f64 
     }
 }
 
-/// `plan: 30 layers of LlamaForCausalLM, 16 calibration blocks of 512 tokens, gemm group 64`.
+/// `plan: 30 layers of LlamaForCausalLM, 16 calibration blocks of 512 tokens, gemm group 64;
+/// estimated 4m47s, 960 MiB peak`: the dry run's estimates too, so that a run shows them
+/// without a second command.
 fn plan_line(plan: &awq::quantize::Plan) -> String {
     format!(
-        "plan: {} layers of {}, {} calibration blocks of {} tokens, {} group {}",
+        "plan: {} layers of {}, {} calibration blocks of {} tokens, {} group {}; estimated {}, \
+         {:.0} MiB peak",
         plan.layers,
         plan.architecture,
         plan.calibration.blocks,
         plan.calibration.seqlen,
         plan.layout.name(),
-        plan.group
+        plan.group,
+        crate::render::duration(plan.seconds_estimate),
+        plan.peak_memory_estimate_mb
     )
 }
 

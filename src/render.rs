@@ -137,7 +137,7 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
     }
     writeln!(
         w,
-        "memory       about {:.0} MB peak",
+        "memory       about {:.0} MiB peak",
         plan.peak_memory_estimate_mb
     )?;
     writeln!(
@@ -159,7 +159,7 @@ pub fn plan(w: &mut impl Write, plan: &Plan) -> io::Result<()> {
     for s in plan.shards.iter().flatten() {
         writeln!(
             w,
-            "shard {:<6} layers {}..{}: about {} ({} of it the float forward of the layers before), {:.0} MB peak",
+            "shard {:<6} layers {}..{}: about {} ({} of it the float forward of the layers before), {:.0} MiB peak",
             s.shard,
             s.layers[0],
             s.layers[1],

@@ -370,7 +370,7 @@ fn the_dry_run_plans_n_shards_and_auto_reads_the_scheduler() {
     assert_eq!(lines.len(), 3, "{}", r.stdout);
     assert!(lines[0].contains("layers 0.."), "{}", lines[0]);
     assert!(
-        lines[2].ends_with("MB peak") && lines[2].contains("..6:"),
+        lines[2].ends_with("MiB peak") && lines[2].contains("..6:"),
         "{}",
         lines[2]
     );
