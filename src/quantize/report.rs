@@ -1331,11 +1331,8 @@ mod tests {
     use super::{hub_id, rounding_bytes};
     use crate::quantize::Rounding;
 
-    /// The plan's peak counts error feedback's f64 matrices: one per dense input (q/k/v's, o's,
-    /// gate/up's, down's) with `gptq`, two for each input `auto` can judge with these tokens
-    /// and none for the others, and two of the widest such input's for its factor.
-    #[test]
-    fn the_peak_estimate_counts_the_rounding_matrices() {
+    /// A one-layer Llama, hidden 64 and intermediate 96.
+    fn tiny_llama() -> crate::model::config::ModelSpec {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         let config = serde_json::json!({
@@ -1344,7 +1341,31 @@ mod tests {
             "max_position_embeddings": 64
         });
         std::fs::write(&path, config.to_string()).unwrap();
-        let spec = crate::model::load_spec(&path).unwrap();
+        crate::model::load_spec(&path).unwrap()
+    }
+
+    /// A calibration of `tokens` embedded-corpus tokens in blocks of 512.
+    fn cal(tokens: usize, held_out_blocks: usize) -> crate::calib::CalibSummary {
+        crate::calib::CalibSummary {
+            source: "embedded corpus".into(),
+            documents_read: 1,
+            documents_skipped: 0,
+            documents_used: 1,
+            documents_too_long: 0,
+            documents_split: 0,
+            blocks: tokens / 512,
+            seqlen: 512,
+            tokens,
+            held_out_blocks,
+        }
+    }
+
+    /// The plan's peak counts error feedback's f64 matrices: one per dense input (q/k/v's, o's,
+    /// gate/up's, down's) with `gptq`, two for each input `auto` can judge with these tokens
+    /// and none for the others, and two of the widest such input's for its factor.
+    #[test]
+    fn the_peak_estimate_counts_the_rounding_matrices() {
+        let spec = tiny_llama();
         let bytes = |r, tokens| rounding_bytes(r, &spec, tokens, true);
         let (h, i) = (64 * 64, 96 * 96);
         assert_eq!(bytes(Rounding::Rtn, 1000), 0);
@@ -1363,15 +1384,7 @@ mod tests {
     /// 1428 MB against 812 MiB measured).
     #[test]
     fn the_peak_estimate_counts_mlp_intermediates_of_one_piece() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        let config = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
-            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
-            "max_position_embeddings": 64
-        });
-        std::fs::write(&path, config.to_string()).unwrap();
-        let spec = crate::model::load_spec(&path).unwrap();
+        let spec = tiny_llama();
         let piece = super::super::layer::PIECE_TOKENS;
         let peak = |tokens| super::layer_peak_bytes(&spec, tokens, 512);
         // Per token: input and output (2 × 64), the captured inputs of q/k/v, o, gate/up (64
@@ -1415,18 +1428,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
         let llama = crate::model::load_spec(&dir.join("llama/config.json")).unwrap();
         let at = super::super::rounding::MIN_TOKENS_FROM_UNCLIPPED;
-        let cal = |tokens| crate::calib::CalibSummary {
-            source: "embedded corpus".into(),
-            documents_read: 1,
-            documents_skipped: 0,
-            documents_used: 1,
-            documents_too_long: 0,
-            documents_split: 0,
-            blocks: tokens / 512,
-            seqlen: 512,
-            tokens,
-            held_out_blocks: tokens / 2048,
-        };
+        let cal = |tokens| cal(tokens, tokens / 2048);
         let plan =
             |tokens, clip| super::RoundingPlan::of(Rounding::Auto, &llama, tokens, true, clip);
         let (below, from) = (plan(at - 512, true), plan(at, true));
@@ -1455,18 +1457,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
         let llama = crate::model::load_spec(&dir.join("llama/config.json")).unwrap();
         let linears = llama.layers * llama.layer(0).linears().len();
-        let cal = crate::calib::CalibSummary {
-            source: "embedded corpus".into(),
-            documents_read: 1,
-            documents_skipped: 0,
-            documents_used: 1,
-            documents_too_long: 0,
-            documents_split: 0,
-            blocks: 2,
-            seqlen: 512,
-            tokens: 1024,
-            held_out_blocks: 0,
-        };
+        let cal = cal(1024, 0);
         let gptq = super::RoundingPlan::of(Rounding::Gptq, &llama, 1024, false, true);
         assert_eq!((gptq.judged, gptq.from_unclipped), (linears, Some(false)));
         assert_eq!(
