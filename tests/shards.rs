@@ -378,6 +378,20 @@ fn the_dry_run_plans_n_shards_and_auto_reads_the_scheduler() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("use at most 6 shards"), "{}", r.stderr);
 
+    // A shard's plan estimates its own range's time, not the whole model's (it did).
+    let seconds = |extra: &[&str]| -> f64 {
+        let mut args = vec!["--dry-run", "--json"];
+        args.extend(extra);
+        let r = awq(&j.args(&out, &args));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        (r.stdout.lines())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v.get("plan")?.get("seconds_estimate")?.as_f64())
+            .unwrap_or_else(|| panic!("no plan in {}", r.stdout))
+    };
+    let (whole, first) = (seconds(&[]), seconds(&["--shard", "0/3"]));
+    assert!(first < 0.7 * whole, "shard 0/3 {first} s, whole {whole} s");
+
     // --shard auto under a Slurm array (1-based indices) writes the shard of its task.
     let d = j.dir("auto");
     let o = std::process::Command::new(assert_cmd::cargo::cargo_bin("awq"))

@@ -109,6 +109,10 @@ pub(super) fn prepare(opts: &QuantizeOptions) -> Result<Prepare> {
     let mut plan = make_plan(opts, &dir, &model.spec, &cal.summary, model.vision_parts());
     plan.staging = staging_note;
     plan.layer_range = range.as_ref().map(|r| [r.start, r.end]);
+    // A shard's time is its range's and the float forward before it, not the whole model's.
+    if let Some(r) = &range {
+        plan.seconds_estimate = shard::range_seconds(&costs, r).1;
+    }
     if let (Some(n), None) = (opts.plan_shards, opts.capture) {
         plan.shards = Some(shard::plan(&costs, n, plan.peak_memory_estimate_mb)?);
     }

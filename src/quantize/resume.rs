@@ -208,7 +208,10 @@ mod tests {
     /// `--fast`), and other fields as before.
     #[test]
     fn a_difference_names_the_flag_that_sets_it() {
-        let fp = |blocks: serde_json::Value, files: &str| serde_json::json!({"model files": files, "options": {"group": 64, "search_blocks": blocks}});
+        let fp = |blocks: serde_json::Value, files: &str| {
+            let options = serde_json::json!({"group": 64, "search_blocks": blocks});
+            serde_json::json!({"model files": files, "options": options})
+        };
         let d = super::difference(&fp(4.into(), "a"), &fp(serde_json::Value::Null, "a")).unwrap();
         assert_eq!(
             d,

@@ -208,23 +208,31 @@ pub struct ShardPlan {
     pub prefix_seconds: f64,
     /// Estimated seconds of the shard as a whole (prefix and its layers).
     pub seconds: f64,
-    /// Estimated peak memory (MB): one layer in f32 and the activations, as a single run.
+    /// Estimated peak memory (MiB): one layer in f32 and the activations, as a single run.
     pub peak_memory_mb: f64,
+}
+
+/// Estimated seconds of layers `range` on this machine, with the float forward through the
+/// layers before it: `(prefix, whole)`.
+pub(super) fn range_seconds(costs: &LayerCosts, range: &Range<usize>) -> (f64, f64) {
+    let scale = super::report::machine_scale();
+    let prefix = range.start as f64 * costs.forward;
+    let whole = prefix + costs.quantize[range.clone()].iter().sum::<f64>();
+    (prefix * scale, whole * scale)
 }
 
 /// The plan of `n` shards on this machine: ranges, estimated seconds and memory.
 pub(super) fn plan(costs: &LayerCosts, n: usize, peak_memory_mb: f64) -> Result<Vec<ShardPlan>> {
-    let scale = super::report::machine_scale();
     Ok(balanced_ranges(costs, n)?
         .into_iter()
         .enumerate()
         .map(|(k, r)| {
-            let prefix = r.start as f64 * costs.forward;
+            let (prefix_seconds, seconds) = range_seconds(costs, &r);
             ShardPlan {
                 shard: k,
                 layers: [r.start, r.end],
-                prefix_seconds: prefix * scale,
-                seconds: (prefix + costs.quantize[r.clone()].iter().sum::<f64>()) * scale,
+                prefix_seconds,
+                seconds,
                 peak_memory_mb,
             }
         })
