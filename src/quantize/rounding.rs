@@ -78,8 +78,9 @@ pub fn auto_judges(layer: &ModelSpec, split: bool, tokens: usize, width: usize) 
 /// calibration's size, not its tokens per input dimension: 1536-wide inputs at 10.7 tokens per
 /// dimension gained where 576-wide ones at 11.6 lost. 13 blocks of WikiText-2 text, evaluated
 /// on WikiText-2, gained (18.540 → 18.306): in the evaluation's domain even little text
-/// generalises, which a user's calibration cannot promise. Above the threshold one cell lost:
-/// the embedded corpus's 56 blocks with the exact search, 18.685 → 18.728.
+/// generalises, which a user's calibration cannot promise. Above the threshold one cell lost on
+/// the 8192-token evaluation, the embedded corpus's 56 blocks with the exact search (18.685 →
+/// 18.728), and gained on its first 65 536 tokens (23.392 → 23.261).
 pub const MIN_TOKENS_FROM_UNCLIPPED: usize = 16_384;
 
 /// Whether error feedback walks from the weights before clipping with `tokens` calibration
