@@ -299,18 +299,17 @@ pub struct QuantizeArgs {
         help_heading = "Quantization"
     )]
     pub clip_sides: awq::quantize::ClipSides,
-    /// How the 4-bit codes are chosen once scales and clipping are fixed: auto, the default
-    /// (error feedback through the calibration input's XᵀX, with round-to-nearest's scales and
-    /// zero points of the clipped weights, walking from the weights before clipping so that the
-    /// clip's error is fed back too where the calibration has at least 16384 tokens, from the
-    /// clipped weights below; kept per linear only where, fitted without the held-out
-    /// calibration blocks
-    /// (every 4th), it lowers their loss, and only where the calibration has 4 tokens per input
-    /// dimension; round to nearest elsewhere), rtn (round to nearest everywhere: AutoAWQ's
-    /// codes exactly), or gptq (error feedback kept per linear where it lowers the loss on all
-    /// the calibration blocks; overfits with few tokens). Error feedback rounds the columns in
-    /// activation order. MoE experts round to nearest, and under auto so does every linear of a
-    /// MoE layer (docs/quality.md).
+    /// How the 4-bit codes are chosen once scales and clipping are fixed. auto (the default):
+    /// error feedback, kept on a linear only where it lowers the loss on the held-out
+    /// calibration blocks (every 4th, left out of its fit); a linear whose input has fewer than
+    /// 4 calibration tokens per dimension rounds to nearest. rtn: round to nearest everywhere
+    /// (AutoAWQ's codes exactly). gptq: error feedback, kept on a linear where it lowers the
+    /// loss on all the calibration blocks (it overfits with few tokens). Error feedback is
+    /// GPTQ's column walk through the calibration input's XᵀX, in activation order, onto
+    /// round-to-nearest's scales and zero points of the clipped weights. With at least 16384
+    /// calibration tokens it walks from the weights before clipping, so the clip's error is fed
+    /// back too; with fewer, from the clipped weights. MoE experts round to nearest; under auto,
+    /// so does every linear of a MoE layer (docs/quality.md).
     #[arg(
         long,
         default_value = "auto",
