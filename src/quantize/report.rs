@@ -888,10 +888,7 @@ fn layer_peak_bytes(spec: &crate::model::config::ModelSpec, t: usize, seqlen: us
         .moe
         .as_ref()
         .map_or(0, |m| 3 * m.intermediate * spec.hidden);
-    let layer_params: usize = (linears.iter().filter(|l| l.expert.is_none()))
-        .map(|l| l.out * l.inp)
-        .sum::<usize>()
-        + one_expert;
+    let layer_params = dense_params(spec) + one_expert;
     let mlp_width = match &spec.moe {
         Some(m) => m.top_k * m.intermediate + m.shared.as_ref().map_or(0, |s| s.intermediate),
         None => spec.intermediate,
@@ -925,12 +922,16 @@ fn check_peak_bytes(opts: &QuantizeOptions, spec: &crate::model::config::ModelSp
     if !super::end_to_end::applies(opts, spec) {
         return 0;
     }
-    let layer_params: usize = (spec.linears().iter().filter(|l| l.expert.is_none()))
-        .map(|l| l.out * l.inp)
-        .sum();
     let logits = 3 * super::end_to_end::HEAD_ROWS * spec.vocab;
     let streams = 5 * super::end_to_end::CHECK_TOKENS * spec.hidden;
-    4 * (spec.vocab * spec.hidden + logits + streams + 2 * layer_params) + FIXED_BYTES
+    4 * (spec.vocab * spec.hidden + logits + streams + 2 * dense_params(spec)) + FIXED_BYTES
+}
+
+/// Weights of the linears of a layer of `spec` other than its routed experts'.
+fn dense_params(spec: &crate::model::config::ModelSpec) -> usize {
+    (spec.linears().iter().filter(|l| l.expert.is_none()))
+        .map(|l| l.out * l.inp)
+        .sum()
 }
 
 /// Error feedback's f64 Gram matrices (`quantize::rounding`): each dense input's `XᵀX` of
